@@ -1,0 +1,123 @@
+"""``optimize``: swap a model's ``nn.LSTM`` modules for ``PackedLSTM``; ``plan``: what it would do and why."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedError
+from .packed import PACKABLE_DTYPES, PackedLSTM, bf16_supported, packing_obstacle
+
+__all__ = ["Decision", "FilterFn", "optimize", "plan"]
+
+FilterFn = Callable[[nn.Module, str], bool]
+"""Called with (module, qualified name); return False to keep that LSTM as it is."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``optimize`` does with one ``nn.LSTM`` of a model, and why."""
+
+    name: str  # qualified name in the model; "" when the model is the LSTM itself
+    aliases: tuple[str, ...]  # further names of the same module when it is shared
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    bidirectional: bool
+    bias: bool
+    batch_first: bool
+    proj_size: int
+    dtype: str  # of the weights as found
+    packed: bool
+    packed_dtype: Optional[str]  # what the packed weights are stored in
+    exact: bool  # results bit-identical to the module as found
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_request(model: nn.Module, dtype: Optional[torch.dtype]) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("TorchScript modules cannot be rewritten: optimize the Python model, then script it")
+    if dtype is not None and dtype not in PACKABLE_DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if dtype == torch.bfloat16 and not bf16_supported():
+        raise UnsupportedError(
+            "bfloat16 was requested but this CPU has no native bf16 support in oneDNN "
+            "(it would run slower than float32); use float32"
+        )
+
+
+def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[torch.dtype],
+            filter_fn: Optional[FilterFn]) -> Decision:
+    found = lstm._flat_weights[0].dtype
+    target = dtype or found
+    if isinstance(lstm, PackedLSTM):
+        packed, reason = True, "already a PackedLSTM"
+        target = found
+    elif filter_fn is not None and not filter_fn(lstm, name):
+        packed, reason = False, "excluded by filter_fn"
+    else:
+        obstacle = packing_obstacle(lstm, dtype)
+        packed = obstacle is None
+        if obstacle is not None:
+            reason = obstacle
+        elif target == found:
+            reason = f"packed in {_dtype_name(target)}; bit-identical to eager"
+        else:
+            reason = (f"packed in {_dtype_name(target)}: changes numerics "
+                      f"(inputs cast from {_dtype_name(found)} and results cast back)")
+    return Decision(
+        name=name, aliases=aliases, input_size=lstm.input_size, hidden_size=lstm.hidden_size,
+        num_layers=lstm.num_layers, bidirectional=lstm.bidirectional, bias=lstm.bias,
+        batch_first=lstm.batch_first, proj_size=lstm.proj_size, dtype=_dtype_name(found),
+        packed=packed, packed_dtype=_dtype_name(target) if packed else None,
+        exact=not packed or target == found, reason=reason,
+    )
+
+
+def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
+         filter_fn: Optional[FilterFn] = None) -> list[Decision]:
+    """One ``Decision`` per distinct ``nn.LSTM`` in ``model`` (in module order); changes nothing."""
+    _check_request(model, dtype)
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.LSTM):
+            names.setdefault(id(module), []).append(name)
+    return [
+        _decide(module, name, tuple(names[id(module)][1:]), dtype, filter_fn)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.LSTM)
+    ]
+
+
+def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
+             filter_fn: Optional[FilterFn] = None, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM``.
+
+    ``dtype``: None keeps each LSTM's dtype (bit-identical results); ``torch.bfloat16`` packs in bf16 and
+    casts at the LSTM's boundary, which changes numerics. ``filter_fn(module, name)`` returning False keeps
+    that LSTM. The input model is copied first unless ``inplace=True``. ``plan(model, ...)`` with the same
+    arguments lists what was done and why.
+    """
+    decisions = plan(model, dtype=dtype, filter_fn=filter_fn)
+    if not inplace:
+        try:
+            model = copy.deepcopy(model)
+        except Exception as exc:  # user models may hold uncopyable state (locks, files, ...)
+            raise TypeError(f"cannot copy the model ({exc}); pass inplace=True") from exc
+    for decision in decisions:
+        if decision.packed:
+            PackedLSTM.convert_(model.get_submodule(decision.name), dtype)
+    return model

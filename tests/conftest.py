@@ -1,0 +1,46 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lstmopt import PackedLSTM
+
+ROOT = Path(__file__).resolve().parents[1]
+BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+needs_bf16 = pytest.mark.skipif(not BF16, reason="this CPU has no native bf16 support in oneDNN")
+
+
+def lstm_pair(input_size=12, hidden_size=20, seed=0, **kwargs):
+    """A stock nn.LSTM in eval mode and a PackedLSTM with the same weights."""
+    torch.manual_seed(seed)
+    ref = nn.LSTM(input_size, hidden_size, **kwargs).eval()
+    return ref, PackedLSTM.from_lstm(ref)
+
+
+def assert_same_result(expected, actual):
+    """Bit-identical output and states (and the same dtypes and shapes)."""
+    out_e, (h_e, c_e) = expected
+    out_a, (h_a, c_a) = actual
+    for e, a in ((out_e, out_a), (h_e, h_a), (c_e, c_a)):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        assert torch.equal(a, e), f"max abs diff {(a.float() - e.float()).abs().max().item()}"
+
+
+def run_python(code: str, *, cwd=None, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter (for calls that could kill one, and for fresh-process loads)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+def run_python_json(code: str, **kwargs):
+    """Run code that prints one JSON document last; fail with its stderr if it dies."""
+    proc = run_python(code, **kwargs)
+    assert proc.returncode == 0, f"subprocess died with {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,190 @@
+"""State: the nn.LSTM state_dict contract, packs that follow every weight change, copies and pickles."""
+
+import copy
+import io
+import pickle
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_same_result, lstm_pair, needs_bf16, run_python_json
+from lstmopt import PackedLSTM
+
+CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(num_layers=3, bias=False, batch_first=True)]
+
+
+def check_equal(ref, packed, *, batch_first=False):
+    dtype = ref.weight_ih_l0.dtype
+    x = torch.randn(3, 6, ref.input_size, dtype=dtype) if batch_first else torch.randn(6, 3, ref.input_size, dtype=dtype)
+    with torch.no_grad():
+        assert_same_result(ref(x), packed(x))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_state_dict_has_exactly_the_nn_lstm_keys_and_shapes(config):
+    ref, packed = lstm_pair(**config)
+    expected = {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in packed.state_dict().items()} == expected
+    assert [n for n, _ in packed.named_parameters()] == [n for n, _ in ref.named_parameters()]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_checkpoints_load_both_ways(config):
+    ref, packed = lstm_pair(**config)
+    fresh_ref = nn.LSTM(12, 20, **config).eval()
+    fresh_ref.load_state_dict(packed.state_dict())
+    check_equal(fresh_ref, packed, batch_first=ref.batch_first)
+    fresh_packed = PackedLSTM(12, 20, **config).eval()
+    fresh_packed.load_state_dict(ref.state_dict())
+    check_equal(ref, fresh_packed, batch_first=ref.batch_first)
+
+
+def test_load_state_dict_repacks():
+    ref, packed = lstm_pair(num_layers=2)
+    other, _ = lstm_pair(num_layers=2, seed=7)
+    packed.load_state_dict(other.state_dict())
+    check_equal(other, packed)
+
+
+def test_load_state_dict_with_assign_repacks():
+    _, packed = lstm_pair(num_layers=2)
+    other, _ = lstm_pair(num_layers=2, seed=7)
+    packed.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
+    check_equal(other, packed)
+    assert all(w is getattr(packed, n) for w, n in zip(packed._flat_weights, packed._flat_weights_names))
+
+
+def test_in_place_edit_of_a_weight_takes_effect():
+    ref, packed = lstm_pair(bidirectional=True)
+    with torch.no_grad():
+        for m in (ref, packed):
+            m.weight_hh_l0_reverse.mul_(1.5)
+            m.bias_ih_l0[:5] = 0.25
+    check_equal(ref, packed)
+
+
+def test_data_assignment_takes_effect():
+    ref, packed = lstm_pair()
+    new = torch.randn_like(ref.weight_ih_l0)
+    ref.weight_ih_l0.data = new.clone()
+    packed.weight_ih_l0.data = new.clone()
+    check_equal(ref, packed)
+
+
+def test_reassigning_a_parameter_takes_effect_and_keeps_flat_weights_coherent():
+    ref, packed = lstm_pair()
+    new = torch.randn_like(ref.weight_hh_l0)
+    ref.weight_hh_l0 = nn.Parameter(new.clone())
+    packed.weight_hh_l0 = nn.Parameter(new.clone())
+    assert packed._flat_weights[1] is packed.weight_hh_l0
+    check_equal(ref, packed)
+
+
+def test_functional_call_uses_the_given_weights():
+    ref, packed = lstm_pair()
+    params = {k: torch.randn_like(v) for k, v in ref.named_parameters()}
+    x = torch.randn(6, 3, 12)
+    with torch.no_grad():
+        expected = torch.func.functional_call(ref, params, (x,))
+        assert_same_result(expected, torch.func.functional_call(packed, params, (x,)))
+        assert_same_result(ref(x), packed(x))  # and the module's own weights afterwards
+
+
+def test_to_float64_and_back_repacks():
+    ref, packed = lstm_pair(num_layers=2)
+    packed.double()
+    assert packed.packed_dtype is None
+    check_equal(ref.double(), packed)
+    packed.float()
+    assert packed.packed_dtype == torch.float32
+    check_equal(ref.float(), packed)
+    assert all(w is getattr(packed, n) for w, n in zip(packed._flat_weights, packed._flat_weights_names))
+
+
+@needs_bf16
+def test_bfloat16_conversion_repacks_in_bf16():
+    ref, packed = lstm_pair(num_layers=2, bidirectional=True)
+    packed.bfloat16()
+    ref.bfloat16()
+    assert packed.packed_dtype == torch.bfloat16
+    x = torch.randn(6, 3, 12, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert_same_result(ref(x), packed(x))
+
+
+def test_packs_are_opaque_onednn_tensors_made_outside_autograd():
+    _, packed = lstm_pair(num_layers=2, bidirectional=True)
+    for layer in packed.packed_layers:
+        assert layer.packed_ih.is_mkldnn and layer.packed_hh.is_mkldnn
+        assert layer.packed_ih.grad_fn is None
+        assert layer.weight_ih.data_ptr() in {p.data_ptr() for p in packed.parameters()}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_deepcopy_is_independent_and_equal(config):
+    ref, packed = lstm_pair(**config)
+    clone = copy.deepcopy(packed)
+    check_equal(ref, clone, batch_first=ref.batch_first)
+    with torch.no_grad():
+        clone.weight_ih_l0.zero_()
+    check_equal(ref, packed, batch_first=ref.batch_first)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_pickle_and_torch_save_round_trip(config):
+    ref, packed = lstm_pair(**config)
+    restored = pickle.loads(pickle.dumps(packed))
+    check_equal(ref, restored, batch_first=ref.batch_first)
+    buf = io.BytesIO()
+    torch.save(packed, buf)
+    buf.seek(0)
+    check_equal(ref, torch.load(buf, weights_only=False), batch_first=ref.batch_first)
+
+
+def test_saved_module_stores_the_dense_weights_once():
+    _, packed = lstm_pair(input_size=256, hidden_size=256, num_layers=2)
+    buf = io.BytesIO()
+    torch.save(packed, buf)
+    weight_bytes = sum(p.numel() * p.element_size() for p in packed.parameters())
+    assert weight_bytes < buf.tell() < 1.1 * weight_bytes
+
+
+def test_pickled_module_repacks_in_a_fresh_process(tmp_path):
+    ref, packed = lstm_pair(num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, 12)
+    torch.save({"module": packed, "x": x, "expected": ref(x)[0].detach()}, tmp_path / "m.pt")
+    result = run_python_json(f"""
+        import json, torch
+        blob = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)
+        m = blob["module"]
+        with torch.no_grad():
+            out = m(blob["x"])[0]
+        print(json.dumps({{"equal": torch.equal(out, blob["expected"]),
+                           "packed": all(l.packed_ih.is_mkldnn for l in m.packed_layers)}}))
+    """)
+    assert result == {"equal": True, "packed": True}
+
+
+def test_concurrent_forward_calls_match_serial_calls():
+    ref, packed = lstm_pair(input_size=40, hidden_size=64, num_layers=2, bidirectional=True)
+    inputs = [torch.randn(t, b, 40) for t, b in [(1, 1), (9, 4), (30, 2), (5, 8)] * 4]
+    with torch.no_grad():
+        expected = [ref(x) for x in inputs]
+    results = [None] * len(inputs)
+    start = threading.Barrier(len(inputs))
+
+    def work(i):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(10):
+                results[i] = packed(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for e, a in zip(expected, results):
+        assert_same_result(e, a)

@@ -1,0 +1,99 @@
+"""A scripted model with PackedLSTMs: same results, saved dense, repacked when loaded without lstmopt."""
+
+import pytest
+import torch
+
+from conftest import ROOT, needs_bf16, run_python_json
+from lstmopt import optimize
+from models import Encoder, Tagger
+
+
+def scripted(model):
+    return torch.jit.script(optimize(model.eval()))
+
+
+def test_scripted_encoder_matches_eager_at_every_shape():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    fast = scripted(model)
+    with torch.no_grad():
+        for batch, steps in [(1, 1), (4, 9), (2, 40)]:
+            x = torch.randn(batch, steps, 16)
+            state = (torch.randn(2, batch, 32), torch.randn(2, batch, 32))
+            for args in [(x,), (x, state)]:
+                (y_e, (h_e, c_e)), (y_f, (h_f, c_f)) = model(*args), fast(*args)
+                assert torch.equal(y_e, y_f) and torch.equal(h_e, h_f) and torch.equal(c_e, c_f)
+
+
+def test_scripted_packed_sequence_path_matches_eager():
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    fast = scripted(model)
+    tokens, lengths = torch.randint(0, 50, (4, 11)), torch.tensor([11, 3, 7, 1])
+    with torch.no_grad():
+        assert torch.equal(model(tokens, lengths), fast(tokens, lengths))
+
+
+def test_scripted_grad_mode_takes_the_stock_path_and_backpropagates():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    fast = scripted(model)
+    x = torch.randn(3, 5, 16)
+    y_e, _ = model(x)
+    y_f, _ = fast(x)
+    assert y_f.requires_grad and torch.equal(y_e, y_f)
+    y_f.sum().backward()
+    y_e.sum().backward()
+    assert torch.equal(fast.lstm.weight_ih_l0.grad, model.lstm.weight_ih_l0.grad)
+
+
+@needs_bf16
+def test_scripted_bf16_lstm_casts_at_its_boundary():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    fast = torch.jit.script(optimize(model, dtype=torch.bfloat16))
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        y_f, (h_f, _) = fast(x)
+        y_e, (h_e, _) = model(x)
+    assert y_f.dtype == h_f.dtype == torch.float32
+    torch.testing.assert_close(y_f, y_e, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("model_cls", [Encoder, Tagger])
+def test_saved_archive_loads_and_repacks_in_a_process_without_lstmopt(tmp_path, model_cls):
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    fast = scripted(model)
+    if model_cls is Encoder:
+        cases = [(torch.randn(b, t, 16),) for b, t in [(1, 1), (3, 17), (8, 5)]]
+    else:
+        cases = [(torch.randint(0, 50, (b, t)), torch.randint(1, t + 1, (b,))) for b, t in [(1, 4), (5, 9)]]
+    with torch.no_grad():
+        expected = [model(*args) for args in cases]
+    fast.save(str(tmp_path / "model.pt"))
+    torch.save({"cases": cases, "expected": expected}, tmp_path / "io.pt")
+    result = run_python_json(f"""
+        import json, sys
+        sys.modules["lstmopt"] = None  # the archive must not need lstmopt
+        import torch
+        try:
+            import lstmopt
+            importable = True
+        except ImportError:
+            importable = False
+        m = torch.jit.load({str(tmp_path / 'model.pt')!r})
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        equal = []
+        with torch.no_grad():
+            for args, exp in zip(io["cases"], io["expected"]):
+                got = m(*args)
+                got, exp = (got[0], exp[0]) if isinstance(got, tuple) else (got, exp)
+                equal.append(torch.equal(got, exp))
+        layers = [mod for name, mod in m.named_modules() if name.endswith("packed_layers.0")]
+        print(json.dumps({{"importable": importable, "equal": equal,
+                           "repacked": all(l.packed_ih.is_mkldnn for l in layers) and bool(layers)}}))
+    """, cwd=tmp_path)
+    assert result["importable"] is False
+    assert result["repacked"] is True
+    assert all(result["equal"]) and result["equal"]
