@@ -1,4 +1,4 @@
-"""Small realistic models for the tests (importable by name from fresh processes via sys.path)."""
+"""Realistic LSTM models for the tests, each built by a factory the CLI can name (``models:build_...``)."""
 
 from typing import Optional, Tuple
 
@@ -7,8 +7,26 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
+class SpeechEncoder(nn.Module):
+    """Log-mel frames (batch, time, mels) -> conv front end (2x subsampling) -> 3-layer BiLSTM -> logits."""
+
+    def __init__(self, mels: int = 40, channels: int = 32, hidden: int = 48, vocab: int = 30):
+        super().__init__()
+        self.frontend = nn.Sequential(
+            nn.Conv1d(mels, channels, kernel_size=3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(channels, channels, kernel_size=3, padding=1), nn.ReLU(),
+        )
+        self.encoder = nn.LSTM(channels, hidden, num_layers=3, bidirectional=True, batch_first=True)
+        self.classifier = nn.Linear(2 * hidden, vocab)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        x = self.frontend(frames.transpose(1, 2)).transpose(1, 2)
+        y, _ = self.encoder(x)
+        return self.classifier(y).log_softmax(-1)
+
+
 class Tagger(nn.Module):
-    """Embedding + BiLSTM + linear, run on padded batches through a PackedSequence."""
+    """Token ids (batch, time) and lengths -> embedding -> BiLSTM over a PackedSequence -> tag scores."""
 
     def __init__(self, vocab: int = 50, dim: int = 24, hidden: int = 20, tags: int = 7):
         super().__init__()
@@ -23,8 +41,30 @@ class Tagger(nn.Module):
         return self.out(padded)
 
 
+class Forecaster(nn.Module):
+    """Encoder/decoder: encode a history (batch, time, features), then roll the decoder forward one step
+    at a time from the encoder's (h, c), feeding back each prediction."""
+
+    def __init__(self, features: int = 3, hidden: int = 40, horizon: int = 6):
+        super().__init__()
+        self.horizon = horizon
+        self.encoder = nn.LSTM(features, hidden, num_layers=2, batch_first=True)
+        self.decoder = nn.LSTM(features, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, features)
+
+    def forward(self, history: Tensor) -> Tensor:
+        _, state = self.encoder(history)
+        step = history[:, -1:]
+        outputs = []
+        for _step in range(self.horizon):
+            y, state = self.decoder(step, state)
+            step = self.head(y)
+            outputs.append(step)
+        return torch.cat(outputs, 1)
+
+
 class Encoder(nn.Module):
-    """Frames in (batch, time, features), summary and per-step features out; carries state."""
+    """Frames in (batch, time, features), per-step features and the carried state out."""
 
     def __init__(self, features: int = 16, hidden: int = 32):
         super().__init__()
@@ -34,3 +74,30 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         y, state = self.lstm(x, state)
         return self.head(y), state
+
+
+class Unscriptable(nn.Module):
+    """Fine in eager mode, but TorchScript cannot compile its forward (a dict comprehension over **kwargs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 8)
+
+    def forward(self, x, **options):
+        scaled = {k: v * 2 for k, v in options.items()}
+        return self.lstm(x)[0] * len(scaled)
+
+
+def build_speech_encoder(**kwargs) -> SpeechEncoder:
+    torch.manual_seed(0)
+    return SpeechEncoder(**kwargs)
+
+
+def build_tagger(**kwargs) -> Tagger:
+    torch.manual_seed(0)
+    return Tagger(**kwargs)
+
+
+def build_forecaster(**kwargs) -> Forecaster:
+    torch.manual_seed(0)
+    return Forecaster(**kwargs)

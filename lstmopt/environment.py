@@ -1,0 +1,47 @@
+"""Facts about this machine and software that reports and artifact metadata record."""
+
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+
+import lstmopt
+
+
+@lru_cache(maxsize=1)
+def describe() -> dict:
+    import torch
+
+    return {
+        "lstmopt": lstmopt.__version__,
+        "torch": torch.__version__,
+        "onednn": _onednn_version(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _onednn_version() -> str:
+    import torch
+
+    config = torch.__config__.show()
+    for line in config.splitlines():
+        if "oneDNN" in line or "MKL-DNN" in line:
+            for token in line.replace("(", " ").replace(")", " ").split():
+                if token.startswith("v") and token[1:2].isdigit():
+                    return token[1:]
+    return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

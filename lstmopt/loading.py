@@ -1,0 +1,304 @@
+"""Loading saved models without running untrusted code.
+
+Formats are recognised by content, not by file extension:
+
+- a ``torch.save`` zip archive holding a state dict (loaded with ``weights_only=True``), rebuilt by a
+  user-named factory ``package.module:callable``;
+- a ``.safetensors`` file (needs the ``safetensors`` package), rebuilt the same way;
+- a ``torch.save`` archive (or legacy pickle) holding a whole module: unpickling runs code named by the
+  file, so it is refused unless the caller trusts the file;
+- a TorchScript archive: refused, since its LSTMs are compiled code that cannot be swapped.
+
+Every failure is a ``UsageError`` (or ``UntrustedPickleError``) with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .errors import UntrustedPickleError, UsageError
+
+__all__ = ["LoadedModel", "detect_format", "load_model", "load_factory", "sha256_file"]
+
+# What a user should provide when a file cannot be optimized as it is.
+_PROVIDE = ("provide the original model: a state dict (torch.save(model.state_dict())) with --factory "
+            "package.module:callable, or a pickled module (torch.save(model)) with --trust")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # torch.nn.Module
+    path: Path
+    sha256: str
+    format: str  # "state_dict", "safetensors" or "pickled_module"
+    factory: Optional[str] = None
+    factory_kwargs: Optional[Mapping[str, Any]] = None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def detect_format(path: Path) -> str:
+    """One of "torch_zip", "torchscript", "legacy_pickle", "safetensors"; UsageError for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a model file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not head:
+        raise UsageError(f"{path} is empty")
+    if head.startswith(b"PK"):
+        return _zip_kind(path)
+    if head.startswith(b"\x93NUMPY"):
+        raise UsageError(f"{path} is a NumPy array file, not a PyTorch model; {_PROVIDE}")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "legacy_pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and _safetensors_header_ok(path, head):
+        return "safetensors"
+    if head.lstrip()[:1] in (b"{", b"["):
+        raise UsageError(f"{path} looks like JSON text, not a PyTorch model; {_PROVIDE}")
+    if _looks_like_text(head):
+        raise UsageError(f"{path} is a text file, not a PyTorch model; {_PROVIDE}")
+    raise UsageError(f"{path} is not a PyTorch file (unrecognised content); {_PROVIDE}")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(b >= 32 or b in (9, 10, 13) for b in head)
+
+
+def _safetensors_header_ok(path: Path, head: bytes) -> bool:
+    (length,) = struct.unpack("<Q", head[:8])
+    return 2 <= length <= path.stat().st_size - 8
+
+
+def _zip_kind(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            bad = archive.testzip() if path.stat().st_size < (64 << 20) else None
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise UsageError(f"{path} is a corrupt or truncated archive ({exc}); re-export the model") from exc
+    if bad is not None:
+        raise UsageError(f"{path} is corrupt: record {bad} fails its checksum; re-export the model")
+    if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
+        return "torchscript"
+    if any(n.endswith("/data.pkl") for n in names):
+        return "torch_zip"
+    if names and all(n.endswith(".npy") for n in names):
+        raise UsageError(f"{path} is a NumPy .npz archive, not a PyTorch model; {_PROVIDE}")
+    raise UsageError(f"{path} is a zip archive but not a PyTorch model; {_PROVIDE}")
+
+
+def load_factory(spec: str):
+    """Resolve ``package.module:callable`` (the current directory is importable, as with ``python -m``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--factory must look like package.module:callable, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(
+            f"cannot import {module_name!r} for --factory ({exc}); run from the directory that contains it "
+            "or add that directory to PYTHONPATH"
+        ) from exc
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise UsageError(f"{module_name} has no attribute {attr!r} (from --factory {spec})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UsageError(f"--factory {spec} is not callable")
+    return target
+
+
+def _build(spec: str, kwargs: Optional[Mapping[str, Any]]):
+    import torch
+
+    factory = load_factory(spec)
+    try:
+        model = factory(**dict(kwargs or {}))
+    except Exception as exc:  # the user's code: report it, whatever it raised
+        raise UsageError(f"--factory {spec}(**{json.dumps(dict(kwargs or {}))}) failed: "
+                         f"{type(exc).__name__}: {_one_line(exc)}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _load_state_dict_file(path: Path, kind: str) -> Mapping[str, Any]:
+    import torch
+
+    if kind == "safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise UsageError(f"{path} is a safetensors file; install safetensors to read it "
+                             "(pip install safetensors)") from exc
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise UsageError(f"{path} is a corrupt safetensors file ({_one_line(exc)})") from exc
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _untrusted(path, _unsafe_globals(path, exc)) from exc
+    except Exception as exc:
+        raise UsageError(f"{path} is a corrupt or truncated PyTorch file ({_one_line(exc)})") from exc
+    if isinstance(state, Mapping) and all(isinstance(k, str) for k in state):
+        nested = state.get("state_dict")
+        if isinstance(nested, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+            state = nested  # a training checkpoint {"state_dict": ..., "epoch": ...}
+    if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        found = type(state).__name__
+        raise UsageError(f"{path} holds a {found}, not a state dict of tensors; {_PROVIDE}")
+    return state
+
+
+def _unsafe_globals(path: Path, exc: Optional[BaseException] = None) -> list[str]:
+    import torch
+
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:
+        # Legacy (non-zip) pickles cannot be disassembled by torch; its error names the first global.
+        text = str(exc or "")
+        marker = "GLOBAL "
+        if marker in text:
+            return [text.split(marker, 1)[1].split()[0].rstrip(".,")]
+        return []
+
+
+def _untrusted(path: Path, needs: list[str]) -> UntrustedPickleError:
+    names = ", ".join(needs[:12]) + (f" and {len(needs) - 12} more" if len(needs) > 12 else "")
+    needs_text = f"; it needs {names}" if names else ""
+    return UntrustedPickleError(
+        f"{path} is a pickled module: loading it runs code named by the file{needs_text}. "
+        "Pass --trust (trust=True) only if you trust its source, or provide a state dict with --factory"
+    )
+
+
+def _load_pickled_module(path: Path, trust: bool):
+    import torch
+
+    if not trust:
+        raise _untrusted(path, _unsafe_globals(path))
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        missing = getattr(exc, "name", None) or _one_line(exc)
+        raise UsageError(
+            f"{path} needs {missing!s}, which is not importable here ({_one_line(exc)}); install the package "
+            "that defines it, or run from its directory / add it to PYTHONPATH"
+        ) from exc
+    except Exception as exc:
+        raise UsageError(f"{path} is a corrupt or truncated PyTorch file ({_one_line(exc)})") from exc
+    if not isinstance(model, torch.nn.Module):
+        if isinstance(model, Mapping):
+            raise UsageError(f"{path} holds a dict, not a module; if it is a state dict, drop --trust and "
+                             "pass --factory package.module:callable")
+        raise UsageError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module; {_PROVIDE}")
+    return model
+
+
+def load_model(
+    path: os.PathLike | str,
+    *,
+    factory: Optional[str] = None,
+    factory_kwargs: Optional[Mapping[str, Any]] = None,
+    trust: bool = False,
+) -> LoadedModel:
+    """Load the model saved at ``path`` (on CPU, in eval mode), never running code from the file unless
+    ``trust=True``. With a state dict, ``factory`` builds the architecture the weights are loaded into."""
+    path = Path(path)
+    kind = detect_format(path)
+    if kind == "torchscript":
+        raise UsageError(f"{path} is a TorchScript archive: its LSTMs are compiled code lstmopt cannot swap; "
+                         f"{_PROVIDE}")
+    digest = sha256_file(path)
+    if kind == "torch_zip" and _unsafe_globals(path):
+        kind = "pickled_module"
+    if kind == "legacy_pickle":
+        kind = _legacy_kind(path)
+    if kind == "pickled_module":
+        if factory:
+            raise UsageError(f"{path} is a pickled module, not a state dict: drop --factory "
+                             "(and pass --trust if you trust the file)")
+        model = _load_pickled_module(path, trust)
+        return LoadedModel(model.eval(), path, digest, "pickled_module")
+
+    state = _load_state_dict_file(path, kind)
+    if not factory:
+        raise UsageError(f"{path} holds only weights (a state dict); pass --factory package.module:callable "
+                         "that builds the model (and --factory-kwargs for its arguments)")
+    model = _build(factory, factory_kwargs)
+    _load_into(model, state, path, factory)
+    return LoadedModel(model.eval(), path, digest, "safetensors" if kind == "safetensors" else "state_dict",
+                       factory, dict(factory_kwargs or {}))
+
+
+def _legacy_kind(path: Path) -> str:
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return "pickled_module"
+    except Exception as exc:
+        raise UsageError(f"{path} is a corrupt or truncated PyTorch file ({_one_line(exc)})") from exc
+    return "torch_zip"  # weights only: read it like a state dict
+
+
+def _load_into(model, state: Mapping[str, Any], path: Path, factory: str) -> None:
+    expected = set(model.state_dict())
+    given = set(state)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_first(unexpected)}")
+        raise UsageError(f"{path} does not fit the model built by {factory}: " + "; ".join(parts))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split("\n\t", 1)[-1].split())
+        raise UsageError(f"{path} does not fit the model built by {factory}: {detail}") from exc
+
+
+def _first(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")

@@ -1,0 +1,246 @@
+"""Saved model in, verified optimized model out: the job behind ``lstmopt optimize`` and batch runs.
+
+``optimize_file(options)`` loads the input safely, rewrites its LSTMs, writes the artifact to a temporary
+file, verifies it in a fresh process, optionally benchmarks it, and only then moves it to the output
+path: a run that fails or is interrupted leaves no output, and the input is never written. It returns a
+``Report`` (the JSON report's content) and raises nothing a user can act on: failures are recorded in
+the report's ``status``, ``error`` and ``exit_code``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import __version__
+from .errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError
+from .writing import FORMATS
+
+__all__ = ["DTYPES", "OptimizeOptions", "Report", "optimize_file", "SCHEMA"]
+
+SCHEMA = "lstmopt.report/1"
+DTYPES = ("float32", "bfloat16")
+STATUS_BY_ERROR = {
+    "UsageError": "error", "UnsupportedError": "error", "UntrustedPickleError": "refused_untrusted",
+    "NothingToOptimizeError": "nothing_to_optimize", "VerificationError": "verification_failed",
+    "SpeedupError": "too_slow",
+}
+
+
+@dataclass
+class OptimizeOptions:
+    """Everything one optimization job needs; the CLI's options and a batch job's keys map onto it."""
+
+    input: Path
+    output: Path
+    format: str = "torchscript"
+    dtype: str = "float32"
+    factory: Optional[str] = None
+    factory_kwargs: dict = field(default_factory=dict)
+    trust: bool = False
+    example_inputs: Optional[Path] = None
+    input_shape: Optional[tuple[int, int, int]] = None
+    atol: Optional[float] = None  # None: the dtype's default (see verification.default_tolerance)
+    rtol: Optional[float] = None
+    verify: bool = True
+    benchmark: bool = False
+    min_speedup: Optional[float] = None
+    require_lstm: bool = False
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        self.input, self.output = Path(self.input), Path(self.output)
+        if self.example_inputs is not None:
+            self.example_inputs = Path(self.example_inputs)
+        if self.format not in FORMATS:
+            raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.example_inputs is not None and self.input_shape is not None:
+            raise UsageError("give either example inputs or an input shape, not both")
+        if self.min_speedup is not None and self.min_speedup <= 0:
+            raise UsageError(f"the minimum speedup must be positive, got {self.min_speedup}")
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UsageError(f"{name} must be >= 0, got {value}")
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format, "dtype": self.dtype, "factory": self.factory,
+            "factory_kwargs": self.factory_kwargs, "trust": self.trust,
+            "example_inputs": str(self.example_inputs) if self.example_inputs else None,
+            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "atol": self.atol, "rtol": self.rtol, "verify": self.verify,
+            "benchmark": self.benchmark or self.min_speedup is not None, "min_speedup": self.min_speedup,
+            "require_lstm": self.require_lstm,
+        }
+
+
+@dataclass
+class Report:
+    """The outcome of one job; ``to_dict()`` is the JSON report (schema ``SCHEMA``)."""
+
+    options: OptimizeOptions
+    status: str = "running"
+    exit_code: int = 0
+    error: Optional[str] = None
+    warnings: list[str] = field(default_factory=list)
+    input: dict = field(default_factory=dict)
+    output: Optional[dict] = None
+    environment: dict = field(default_factory=dict)
+    modules: list[dict] = field(default_factory=list)
+    verification: Optional[dict] = None
+    benchmark: Optional[dict] = None
+    timings: dict = field(default_factory=dict)
+    started: str = ""
+    finished: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def fail(self, exc: LstmoptError) -> None:
+        self.status = STATUS_BY_ERROR.get(type(exc).__name__, "error")
+        self.exit_code = exc.exit_code
+        self.error = str(exc)
+
+    def raise_for_status(self) -> None:
+        """Raise the recorded failure (for Python callers that prefer exceptions)."""
+        if not self.ok:
+            from . import errors
+
+            cls = {v: k for k, v in STATUS_BY_ERROR.items()}.get(self.status, "LstmoptError")
+            raise getattr(errors, cls, errors.LstmoptError)(self.error)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA, "lstmopt": __version__, "status": self.status, "exit_code": self.exit_code,
+            "error": self.error, "warnings": self.warnings, "input": self.input, "output": self.output,
+            "options": self.options.to_dict(), "environment": self.environment, "modules": self.modules,
+            "verification": self.verification, "benchmark": self.benchmark, "timings": self.timings,
+            "started": self.started, "finished": self.finished,
+        }
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class _Steps:
+    """Times each step into the report and tells an observer (a progress display) which one runs."""
+
+    def __init__(self, report: Report, on_step: Optional[Callable[[str], None]]):
+        self.report, self.on_step = report, on_step
+
+    def __call__(self, name: str):
+        self.name = name
+        return self
+
+    def __enter__(self):
+        if self.on_step is not None:
+            self.on_step(self.name)
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.report.timings[f"{self.name}_s"] = round(time.perf_counter() - self.start, 3)
+
+
+def optimize_file(options: OptimizeOptions, *, on_step: Optional[Callable[[str], None]] = None) -> Report:
+    """Run one optimization job; see the module docstring."""
+    from .environment import describe
+
+    report = Report(options=options, started=_now(), environment=describe())
+    try:
+        _run(options, report, _Steps(report, on_step))
+        report.status = "ok"
+    except LstmoptError as exc:
+        report.fail(exc)
+    finally:
+        report.finished = _now()
+    return report
+
+
+def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
+    import torch
+
+    from .benchmarking import compare_latency
+    from .loading import load_model, sha256_file
+    from .rewrite import optimize, plan
+    from .samples import load_samples, samples_from_shape
+    from .verification import default_tolerance, verify_artifact
+    from .writing import atomic_path, check_output_path, save_artifact
+
+    report.input = {"path": str(options.input), "factory": options.factory,
+                    "factory_kwargs": options.factory_kwargs or None}
+    check_output_path(options.output, force=options.force, inputs=(options.input,))
+    if options.min_speedup is not None and options.example_inputs is None and options.input_shape is None:
+        raise UsageError("a minimum speedup needs inputs to time: pass --example-inputs or --input-shape")
+
+    with step("load"):
+        loaded = load_model(options.input, factory=options.factory, factory_kwargs=options.factory_kwargs,
+                            trust=options.trust)
+        report.input.update(sha256=loaded.sha256, format=loaded.format)
+        samples = (load_samples(options.example_inputs) if options.example_inputs is not None
+                   else samples_from_shape(options.input_shape) if options.input_shape is not None else [])
+
+    with step("optimize"):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.dtype]
+        decisions = plan(loaded.model, dtype=dtype)
+        report.modules = [d.to_dict() for d in decisions]
+        packed = [d.name for d in decisions if d.packed]
+        if not packed:
+            why = "the model has no nn.LSTM" if not decisions else "no LSTM can be packed: " + "; ".join(
+                f"{d.name or '<model>'}: {d.reason}" for d in decisions)
+            if options.require_lstm:
+                raise NothingToOptimizeError(f"nothing to optimize: {why}")
+            report.warnings.append(f"nothing was optimized ({why}); the output is the model as loaded")
+        optimized = optimize(loaded.model, dtype=dtype)
+    if not samples:
+        report.warnings.append("no example inputs or input shape: only each LSTM was checked on its own "
+                               "inputs, not the model as a whole" + (", and nothing was benchmarked"
+                                                                     if options.benchmark else ""))
+
+    metadata = {
+        "schema": "lstmopt.artifact/1", "lstmopt": report.environment["lstmopt"],
+        "torch": report.environment["torch"], "format": options.format, "dtype": options.dtype,
+        "source": dict(report.input), "modules": report.modules, "created": _now(),
+        # A bare LSTM is scripted behind an entry module, so its modules gain a prefix in the archive.
+        "module_prefix": "lstm." if options.format == "torchscript" and isinstance(
+            loaded.model, torch.nn.LSTM) else "",
+    }
+    with atomic_path(options.output) as tmp:
+        with step("write"):
+            save_artifact(optimized, tmp, format=options.format, metadata=metadata)
+        if options.verify:
+            with step("verify"):
+                atol, rtol = default_tolerance(options.dtype)
+                atol = atol if options.atol is None else options.atol
+                rtol = rtol if options.rtol is None else options.rtol
+                verification = verify_artifact(
+                    loaded.model, tmp, format=options.format, samples=samples, lstm_names=packed,
+                    atol=atol, rtol=rtol, artifact_prefix=metadata["module_prefix"],
+                )
+                report.verification = verification.to_dict()
+                verification.raise_if_failed()
+        if (options.benchmark or options.min_speedup is not None) and samples:
+            with step("benchmark"):
+                reloaded = _load_artifact(tmp, options.format)
+                bench = compare_latency(loaded.model, reloaded, samples)
+                report.benchmark = bench.to_dict()
+                if options.min_speedup is not None and bench.speedup < options.min_speedup:
+                    raise SpeedupError(f"speedup {bench.speedup:.2f}x is below the required "
+                                       f"{options.min_speedup:g}x (geometric mean over {len(bench.cases)} inputs)")
+        report.output = {"path": str(options.output), "format": options.format, "sha256": sha256_file(tmp),
+                         "bytes": tmp.stat().st_size}
+
+
+def _load_artifact(path: Path, format: str) -> Any:
+    import torch
+
+    if format == "torchscript":
+        return torch.jit.load(str(path), map_location="cpu")
+    return torch.load(path, map_location="cpu", weights_only=False)  # we just wrote it

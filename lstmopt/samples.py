@@ -1,0 +1,90 @@
+"""Sample inputs for verification and benchmarks: from a user's file, or generated from a shape.
+
+An example-inputs file is ``torch.save(samples)`` where ``samples`` is a list of examples, each a tuple of
+the model's positional forward arguments (a lone tensor stands for a one-argument tuple). It is loaded
+with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import UsageError
+
+__all__ = ["Sample", "describe", "load_samples", "parse_shape", "samples_from_shape", "shape_grid"]
+
+Sample = tuple  # positional arguments of one forward call
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``"B,T,F"`` -> (B, T, F), all positive."""
+    parts = [p.strip() for p in str(text).replace("x", ",").split(",")]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise UsageError(f"--input-shape must be three positive integers B,T,F (batch, time, features), got {text!r}")
+    return dims  # type: ignore[return-value]
+
+
+def shape_grid(shape: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Two batch sizes x two sequence lengths around the given (B, T, F), largest first."""
+    batch, steps, features = shape
+    batches = sorted({batch, 1 if batch > 1 else 2}, reverse=True)
+    lengths = sorted({steps, max(1, steps // 4) if steps > 1 else 2}, reverse=True)
+    return [(b, t, features) for b in batches for t in lengths]
+
+
+def samples_from_shape(shape: Sequence[int], *, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[Sample]:
+    """Random (batch, time, features) inputs over ``shape_grid(shape)``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(dims, generator=generator, dtype=dtype),) for dims in shape_grid(shape)]
+
+
+def load_samples(path: Path) -> list[Sample]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"example inputs {path}: no such file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"cannot read example inputs {path} ({' '.join(str(exc).split())[:200]}); save them "
+                         "with torch.save([(arg, ...), ...]) using tensors, tuples and lists only") from exc
+    if isinstance(data, Tensor):
+        samples = [(data,)]
+    elif isinstance(data, tuple):
+        samples = [data]
+    elif isinstance(data, list) and data:
+        samples = [s if isinstance(s, tuple) else (s,) for s in data]
+    else:
+        raise UsageError(f"example inputs {path} must hold a tensor, a tuple of arguments, or a non-empty list "
+                         f"of such tuples; found {type(data).__name__}")
+    for i, sample in enumerate(samples):
+        if not _only_tensors(sample):
+            raise UsageError(f"example input {i} in {path} holds something other than tensors, tuples and lists")
+    return samples
+
+
+def _only_tensors(obj: Any) -> bool:
+    if isinstance(obj, Tensor):
+        return True
+    if isinstance(obj, (tuple, list)):
+        return all(_only_tensors(o) for o in obj)
+    return obj is None or isinstance(obj, (int, float, bool))
+
+
+def describe(sample: Sample) -> str:
+    """A short shape description such as ``(8, 50, 40)`` or ``(4, 11) int64, (4,) int64``."""
+    def one(obj: Any) -> str:
+        if isinstance(obj, Tensor):
+            dims = "(" + ", ".join(str(d) for d in obj.shape) + ("," if obj.dim() == 1 else "") + ")"
+            return dims if obj.dtype == torch.float32 else f"{dims} {str(obj.dtype).removeprefix('torch.')}"
+        if isinstance(obj, (tuple, list)):
+            return "[" + ", ".join(one(o) for o in obj) + "]"
+        return repr(obj)
+    return ", ".join(one(a) for a in sample)

@@ -1,0 +1,220 @@
+"""Verification: reload an artifact in a fresh process and compare it with the original model.
+
+Two kinds of checks, each reported per output tensor with its max absolute and relative error:
+
+- the whole model on sample inputs (the user's, or generated from a shape);
+- every swapped LSTM on its own synthetic inputs (two sequence lengths, two batch sizes, with and
+  without initial states), so an LSTM the samples never reach is still checked.
+
+A check passes when ``|optimized - original| <= atol + rtol * |original|`` everywhere (NaNs must match);
+the fp32 default tolerance is zero (bit-identical), the bf16 default is ``BF16_TOLERANCE``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import verify_child
+from .errors import UsageError, VerificationError
+from .samples import Sample, describe
+
+__all__ = ["BF16_TOLERANCE", "Check", "Verification", "default_tolerance", "verify_artifact"]
+
+# bf16 keeps 8 significant bits. On the test models (speech encoder, tagger, forecaster, up to 100
+# steps, random initial states) the largest error against fp32 was 4e-3; the default leaves 5x headroom.
+BF16_TOLERANCE = (2e-2, 2e-2)
+
+
+def default_tolerance(dtype: str) -> tuple[float, float]:
+    """(atol, rtol): exact for float32, ``BF16_TOLERANCE`` for bfloat16."""
+    return BF16_TOLERANCE if dtype == "bfloat16" else (0.0, 0.0)
+
+
+@dataclass
+class Check:
+    """One output tensor compared with the original's."""
+
+    name: str
+    shape: list
+    max_abs_error: float
+    max_rel_error: float
+    ok: bool
+    error: Optional[str] = None  # the optimized side raised, or shapes differ
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Verification:
+    atol: float
+    rtol: float
+    samples: list[str]  # shape descriptions of the model-level inputs
+    model_checks: list[Check] = field(default_factory=list)
+    lstm_checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.model_checks + self.lstm_checks)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((c.max_abs_error for c in self.model_checks + self.lstm_checks), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((c.max_rel_error for c in self.model_checks + self.lstm_checks), default=0.0)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.model_checks + self.lstm_checks if not c.ok]
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok, "atol": self.atol, "rtol": self.rtol, "samples": self.samples,
+            "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+            "model_outputs": [c.to_dict() for c in self.model_checks],
+            "lstm_outputs": [c.to_dict() for c in self.lstm_checks],
+        }
+
+    def raise_if_failed(self) -> None:
+        failed = self.failures()
+        if failed:
+            worst = max(failed, key=lambda c: c.max_abs_error if c.error is None else float("inf"))
+            detail = worst.error or (f"max abs error {worst.max_abs_error:.3g}, "
+                                     f"max rel error {worst.max_rel_error:.3g}")
+            raise VerificationError(
+                f"the optimized model differs from the original in {len(failed)} output(s); worst: {worst.name}: "
+                f"{detail} (tolerance atol={self.atol:g}, rtol={self.rtol:g})"
+            )
+
+
+def compare(name: str, expected: Tensor, actual, atol: float, rtol: float) -> Check:
+    if isinstance(actual, str):
+        return Check(name, list(expected.shape), float("inf"), float("inf"), False, error=actual)
+    if actual.shape != expected.shape:
+        return Check(name, list(expected.shape), float("inf"), float("inf"), False,
+                     error=f"shape {list(actual.shape)} instead of {list(expected.shape)}")
+    if not expected.is_floating_point():
+        equal = torch.equal(expected, actual)
+        return Check(name, list(expected.shape), 0.0 if equal else float("inf"),
+                     0.0 if equal else float("inf"), equal)
+    e, a = expected.detach().double(), actual.detach().double()
+    both_nan = e.isnan() & a.isnan()
+    diff = (a - e).abs().masked_fill(both_nan, 0.0).nan_to_num(nan=float("inf"))
+    scale = e.abs().masked_fill(both_nan, 0.0).nan_to_num(nan=0.0)
+    rel = torch.where(diff == 0, torch.zeros_like(diff), diff / scale)
+    ok = bool((diff <= atol + rtol * scale).all())
+    return Check(name, list(expected.shape), float(diff.max()) if diff.numel() else 0.0,
+                 float(rel.max()) if rel.numel() else 0.0, ok)
+
+
+def lstm_cases(lstm: nn.LSTM, *, seed: int = 0) -> list[tuple]:
+    """Synthetic inputs for one LSTM: 2 lengths x 2 batch sizes, once with initial states."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = lstm._flat_weights[0].dtype
+    states = lstm.num_layers * (2 if lstm.bidirectional else 1)
+    cases = []
+    for steps, batch in [(1, 1), (7, 1), (1, 3), (7, 3)]:
+        shape = (batch, steps, lstm.input_size) if lstm.batch_first else (steps, batch, lstm.input_size)
+        x = torch.randn(shape, generator=generator, dtype=dtype)
+        cases.append((x,))
+    h = torch.randn(states, 3, lstm.hidden_size, generator=generator, dtype=dtype)
+    c = torch.randn(states, 3, lstm.hidden_size, generator=generator, dtype=dtype)
+    cases.append((cases[-1][0], (h, c)))
+    return cases
+
+
+def verify_artifact(
+    original: nn.Module,
+    artifact: os.PathLike | str,
+    *,
+    format: str,
+    samples: Sequence[Sample],
+    lstm_names: Sequence[str],
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    artifact_prefix: str = "",
+    timeout: float = 900.0,
+) -> Verification:
+    """Load ``artifact`` in a fresh interpreter and compare it with ``original`` on ``samples`` and, for
+    each name in ``lstm_names`` (modules of ``original``), on that LSTM's own synthetic inputs."""
+    original = original.eval()
+    result = Verification(atol=atol, rtol=rtol, samples=[describe(s) for s in samples])
+    expected_samples = []
+    with torch.no_grad():
+        for i, args in enumerate(samples):
+            try:
+                expected_samples.append(verify_child.flatten(original(*args)))
+            except Exception as exc:
+                raise UsageError(f"the original model fails on example input {i} ({describe(args)}): "
+                                 f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+        lstm_payload, expected_lstms = [], []
+        for name in lstm_names:
+            lstm = original.get_submodule(name)
+            for j, args in enumerate(lstm_cases(lstm)):
+                lstm_payload.append((artifact_prefix + name, args))
+                expected_lstms.append((f"{name or '<model>'} case {j} ({describe(args)})",
+                                       verify_child.flatten(lstm(*args))))
+
+    outputs = _run_child(Path(artifact), format, list(samples), lstm_payload, timeout)
+
+    for i, (expected, actual) in enumerate(zip(expected_samples, outputs["samples"])):
+        label = f"sample {i} ({result.samples[i]})"
+        if isinstance(actual, str):
+            result.model_checks.append(Check(label, [], float("inf"), float("inf"), False, error=actual))
+            continue
+        if len(actual) != len(expected):
+            result.model_checks.append(Check(label, [], float("inf"), float("inf"), False,
+                                             error=f"{len(actual)} output tensors instead of {len(expected)}"))
+            continue
+        for (name, e), a in zip(expected, actual):
+            result.model_checks.append(compare(f"{label} {name}", e, a, atol, rtol))
+    for (label, expected), actual in zip(expected_lstms, outputs["lstms"]):
+        if isinstance(actual, str):
+            result.lstm_checks.append(Check(label, [], float("inf"), float("inf"), False, error=actual))
+            continue
+        for (name, e), a in zip(expected, actual):
+            result.lstm_checks.append(compare(f"{label} {name}", e, a, atol, rtol))
+    return result
+
+
+def _user_paths() -> list[str]:
+    """The current directory and the import paths added to this interpreter beyond its installation."""
+    installed = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    paths = [os.getcwd()]
+    for entry in sys.path:
+        entry = os.path.abspath(entry or ".")
+        if entry not in paths and not any(entry.startswith(root) for root in installed) and os.path.isdir(entry):
+            paths.append(entry)
+    return paths
+
+
+def _run_child(artifact: Path, format: str, samples: list, lstm_payload: list, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lstmopt-verify-") as tmp:
+        payload, result = Path(tmp) / "payload.pt", Path(tmp) / "result.pt"
+        torch.save({"samples": samples, "lstms": lstm_payload}, payload)
+        # The child imports the user's model code from where this process found it.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(_user_paths())
+        env.setdefault("PYTHONWARNINGS", "ignore")
+        try:
+            proc = subprocess.run(
+                [sys.executable, verify_child.__file__, str(artifact), format, str(payload), str(result)],
+                capture_output=True, text=True, timeout=timeout, env=env,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise VerificationError(f"reloading the artifact in a fresh process took over {timeout:.0f} s") from exc
+        if proc.returncode != 0 or not result.exists():
+            lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+            last = lines[-1] if lines else f"exit status {proc.returncode}"
+            raise VerificationError(f"the artifact does not load and run in a fresh process: {last}")
+        return torch.load(result, weights_only=True)

@@ -1,0 +1,181 @@
+"""End to end: saved model in, verified optimized artifact out, reloaded in a fresh process."""
+
+import hashlib
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, needs_bf16, run_python_json
+from lstmopt.pipeline import OptimizeOptions, optimize_file
+from lstmopt.verification import Verification, verify_artifact
+from lstmopt.writing import read_metadata, write_artifact
+from lstmopt import optimize
+from models import Encoder, build_forecaster, build_speech_encoder, build_tagger
+
+
+def tagger_inputs(path):
+    g = torch.Generator().manual_seed(0)
+    samples = [(torch.randint(0, 50, (b, t), generator=g), torch.randint(1, t + 1, (b,), generator=g))
+               for b, t in [(1, 5), (4, 30), (8, 12)]]
+    torch.save(samples, path)
+    return samples
+
+
+ARCHITECTURES = {
+    # name: (factory, options that give sample inputs)
+    "speech_encoder": ("models:build_speech_encoder", {"input_shape": (4, 60, 40)}),
+    "tagger": ("models:build_tagger", {"example_inputs": "tagger_inputs.pt"}),
+    "forecaster": ("models:build_forecaster", {"input_shape": (3, 24, 3)}),
+}
+BUILDERS = {"speech_encoder": build_speech_encoder, "tagger": build_tagger, "forecaster": build_forecaster}
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pickle"])
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_architecture_round_trip(tmp_path, monkeypatch, name, fmt):
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user would type them
+    factory, sample_options = ARCHITECTURES[name]
+    model = BUILDERS[name]().eval()
+    torch.save(model.state_dict(), "model.pt")
+    before = sha(tmp_path / "model.pt")
+    if "example_inputs" in sample_options:
+        samples = tagger_inputs(tmp_path / sample_options["example_inputs"])
+    else:
+        b, t, f = sample_options["input_shape"]
+        samples = [(torch.randn(b, t, f),), (torch.randn(1, t // 2, f),)]
+
+    report = optimize_file(OptimizeOptions(input="model.pt", output=f"out.{fmt}", format=fmt, factory=factory,
+                                           **sample_options))
+    assert report.status == "ok", report.error
+    verification = report.verification
+    assert verification["ok"] and verification["atol"] == 0 and verification["max_abs_error"] == 0
+    assert len(verification["samples"]) >= 3 and verification["lstm_outputs"]
+    assert sha(tmp_path / "model.pt") == before  # the input is never touched
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
+
+    meta = read_metadata(tmp_path / f"out.{fmt}")
+    assert meta["source"]["sha256"] == before and meta["dtype"] == "float32" and meta["format"] == fmt
+    assert meta["torch"] == torch.__version__ and meta["lstmopt"]
+    assert [m["name"] for m in meta["modules"] if m["packed"]]
+
+    # Independently of lstmopt's own verification: a fresh process, lstmopt blocked for TorchScript.
+    with torch.no_grad():
+        torch.save({"samples": samples, "expected": [model(*s) for s in samples]}, tmp_path / "io.pt")
+    result = run_python_json(f"""
+        import json, sys
+        {'sys.modules["lstmopt"] = None' if fmt == 'torchscript' else ''}
+        import torch
+        fmt = {fmt!r}
+        m = torch.jit.load("out.{fmt}") if fmt == "torchscript" else torch.load("out.{fmt}", weights_only=False)
+        io = torch.load("io.pt")
+        with torch.no_grad():
+            equal = [torch.equal(m(*s), e) for s, e in zip(io["samples"], io["expected"])]
+        print(json.dumps(equal))
+    """, cwd=tmp_path, env_extra={"PYTHONPATH": str(ROOT / "tests")})
+    assert result == [True] * len(samples)
+
+
+def test_model_level_failure_is_reported_per_output(tmp_path):
+    original = Encoder().eval()
+    tampered = Encoder().eval()
+    tampered.load_state_dict(original.state_dict())
+    with torch.no_grad():
+        tampered.head.bias.add_(1e-3)
+    out = write_artifact(optimize(tampered), tmp_path / "m.pt", format="torchscript", metadata={})
+    result = verify_artifact(original, out, format="torchscript", samples=[(torch.randn(2, 5, 16),)],
+                             lstm_names=["lstm"], atol=1e-4, rtol=0)
+    assert not result.ok
+    failed = result.failures()
+    assert [c.name.split(" ")[0] for c in failed] == ["sample"]  # the LSTM itself is fine
+    assert 9e-4 < failed[0].max_abs_error < 1.1e-3 and failed[0].max_rel_error > 0
+    with pytest.raises(Exception, match=r"differs from the original in 1 output\(s\); worst: sample 0"):
+        result.raise_if_failed()
+
+
+def test_a_wrong_lstm_is_caught_by_its_own_synthetic_inputs(tmp_path):
+    original = Encoder().eval()
+    fast = optimize(original)
+    with torch.no_grad():
+        fast.lstm.weight_hh_l1.mul_(1.01)
+    out = write_artifact(fast, tmp_path / "m.pt", format="pickle", metadata={})
+    result = verify_artifact(original, out, format="pickle", samples=[], lstm_names=["lstm"])
+    assert not result.ok and len(result.lstm_checks) == 15  # 5 cases x (output, h_n, c_n)
+    failed = {c.name.split(" (")[0] for c in result.failures()}
+    # layer 1's recurrent weights only matter from the second step on, or with a given state
+    assert failed == {"lstm case 1", "lstm case 3", "lstm case 4"}
+
+
+def test_verification_failure_leaves_no_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_forecaster().state_dict(), "model.pt")
+    import lstmopt.verification as verification
+
+    real = verification.compare
+    monkeypatch.setattr(verification, "compare", lambda name, e, a, atol, rtol: real(name, e, a + 1.0, atol, rtol))
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:build_forecaster",
+                                           input_shape=(2, 10, 3)))
+    assert report.status == "verification_failed" and report.exit_code == 5
+    assert "differs from the original" in report.error and report.verification["ok"] is False
+    assert not (tmp_path / "out.pt").exists() and report.output is None
+
+
+def test_artifact_that_cannot_load_in_a_fresh_process_fails_verification(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local_models.py").write_text(
+        "import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.lstm = torch.nn.LSTM(3, 4)\n    def forward(self, x):\n        return self.lstm(x)[0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import local_models
+
+    out = write_artifact(optimize(local_models.Net()), tmp_path / "m.pt", format="pickle", metadata={})
+    sys.path.remove(str(tmp_path))  # the child no longer finds local_models
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(Exception, match="does not load and run in a fresh process: .*local_models"):
+        verify_artifact(local_models.Net(), out, format="pickle", samples=[], lstm_names=["lstm"])
+
+
+@needs_bf16
+def test_bf16_job_reports_its_error_against_fp32(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_speech_encoder().state_dict(), "model.pt")
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", dtype="bfloat16",
+                                           factory="models:build_speech_encoder", input_shape=(2, 40, 40)))
+    assert report.status == "ok", report.error
+    v = report.verification
+    assert (v["atol"], v["rtol"]) == (2e-2, 2e-2) and 0 < v["max_abs_error"] < 2e-2
+    assert all("changes numerics" in m["reason"] for m in report.modules if m["packed"])
+
+
+def test_nothing_to_optimize_warns_or_fails_on_request(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(torch.nn.Sequential(torch.nn.Linear(3, 3)), "plain.pt")
+    report = optimize_file(OptimizeOptions(input="plain.pt", output="out.pt", trust=True, input_shape=(2, 4, 3)))
+    assert report.ok and "nothing was optimized" in report.warnings[0]
+    report = optimize_file(OptimizeOptions(input="plain.pt", output="out2.pt", trust=True, require_lstm=True))
+    assert report.status == "nothing_to_optimize" and report.exit_code == 4 and not (tmp_path / "out2.pt").exists()
+
+
+def test_min_speedup_needs_inputs_and_is_enforced(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(Encoder().state_dict(), "model.pt")
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:Encoder",
+                                           min_speedup=1.1))
+    assert report.exit_code == 2 and "needs inputs to time" in report.error
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:Encoder",
+                                           input_shape=(1, 4, 16), min_speedup=1000.0))
+    assert report.status == "too_slow" and report.exit_code == 6 and "below the required 1000x" in report.error
+    assert report.benchmark["cases"] and not (tmp_path / "out.pt").exists()
+
+
+def test_reports_serialise_and_raise_for_status(tmp_path):
+    report = optimize_file(OptimizeOptions(input=tmp_path / "absent.pt", output=tmp_path / "o.pt"))
+    data = report.to_dict()
+    assert data["schema"] == "lstmopt.report/1" and data["status"] == "error" and data["exit_code"] == 2
+    with pytest.raises(Exception, match="no such file"):
+        report.raise_for_status()
+    assert isinstance(Verification(0, 0, []).to_dict(), dict)
