@@ -14,7 +14,6 @@ Every failure is a ``UsageError`` (or ``UntrustedPickleError``) with a one-line 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -27,8 +26,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .errors import UntrustedPickleError, UsageError
+from .files import sha256_file
 
-__all__ = ["LoadedModel", "detect_format", "load_model", "load_factory", "sha256_file"]
+__all__ = ["LoadedModel", "detect_format", "load_model", "load_factory"]
 
 # What a user should provide when a file cannot be optimized as it is.
 _PROVIDE = ("provide the original model: a state dict (torch.save(model.state_dict())) with --factory "
@@ -43,14 +43,6 @@ class LoadedModel:
     format: str  # "state_dict", "safetensors" or "pickled_module"
     factory: Optional[str] = None
     factory_kwargs: Optional[Mapping[str, Any]] = None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def detect_format(path: Path) -> str:

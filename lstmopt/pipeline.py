@@ -17,12 +17,11 @@ from typing import Any, Callable, Optional
 
 from . import __version__
 from .errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError
-from .writing import FORMATS
+from .choices import DTYPES, FORMATS
 
-__all__ = ["DTYPES", "OptimizeOptions", "Report", "optimize_file", "SCHEMA"]
+__all__ = ["OptimizeOptions", "Report", "optimize_file", "SCHEMA"]
 
 SCHEMA = "lstmopt.report/1"
-DTYPES = ("float32", "bfloat16")
 STATUS_BY_ERROR = {
     "UsageError": "error", "UnsupportedError": "error", "UntrustedPickleError": "refused_untrusted",
     "NothingToOptimizeError": "nothing_to_optimize", "VerificationError": "verification_failed",
@@ -98,6 +97,7 @@ class Report:
     timings: dict = field(default_factory=dict)
     started: str = ""
     finished: str = ""
+    exception: Optional[BaseException] = field(default=None, repr=False)  # for --debug tracebacks
 
     @property
     def ok(self) -> bool:
@@ -107,12 +107,15 @@ class Report:
         self.status = STATUS_BY_ERROR.get(type(exc).__name__, "error")
         self.exit_code = exc.exit_code
         self.error = str(exc)
+        self.exception = exc
 
     def raise_for_status(self) -> None:
         """Raise the recorded failure (for Python callers that prefer exceptions)."""
         if not self.ok:
             from . import errors
 
+            if self.exception is not None:
+                raise self.exception
             cls = {v: k for k, v in STATUS_BY_ERROR.items()}.get(self.status, "LstmoptError")
             raise getattr(errors, cls, errors.LstmoptError)(self.error)
 
@@ -168,11 +171,12 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     import torch
 
     from .benchmarking import compare_latency
-    from .loading import load_model, sha256_file
+    from .files import atomic_path, check_output_path, sha256_file
+    from .loading import load_model
     from .rewrite import optimize, plan
     from .samples import load_samples, samples_from_shape
     from .verification import default_tolerance, verify_artifact
-    from .writing import atomic_path, check_output_path, save_artifact
+    from .writing import save_artifact
 
     report.input = {"path": str(options.input), "factory": options.factory,
                     "factory_kwargs": options.factory_kwargs or None}

@@ -74,10 +74,10 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
         if obstacle is not None:
             reason = obstacle
         elif target == found:
-            reason = f"packed in {_dtype_name(target)}; bit-identical to eager"
+            reason = "bit-identical to eager"
         else:
-            reason = (f"packed in {_dtype_name(target)}: changes numerics "
-                      f"(inputs cast from {_dtype_name(found)} and results cast back)")
+            reason = (f"changes numerics: {_dtype_name(found)} inputs are cast to {_dtype_name(target)} "
+                      "and results cast back")
     return Decision(
         name=name, aliases=aliases, input_size=lstm.input_size, hidden_size=lstm.hidden_size,
         num_layers=lstm.num_layers, bidirectional=lstm.bidirectional, bias=lstm.bias,

@@ -162,13 +162,13 @@ def verify_artifact(
             lstm = original.get_submodule(name)
             for j, args in enumerate(lstm_cases(lstm)):
                 lstm_payload.append((artifact_prefix + name, args))
-                expected_lstms.append((f"{name or '<model>'} case {j} ({describe(args)})",
+                expected_lstms.append((f"{name or '<model>'} case {j} {describe(args)}",
                                        verify_child.flatten(lstm(*args))))
 
     outputs = _run_child(Path(artifact), format, list(samples), lstm_payload, timeout)
 
     for i, (expected, actual) in enumerate(zip(expected_samples, outputs["samples"])):
-        label = f"sample {i} ({result.samples[i]})"
+        label = f"sample {i} {result.samples[i]}"
         if isinstance(actual, str):
             result.model_checks.append(Check(label, [], float("inf"), float("inf"), False, error=actual))
             continue

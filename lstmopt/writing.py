@@ -11,64 +11,23 @@ Both are zip archives; the metadata is the record ``<archive>/extra/lstmopt.json
 target directory that is renamed over the output only once complete.
 """
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .choices import FORMATS
 from .errors import UsageError
+from .files import atomic_path, check_output_path
 
-__all__ = ["FORMATS", "METADATA_NAME", "atomic_path", "check_output_path", "read_metadata", "save_artifact",
-           "script", "write_artifact"]
+__all__ = ["FORMATS", "METADATA_NAME", "read_metadata", "save_artifact", "script", "write_artifact"]
 
-FORMATS = ("torchscript", "pickle")
 METADATA_NAME = "lstmopt.json"
-TEMP_MARK = ".lstmopt-tmp-"
-
-
-def check_output_path(output: Path, *, force: bool, inputs: Tuple[Path, ...] = ()) -> Path:
-    """Fail early (before any work) if ``output`` cannot or must not be written."""
-    output = Path(output)
-    for source in inputs:
-        if source.exists() and output.exists() and os.path.samefile(source, output):
-            raise UsageError(f"the output {output} is the input file; lstmopt never modifies its input")
-    if output.is_dir():
-        raise UsageError(f"the output {output} is a directory; give a file name")
-    if output.exists() and not force:
-        raise UsageError(f"{output} exists; pass --force to replace it")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"cannot write {output}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write {output}: directory {parent} is not writable")
-    return output
-
-
-@contextlib.contextmanager
-def atomic_path(output: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``output``; on success it replaces ``output``, otherwise it vanishes."""
-    output = Path(output)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}{TEMP_MARK}", dir=output.parent or ".")
-    except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, output)
-    except BaseException as exc:  # including KeyboardInterrupt: never leave a partial file behind
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):  # disk full, permissions, ...
-            raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
-        raise
 
 
 def write_artifact(model, output: os.PathLike | str, *, format: str, metadata: dict, force: bool = False,
@@ -162,8 +121,3 @@ def read_metadata(path: os.PathLike | str) -> dict:
         raise UsageError(f"cannot read {path} as an lstmopt artifact ({exc})") from exc
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} has corrupt lstmopt metadata ({exc})") from exc
-
-
-def stale_temp_files(directory: Path) -> list[Path]:
-    """Temporary files a killed run may have left (SIGKILL cannot be cleaned up after)."""
-    return sorted(p for p in Path(directory).glob(f".*{TEMP_MARK}*") if p.is_file())

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lstmopt.errors import UntrustedPickleError, UsageError
-from lstmopt.loading import detect_format, load_model, sha256_file
+from lstmopt.files import sha256_file
+from lstmopt.loading import detect_format, load_model
 from models import Tagger, build_tagger
 
 FACTORY = "models:build_tagger"

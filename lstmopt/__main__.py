@@ -1,0 +1,7 @@
+"""``python -m lstmopt`` is the ``lstmopt`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

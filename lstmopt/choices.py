@@ -1,0 +1,7 @@
+"""Vocabularies shared by the Python API, the CLI and batch configs (kept free of torch imports)."""
+
+FORMATS = ("torchscript", "pickle")
+"""Artifact formats: TorchScript (loads without lstmopt) or a pickled module (needs lstmopt to load)."""
+
+DTYPES = ("float32", "bfloat16")
+"""LSTM compute dtypes: float32 is bit-identical to eager; bfloat16 changes numerics."""

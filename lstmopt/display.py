@@ -1,0 +1,115 @@
+"""Rich renderings of reports for people: module tables, verification and benchmark summaries, trees."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+__all__ = ["benchmark_table", "model_tree", "modules_table", "verification_summary"]
+
+
+def _decision(module: dict) -> Text:
+    if module["packed"]:
+        return Text(f"packed {module['packed_dtype']}", style="green")
+    return Text("kept", style="yellow")
+
+
+def modules_table(modules: list[dict], *, title: str = "LSTMs") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("module", overflow="fold")
+    table.add_column("in→hidden", no_wrap=True)
+    table.add_column("layers", justify="right", no_wrap=True)
+    table.add_column("dir", no_wrap=True)
+    table.add_column("dtype", no_wrap=True)
+    table.add_column("decision", no_wrap=True)
+    table.add_column("reason", ratio=1)
+    for m in modules:
+        name = m["name"] or "<model>"
+        if m.get("aliases"):
+            name += " (= " + ", ".join(m["aliases"]) + ")"
+        direction = ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
+        table.add_row(name, f"{m['input_size']}→{m['hidden_size']}", str(m["num_layers"]), direction, m["dtype"],
+                      _decision(m), m["reason"])
+    return table
+
+
+def _error(value: Optional[float]) -> str:
+    if value is None or value != value or value == float("inf"):
+        return "n/a"
+    return "0" if value == 0 else f"{value:.2e}"
+
+
+def verification_summary(verification: dict, *, limit: int = 6) -> Table:
+    checks = verification["model_outputs"] + verification["lstm_outputs"]
+    failed = [c for c in checks if not c["ok"]]
+    verdict = "[green]passed[/]" if verification["ok"] else f"[red]failed ({len(failed)} of {len(checks)})[/]"
+    table = Table(title=f"Verification in a fresh process: {verdict}  (atol {verification['atol']:g}, "
+                        f"rtol {verification['rtol']:g})", title_justify="left")
+    for column in ("output", "shape", "max abs error", "max rel error", "result"):
+        table.add_column(column, justify="right" if "error" in column else "left")
+    shown = failed[:limit] if failed else _worst(checks, limit)
+    for c in shown:
+        result = Text("ok", style="green") if c["ok"] else Text(c.get("error") or "above tolerance", style="red")
+        table.add_row(c["name"], "x".join(str(d) for d in c["shape"]), _error(c["max_abs_error"]),
+                      _error(c["max_rel_error"]), result)
+    hidden = len(failed if failed else checks) - len(shown)
+    if hidden > 0:
+        table.caption = f"{hidden} more {'failing ' if failed else ''}outputs not shown (see --report)"
+    return table
+
+
+def _worst(checks: list[dict], limit: int) -> list[dict]:
+    return sorted(checks, key=lambda c: -(c["max_abs_error"] or 0.0))[:limit]
+
+
+def benchmark_table(benchmark: dict, *, title: Optional[str] = None) -> Table:
+    title = title or (f"Latency (median of {benchmark['rounds']} interleaved rounds, {benchmark['threads']} threads)"
+                      f": speedup {benchmark['speedup']:.2f}x")
+    table = Table(title=title, title_justify="left")
+    for column in ("input", "original ms", "optimized ms", "speedup"):
+        table.add_column(column, justify="left" if column == "input" else "right")
+    for case in benchmark["cases"]:
+        style = "green" if case["speedup"] >= 1 else "red"
+        table.add_row(case["input"], f"{case['original_ms']:.3f}", f"{case['optimized_ms']:.3f}",
+                      Text(f"{case['speedup']:.2f}x", style=style))
+    return table
+
+
+def _count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_tree(model: Any, modules: list[dict], *, label: str) -> Tree:
+    """The module tree with parameter counts; LSTMs show their configuration and decision."""
+    decisions = {m["name"]: m for m in modules}
+    for m in modules:
+        for alias in m.get("aliases", []):
+            decisions[alias] = m
+
+    def node_label(name: str, module: Any) -> Text:
+        text = Text(f"{name.rsplit('.', 1)[-1] or label}: ", style="bold")
+        text.append(type(module).__name__)
+        text.append(f"  {_count(module):,} params", style="dim")
+        if name in decisions:
+            d = decisions[name]
+            text.append(f"  [{d['input_size']}→{d['hidden_size']}, {d['num_layers']} layer(s), "
+                        f"{'bi' if d['bidirectional'] else 'uni'}] ")
+            text.append_text(_decision(d))
+            if not d["packed"]:
+                text.append(f": {d['reason']}", style="yellow")
+        return text
+
+    def add(tree: Tree, name: str, module: Any) -> None:
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            branch = tree.add(node_label(full, child))
+            if full not in decisions:  # an LSTM's internals are not interesting here
+                add(branch, full, child)
+
+    root = Tree(node_label("", model))
+    if "" not in decisions:
+        add(root, "", model)
+    return root

@@ -1,0 +1,271 @@
+"""The lstmopt command line, in process (typer's CliRunner) and as the installed console script."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jsonschema
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import ROOT, run_python
+from lstmopt.cli import app
+from lstmopt.report import schema
+from models import build_tagger
+
+runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that no table cell wraps
+SCRIPT = shutil.which("lstmopt") or pytest.fail("the lstmopt console script is not installed")
+ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*(3[0-9]|9[0-7]|38;)[0-9;]*m")
+
+
+def invoke(*args, cwd=None):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A directory holding a tagger state dict, a pickled tagger and example inputs."""
+    monkeypatch.chdir(tmp_path)
+    model = build_tagger()
+    torch.save(model.state_dict(), "tagger.pt")
+    torch.save(model, "tagger_full.pt")
+    g = torch.Generator().manual_seed(0)
+    torch.save([(torch.randint(0, 50, (b, t), generator=g), torch.randint(1, t + 1, (b,), generator=g))
+                for b, t in [(1, 4), (3, 9)]], "inputs.pt")
+    return tmp_path
+
+
+OPTIMIZE = ["optimize", "tagger.pt", "-o", "out.pt", "--factory", "models:build_tagger", "--example-inputs", "inputs.pt"]
+
+
+def test_optimize_writes_a_verified_artifact_a_schema_valid_report_and_a_summary(work):
+    result = invoke(*OPTIMIZE, "--report", "report.json", "--summary", "summary.md", "--bench")
+    assert result.exit_code == 0, result.output
+    assert "lstm" in result.stdout and "packed float32" in result.stdout and "passed" in result.stdout
+    assert "wrote out.pt" in result.stdout
+    report = json.loads((work / "report.json").read_text())
+    jsonschema.validate(report, schema())
+    assert report["status"] == "ok" and report["output"]["path"] == "out.pt" and report["benchmark"]["cases"]
+    assert report["environment"]["torch"] == torch.__version__ and report["environment"]["cpu_isa"]
+    summary = (work / "summary.md").read_text()
+    assert summary.startswith("## ✅ lstmopt: `tagger.pt` — ok")
+    assert "| `lstm` | 24 | 20 | 2 | bi | packed (float32) |" in summary and "**Speedup**" in summary
+
+
+def test_json_mode_prints_only_the_report(work):
+    result = invoke(*OPTIMIZE, "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    jsonschema.validate(report, schema())
+    assert report["verification"]["ok"] and report["modules"][0]["name"] == "lstm"
+
+
+def test_quiet_mode_prints_nothing_on_success(work):
+    result = invoke(*OPTIMIZE, "--quiet")
+    assert result.exit_code == 0 and result.stdout == "" and (work / "out.pt").exists()
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["optimize", "absent.pt", "-o", "o.pt"], 2, "absent.pt: no such file"),
+    (["optimize", "tagger.pt", "-o", "o.pt"], 2, "pass --factory package.module:callable"),
+    (["optimize", "tagger.pt", "-o", "o.pt", "--factory", "models:build_tagger", "--factory-kwargs", "{bad"], 2,
+     "--factory-kwargs is not valid JSON"),
+    (["optimize", "tagger.pt", "-o", "o.pt", "--format", "onnx"], 2, "Invalid value for '--format'"),
+    (["optimize", "tagger.pt", "-o", "o.pt", "--input-shape", "1,2"], 2, "--input-shape must be three"),
+    (["optimize", "tagger.pt", "-o", "o.pt", "--factory", "models:build_tagger", "--report", "no/dir/r.json"], 2,
+     "directory no/dir does not exist"),
+    (["optimize", "tagger_full.pt", "-o", "o.pt"], 3, "is a pickled module: loading it runs code"),
+    (["optimize", "tagger.pt", "-o", "tagger.pt", "--factory", "models:build_tagger", "--force"], 2,
+     "is the input file"),
+    (["frobnicate"], 2, "No such command 'frobnicate'"),
+])
+def test_errors_are_one_line_with_a_documented_exit_code(work, args, code, message):
+    before = (work / "tagger.pt").read_bytes()
+    result = invoke(*args)
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert (work / "tagger.pt").read_bytes() == before
+    assert not (work / "o.pt").exists()
+
+
+def test_debug_shows_the_traceback(work):
+    result = invoke("optimize", "tagger_full.pt", "-o", "o.pt", "--debug")
+    assert result.exit_code == 3 and "Traceback" in result.stderr and "UntrustedPickleError" in result.stderr
+
+
+def test_trusted_pickle_is_optimized(work):
+    result = invoke("optimize", "tagger_full.pt", "-o", "o.pt", "--trust", "--example-inputs", "inputs.pt",
+                    "--format", "pickle", "--quiet")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_nothing_to_optimize_warns_or_exits_4(work):
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 4)), "plain.pt")
+    result = invoke("optimize", "plain.pt", "-o", "o.pt", "--trust", "--input-shape", "2,3,4")
+    assert result.exit_code == 0 and "nothing was optimized" in result.stderr
+    result = invoke("optimize", "plain.pt", "-o", "o2.pt", "--trust", "--require-lstm", "--report", "r.json")
+    assert result.exit_code == 4 and "nothing to optimize" in result.stderr
+    report = json.loads((work / "r.json").read_text())
+    jsonschema.validate(report, schema())
+    assert report["status"] == "nothing_to_optimize" and report["exit_code"] == 4 and report["output"] is None
+
+
+def test_verification_failure_exits_5_and_reports_the_errors(work):
+    (work / "noisy.py").write_text(
+        "import torch\n"
+        "class Noisy(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.lstm = torch.nn.LSTM(4, 8)\n"
+        "    def forward(self, x):\n        return self.lstm(x)[0] + 1e-3 * torch.randn(1)\n")
+    torch.save(torch.load("tagger.pt"), "unused.pt")
+    import importlib
+    sys.path.insert(0, str(work))
+    try:
+        noisy = importlib.import_module("noisy")
+        torch.save(noisy.Noisy().state_dict(), "noisy.pt")
+    finally:
+        sys.path.remove(str(work))
+    result = invoke("optimize", "noisy.pt", "-o", "o.pt", "--factory", "noisy:Noisy", "--input-shape", "2,5,4",
+                    "--report", "r.json", "--summary", "s.md")
+    assert result.exit_code == 5, result.output
+    assert "differs from the original" in result.stderr and "failed" in result.stdout
+    report = json.loads((work / "r.json").read_text())
+    jsonschema.validate(report, schema())
+    assert report["status"] == "verification_failed" and report["verification"]["max_abs_error"] > 0
+    assert not (work / "o.pt").exists()
+    assert "**Verification** **failed**" in (work / "s.md").read_text()
+
+
+def test_speedup_below_the_minimum_exits_6(work):
+    result = invoke(*OPTIMIZE, "--min-speedup", "1000", "--json")
+    assert result.exit_code == 6
+    report = json.loads(result.stdout)
+    assert report["status"] == "too_slow" and report["benchmark"]["speedup"] < 1000
+
+
+def test_existing_output_needs_force(work):
+    assert invoke(*OPTIMIZE, "--quiet").exit_code == 0
+    result = invoke(*OPTIMIZE, "--quiet")
+    assert result.exit_code == 2 and "pass --force" in result.stderr
+    assert invoke(*OPTIMIZE, "--quiet", "--force").exit_code == 0
+
+
+def test_inspect_shows_the_tree_and_decisions(work):
+    torch.save(torch.nn.ModuleDict({"enc": torch.nn.LSTM(4, 8), "proj": torch.nn.LSTM(4, 8, proj_size=2)}), "m.pt")
+    result = invoke("inspect", "m.pt", "--trust")
+    assert result.exit_code == 0, result.output
+    assert "enc: LSTM" in result.stdout and "proj_size>0 is not supported by oneDNN" in result.stdout
+    assert "1 of 2 LSTMs can be packed" in result.stdout
+    data = json.loads(invoke("inspect", "tagger.pt", "--factory", "models:build_tagger", "--json").stdout)
+    (lstm,) = data["modules"]
+    assert lstm["name"] == "lstm" and lstm["packed"] and lstm["parameters"] == data["lstm_parameters"] > 0
+    assert not (work / "m.pt.opt").exists() and sorted(p.name for p in work.iterdir()) == sorted(
+        ["tagger.pt", "tagger_full.pt", "inputs.pt", "m.pt"])
+
+
+def test_verify_passes_for_the_source_and_exits_5_for_another_model(work):
+    assert invoke(*OPTIMIZE, "--quiet").exit_code == 0
+    result = invoke("verify", "tagger.pt", "out.pt", "--factory", "models:build_tagger",
+                    "--example-inputs", "inputs.pt")
+    assert result.exit_code == 0 and "passed" in result.stdout
+    torch.manual_seed(5)
+    from models import Tagger
+    torch.save(Tagger().state_dict(), "other.pt")
+    result = invoke("verify", "other.pt", "out.pt", "--factory", "models:Tagger", "--example-inputs", "inputs.pt",
+                    "--json")
+    assert result.exit_code == 5 and "made from a different file" in result.stderr
+    assert json.loads(result.stdout)["ok"] is False
+
+
+def test_bench_prints_a_table_and_draws_a_plot(work):
+    result = invoke("bench", "tagger.pt", "--factory", "models:build_tagger", "--example-inputs", "inputs.pt",
+                    "--rounds", "3", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert len(data["cases"]) == 2 and data["speedup"] > 0
+    torch.save(torch.nn.LSTM(8, 16, batch_first=True), "lstm.pt")
+    result = invoke("bench", "lstm.pt", "--trust", "--input-shape", "4,32,8", "--rounds", "3",
+                    "--plot", "latency.png")
+    assert result.exit_code == 0, result.output
+    assert "speedup" in result.stdout and (work / "latency.png").read_bytes()[:4] == b"\x89PNG"
+    assert invoke("bench", "lstm.pt", "--trust").exit_code == 2
+
+
+def test_every_command_has_help_with_an_example():
+    for command in ("optimize", "inspect", "verify", "bench", "demo"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0 and "Example:" in result.stdout and "--json" in result.stdout
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip().startswith("lstmopt 0.")
+
+
+def test_help_is_fast_because_torch_is_not_imported():
+    proc = run_python("import sys\nfrom lstmopt.cli import main\ncode = main(['--help'])\n"
+                      "print(code, 'torch' in sys.modules)")
+    assert proc.stdout.strip().splitlines()[-1] == "0 False"
+    start = time.perf_counter()
+    subprocess.run([SCRIPT, "--help"], capture_output=True, check=True)
+    assert time.perf_counter() - start < 5  # generous: the machine is shared; torch alone takes longer
+
+
+def _colour_run(env_extra, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TERM")}
+    env.update({"FORCE_COLOR": "1", "TERM": "xterm-256color", "COLUMNS": "120", **env_extra})
+    return subprocess.run([SCRIPT, "inspect", "m.pt", "--trust"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+
+
+def test_no_color_is_honoured(tmp_path):
+    torch.save(torch.nn.ModuleDict({"a": torch.nn.LSTM(4, 8), "b": torch.nn.LSTM(4, 8, proj_size=2)}),
+               tmp_path / "m.pt")
+    coloured = _colour_run({}, tmp_path)
+    plain = _colour_run({"NO_COLOR": "1"}, tmp_path)
+    assert coloured.returncode == plain.returncode == 0
+    assert ANSI_COLOR.search(coloured.stdout)  # the control: colour is on without NO_COLOR
+    assert not ANSI_COLOR.search(plain.stdout) and "packed float32" in plain.stdout
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupting_leaves_no_partial_output(tmp_path, sig, code):
+    torch.save(build_tagger().state_dict(), tmp_path / "tagger.pt")
+    g = torch.Generator().manual_seed(0)
+    torch.save([(torch.randint(0, 50, (8, 200), generator=g), torch.full((8,), 200))], tmp_path / "inputs.pt")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    proc = subprocess.Popen([SCRIPT, "optimize", "tagger.pt", "-o", "out.pt", "--factory", "models:build_tagger",
+                             "--example-inputs", "inputs.pt", "--bench"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".out.pt") for p in tmp_path.iterdir()):
+        time.sleep(0.05)  # wait until the artifact is being written or verified
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "no partial output" in stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs.pt", "tagger.pt"]
+
+
+def test_demo_runs_under_a_minute(tmp_path):
+    start = time.perf_counter()
+    proc = subprocess.run([SCRIPT, "demo", "--output-dir", str(tmp_path / "demo")], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "passed" in proc.stdout and "speedup" in proc.stdout
+    assert {p.name for p in (tmp_path / "demo").iterdir()} == {
+        "keyword_spotter.pt", "keyword_spotter.torchscript.pt", "report.json", "summary.md"}
+    assert elapsed < 60
+
+
+def test_python_dash_m_is_the_same_command():
+    proc = subprocess.run([sys.executable, "-m", "lstmopt", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("lstmopt ")
