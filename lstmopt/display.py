@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-__all__ = ["benchmark_table", "model_tree", "modules_table", "verification_summary"]
+__all__ = ["batch_table", "benchmark_table", "model_tree", "modules_table", "verification_summary"]
 
 
 def _decision(module: dict) -> Text:
@@ -113,3 +113,34 @@ def model_tree(model: Any, modules: list[dict], *, label: str) -> Tree:
     if "" not in decisions:
         add(root, "", model)
     return root
+
+
+def batch_table(batch: dict) -> Table:
+    counts = batch["summary"]
+    table = Table(title=f"Batch {batch['config']}: {counts['ok']} optimized, {counts['skipped']} up to date, "
+                        f"{counts['failed']} failed, {counts['cancelled'] + counts['interrupted']} not finished",
+                  title_justify="left")
+    for column in ("job", "status", "LSTMs packed", "max abs error", "speedup", "output / error"):
+        table.add_column(column, overflow="fold")
+    styles = {"ok": "green", "skipped": "cyan", "cancelled": "yellow"}
+    for job in batch["jobs"]:
+        modules = job.get("modules") or []
+        verification = job.get("verification") or {}
+        bench = job.get("benchmark") or {}
+        detail = _short(job["output"]["path"]) if job.get("output") else (job.get("error") or "")
+        table.add_row(job["job"], Text(job["status"], style=styles.get(job["status"], "red")),
+                      f"{sum(m['packed'] for m in modules)}/{len(modules)}" if modules else "—",
+                      _error(verification.get("max_abs_error")) if verification else "—",
+                      f"{bench['speedup']:.2f}x" if bench.get("speedup") else "—", detail)
+    return table
+
+
+def _short(path: str) -> str:
+    """A path relative to the current directory when that is shorter."""
+    import os
+
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return relative if len(relative) < len(path) else path

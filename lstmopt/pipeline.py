@@ -67,6 +67,23 @@ class OptimizeOptions:
             if value is not None and value < 0:
                 raise UsageError(f"{name} must be >= 0, got {value}")
 
+    def fingerprint(self) -> str:
+        """SHA-256 over everything but the input's own content that shapes the output: two runs with the same
+        fingerprint and the same input produce equivalent artifacts (batch runs skip such jobs)."""
+        import hashlib
+        import json
+
+        from .environment import describe
+        from .files import sha256_file
+
+        settings = self.to_dict()
+        settings.pop("trust")
+        if self.example_inputs is not None:
+            settings["example_inputs"] = sha256_file(self.example_inputs) if self.example_inputs.is_file() else None
+        env = describe()
+        settings["versions"] = [env["lstmopt"], env["torch"]]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
     def to_dict(self) -> dict:
         return {
             "format": self.format, "dtype": self.dtype, "factory": self.factory,
@@ -212,6 +229,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
         "schema": "lstmopt.artifact/1", "lstmopt": report.environment["lstmopt"],
         "torch": report.environment["torch"], "format": options.format, "dtype": options.dtype,
         "source": dict(report.input), "modules": report.modules, "created": _now(),
+        "options": options.to_dict(), "options_sha256": options.fingerprint(),
         # A bare LSTM is scripted behind an entry module, so its modules gain a prefix in the archive.
         "module_prefix": "lstm." if options.format == "torchscript" and isinstance(
             loaded.model, torch.nn.LSTM) else "",

@@ -60,10 +60,10 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict) -> None:
 
 
 def prepare_for_inference(model):
-    """An inference artifact: eval mode and frozen weights, so plain calls take the packed kernel."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    """Eval mode. Parameters keep their requires_grad flags: freezing them would change the numerics of
+    other layers (at::matmul folds batched inputs differently when a weight requires grad), so run the
+    artifact under torch.inference_mode() or torch.no_grad(), as any inference."""
+    return model.eval()
 
 
 class LSTMEntry(nn.Module):

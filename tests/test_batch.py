@@ -1,0 +1,230 @@
+"""Batch runs from YAML configs: validation, isolation of failures, resume, parallelism, interruption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jsonschema
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import ROOT
+from lstmopt.batch import run_batch
+from lstmopt.cli import app
+from lstmopt.config import load_config
+from lstmopt.errors import UsageError
+from lstmopt.report import schema
+from models import Tagger, build_forecaster, build_tagger
+
+runner = CliRunner(env={"COLUMNS": "200"})
+TESTS = str(ROOT / "tests")
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def models(tmp_path):
+    torch.save(build_forecaster().state_dict(), tmp_path / "forecaster.pt")
+    torch.save(build_tagger().state_dict(), tmp_path / "tagger.pt")
+    g = torch.Generator().manual_seed(0)
+    torch.save([(torch.randint(0, 50, (2, 6), generator=g), torch.tensor([6, 3]))], tmp_path / "tagger_in.pt")
+    return tmp_path
+
+
+def config(tmp_path, jobs, defaults=""):
+    """A config in tmp_path whose factories come from tests/models.py."""
+    path = tmp_path / "batch.yaml"
+    path.write_text(f"pythonpath: [{TESTS}]\ndefaults:\n  format: pickle\n{textwrap.indent(defaults, '  ')}"
+                    f"jobs:\n{textwrap.indent(jobs, '  ')}")
+    return path
+
+
+GOOD = """\
+- name: forecaster
+  input: forecaster.pt
+  output: out/forecaster.pt
+  factory: models:build_forecaster
+  input_shape: [2, 8, 3]
+- name: tagger
+  input: tagger.pt
+  output: out/tagger.pt
+  factory: models:build_tagger
+  example_inputs: tagger_in.pt
+"""
+
+
+def test_the_example_config_runs_end_to_end(tmp_path):
+    env = dict(os.environ, MODELS_DIR=str(tmp_path / "models"), OUT_DIR=str(tmp_path / "out"))
+    subprocess.run([sys.executable, str(ROOT / "examples" / "save_models.py")], env=env, check=True,
+                   capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "lstmopt", "batch", str(ROOT / "configs" / "examples.yaml"),
+                           "--report", str(tmp_path / "batch.json"), "--summary", str(tmp_path / "batch.md"),
+                           "--jobs", "2"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "batch.json").read_text())
+    assert report["schema"] == "lstmopt.batch-report/1" and report["summary"]["ok"] == 4
+    for job in report["jobs"]:
+        jsonschema.validate(job, schema())
+        assert job["verification"]["ok"] and job["verification"]["max_abs_error"] == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "forecaster.ts.pt", "speech_encoder.ts.pt", "streaming.ts.pt", "tagger.ts.pt"]
+    assert "4/4 jobs succeeded" in (tmp_path / "batch.md").read_text()
+
+
+def test_every_shipped_config_validates(monkeypatch):
+    monkeypatch.delenv("MODELS_DIR", raising=False)
+    for path in (ROOT / "configs").glob("*.yaml"):
+        assert load_config(path).jobs, path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("jobs:\n  - input: a.pt\n    ouput: b.pt\n", ":2: jobs[0].output: Field required"),
+    ("jobs:\n  - input: a.pt\n    output: b.pt\n    dtyp: float32\n", ":4: jobs[0].dtyp: unknown key (check its spelling)"),
+    ("defaults:\n  format: onnx\njobs:\n  - {input: a.pt, output: b.pt}\n",
+     ":2: defaults.format: Input should be 'torchscript' or 'pickle', got 'onnx'"),
+    ("jobs:\n  - input: a.pt\n    output: b.pt\n    input_shape: [1, 0, 3]\n",
+     ":4: jobs[0].input_shape[1]: Input should be greater than 0"),
+    ("jobs:\n  - input: a.pt\n    output: b.pt\n    trust: 'yes'\n", ":4: jobs[0].trust: Input should be a valid boolean"),
+    ("jobs:\n  - input: a.pt\n    output: ${LSTMOPT_TEST_UNSET}/b.pt\n",
+     ":3: jobs[0].output: environment variable LSTMOPT_TEST_UNSET is not set"),
+    ("jobs:\n  - {input: a.pt, output: b.pt}\n  - {input: c.pt, output: b.pt}\n",
+     ":3: jobs[1].output: b.pt is also the output of jobs[0]"),
+    ("jobs:\n  - {input: a.pt, output: a.pt}\n", ":2: jobs[0].output: the output is the input file"),
+    ("jobs:\n  - input: a.pt\n    output: b.pt\n    min_speedup: 1.5\n",
+     ":2: jobs[0]: min_speedup needs inputs to time"),
+    ("defaults:\n  input: a.pt\njobs:\n  - {input: a.pt, output: b.pt}\n",
+     ":2: defaults.input: 'input' belongs in each job, not in defaults"),
+    ("jobs: []\n", ":1: jobs: List should have at least 1 item"),
+    ("jobs:\n  - input: [a\n", ":3:1: not valid YAML"),
+    ("", ":1: the config must be a mapping with a 'jobs' list, got an empty file"),
+    ("version: 2\njobs:\n  - {input: a.pt, output: b.pt}\n", ":1: version: Input should be 1"),
+])
+def test_config_errors_name_the_file_line_and_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as info:
+        load_config(path)
+    assert f"{path}{message}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_several_config_errors_are_counted_and_nothing_runs(tmp_path, models):
+    path = config(tmp_path, GOOD + "- {input: x.pt, output: y.pt, fromat: pickle}\n- {input: x.pt}\n")
+    result = runner.invoke(app, ["batch", str(path)])
+    assert result.exit_code == 2
+    assert "batch.yaml:15: jobs[2].fromat: unknown key" in result.stderr
+    assert "(and 1 more: line 16 jobs[3].output)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_paths_and_variables_resolve_relative_to_the_config(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    monkeypatch.setenv("LSTMOPT_TEST_DIR", "deep")
+    path = write(tmp_path / "cfg" / "c.yaml", """
+        jobs:
+          - input: ../m.pt
+            output: ${LSTMOPT_TEST_DIR}/${LSTMOPT_TEST_MISSING:-x}.pt
+            example_inputs: in.pt
+        """)
+    (job,) = load_config(path).jobs
+    assert job.options.input == tmp_path / "m.pt"
+    assert job.options.output == tmp_path / "cfg" / "deep" / "x.pt"
+    assert job.options.example_inputs == tmp_path / "cfg" / "in.pt" and job.name == "deep/x.pt"
+
+
+def test_a_failing_job_does_not_stop_or_lose_the_others(tmp_path, models):
+    path = config(tmp_path, "- {name: missing, input: absent.pt, output: out/absent.pt}\n" + GOOD)
+    result = runner.invoke(app, ["batch", str(path), "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 2, result.output
+    assert "1 of 3 jobs failed; first: missing: " in result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [j["status"] for j in report["jobs"]] == ["error", "ok", "ok"]
+    assert (tmp_path / "out" / "tagger.pt").exists() and (tmp_path / "out" / "forecaster.pt").exists()
+
+
+def test_fail_fast_cancels_the_rest(tmp_path, models):
+    path = config(tmp_path, "- {name: missing, input: absent.pt, output: out/absent.pt}\n" + GOOD)
+    result = runner.invoke(app, ["batch", str(path), "--fail-fast", "--json"])
+    assert result.exit_code == 2
+    report = json.loads(result.stdout)
+    assert [j["status"] for j in report["jobs"]] == ["error", "cancelled", "cancelled"]
+    assert "--fail-fast after job 'missing' failed" in report["jobs"][1]["error"]
+    assert not (tmp_path / "out" / "tagger.pt").exists()
+
+
+def test_resume_skips_up_to_date_jobs_and_redoes_changed_ones(tmp_path, models):
+    path = config(tmp_path, GOOD)
+    first = json.loads(runner.invoke(app, ["batch", str(path), "--json"]).stdout)
+    assert [j["status"] for j in first["jobs"]] == ["ok", "ok"]
+    stamp = (tmp_path / "out" / "tagger.pt").stat().st_mtime_ns
+
+    second = json.loads(runner.invoke(app, ["batch", str(path), "--json"]).stdout)
+    assert [j["status"] for j in second["jobs"]] == ["skipped", "skipped"]
+    assert (tmp_path / "out" / "tagger.pt").stat().st_mtime_ns == stamp
+    jsonschema.validate(second["jobs"][0], schema())
+
+    torch.manual_seed(3)
+    torch.save(Tagger().state_dict(), tmp_path / "tagger.pt")  # same shapes, other weights
+    path.write_text(path.read_text().replace("input_shape: [2, 8, 3]", "input_shape: [3, 8, 3]"))
+    third = json.loads(runner.invoke(app, ["batch", str(path), "--json"]).stdout)
+    assert [j["status"] for j in third["jobs"]] == ["ok", "ok"]  # new input bytes; new options
+
+    forced = json.loads(runner.invoke(app, ["batch", str(path), "--json", "--force"]).stdout)
+    assert [j["status"] for j in forced["jobs"]] == ["ok", "ok"]
+
+
+def test_a_foreign_file_at_an_output_is_only_replaced_with_force(tmp_path, models):
+    path = config(tmp_path, GOOD)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tagger.pt").write_bytes(b"someone else's file")
+    report = json.loads(runner.invoke(app, ["batch", str(path), "--json"]).stdout)
+    assert [j["status"] for j in report["jobs"]] == ["ok", "error"] and "pass --force" in report["jobs"][1]["error"]
+    assert (tmp_path / "out" / "tagger.pt").read_bytes() == b"someone else's file"
+    report = json.loads(runner.invoke(app, ["batch", str(path), "--json", "--force"]).stdout)
+    assert report["jobs"][1]["status"] == "ok"
+
+
+def test_parallel_jobs_overlap_and_say_their_timings_are_noisy(tmp_path, models):
+    path = config(tmp_path, GOOD, defaults="benchmark: true\n")
+    result = run_batch(load_config(path), parallel=2)
+    assert result.exit_code == 0
+    (a, b) = result.reports
+    assert a["started"] <= b["finished"] and b["started"] <= a["finished"]
+    assert all("jobs ran in parallel" in w for r in result.reports for w in r["warnings"][-1:])
+
+
+def test_a_job_that_kills_its_process_fails_alone(tmp_path, models):
+    (tmp_path / "crasher.py").write_text("import os, signal\ndef build():\n    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    path = config(tmp_path, GOOD + "- {name: crash, input: tagger.pt, output: out/crash.pt, factory: crasher:build}\n")
+    path.write_text(path.read_text().replace(f"pythonpath: [{TESTS}]", f"pythonpath: [{TESTS}, {tmp_path}]"))
+    result = run_batch(load_config(path))
+    assert [r["status"] for r in result.reports] == ["ok", "ok", "error"]
+    assert "the job's process died (signal SIGSEGV)" in result.reports[2]["error"]
+
+
+def test_interrupting_a_batch_keeps_finished_outputs_and_leaves_no_partial_files(tmp_path, models):
+    torch.save(build_forecaster(hidden=512).state_dict(), tmp_path / "big.pt")
+    jobs = GOOD.split("- name: tagger")[0] + (
+        "- name: big\n  input: big.pt\n  output: out/big.pt\n  factory: models:build_forecaster\n"
+        "  factory_kwargs: {hidden: 512}\n  input_shape: [64, 400, 3]\n  benchmark: true\n")
+    path = config(tmp_path, jobs)
+    proc = subprocess.Popen([sys.executable, "-m", "lstmopt", "batch", str(path), "--report", str(tmp_path / "r.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (tmp_path / "out" / "forecaster.pt").exists():
+        time.sleep(0.1)
+    time.sleep(4)  # the big job is running now
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["forecaster.pt"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [j["status"] for j in report["jobs"]] == ["ok", "interrupted"] and report["status"] == "interrupted"
