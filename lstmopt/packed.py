@@ -1,18 +1,30 @@
 """``PackedLSTM``: an ``nn.LSTM`` whose weights are laid out for oneDNN once instead of on every call.
 
 Eager ``nn.LSTM`` on CPU already runs oneDNN's LSTM primitive, but it reorders every weight matrix into
-the primitive's blocked layout on every call. ``PackedLSTM`` is an ``nn.LSTM`` (same parameters, names,
-``state_dict`` and errors) that also holds one ``PackedLayer`` per layer and direction with those weights
-packed by ``mkldnn._reorder_mkldnn_rnn_layer_weight``, and runs ``aten.mkldnn_rnn_layer`` on them: the
+the primitive's blocked layout on every call. ``PackedLSTM`` is an ``nn.LSTM`` (same parameter names and
+shapes, ``state_dict`` and errors) with one ``PackedLayer`` per layer and direction holding those weights
+packed by ``mkldnn._reorder_mkldnn_rnn_layer_weight``; it runs ``aten.mkldnn_rnn_layer`` on them: the
 decomposition inductor uses (PR #103071), without compiling.
 
+The packed copy is the only one kept in memory: the dense weight matrices are recovered from it, exactly,
+whenever something needs them (``state_dict()``, pickling, ``.to()``, training, nn.LSTM's own path), so the
+optimized model is no larger than the original. Reading ``lstm.weight_ih_l0`` brings the dense copy back
+for good (``release_dense()`` drops it again); only code that reaches the Parameter objects without the
+attribute (a parent's ``.parameters()``) sees the placeholder they hold meanwhile: the right shape and
+dtype over a single NaN, so that a stray read is loud rather than plausible.
+
 The op checks almost nothing (non-contiguous input is silently wrong, B=0 kills the process, ...), so a
-call takes the packed kernel only when every argument is positively known to be valid for it; anything
-else goes through ``nn.LSTM.forward`` itself, which computes the stock result or raises the stock error.
+call takes a fast kernel only when every argument is positively known to be valid for it; anything else
+takes nn.LSTM's own path, which computes the stock result or raises the stock error.
+
+Kernels (``PackedLSTM.kernel``): ``"onednn"`` (the packed op; bit-identical to nn.LSTM), ``"cell"`` (one
+``aten.lstm_cell`` per layer for single-step calls; within 1e-6 of nn.LSTM, faster than the op's fixed
+per-call cost at one step), ``"stock"`` (nn.LSTM as is). ``lstmopt.autotune`` picks one per module.
 """
 
 # No "from __future__ import annotations": TorchScript needs real annotations on the class attributes.
 import copy
+import sys
 import threading
 from typing import List, Optional, Tuple, overload
 
@@ -20,7 +32,7 @@ import torch
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["PackedLSTM", "PackedLayer", "packing_obstacle", "PACKABLE_DTYPES"]
+__all__ = ["KERNELS", "PACKABLE_DTYPES", "PackedLSTM", "PackedLayer", "bf16_supported", "packing_obstacle"]
 
 # Looked up once: a one-step call spends ~25 us in the op, and each attribute lookup on torch._C adds up.
 _tracing = torch._C._get_tracing_state
@@ -29,6 +41,8 @@ _mkldnn_enabled = torch._C._get_mkldnn_enabled
 _grad_enabled = torch.is_grad_enabled
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+KERNELS = ("onednn", "cell", "stock")
+EXACT_KERNELS = ("onednn", "stock")
 
 
 def bf16_supported() -> bool:
@@ -36,19 +50,23 @@ def bf16_supported() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _weights_obstacle(weights: List[Tensor]) -> Optional[str]:
-    """Why these (current) LSTM weights cannot be packed, or None if they can."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _obstacle(weights: List[Tensor], dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why these LSTM weights (converted to ``dtype`` if given) cannot be packed, or None if they can."""
     devices = {w.device for w in weights}
     if devices != {torch.device("cpu")}:
         where = ", ".join(sorted(str(d) for d in devices))
         return f"weights are on {where}; oneDNN packing is CPU-only"
-    dtypes = {w.dtype for w in weights}
+    dtypes = {dtype} if dtype is not None else {w.dtype for w in weights}
     if len(dtypes) != 1:
-        return "weights have mixed dtypes " + ", ".join(sorted(str(d) for d in dtypes))
-    dtype = dtypes.pop()
-    if dtype not in PACKABLE_DTYPES:
-        return f"dtype {str(dtype).replace('torch.', '')} is not supported by the packed kernel (float32, bfloat16)"
-    if dtype == torch.bfloat16 and not bf16_supported():
+        return "weights have mixed dtypes " + ", ".join(sorted(_dtype_name(d) for d in dtypes))
+    target = dtypes.pop()
+    if target not in PACKABLE_DTYPES:
+        return f"dtype {_dtype_name(target)} is not supported by the packed kernel (float32, bfloat16)"
+    if target == torch.bfloat16 and not bf16_supported():
         return "this CPU has no native bf16 support in oneDNN"
     if any(type(w) is not nn.Parameter and type(w) is not Tensor for w in weights):
         return "weights are tensor subclasses"
@@ -68,28 +86,33 @@ def packing_obstacle(lstm: nn.Module, dtype: Optional[torch.dtype] = None) -> Op
     computed = [name for name in lstm._flat_weights_names if name not in lstm._parameters]
     if computed:  # e.g. torch.nn.utils.weight_norm recomputes the weight in a forward pre-hook
         return f"{computed[0]} is not a parameter (computed by a hook such as weight_norm)"
-    weights = [getattr(lstm, name) for name in lstm._flat_weights_names]
-    if dtype is not None:
-        if dtype not in PACKABLE_DTYPES:
-            return f"dtype {str(dtype).replace('torch.', '')} is not supported by the packed kernel (float32, bfloat16)"
-        weights = [w.detach().to(dtype) if w.is_floating_point() else w for w in weights]
-    return _weights_obstacle(weights)
+    if dtype is not None and dtype not in PACKABLE_DTYPES:
+        return f"dtype {_dtype_name(dtype)} is not supported by the packed kernel (float32, bfloat16)"
+    return _obstacle([lstm._parameters[name] for name in lstm._flat_weights_names], dtype)
+
+
+def _placeholder(like: Tensor) -> Tensor:
+    """What a released weight matrix holds: its shape and dtype over one NaN, so a stray read is loud."""
+    return torch.full((1,), float("nan"), dtype=like.dtype).expand(like.shape)
 
 
 class PackedLayer(nn.Module):
-    """One layer in one direction: its dense weights (views of the parent's parameters) and their packs.
+    """One layer in one direction: its weight matrices packed for oneDNN, and its biases.
 
-    The packs are opaque oneDNN tensors whose layout depends on the CPU, so they are never serialized:
-    ``__getstate__`` keeps the dense weights and ``__setstate__`` packs again on the loading machine. In
-    TorchScript the state is a tuple assigned field by field, which is why every field has a fixed name.
+    The packs are opaque oneDNN tensors whose layout depends on the CPU, so they are never serialized. In
+    TorchScript, ``__getstate__`` returns the dense matrices recovered from them and ``__setstate__`` packs
+    again on the loading machine (TorchScript assigns state field by field, hence the fixed names). Python
+    pickling goes through the parent, which owns the dense parameters.
     """
 
+    input_size: int
     hidden_size: int
     reverse: bool
     has_biases: bool
 
-    def __init__(self, hidden_size: int, reverse: bool, has_biases: bool) -> None:
+    def __init__(self, input_size: int, hidden_size: int, reverse: bool, has_biases: bool) -> None:
         super().__init__()
+        self.input_size = input_size
         self.hidden_size = hidden_size
         self.reverse = reverse
         self.has_biases = has_biases
@@ -97,29 +120,34 @@ class PackedLayer(nn.Module):
 
     @torch.jit.export
     def pack(self, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor) -> None:
-        self.weight_ih = weight_ih
-        self.weight_hh = weight_hh
-        # Unused when has_biases is False, but the op still needs tensors of the weights' dtype.
-        self.bias_ih = bias_ih
-        self.bias_hh = bias_hh
         packed = torch.ops.mkldnn._reorder_mkldnn_rnn_layer_weight(
             weight_ih, weight_hh, self.hidden_size, self.reverse, self.has_biases, False
         )
         self.packed_ih = packed[0]
         self.packed_hh = packed[1]
+        # Unused when has_biases is False, but the op still needs tensors of the weights' dtype.
+        self.bias_ih = bias_ih
+        self.bias_hh = bias_hh
 
     @torch.jit.export
     def release(self) -> None:
         empty = torch.empty(0)
-        self.weight_ih = empty
-        self.weight_hh = empty
-        self.bias_ih = empty
-        self.bias_hh = empty
         self.packed_ih = empty
         self.packed_hh = empty
+        self.bias_ih = empty
+        self.bias_hh = empty
+
+    @torch.jit.export
+    def dense(self) -> Tuple[Tensor, Tensor]:
+        """The weight matrices as nn.LSTM holds them, recovered exactly from the packs."""
+        ih = self.packed_ih.to_dense() if self.packed_ih.is_mkldnn else self.packed_ih
+        hh = self.packed_hh.to_dense() if self.packed_hh.is_mkldnn else self.packed_hh
+        gates = 4 * self.hidden_size
+        return (ih.reshape(self.input_size, gates).t().contiguous(),
+                hh.reshape(self.hidden_size, gates).t().contiguous())
 
     def forward(self, input: Tensor, hx: Tensor, cx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """One layer over a contiguous time-major (T, B, I) input with contiguous (B, H) states."""
+        """One layer over a contiguous time-major (T, B, I) input with contiguous (1, B, H) states."""
         # mode 2 is ideep::rnn_kind::LSTM; the op runs one layer, one direction, time-major, inference.
         out = torch.mkldnn_rnn_layer(
             input, self.packed_ih, self.packed_hh, self.bias_ih, self.bias_hh, hx, cx,
@@ -130,22 +158,23 @@ class PackedLayer(nn.Module):
     @torch.jit.export
     def __getstate__(self):
         if torch.jit.is_scripting():
-            return (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                    self.hidden_size, self.reverse, self.has_biases, self.training)
-        # Python pickling: the parent owns the dense weights and packs again after unpickling.
+            weight_ih, weight_hh = self.dense()
+            return (weight_ih, weight_hh, self.bias_ih, self.bias_hh, self.input_size, self.hidden_size,
+                    self.reverse, self.has_biases, self.training)
         state = self.__dict__.copy()
         empty = torch.empty(0)
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "packed_ih", "packed_hh"):
+        for name in ("packed_ih", "packed_hh", "bias_ih", "bias_hh"):
             state[name] = empty
         return state
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[Tensor, Tensor, Tensor, Tensor, int, bool, bool, bool]) -> None:
+    def __setstate__(self, state: Tuple[Tensor, Tensor, Tensor, Tensor, int, int, bool, bool, bool]) -> None:
         if torch.jit.is_scripting():
-            self.hidden_size = state[4]
-            self.reverse = state[5]
-            self.has_biases = state[6]
-            self.training = state[7]
+            self.input_size = state[4]
+            self.hidden_size = state[5]
+            self.reverse = state[6]
+            self.has_biases = state[7]
+            self.training = state[8]
             self.release()
             if state[0].numel() > 0:
                 self.pack(state[0], state[1], state[2], state[3])
@@ -155,27 +184,29 @@ class PackedLayer(nn.Module):
     def extra_repr(self) -> str:
         direction = "reverse" if self.reverse else "forward"
         layout = "packed" if self.packed_ih.numel() > 0 else "released"
-        return f"hidden_size={self.hidden_size}, {direction}, {layout}"
+        return f"{self.input_size}, {self.hidden_size}, {direction}, {layout}"
 
 
 class PackedLSTM(nn.LSTM):
-    """Drop-in ``nn.LSTM`` that runs inference on weights packed once for oneDNN.
+    """Drop-in ``nn.LSTM`` for CPU inference on weights packed once for oneDNN (see the module docstring).
 
     Build one with ``PackedLSTM.from_lstm(lstm)`` (a copy), ``PackedLSTM(input_size, hidden_size, ...)``
-    (like ``nn.LSTM``), or ``lstmopt.optimize(model)``. fp32 results are bit-identical to ``nn.LSTM``.
-    The packed kernel is used for CPU tensors in the packed dtype in eval mode without autograd; every
-    other call (training, grad, PackedSequence, autocast, other dtypes or devices, invalid input) runs
-    ``nn.LSTM.forward`` unchanged.
+    (like ``nn.LSTM``), or ``lstmopt.optimize(model)``. The fast kernel serves CPU tensors in the packed
+    dtype in eval mode without autograd; every other call (training, grad, PackedSequence, autocast, other
+    dtypes or devices, invalid input) computes exactly what nn.LSTM computes.
 
     ``io_dtype``: when set (``optimize(dtype=torch.bfloat16)`` sets it to float32), inputs arriving in
     ``io_dtype`` are cast to the weights' dtype and results cast back, so a bf16 LSTM can sit inside an
     fp32 model.
     """
 
-    # Python-only bookkeeping; a scripted module cannot observe tensor versions anyway.
-    __jit_ignored_attributes__ = ["_packed_from", "_pack_lock", "_zeros", "_kernel_args"]
-    __jit_unused_properties__ = ["packed_layers", *nn.LSTM.__jit_unused_properties__]
+    # Python-only bookkeeping: a scripted module cannot observe tensor versions, locks or Python tuples.
+    __jit_ignored_attributes__ = ["_packed_from", "_pack_lock", "_zeros", "_kernel_args", "autotune_ms",
+                                  "all_weights"]
+    __jit_unused_properties__ = ["packed_layers", "weight_matrix_names", *nn.LSTM.__jit_unused_properties__]
 
+    kernel: str
+    dense_resident: bool
     packed_dtype: Optional[torch.dtype]
     io_dtype: Optional[torch.dtype]
 
@@ -215,32 +246,46 @@ class PackedLSTM(nn.LSTM):
 
     def _init_packing(self, io_dtype: Optional[torch.dtype]) -> None:
         self.io_dtype = io_dtype
+        self.kernel = "onednn"
+        self.dense_resident = True
         self.packed_dtype = None
-        self._pack_lock = threading.Lock()
+        self.autotune_ms: Optional[dict] = None
+        self._pack_lock = threading.RLock()
         self._packed_from: List[Tuple[str, Tensor, int, int]] = []
         directions = 2 if self.bidirectional else 1
         self.packed_layers = nn.ModuleList(
-            PackedLayer(self.hidden_size, reverse=d == 1, has_biases=self.bias)
-            for _ in range(self.num_layers) for d in range(directions)
+            PackedLayer(self.input_size if layer == 0 else self.hidden_size * directions, self.hidden_size,
+                        reverse=d == 1, has_biases=self.bias)
+            for layer in range(self.num_layers) for d in range(directions)
         )
         self.repack()
 
     @property
     def packed_layers(self) -> nn.ModuleList:
-        """One ``PackedLayer`` per layer and direction, in ``nn.LSTM`` order (l0, l0_reverse, l1, ...)."""
+        """One ``PackedLayer`` per layer and direction, in nn.LSTM order (l0, l0_reverse, l1, ...)."""
         # nn.Module.__getattr__ costs ~0.6 us per lookup, 2% of a one-step call; scripted code sees the
         # registered submodule directly.
         return self._modules["packed_layers"]
 
+    @property
+    def weight_matrix_names(self) -> List[str]:
+        """The weight_ih/weight_hh parameter names: what is packed (biases stay dense)."""
+        return [n for n in self._flat_weights_names if n.startswith("weight_")]
+
     # ---------------------------------------------------------------------------------------------
-    # Keeping the packs in step with the parameters
+    # Keeping the packs and the dense parameters consistent
 
     def repack(self) -> None:
-        """Pack the current weights again (done automatically after every change lstmopt can see)."""
+        """Pack the current dense weights again, then drop the dense copy unless it must stay.
+
+        Runs after every change lstmopt can see (``load_state_dict``, ``.to()``, in-place edits,
+        reassignment); call it yourself only after changing weights some other way.
+        """
         with self._pack_lock:
+            self.materialize_dense(keep=False)
             names = self._flat_weights_names
-            weights = [getattr(self, name) for name in names]
-            obstacle = _weights_obstacle(weights)
+            weights = [self._parameters[name] for name in names]
+            obstacle = _obstacle(weights) if self.kernel == "onednn" else "not the onednn kernel"
             per_layer = len(names) // len(self.packed_layers)
             for i, layer in enumerate(self.packed_layers):
                 if obstacle is not None:
@@ -257,26 +302,140 @@ class PackedLSTM(nn.LSTM):
                 (layer.packed_ih, layer.packed_hh, layer.bias_ih, layer.bias_hh, layer.reverse)
                 for layer in self.packed_layers
             )
-            self._packed_from = [(n, w, w._version, w.data_ptr()) for n, w in zip(names, weights)]
+            self._release_dense()
+
+    def materialize_dense(self, keep: bool = True) -> None:
+        """Put the real dense weight matrices back into the parameters (recovered exactly from the packs).
+
+        ``keep=True`` (the public use) keeps them resident from now on, at the cost of a second copy of the
+        weights; ``train()`` does this too. Without it, lstmopt drops them again at the next repack.
+        """
+        with self._pack_lock:
+            if keep:
+                self._keep_dense = True
+            if self.dense_resident:
+                return
+            for layer, (ih, hh) in zip(self.packed_layers, self._matrix_name_pairs()):
+                weight_ih, weight_hh = layer.dense()
+                self._parameters[ih].data = weight_ih
+                self._parameters[hh].data = weight_hh
+            self.dense_resident = True
+            self._snapshot()
+
+    def release_dense(self) -> None:
+        """Drop the dense weight matrices again after ``materialize_dense()`` (the packs take over)."""
+        with self._pack_lock:
+            self._keep_dense = False
+            if self.dense_resident and self.kernel == "onednn":
+                self.repack()
+
+    def _release_dense(self) -> None:
+        """Drop the dense weight matrices when the packs can stand in for them."""
+        if (self.dense_resident and self.kernel == "onednn" and self.packed_dtype is not None
+                and not self.training and not getattr(self, "_keep_dense", False)):
+            for name in self.weight_matrix_names:
+                param = self._parameters[name]
+                param.data = _placeholder(param)
+            self.dense_resident = False
+        self._snapshot()
+
+    def _matrix_name_pairs(self) -> List[Tuple[str, str]]:
+        names = self.weight_matrix_names
+        return list(zip(names[0::2], names[1::2]))
+
+    def _snapshot(self) -> None:
+        self._packed_from = [(n, w, w._version, w.data_ptr())
+                             for n, w in ((n, self._parameters[n]) for n in self._flat_weights_names)]
+
+    def use_kernel(self, kernel: str) -> None:
+        """Switch to ``kernel`` ("onednn", "cell" or "stock"); only "onednn" keeps packs, the others keep
+        the dense weights (so each module holds one copy of its weights either way)."""
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        with self._pack_lock:
+            self.materialize_dense(keep=False)
+            self.kernel = kernel
+            self.repack()
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.materialize_dense(keep=False)  # an optimizer needs the real values
+            return super().train(mode)
+        result = super().train(mode)
+        if self.dense_resident and self.kernel == "onednn":
+            self.repack()  # training may have changed the weights; the packs take over again
+        return result
 
     def _apply(self, fn, recurse=True):
+        self.materialize_dense(keep=False)
         result = super()._apply(fn, recurse)
         self.repack()
         return result
 
     def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+        self.materialize_dense(keep=False)
+        self._loading = True  # load_state_dict(assign=True) sets each parameter: pack once, at the end
+        try:
+            super()._load_from_state_dict(*args, **kwargs)
+        finally:
+            self._loading = False
         self.repack()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if keep_vars:  # the caller wants the Parameter objects themselves: they must hold real values
+            self.materialize_dense(keep=False)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.dense_resident:
+            for layer, (ih, hh) in zip(self.packed_layers, self._matrix_name_pairs()):
+                destination[prefix + ih], destination[prefix + hh] = layer.dense()
+
+    def __getattr__(self, name):
+        # Reading a released weight matrix hands out the Parameter: give it its real values, for good.
+        # torch.jit.script reads every attribute to copy it into the scripted module; the scripted
+        # PackedLayers serialize the packs, so scripting must not bring the dense copy back.
+        if (not self.__dict__.get("dense_resident", True) and name in self.weight_matrix_names
+                and not sys._getframe(1).f_globals.get("__name__", "").startswith("torch.jit.")):
+            self.materialize_dense(keep=True)
+        return super().__getattr__(name)
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        # Redefined here only so that torch.jit.script, which reads every property of the class it
+        # compiles unless listed in __jit_ignored_attributes__, does not bring the dense copy back.
+        return super().all_weights
+
+    def _weights_have_changed(self):
+        # nn.LSTM's version reads each weight through getattr, which would bring the dense copy back.
+        params = self._parameters
+        return any(ref is not None and ref() is not params.get(name)
+                   for ref, name in zip(self._flat_weight_refs, self._flat_weights_names))
+
+    def __setattr__(self, name, value):
+        if (isinstance(value, nn.Parameter) and name in getattr(self, "_flat_weights_names", ())
+                and "_pack_lock" in self.__dict__ and not self.__dict__.get("_loading")):
+            self.materialize_dense(keep=False)  # every other weight must be real to repack
+            super().__setattr__(name, value)
+            self.repack()
+            return
+        super().__setattr__(name, value)
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in self.__jit_ignored_attributes__:  # locks, packs and caches are rebuilt on load
-            del state[name]
+        for name in ("_packed_from", "_pack_lock", "_zeros", "_kernel_args"):  # rebuilt on load
+            state.pop(name, None)
+        if not self.dense_resident:  # pickle the dense weights, recovered from the packs
+            params = dict(state["_parameters"])
+            for layer, (ih, hh) in zip(self.packed_layers, self._matrix_name_pairs()):
+                weight_ih, weight_hh = layer.dense()
+                params[ih] = nn.Parameter(weight_ih, requires_grad=params[ih].requires_grad)
+                params[hh] = nn.Parameter(weight_hh, requires_grad=params[hh].requires_grad)
+            state["_parameters"] = params
+            state["dense_resident"] = True
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._pack_lock = threading.Lock()
+        self._pack_lock = threading.RLock()
         self.repack()
 
     # ---------------------------------------------------------------------------------------------
@@ -302,12 +461,13 @@ class PackedLSTM(nn.LSTM):
                     hx = (hx[0].to(weight_dtype), hx[1].to(weight_dtype))
                 output, (h, c) = self.forward(input.to(weight_dtype), hx)
                 return output.to(self.io_dtype), (h.to(self.io_dtype), c.to(self.io_dtype))
-            if not self._kernel_ready(input, hx):
-                return super().forward(input, hx)
+            kernel = self._fast_kernel(input, hx)
+            if kernel is None:
+                return self._stock(input, hx)
             if _grad_enabled():  # nothing requires grad here: skip the training primitive
                 with torch.no_grad():
-                    return self._run_kernel(input, hx)
-            return self._run_kernel(input, hx)
+                    return self._run_onednn(input, hx) if kernel == "onednn" else self._run_cells(input, hx)
+            return self._run_onednn(input, hx) if kernel == "onednn" else self._run_cells(input, hx)
 
         # TorchScript cannot call super().forward, so the scripted dispatch spells out the stock paths.
         if isinstance(input, PackedSequence):
@@ -316,11 +476,11 @@ class PackedLSTM(nn.LSTM):
                 weight_dtype = self._flat_weights[0].dtype
                 cast = PackedSequence(data.to(weight_dtype), input.batch_sizes,
                                       input.sorted_indices, input.unsorted_indices)
-                out, hidden = self._scripted_stock_packed(cast, _cast_hidden(hx, weight_dtype))
+                out, hidden = self._stock_packed_sequence(cast, _cast_hidden(hx, weight_dtype), self._stock_weights())
                 out = PackedSequence(out.data.to(data.dtype), out.batch_sizes,
                                      out.sorted_indices, out.unsorted_indices)
                 return out, (hidden[0].to(data.dtype), hidden[1].to(data.dtype))
-            return self._scripted_stock_packed(input, hx)
+            return self._stock_packed_sequence(input, hx, self._stock_weights())
         else:
             if self._casts_at_boundary(input.dtype):
                 weight_dtype = self._flat_weights[0].dtype
@@ -329,38 +489,50 @@ class PackedLSTM(nn.LSTM):
                 return output.to(input.dtype), (hidden[0].to(input.dtype), hidden[1].to(input.dtype))
             return self._scripted_forward_tensor(input, hx)
 
-    def _kernel_ready(self, input, hx) -> bool:
-        """True when the packed kernel computes exactly what ``nn.LSTM.forward`` would for this call,
-        in which case the packs are brought up to date with the weights first."""
+    def _fast_kernel(self, input, hx) -> Optional[str]:
+        """The kernel that computes this call exactly as nn.LSTM would (within 1e-6 for "cell"), or None
+        for nn.LSTM's own path. For "onednn" the packs are brought up to date with the weights first."""
         # A tracer must record the stock op, not opaque constants; autocast would try to cast the packs;
         # with mkldnn disabled, eager runs its native kernel.
         if _tracing() or _autocast_enabled() or not _mkldnn_enabled():
-            return False
+            return None
         if type(input) is not Tensor:  # PackedSequence, tensor subclasses
-            return False
+            return None
         if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                return False
+                return None
             if type(hx[0]) is not Tensor or type(hx[1]) is not Tensor:
-                return False
+                return None
         if not self._valid_for_kernel(input, hx):
-            return False
+            return None
         if _grad_enabled() and _any_requires_grad(input, hx, self._flat_weights):
-            return False
-        # In-place edits bump the version counter, ``.data =`` moves the data, and reassignment
-        # (or torch.func.functional_call) swaps the Parameter object; each invalidates the packs.
+            return None
+        kernel = self.kernel
+        if kernel == "cell":
+            return kernel
+        # In-place edits bump the version counter and ``.data =`` moves the data: pack again. A swapped
+        # Parameter object (torch.func.functional_call) is temporary: take nn.LSTM's path with it.
         params = self._parameters
         for name, weight, version, ptr in self._packed_from:
             current = params[name]
-            if current is not weight or current._version != version or current.data_ptr() != ptr:
+            if current is not weight:
+                return None
+            if current._version != version or current.data_ptr() != ptr:
                 self.repack()
-                return self._valid_for_kernel(input, hx)  # the dtype may have changed with the weights
-        return True
+                return "onednn" if self._valid_for_kernel(input, hx) else None
+        return kernel
 
     def _valid_for_kernel(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> bool:
-        """Device, dtype, layout and every shape the op would trust without checking."""
-        dtype = self.packed_dtype
-        if dtype is None or self.training:
+        """Device, dtype, layout and every shape a fast kernel would trust without checking."""
+        if self.training:
+            return False
+        if self.kernel == "onednn":
+            dtype = self.packed_dtype
+            if dtype is None:
+                return False
+        elif self.kernel == "cell":
+            dtype = self._flat_weights[0].dtype
+        else:
             return False
         if input.dtype != dtype or not input.is_cpu or input.layout != torch.strided or input.is_neg():
             return False
@@ -373,6 +545,8 @@ class PackedLSTM(nn.LSTM):
             return False
         if steps == 0 or batch == 0 or shape[-1] != self.input_size:
             return False
+        if self.kernel == "cell" and (steps != 1 or dtype != torch.float32):
+            return False
         if hx is not None:
             states = self.num_layers * (2 if self.bidirectional else 1)
             expected = [states, batch, self.hidden_size] if len(shape) == 3 else [states, self.hidden_size]
@@ -383,7 +557,7 @@ class PackedLSTM(nn.LSTM):
                     return False
         return True
 
-    def _run_kernel(self, input: Tensor, hx):
+    def _run_onednn(self, input: Tensor, hx):
         """The packed computation, in Python. A one-step call costs ~25 us in the op, so lstmopt's own
         work is kept to a few hundred ns: op arguments come ready-made from ``_kernel_args`` and the
         common single-layer case skips the bookkeeping of the layer loop."""
@@ -430,6 +604,146 @@ class PackedLSTM(nn.LSTM):
             return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         return (x.transpose(0, 1) if self.batch_first else x), (h_n, c_n)
 
+    def _run_cells(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """A single time step as one aten.lstm_cell per layer and direction: no primitive to set up, so
+        at one step it beats the op's fixed cost; within 1e-6 of nn.LSTM, not bit-identical."""
+        batched = input.dim() == 3
+        x = input.reshape(-1, self.input_size) if batched else input  # (B, I) or (1, I)
+        if not batched:
+            x = x.reshape(1, self.input_size)
+        batch = x.size(0)
+        states = self.num_layers * (2 if self.bidirectional else 1)
+        if hx is None:
+            zeros = torch.zeros(batch, self.hidden_size, dtype=x.dtype)
+            h0 = [zeros] * states
+            c0 = h0
+        else:
+            h0 = hx[0].reshape(states, batch, self.hidden_size).unbind(0)
+            c0 = hx[1].reshape(states, batch, self.hidden_size).unbind(0)
+        weights = self._flat_weights
+        per_layer = len(weights) // states
+        hs: List[Tensor] = []
+        cs: List[Tensor] = []
+        outs: List[Tensor] = []
+        for i in range(states):
+            w = weights[i * per_layer:(i + 1) * per_layer]
+            b_ih: Optional[Tensor] = w[2] if self.bias else None
+            b_hh: Optional[Tensor] = w[3] if self.bias else None
+            h, c = torch.lstm_cell(x, [h0[i], c0[i]], w[0], w[1], b_ih, b_hh)
+            hs.append(h)
+            cs.append(c)
+            outs.append(h)
+            if not self.bidirectional or i % 2 == 1:
+                x = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+                outs = []
+        h_n = torch.stack(hs, 0)
+        c_n = torch.stack(cs, 0)
+        if not batched:
+            return x, (h_n.squeeze(1), c_n.squeeze(1))
+        return x.unsqueeze(1 if self.batch_first else 0), (h_n, c_n)
+
+    def _stock(self, input, hx):
+        """nn.LSTM's own path. With released dense weights and no autograd involved, it runs on dense
+        copies recovered for this call, so the dense weights need not come back for good."""
+        if self.dense_resident:
+            return super().forward(input, hx)
+        tensors = [t for t in (input, *(hx if isinstance(hx, (tuple, list)) else ())) if isinstance(t, Tensor)]
+        if isinstance(input, PackedSequence):
+            tensors.append(input.data)
+        if self.training or (_grad_enabled() and (any(t.requires_grad for t in tensors)
+                                                   or any(w.requires_grad for w in self._flat_weights))):
+            self.materialize_dense(keep=False)  # autograd must see the parameters themselves
+            return super().forward(input, hx)
+        weights = self._stock_weights()
+        if isinstance(input, PackedSequence):
+            return self._stock_packed_sequence(input, hx, weights)
+        if isinstance(hx, list):
+            hx = tuple(hx)
+        return self._stock_tensor(input, hx, weights)
+
+    def _stock_weights(self) -> List[Tensor]:
+        """The weights nn.LSTM would use now, with released matrices recovered from the packs."""
+        if self.dense_resident:
+            return self._flat_weights
+        weights: List[Tensor] = []
+        for layer in self.packed_layers:
+            weight_ih, weight_hh = layer.dense()
+            weights.append(weight_ih)
+            weights.append(weight_hh)
+            if self.bias:
+                weights.append(layer.bias_ih)
+                weights.append(layer.bias_hh)
+        if not torch.jit.is_scripting():  # torch.func.functional_call may have swapped some parameters
+            for i, name in enumerate(self._flat_weights_names):
+                current = self._parameters[name]
+                if current is not self._packed_from[i][1]:
+                    weights[i] = current
+        return weights
+
+    def _stock_tensor(
+        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        # The tensor branch of nn.LSTM.forward (proj_size is always 0 here), on the given weights.
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        is_batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+        max_batch_size = input.size(0) if self.batch_first else input.size(1)
+        if hx is None:
+            num_directions = 2 if self.bidirectional else 1
+            zeros = torch.zeros(self.num_layers * num_directions, max_batch_size, self.hidden_size,
+                                dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        else:
+            if is_batched:
+                if hx[0].dim() != 3 or hx[1].dim() != 3:
+                    raise RuntimeError(
+                        f"For batched 3-D input, hx and cx should also be 3-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            else:
+                if hx[0].dim() != 2 or hx[1].dim() != 2:
+                    raise RuntimeError(
+                        f"For unbatched 2-D input, hx and cx should also be 2-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        # nn.LSTM.check_input skips its dtype check when scripted; the op would fail obscurely without it.
+        weight_dtype = self._flat_weights[0].dtype
+        if input.dtype != weight_dtype and not torch.is_autocast_cpu_enabled():
+            given = _dtype_str(input.dtype)
+            wanted = _dtype_str(weight_dtype)
+            raise ValueError(
+                f"RNN input dtype ({given}) does not match weight dtype ({wanted}). "
+                f"Convert input: input.to({wanted}), or convert model: model.to({given})")
+        self.check_forward_args(input, hx, None)
+        result = _VF.lstm(input, hx, weights, self.bias, self.num_layers, self.dropout,
+                          self.training, self.bidirectional, self.batch_first)
+        output = result[0]
+        hidden = (result[1], result[2])
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, hidden
+
+    def _stock_packed_sequence(
+        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
+    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        # The PackedSequence branch of nn.LSTM.forward, on the given weights.
+        data = input.data
+        batch_sizes = input.batch_sizes
+        if hx is None:
+            num_directions = 2 if self.bidirectional else 1
+            zeros = torch.zeros(self.num_layers * num_directions, int(batch_sizes[0]), self.hidden_size,
+                                dtype=data.dtype, device=data.device)
+            hx = (zeros, zeros)
+        else:
+            hx = self.permute_hidden(hx, input.sorted_indices)
+        result = _VF.lstm(data, batch_sizes, hx, weights, self.bias, self.num_layers,
+                          self.dropout, self.training, self.bidirectional)
+        output = PackedSequence(result[0], batch_sizes, input.sorted_indices, input.unsorted_indices)
+        return output, self.permute_hidden((result[1], result[2]), input.unsorted_indices)
+
     # ---------------------------------------------------------------------------------------------
     # TorchScript only
 
@@ -445,13 +759,15 @@ class PackedLSTM(nn.LSTM):
             and not (torch.is_grad_enabled() and _any_requires_grad(input, hx, self._flat_weights))
             and not torch.is_autocast_cpu_enabled()
         ):
-            return self._scripted_packed_forward(input, hx)
-        return self._scripted_stock_tensor(input, hx)
+            if self.kernel == "onednn":
+                return self._scripted_onednn(input, hx)
+            return self._run_cells(input, hx)
+        return self._stock_tensor(input, hx, self._stock_weights())
 
-    def _scripted_packed_forward(
+    def _scripted_onednn(
         self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        # _run_kernel's computation through the PackedLayer modules, which TorchScript can serialize.
+        # _run_onednn's computation through the PackedLayer modules, which TorchScript can serialize.
         batched = input.dim() == 3
         if batched:
             x = (input.transpose(0, 1) if self.batch_first else input).contiguous()
@@ -490,72 +806,8 @@ class PackedLSTM(nn.LSTM):
             x = x.transpose(0, 1)
         return x, (h_n, c_n)
 
-    def _scripted_stock_tensor(
-        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]
-    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        # The tensor branch of nn.LSTM.forward (proj_size is always 0 here).
-        if input.dim() not in (2, 3):
-            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
-        is_batched = input.dim() == 3
-        batch_dim = 0 if self.batch_first else 1
-        if not is_batched:
-            input = input.unsqueeze(batch_dim)
-        max_batch_size = input.size(0) if self.batch_first else input.size(1)
-        if hx is None:
-            num_directions = 2 if self.bidirectional else 1
-            zeros = torch.zeros(self.num_layers * num_directions, max_batch_size, self.hidden_size,
-                                dtype=input.dtype, device=input.device)
-            hx = (zeros, zeros)
-        else:
-            if is_batched:
-                if hx[0].dim() != 3 or hx[1].dim() != 3:
-                    raise RuntimeError(
-                        f"For batched 3-D input, hx and cx should also be 3-D but got "
-                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
-            else:
-                if hx[0].dim() != 2 or hx[1].dim() != 2:
-                    raise RuntimeError(
-                        f"For unbatched 2-D input, hx and cx should also be 2-D but got "
-                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
-                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        # nn.LSTM.check_input skips its dtype check when scripted; the op would fail obscurely without it.
-        weight_dtype = self._flat_weights[0].dtype
-        if input.dtype != weight_dtype and not torch.is_autocast_cpu_enabled():
-            given = _dtype_str(input.dtype)
-            wanted = _dtype_str(weight_dtype)
-            raise ValueError(
-                f"RNN input dtype ({given}) does not match weight dtype ({wanted}). "
-                f"Convert input: input.to({wanted}), or convert model: model.to({given})")
-        self.check_forward_args(input, hx, None)
-        result = _VF.lstm(input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout,
-                          self.training, self.bidirectional, self.batch_first)
-        output = result[0]
-        hidden = (result[1], result[2])
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
-        return output, hidden
-
-    def _scripted_stock_packed(
-        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]
-    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
-        # The PackedSequence branch of nn.LSTM.forward.
-        data = input.data
-        batch_sizes = input.batch_sizes
-        if hx is None:
-            num_directions = 2 if self.bidirectional else 1
-            zeros = torch.zeros(self.num_layers * num_directions, int(batch_sizes[0]), self.hidden_size,
-                                dtype=data.dtype, device=data.device)
-            hx = (zeros, zeros)
-        else:
-            hx = self.permute_hidden(hx, input.sorted_indices)
-        result = _VF.lstm(data, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers,
-                          self.dropout, self.training, self.bidirectional)
-        output = PackedSequence(result[0], batch_sizes, input.sorted_indices, input.unsorted_indices)
-        return output, self.permute_hidden((result[1], result[2]), input.unsorted_indices)
-
     def extra_repr(self) -> str:
-        s = super().extra_repr()
+        s = super().extra_repr() + f", kernel={self.kernel}"
         if self.io_dtype is not None:
             s += f", io_dtype={self.io_dtype}"
         return s

@@ -118,8 +118,66 @@ def test_packs_are_opaque_onednn_tensors_made_outside_autograd():
     _, packed = lstm_pair(num_layers=2, bidirectional=True)
     for layer in packed.packed_layers:
         assert layer.packed_ih.is_mkldnn and layer.packed_hh.is_mkldnn
-        assert layer.packed_ih.grad_fn is None
-        assert layer.weight_ih.data_ptr() in {p.data_ptr() for p in packed.parameters()}
+        assert layer.packed_ih.grad_fn is None and layer.packed_hh.grad_fn is None
+
+
+def _resident_bytes(module):
+    """Bytes of every distinct storage the module keeps: parameters, buffers, packs."""
+    storages = {}
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    for layer in getattr(module, "packed_layers", []):
+        for pack in (layer.packed_ih, layer.packed_hh):
+            storages[id(pack)] = pack.numel() * pack.element_size()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_only_the_packed_copy_of_the_weights_stays_resident(config):
+    ref, packed = lstm_pair(input_size=64, hidden_size=64, **config)
+    original = _resident_bytes(ref)
+    assert _resident_bytes(packed) <= 1.01 * original
+    assert not packed.dense_resident
+    for name in packed.weight_matrix_names:
+        placeholder = packed._parameters[name]
+        assert placeholder.shape == ref._parameters[name].shape and placeholder.untyped_storage().nbytes() <= 4
+        assert placeholder.isnan().all()  # a stray read is loud, not plausible
+    assert all(packed._flat_weights[i] is packed._parameters[n] for i, n in enumerate(packed._flat_weights_names))
+
+
+def test_state_dict_recovers_the_dense_weights_exactly_without_keeping_them():
+    ref, packed = lstm_pair(hidden_size=33, num_layers=2, bidirectional=True)
+    expected = ref.state_dict()
+    actual = packed.state_dict()
+    assert all(torch.equal(actual[k], v) for k, v in expected.items())
+    assert not packed.dense_resident
+
+
+def test_reading_a_weight_brings_the_dense_copy_back_until_released():
+    ref, packed = lstm_pair(num_layers=2)
+    assert torch.equal(packed.weight_hh_l1, ref.weight_hh_l1) and packed.dense_resident
+    assert all(torch.equal(getattr(packed, n), getattr(ref, n)) for n in packed.weight_matrix_names)
+    check_equal(ref, packed)
+    assert packed.dense_resident  # kept: the caller may hold the Parameter
+    packed.release_dense()
+    assert not packed.dense_resident
+    check_equal(ref, packed)
+
+
+def test_train_mode_brings_back_real_parameters_for_an_optimizer():
+    ref, packed = lstm_pair()
+    optimizer = torch.optim.SGD(packed.parameters(), lr=0.1)  # holds the placeholder Parameter objects
+    packed.train()
+    assert packed.dense_resident and not packed.weight_ih_l0.isnan().any()
+    loss = packed(torch.randn(4, 2, 12))[0].sum()
+    loss.backward()
+    optimizer.step()
+    packed.eval()  # the packs take over again, from the trained weights
+    assert not packed.dense_resident
+    trained = torch.nn.LSTM(12, 20).eval()
+    trained.load_state_dict(packed.state_dict())
+    check_equal(trained, packed)
+    assert not torch.equal(trained.weight_ih_l0, ref.weight_ih_l0)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

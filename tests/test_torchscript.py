@@ -34,17 +34,21 @@ def test_scripted_packed_sequence_path_matches_eager():
         assert torch.equal(model(tokens, lengths), fast(tokens, lengths))
 
 
-def test_scripted_grad_mode_takes_the_stock_path_and_backpropagates():
+def test_scripted_grad_mode_takes_the_stock_path_and_backpropagates_to_inputs():
+    # A scripted artifact keeps its LSTM weights packed only: it differentiates through its inputs
+    # (saliency, adversarial checks), not into the LSTM weights (it is not meant for training).
     torch.manual_seed(0)
     model = Encoder().eval()
     fast = scripted(model)
-    x = torch.randn(3, 5, 16)
-    y_e, _ = model(x)
-    y_f, _ = fast(x)
+    x_e = torch.randn(3, 5, 16, requires_grad=True)
+    x_f = x_e.detach().clone().requires_grad_(True)
+    y_e, _ = model(x_e)
+    y_f, _ = fast(x_f)
     assert y_f.requires_grad and torch.equal(y_e, y_f)
     y_f.sum().backward()
     y_e.sum().backward()
-    assert torch.equal(fast.lstm.weight_ih_l0.grad, model.lstm.weight_ih_l0.grad)
+    assert torch.equal(x_f.grad, x_e.grad)
+    assert torch.equal(fast.head.weight.grad, model.head.weight.grad)
 
 
 @needs_bf16
