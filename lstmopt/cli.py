@@ -196,6 +196,14 @@ def optimize(
     rtol: RtolOpt = None,
     bench: Annotated[bool, typer.Option("--bench", rich_help_panel=CHECKS,
                                         help="Also time the original against the optimized model.")] = False,
+    autotune: Annotated[bool, typer.Option(
+        "--autotune", rich_help_panel=CHECKS,
+        help="Time each LSTM's kernels (packed oneDNN, stock nn.LSTM) on the calls it receives with the "
+             "example inputs, and keep the fastest per LSTM.")] = False,
+    approx: Annotated[bool, typer.Option(
+        "--approx", rich_help_panel=CHECKS,
+        help="With --autotune, also consider the single-step cell kernel: within 1e-6 of nn.LSTM, not "
+             "bit-identical (the default tolerance becomes 1e-6).")] = False,
     min_speedup: Annotated[Optional[float], typer.Option(
         "--min-speedup", metavar="X", rich_help_panel=CHECKS,
         help="Fail (exit 6) below this speedup: geometric mean over the inputs; implies --bench.")] = None,
@@ -229,9 +237,10 @@ def optimize(
         input=input, output=output, format=format.value, dtype=dtype.value, factory=factory,
         factory_kwargs=_kwargs(factory_kwargs), trust=trust, example_inputs=example_inputs,
         input_shape=_shape(input_shape), atol=atol, rtol=rtol, benchmark=bench, min_speedup=min_speedup,
-        require_lstm=require_lstm, force=force,
+        require_lstm=require_lstm, force=force, autotune=autotune, approx=approx,
     )
-    steps = {"load": "loading", "optimize": "packing LSTMs", "write": f"writing {format.value}",
+    steps = {"load": "loading", "optimize": "packing LSTMs", "autotune": "timing kernels per LSTM",
+             "write": f"writing {format.value}",
              "verify": "verifying in a fresh process", "benchmark": "benchmarking"}
     with ui.status("starting") as status:
         result = optimize_file(options, on_step=lambda name: status and status.update(steps.get(name, name)))
@@ -338,7 +347,8 @@ def verify(
         except AttributeError:
             raise UsageError(f"{original} has no module {name!r}, which {optimized} optimized; was it made from "
                              "this model?") from None
-    default_atol, default_rtol = default_tolerance(meta.get("dtype", "float32"))
+    default_atol, default_rtol = default_tolerance(meta.get("dtype", "float32"),
+                                                   exact=all(m.get("exact", True) for m in meta.get("modules", [])))
     samples = _samples(example_inputs, input_shape)
     with ui.status("verifying in a fresh process"):
         result = verify_artifact(loaded.model, optimized, format=meta["format"], samples=samples, lstm_names=names,
@@ -498,7 +508,7 @@ def demo(
     optimize(input=source, output=target, format=format, dtype=Dtype["float32"],
              factory="lstmopt.demo:build_keyword_spotter", factory_kwargs=None, trust=False, example_inputs=None,
              input_shape=",".join(map(str, INPUT_SHAPE)), atol=None, rtol=None, bench=True, min_speedup=None,
-             require_lstm=True, report=output_dir / "report.json", summary=output_dir / "summary.md", force=True,
+             autotune=False, approx=False, require_lstm=True, report=output_dir / "report.json", summary=output_dir / "summary.md", force=True,
              json_out=json_out, quiet=quiet, debug=debug)
     load = (f"torch.jit.load('{target}')" if format.value == "torchscript"
             else f"torch.load('{target}', weights_only=False)")

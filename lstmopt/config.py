@@ -13,7 +13,7 @@
         min_speedup: 1.1
 
 Job keys: name, input, output, format, dtype, factory, factory_kwargs, trust, example_inputs, input_shape,
-atol, rtol, benchmark, min_speedup, require_lstm. Unknown keys are errors. Validation (pydantic) runs on
+atol, rtol, benchmark, autotune, approx, min_speedup, require_lstm. Unknown keys are errors. Validation (pydantic) runs on
 the whole file before any job starts.
 """
 
@@ -55,6 +55,8 @@ class _Settings(BaseModel):
     atol: Optional[NonNegative] = None
     rtol: Optional[NonNegative] = None
     benchmark: Optional[StrictBool] = None
+    autotune: Optional[StrictBool] = None
+    approx: Optional[StrictBool] = None
     min_speedup: Optional[Annotated[float, Field(gt=0)]] = None
     require_lstm: Optional[StrictBool] = None
 
@@ -68,8 +70,11 @@ class _Job(_Settings):
     def _inputs(self) -> "_Job":
         if self.example_inputs is not None and self.input_shape is not None:
             raise ValueError("give either example_inputs or input_shape, not both")
-        if self.min_speedup is not None and self.example_inputs is None and self.input_shape is None:
-            raise ValueError("min_speedup needs inputs to time: set example_inputs or input_shape")
+        for wanted, key in ((self.min_speedup is not None, "min_speedup"), (self.autotune, "autotune")):
+            if wanted and self.example_inputs is None and self.input_shape is None:
+                raise ValueError(f"{key} needs inputs to time: set example_inputs or input_shape")
+        if self.approx and not self.autotune:
+            raise ValueError("approx only widens what autotune may choose: set autotune: true")
         return self
 
 

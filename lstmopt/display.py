@@ -13,7 +13,11 @@ __all__ = ["batch_table", "benchmark_table", "model_tree", "modules_table", "ver
 
 def _decision(module: dict) -> Text:
     if module["packed"]:
-        return Text(f"packed {module['packed_dtype']}", style="green")
+        kernel = module.get("kernel") or "onednn"
+        suffix = "" if kernel == "onednn" else f", {kernel} kernel"
+        if kernel == "stock":
+            return Text("kept by autotune", style="yellow")
+        return Text(f"packed {module['packed_dtype']}{suffix}", style="green")
     return Text("kept", style="yellow")
 
 

@@ -158,7 +158,10 @@ class PackedLayer(nn.Module):
     @torch.jit.export
     def __getstate__(self):
         if torch.jit.is_scripting():
-            weight_ih, weight_hh = self.dense()
+            if self.packed_ih.numel() > 0:
+                weight_ih, weight_hh = self.dense()
+            else:  # released: the parent's kernel works from its dense parameters
+                weight_ih, weight_hh = self.packed_ih, self.packed_hh
             return (weight_ih, weight_hh, self.bias_ih, self.bias_hh, self.input_size, self.hidden_size,
                     self.reverse, self.has_biases, self.training)
         state = self.__dict__.copy()
@@ -208,6 +211,7 @@ class PackedLSTM(nn.LSTM):
     kernel: str
     dense_resident: bool
     packed_dtype: Optional[torch.dtype]
+    kernel_dtype: Optional[torch.dtype]
     io_dtype: Optional[torch.dtype]
 
     def __init__(self, *args, io_dtype: Optional[torch.dtype] = None, **kwargs) -> None:
@@ -249,6 +253,7 @@ class PackedLSTM(nn.LSTM):
         self.kernel = "onednn"
         self.dense_resident = True
         self.packed_dtype = None
+        self.kernel_dtype = None
         self.autotune_ms: Optional[dict] = None
         self._pack_lock = threading.RLock()
         self._packed_from: List[Tuple[str, Tensor, int, int]] = []
@@ -286,6 +291,8 @@ class PackedLSTM(nn.LSTM):
             names = self._flat_weights_names
             weights = [self._parameters[name] for name in names]
             obstacle = _obstacle(weights) if self.kernel == "onednn" else "not the onednn kernel"
+            if obstacle is None and [tuple(w.shape) for w in weights] != self._expected_shapes():
+                obstacle = "weights were replaced by tensors of other shapes"  # the op would read out of bounds
             per_layer = len(names) // len(self.packed_layers)
             for i, layer in enumerate(self.packed_layers):
                 if obstacle is not None:
@@ -297,6 +304,10 @@ class PackedLSTM(nn.LSTM):
                 with torch.no_grad():
                     layer.pack(w[0], w[1], w[2], w[3])
             self.packed_dtype = None if obstacle is not None else weights[0].dtype
+            # The dtype inputs need for the fast kernel; None: every call takes nn.LSTM's path.
+            self.kernel_dtype = self.packed_dtype
+            if self.kernel == "cell" and _obstacle(weights, torch.float32) is None and weights[0].dtype == torch.float32:
+                self.kernel_dtype = torch.float32
             self._zeros = torch.empty(0, 0)
             self._kernel_args = tuple(
                 (layer.packed_ih, layer.packed_hh, layer.bias_ih, layer.bias_hh, layer.reverse)
@@ -338,6 +349,13 @@ class PackedLSTM(nn.LSTM):
                 param.data = _placeholder(param)
             self.dense_resident = False
         self._snapshot()
+
+    def _expected_shapes(self) -> List[Tuple[int, ...]]:
+        gates, shapes = 4 * self.hidden_size, []
+        for layer in self.packed_layers:
+            shapes += [(gates, layer.input_size), (gates, self.hidden_size)]
+            shapes += [(gates,), (gates,)] if self.bias else []
+        return shapes
 
     def _matrix_name_pairs(self) -> List[Tuple[str, str]]:
         names = self.weight_matrix_names
@@ -524,15 +542,8 @@ class PackedLSTM(nn.LSTM):
 
     def _valid_for_kernel(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> bool:
         """Device, dtype, layout and every shape a fast kernel would trust without checking."""
-        if self.training:
-            return False
-        if self.kernel == "onednn":
-            dtype = self.packed_dtype
-            if dtype is None:
-                return False
-        elif self.kernel == "cell":
-            dtype = self._flat_weights[0].dtype
-        else:
+        dtype = self.kernel_dtype
+        if dtype is None or self.training:
             return False
         if input.dtype != dtype or not input.is_cpu or input.layout != torch.strided or input.is_neg():
             return False
@@ -545,7 +556,7 @@ class PackedLSTM(nn.LSTM):
             return False
         if steps == 0 or batch == 0 or shape[-1] != self.input_size:
             return False
-        if self.kernel == "cell" and (steps != 1 or dtype != torch.float32):
+        if steps != 1 and self.kernel == "cell":
             return False
         if hx is not None:
             states = self.num_layers * (2 if self.bidirectional else 1)
@@ -624,7 +635,7 @@ class PackedLSTM(nn.LSTM):
         per_layer = len(weights) // states
         hs: List[Tensor] = []
         cs: List[Tensor] = []
-        outs: List[Tensor] = []
+        forward_h = x
         for i in range(states):
             w = weights[i * per_layer:(i + 1) * per_layer]
             b_ih: Optional[Tensor] = w[2] if self.bias else None
@@ -632,10 +643,12 @@ class PackedLSTM(nn.LSTM):
             h, c = torch.lstm_cell(x, [h0[i], c0[i]], w[0], w[1], b_ih, b_hh)
             hs.append(h)
             cs.append(c)
-            outs.append(h)
-            if not self.bidirectional or i % 2 == 1:
-                x = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-                outs = []
+            if not self.bidirectional:
+                x = h
+            elif i % 2 == 0:
+                forward_h = h
+            else:
+                x = torch.cat([forward_h, h], 1)
         h_n = torch.stack(hs, 0)
         c_n = torch.stack(cs, 0)
         if not batched:

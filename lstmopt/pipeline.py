@@ -45,6 +45,8 @@ class OptimizeOptions:
     atol: Optional[float] = None  # None: the dtype's default (see verification.default_tolerance)
     rtol: Optional[float] = None
     verify: bool = True
+    autotune: bool = False  # time each LSTM's kernels on the samples and keep the fastest
+    approx: bool = False  # let autotune pick kernels within 1e-6 of nn.LSTM (not bit-identical)
     benchmark: bool = False
     min_speedup: Optional[float] = None
     require_lstm: bool = False
@@ -60,6 +62,8 @@ class OptimizeOptions:
             raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.example_inputs is not None and self.input_shape is not None:
             raise UsageError("give either example inputs or an input shape, not both")
+        if self.approx and not self.autotune:
+            raise UsageError("approx only widens what autotune may choose: use it with autotune")
         if self.min_speedup is not None and self.min_speedup <= 0:
             raise UsageError(f"the minimum speedup must be positive, got {self.min_speedup}")
         for name in ("atol", "rtol"):
@@ -90,7 +94,8 @@ class OptimizeOptions:
             "factory_kwargs": self.factory_kwargs, "trust": self.trust,
             "example_inputs": str(self.example_inputs) if self.example_inputs else None,
             "input_shape": list(self.input_shape) if self.input_shape else None,
-            "atol": self.atol, "rtol": self.rtol, "verify": self.verify,
+            "atol": self.atol, "rtol": self.rtol, "verify": self.verify, "autotune": self.autotune,
+            "approx": self.approx,
             "benchmark": self.benchmark or self.min_speedup is not None, "min_speedup": self.min_speedup,
             "require_lstm": self.require_lstm,
         }
@@ -190,7 +195,8 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     from .benchmarking import compare_latency
     from .files import atomic_path, check_output_path, sha256_file
     from .loading import load_model
-    from .rewrite import optimize, plan
+    from .autotune import autotune
+    from .rewrite import optimize, plan, with_kernels
     from .samples import load_samples, samples_from_shape
     from .verification import default_tolerance, verify_artifact
     from .writing import save_artifact
@@ -198,8 +204,9 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     report.input = {"path": str(options.input), "factory": options.factory,
                     "factory_kwargs": options.factory_kwargs or None}
     check_output_path(options.output, force=options.force, inputs=(options.input,))
-    if options.min_speedup is not None and options.example_inputs is None and options.input_shape is None:
-        raise UsageError("a minimum speedup needs inputs to time: pass --example-inputs or --input-shape")
+    for wanted, what in ((options.min_speedup is not None, "a minimum speedup"), (options.autotune, "autotune")):
+        if wanted and options.example_inputs is None and options.input_shape is None:
+            raise UsageError(f"{what} needs inputs to time: pass --example-inputs or --input-shape")
 
     with step("load"):
         loaded = load_model(options.input, factory=options.factory, factory_kwargs=options.factory_kwargs,
@@ -220,6 +227,11 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                 raise NothingToOptimizeError(f"nothing to optimize: {why}")
             report.warnings.append(f"nothing was optimized ({why}); the output is the model as loaded")
         optimized = optimize(loaded.model, dtype=dtype)
+    if options.autotune and packed:
+        with step("autotune"):
+            autotune(optimized, samples, exact=not options.approx)
+            decisions = with_kernels(decisions, optimized)
+            report.modules = [d.to_dict() for d in decisions]
     if not samples:
         report.warnings.append("no example inputs or input shape: only each LSTM was checked on its own "
                                "inputs, not the model as a whole" + (", and nothing was benchmarked"
@@ -239,7 +251,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
             save_artifact(optimized, tmp, format=options.format, metadata=metadata)
         if options.verify:
             with step("verify"):
-                atol, rtol = default_tolerance(options.dtype)
+                atol, rtol = default_tolerance(options.dtype, exact=all(d.exact for d in decisions))
                 atol = atol if options.atol is None else options.atol
                 rtol = rtol if options.rtol is None else options.rtol
                 verification = verify_artifact(

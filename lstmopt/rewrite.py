@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .errors import UnsupportedError
-from .packed import PACKABLE_DTYPES, PackedLSTM, bf16_supported, packing_obstacle
+from .packed import EXACT_KERNELS, PACKABLE_DTYPES, PackedLSTM, bf16_supported, packing_obstacle
 
-__all__ = ["Decision", "FilterFn", "optimize", "plan"]
+__all__ = ["Decision", "FilterFn", "optimize", "plan", "with_kernels"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 """Called with (module, qualified name); return False to keep that LSTM as it is."""
@@ -36,9 +36,15 @@ class Decision:
     packed_dtype: Optional[str]  # what the packed weights are stored in
     exact: bool  # results bit-identical to the module as found
     reason: str
+    kernel: Optional[str] = None  # "onednn", "cell" or "stock" once packed (see lstmopt.packed)
+    autotune_ms: Optional[dict] = None  # measured ms per kernel, when autotune chose the kernel
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def kernel_is_exact(kernel: Optional[str]) -> bool:
+    return kernel is None or kernel in EXACT_KERNELS
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -63,9 +69,10 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
             filter_fn: Optional[FilterFn]) -> Decision:
     found = lstm._flat_weights[0].dtype
     target = dtype or found
+    kernel, autotune_ms = None, None
     if isinstance(lstm, PackedLSTM):
         packed, reason = True, "already a PackedLSTM"
-        target = found
+        target, kernel, autotune_ms = found, lstm.kernel, lstm.autotune_ms
     elif filter_fn is not None and not filter_fn(lstm, name):
         packed, reason = False, "excluded by filter_fn"
     else:
@@ -83,7 +90,8 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
         num_layers=lstm.num_layers, bidirectional=lstm.bidirectional, bias=lstm.bias,
         batch_first=lstm.batch_first, proj_size=lstm.proj_size, dtype=_dtype_name(found),
         packed=packed, packed_dtype=_dtype_name(target) if packed else None,
-        exact=not packed or target == found, reason=reason,
+        exact=not packed or (target == found and kernel_is_exact(kernel)), reason=reason,
+        kernel=(kernel or "onednn") if packed else None, autotune_ms=autotune_ms,
     )
 
 
@@ -103,13 +111,17 @@ def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
 
 
 def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
-             filter_fn: Optional[FilterFn] = None, inplace: bool = False) -> nn.Module:
+             filter_fn: Optional[FilterFn] = None, inplace: bool = False,
+             autotune: Optional[Sequence[tuple]] = None, exact: bool = True) -> nn.Module:
     """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM``.
 
     ``dtype``: None keeps each LSTM's dtype (bit-identical results); ``torch.bfloat16`` packs in bf16 and
     casts at the LSTM's boundary, which changes numerics. ``filter_fn(module, name)`` returning False keeps
-    that LSTM. The input model is copied first unless ``inplace=True``. ``plan(model, ...)`` with the same
-    arguments lists what was done and why.
+    that LSTM. The input model is copied first unless ``inplace=True``.
+
+    ``autotune``: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
+    every kernel on the calls it receives and keeps the fastest (``exact=False`` also admits the "cell"
+    kernel, within 1e-6 of nn.LSTM). ``plan(result)`` lists every LSTM with its decision and kernel.
     """
     decisions = plan(model, dtype=dtype, filter_fn=filter_fn)
     if not inplace:
@@ -120,4 +132,26 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     for decision in decisions:
         if decision.packed:
             PackedLSTM.convert_(model.get_submodule(decision.name), dtype)
+    if autotune is not None:
+        from .autotune import autotune as tune
+
+        tune(model, autotune, exact=exact)
     return model
+
+
+def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[Decision]:
+    """``decisions`` (from ``plan`` on the original model) updated with the kernel each packed LSTM of
+    ``optimized`` ended up with (after ``autotune``) and whether its results stay bit-identical."""
+    updated = []
+    for decision in decisions:
+        module = optimized.get_submodule(decision.name) if decision.packed else None
+        if isinstance(module, PackedLSTM):
+            decision = replace(decision, kernel=module.kernel, autotune_ms=module.autotune_ms,
+                               exact=decision.exact and kernel_is_exact(module.kernel))
+            if module.kernel == "cell":
+                decision = replace(decision, reason="autotune: single steps through aten.lstm_cell measured "
+                                                    "fastest; within 1e-6 of nn.LSTM, not bit-identical")
+            elif module.kernel == "stock":
+                decision = replace(decision, reason="autotune: nn.LSTM itself measured fastest on these inputs")
+        updated.append(decision)
+    return updated

@@ -1,6 +1,7 @@
 """End to end: saved model in, verified optimized artifact out, reloaded in a fresh process."""
 
 import hashlib
+import json
 import sys
 
 import pytest
@@ -179,3 +180,25 @@ def test_reports_serialise_and_raise_for_status(tmp_path):
     with pytest.raises(Exception, match="no such file"):
         report.raise_for_status()
     assert isinstance(Verification(0, 0, []).to_dict(), dict)
+
+
+def test_autotune_job_records_each_choice_and_verifies_at_the_matching_tolerance(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_forecaster().state_dict(), "model.pt")
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:build_forecaster",
+                                           input_shape=(2, 16, 3), autotune=True, approx=True))
+    assert report.status == "ok", report.error
+    modules = {m["name"]: m for m in report.modules}
+    for m in modules.values():
+        assert m["kernel"] in ("onednn", "cell", "stock") and set(m["autotune_ms"]) == {"onednn", "cell", "stock"}
+    exact = all(m["exact"] for m in modules.values())
+    assert (report.verification["atol"], report.verification["rtol"]) == ((0.0, 0.0) if exact else (1e-6, 1e-6))
+    assert read_metadata(tmp_path / "out.pt")["modules"] == json.loads(json.dumps(report.modules))
+    assert "autotune_s" in report.timings
+
+
+def test_autotune_needs_inputs_and_approx_needs_autotune(tmp_path):
+    with pytest.raises(Exception, match="approx only widens what autotune may choose"):
+        OptimizeOptions(input="m.pt", output="o.pt", approx=True)
+    report = optimize_file(OptimizeOptions(input=tmp_path / "m.pt", output=tmp_path / "o.pt", autotune=True))
+    assert report.exit_code == 2 and "autotune needs inputs to time" in report.error

@@ -246,3 +246,11 @@ def test_concurrent_forward_calls_match_serial_calls():
         t.join()
     for e, a in zip(expected, results):
         assert_same_result(e, a)
+
+
+def test_weights_replaced_with_other_shapes_never_reach_the_op():
+    _, packed = lstm_pair()
+    packed.weight_hh_l0.data = torch.randn(80, 7)  # the op would read out of bounds
+    with torch.no_grad():
+        assert packed._fast_kernel(torch.randn(3, 2, 12), None) is None  # nn.LSTM's own path instead
+    assert packed.packed_dtype is None and packed.kernel_dtype is None

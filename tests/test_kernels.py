@@ -1,0 +1,148 @@
+"""The kernels a PackedLSTM can run, and autotune's choice among them."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from conftest import assert_same_result, lstm_pair
+from lstmopt import PackedLSTM, optimize, plan
+from lstmopt.autotune import autotune
+from models import Encoder, build_forecaster
+
+CELL_TOLERANCE = dict(atol=1e-6, rtol=1e-6)
+
+
+@st.composite
+def single_step_cases(draw):
+    config = dict(input_size=draw(st.sampled_from([1, 8, 33, 64])), hidden_size=draw(st.sampled_from([1, 16, 31, 64])),
+                  num_layers=draw(st.integers(1, 3)), bidirectional=draw(st.booleans()), bias=draw(st.booleans()),
+                  batch_first=draw(st.booleans()))
+    return config, draw(st.sampled_from([1, 3])), draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 999))
+
+
+@settings(max_examples=60, deadline=None)
+@given(single_step_cases())
+def test_cell_kernel_is_within_1e6_of_nn_lstm_on_single_steps(case):
+    config, batch, unbatched, with_state, seed = case
+    ref, packed = lstm_pair(seed=seed, **config)
+    packed.use_kernel("cell")
+    g = torch.Generator().manual_seed(seed)
+    states = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    if unbatched:
+        x, shape = torch.randn(1, config["input_size"], generator=g), (states, config["hidden_size"])
+    else:
+        x = torch.randn((batch, 1, config["input_size"]) if config["batch_first"] else (1, batch, config["input_size"]),
+                        generator=g)
+        shape = (states, batch, config["hidden_size"])
+    hx = (torch.randn(shape, generator=g), torch.randn(shape, generator=g)) if with_state else None
+    with torch.no_grad():
+        (out_e, (h_e, c_e)), (out_c, (h_c, c_c)) = ref(x, hx), packed(x, hx)
+    for e, a in ((out_e, out_c), (h_e, h_c), (c_e, c_c)):
+        assert e.shape == a.shape
+        torch.testing.assert_close(a, e, **CELL_TOLERANCE)
+
+
+def test_cell_kernel_leaves_longer_sequences_to_nn_lstm_exactly():
+    ref, packed = lstm_pair(num_layers=2, bidirectional=True)
+    packed.use_kernel("cell")
+    x = torch.randn(5, 3, 12)
+    with torch.no_grad():
+        assert_same_result(ref(x), packed(x))
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "cell", "stock"])
+def test_each_kernel_keeps_a_single_copy_of_the_weights(kernel):
+    _, packed = lstm_pair(input_size=64, hidden_size=64, num_layers=2)
+    packed.use_kernel(kernel)
+    assert packed.kernel == kernel
+    packs = [l.packed_ih.numel() for l in packed.packed_layers]
+    if kernel == "onednn":
+        assert all(packs) and not packed.dense_resident
+    else:
+        assert not any(packs) and packed.dense_resident
+
+
+def test_kernels_survive_pickling_and_scripting_across_repeated_calls(tmp_path):
+    torch.manual_seed(0)
+    model = build_forecaster().eval()
+    fast = optimize(model)
+    fast.decoder.use_kernel("cell")
+    fast.encoder.use_kernel("stock")
+    restored = torch.load(_saved(fast, tmp_path), weights_only=False)
+    assert (restored.decoder.kernel, restored.encoder.kernel) == ("cell", "stock")
+    scripted = torch.jit.script(fast)
+    x = torch.randn(2, 9, 3)
+    with torch.no_grad():
+        expected = model(x)
+        for _ in range(4):  # the profiling executor re-optimizes the graph after the first calls
+            torch.testing.assert_close(scripted(x), expected, **CELL_TOLERANCE)
+            torch.testing.assert_close(restored(x), expected, **CELL_TOLERANCE)
+
+
+def _saved(module, tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save(module, path)
+    return path
+
+
+def test_unknown_kernels_are_rejected():
+    _, packed = lstm_pair()
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        packed.use_kernel("cudnn")
+
+
+def test_autotune_measures_every_candidate_on_the_calls_each_lstm_receives():
+    torch.manual_seed(0)
+    model = build_forecaster().eval()
+    fast = optimize(model)
+    choices = {c.name: c for c in autotune(fast, [(torch.randn(4, 30, 3),)], rounds=3)}
+    assert set(choices) == {"encoder", "decoder"}
+    assert choices["encoder"].calls == 1 and choices["decoder"].calls == 6  # one step per horizon step
+    for name, choice in choices.items():
+        assert set(choice.ms_per_forward) == {"onednn", "stock"}  # exact kernels only by default
+        assert choice.kernel == min(choice.ms_per_forward, key=choice.ms_per_forward.get)
+        assert fast.get_submodule(name).kernel == choice.kernel and choice.exact
+    x = torch.randn(2, 11, 3)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+
+
+def test_autotune_with_approx_also_times_the_cell_kernel_and_plan_reports_it():
+    torch.manual_seed(0)
+    model = build_forecaster().eval()
+    fast = optimize(model, autotune=[(torch.randn(2, 30, 3),)], exact=False)
+    decoder = fast.decoder
+    assert set(decoder.autotune_ms) == {"onednn", "cell", "stock"}
+    decisions = {d.name: d for d in plan(fast)}
+    assert decisions["decoder"].kernel == decoder.kernel
+    assert decisions["decoder"].exact == (decoder.kernel != "cell")
+    assert decisions["decoder"].autotune_ms == decoder.autotune_ms
+
+
+def test_autotune_ignores_lstms_the_samples_do_not_reach():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.LSTM(4, 8), nn.LSTM(4, 8)
+
+        def forward(self, x):
+            return self.used(x)[0]
+
+    fast = optimize(Two().eval())
+    choices = autotune(fast, [(torch.randn(3, 2, 4),)], rounds=3)
+    assert [c.name for c in choices] == ["used"] and fast.unused.autotune_ms is None
+
+
+def test_scripted_encoder_with_state_matches_under_every_kernel():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    for kernel in ("onednn", "stock"):
+        fast = optimize(model)
+        fast.lstm.use_kernel(kernel)
+        scripted = torch.jit.script(fast)
+        x = torch.randn(3, 6, 16)
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(scripted(x)[0], model(x)[0])
