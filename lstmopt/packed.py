@@ -619,13 +619,16 @@ class PackedLSTM(nn.LSTM):
         """A single time step as one aten.lstm_cell per layer and direction: no primitive to set up, so
         at one step it beats the op's fixed cost; within 1e-6 of nn.LSTM, not bit-identical."""
         batched = input.dim() == 3
-        x = input.reshape(-1, self.input_size) if batched else input  # (B, I) or (1, I)
-        if not batched:
-            x = x.reshape(1, self.input_size)
+        x = input.reshape(-1, self.input_size)  # (B, I): the one time step
         batch = x.size(0)
         states = self.num_layers * (2 if self.bidirectional else 1)
         if hx is None:
-            zeros = torch.zeros(batch, self.hidden_size, dtype=x.dtype)
+            if torch.jit.is_scripting():
+                zeros = torch.zeros(batch, self.hidden_size, dtype=x.dtype)
+            else:  # lstm_cell only reads its states: one cached zero tensor serves every call
+                zeros = self._zeros
+                if zeros.size(0) != batch or zeros.dim() != 2:
+                    zeros = self._zeros = torch.zeros(batch, self.hidden_size, dtype=x.dtype)
             h0 = [zeros] * states
             c0 = h0
         else:
@@ -649,8 +652,9 @@ class PackedLSTM(nn.LSTM):
                 forward_h = h
             else:
                 x = torch.cat([forward_h, h], 1)
-        h_n = torch.stack(hs, 0)
-        c_n = torch.stack(cs, 0)
+        # unsqueeze is a view; stack would copy (a measurable cost at this size)
+        h_n = hs[0].unsqueeze(0) if states == 1 else torch.stack(hs, 0)
+        c_n = cs[0].unsqueeze(0) if states == 1 else torch.stack(cs, 0)
         if not batched:
             return x, (h_n.squeeze(1), c_n.squeeze(1))
         return x.unsqueeze(1 if self.batch_first else 0), (h_n, c_n)

@@ -65,6 +65,13 @@ CASES = {
     "state_single_tensor": lambda: (randn(5, 3, I), randn(S, 3, H)),
     "state_with_none": lambda: (randn(5, 3, I), (randn(S, 3, H), None)),
     "input_not_a_tensor": lambda: ([[1.0] * I] * 5, None),
+    # single steps: the "cell" kernel's territory
+    "single_step": lambda: (randn(1, 3, I), None),
+    "single_step_with_state": lambda: (randn(1, 3, I), state(S, 3, H)),
+    "single_step_unbatched_with_state": lambda: (randn(1, I), state(S, H)),
+    "single_step_transposed_state": lambda: (randn(1, 3, I), tuple(t.transpose(0, 1) for t in state(3, S, H))),
+    "single_step_wrong_state": lambda: (randn(1, 3, I), state(S, 2, H)),
+    "single_step_zero_batch": lambda: (randn(1, 0, I), None),
 }
 SCRIPTABLE = {name for name in CASES} - {
     "state_as_list", "state_three_tensors", "state_single_tensor", "state_with_none", "input_not_a_tensor",
@@ -85,7 +92,7 @@ def outcome(module, x, hx):
         with torch.no_grad():
             out, (h, c) = module(x, hx)
         return {"ok": True, "out": [out.float().nan_to_num(1.0).tolist(), h.float().nan_to_num(1.0).tolist(),
-                                    c.float().nan_to_num(1.0).tolist()]}
+                                    c.float().nan_to_num(1.0).tolist()], "shapes": [list(out.shape), list(h.shape)]}
     except Exception as exc:
         return {"ok": False, "type": type(exc).__name__, "message": str(exc)}
 
@@ -95,12 +102,14 @@ def main():
     ref = nn.LSTM(I, H, num_layers=L, bidirectional=True).eval()
     packed = PackedLSTM.from_lstm(ref).eval()
     scripted = torch.jit.script(Call(PackedLSTM.from_lstm(ref).eval()))
+    cell = PackedLSTM.from_lstm(ref).eval()
+    cell.use_kernel("cell")
     report = {}
     for name, make in CASES.items():
         print(name, file=sys.stderr, flush=True)  # the last name printed is the culprit if we die
         torch.manual_seed(1)
         x, hx = make()
-        report[name] = {"ref": outcome(ref, x, hx), "packed": outcome(packed, x, hx)}
+        report[name] = {"ref": outcome(ref, x, hx), "packed": outcome(packed, x, hx), "cell": outcome(cell, x, hx)}
         if name in SCRIPTABLE:
             report[name]["scripted"] = outcome(scripted, x, hx)
     print(json.dumps(report))

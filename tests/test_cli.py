@@ -150,6 +150,14 @@ def test_speedup_below_the_minimum_exits_6(work):
     assert report["status"] == "too_slow" and report["benchmark"]["speedup"] < 1000
 
 
+def test_autotune_shows_and_reports_the_kernel_each_lstm_got(work):
+    result = invoke(*OPTIMIZE, "--autotune", "--approx", "--report", "r.json")
+    assert result.exit_code == 0, result.output
+    (lstm,) = json.loads((work / "r.json").read_text())["modules"]
+    assert lstm["kernel"] in ("onednn", "cell", "stock") and set(lstm["autotune_ms"]) == {"onednn", "cell", "stock"}
+    assert invoke(*OPTIMIZE, "-o", "o2.pt", "--approx").exit_code == 2  # approx only with autotune
+
+
 def test_existing_output_needs_force(work):
     assert invoke(*OPTIMIZE, "--quiet").exit_code == 0
     result = invoke(*OPTIMIZE, "--quiet")

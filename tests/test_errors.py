@@ -1,6 +1,7 @@
 """Inputs the op cannot take must never reach it: each gives nn.LSTM's result or nn.LSTM's error."""
 
 import pytest
+import torch
 
 from conftest import ROOT, run_python_json
 from hostile_inputs import CASES, SCRIPTABLE
@@ -19,6 +20,17 @@ def report():
 def test_packed_lstm_behaves_like_nn_lstm(report, case):
     ref, packed = report[case]["ref"], report[case]["packed"]
     assert packed == ref
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cell_kernel_behaves_like_nn_lstm_within_1e6(report, case):
+    ref, cell = report[case]["ref"], report[case]["cell"]
+    if not ref["ok"]:
+        assert cell == ref
+        return
+    assert cell["ok"] and cell["shapes"] == ref["shapes"]
+    for expected, actual in zip(ref["out"], cell["out"]):
+        torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", sorted(SCRIPTABLE))
