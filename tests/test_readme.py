@@ -1,0 +1,47 @@
+"""The README cannot drift from the code: its CLI reference, commands, exit codes, keys and examples."""
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+from lstmopt import errors
+from lstmopt.config import _Job
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_cli_reference_matches_every_commands_help():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "cli_reference.py"), "--check", str(ROOT / "README.md")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_setup_is_two_commands_and_ci_runs_the_second():
+    assert "pip install torch==2.13.0 -e . && lstmopt demo" in README
+    block = re.search(r"<!-- ci:test-command -->\n```bash\n(.+?)\n```\n<!-- /ci:test-command -->", README, re.S)
+    assert block and block.group(1) == 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
+    assert "ci:test-command" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_benchmark_table_was_generated():
+    block = README.split("<!-- bench:start -->")[1].split("<!-- bench:end -->")[0]
+    assert "| 40,128,1,uni,1,1 |" in block and "bfloat16" in block and "resident memory" in block
+
+
+def test_every_exit_code_is_documented():
+    codes = {cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and hasattr(cls, "exit_code")}
+    table = README.split("| exit code | meaning |")[1].split("\n\n")[0]
+    documented = {int(c) for c in re.findall(r"^\| ([\d /]+) \|", table, re.M) for c in c.split("/")}
+    assert codes | {0, 130, 143} <= documented
+
+
+def test_batch_job_keys_are_documented():
+    listed = set(re.findall(r"`(\w+)`", README.split("Job keys:")[1].split(".")[0]))
+    assert listed == set(_Job.model_fields)
+
+
+def test_every_example_script_is_listed():
+    scripts = {p.name for p in (ROOT / "examples").glob("*.py") if p.name != "common.py"}
+    listed = set(re.findall(r"^\| `(\w+\.py)` \|", README, re.M))
+    assert scripts == listed
