@@ -11,6 +11,7 @@ _EXPORTS = {
     "Decision": "lstmopt.rewrite",
     "optimize": "lstmopt.rewrite",
     "plan": "lstmopt.rewrite",
+    "autotune": "lstmopt.autotune",
     "LstmoptError": "lstmopt.errors",
     "UnsupportedError": "lstmopt.errors",
 }

@@ -137,15 +137,9 @@ def _shape(text: Optional[str]):
 
 
 def _samples(example_inputs: Optional[Path], input_shape: Optional[str]) -> list:
-    from .samples import load_samples, samples_from_shape
+    from .samples import samples_for
 
-    if example_inputs is not None and input_shape is not None:
-        raise UsageError("give either --example-inputs or --input-shape, not both")
-    if example_inputs is not None:
-        return load_samples(example_inputs)
-    if input_shape is not None:
-        return samples_from_shape(_shape(input_shape))
-    return []
+    return samples_for(example_inputs, _shape(input_shape))
 
 
 def _check_writable(path: Optional[Path], what: str) -> None:

@@ -318,8 +318,9 @@ class PackedLSTM(nn.LSTM):
     def materialize_dense(self, keep: bool = True) -> None:
         """Put the real dense weight matrices back into the parameters (recovered exactly from the packs).
 
-        ``keep=True`` (the public use) keeps them resident from now on, at the cost of a second copy of the
-        weights; ``train()`` does this too. Without it, lstmopt drops them again at the next repack.
+        ``keep=True`` (the public use) keeps them resident, at the cost of a second copy of the weights,
+        until ``release_dense()``. Internally (``keep=False``: training, ``.to()``, ``load_state_dict``) they
+        are dropped again at the next repack.
         """
         with self._pack_lock:
             if keep:

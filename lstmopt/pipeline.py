@@ -192,12 +192,12 @@ def optimize_file(options: OptimizeOptions, *, on_step: Optional[Callable[[str],
 def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     import torch
 
+    from .autotune import autotune
     from .benchmarking import compare_latency
     from .files import atomic_path, check_output_path, sha256_file
     from .loading import load_model
-    from .autotune import autotune
     from .rewrite import optimize, plan, with_kernels
-    from .samples import load_samples, samples_from_shape
+    from .samples import samples_for
     from .verification import default_tolerance, verify_artifact
     from .writing import save_artifact
 
@@ -212,8 +212,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
         loaded = load_model(options.input, factory=options.factory, factory_kwargs=options.factory_kwargs,
                             trust=options.trust)
         report.input.update(sha256=loaded.sha256, format=loaded.format)
-        samples = (load_samples(options.example_inputs) if options.example_inputs is not None
-                   else samples_from_shape(options.input_shape) if options.input_shape is not None else [])
+        samples = samples_for(options.example_inputs, options.input_shape)
 
     with step("optimize"):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.dtype]

@@ -8,14 +8,14 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .errors import UsageError
 
-__all__ = ["Sample", "describe", "load_samples", "parse_shape", "samples_from_shape", "shape_grid"]
+__all__ = ["Sample", "describe", "load_samples", "parse_shape", "samples_for", "samples_from_shape", "shape_grid"]
 
 Sample = tuple  # positional arguments of one forward call
 
@@ -44,6 +44,17 @@ def samples_from_shape(shape: Sequence[int], *, dtype: torch.dtype = torch.float
     """Random (batch, time, features) inputs over ``shape_grid(shape)``."""
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(dims, generator=generator, dtype=dtype),) for dims in shape_grid(shape)]
+
+
+def samples_for(example_inputs: Optional[Path], input_shape: Optional[Sequence[int]]) -> list[Sample]:
+    """The samples a job checks and times: the user's file, or inputs generated from a shape, or none."""
+    if example_inputs is not None and input_shape is not None:
+        raise UsageError("give either example inputs or an input shape, not both")
+    if example_inputs is not None:
+        return load_samples(example_inputs)
+    if input_shape is not None:
+        return samples_from_shape(input_shape)
+    return []
 
 
 def load_samples(path: Path) -> list[Sample]:

@@ -24,7 +24,7 @@ SCRIPT = shutil.which("lstmopt") or pytest.fail("the lstmopt console script is n
 ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*(3[0-9]|9[0-7]|38;)[0-9;]*m")
 
 
-def invoke(*args, cwd=None):
+def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
@@ -101,6 +101,21 @@ def test_debug_shows_the_traceback(work):
     assert result.exit_code == 3 and "Traceback" in result.stderr and "UntrustedPickleError" in result.stderr
 
 
+def test_an_internal_error_is_one_line_with_exit_1_and_a_traceback_only_with_debug(work, monkeypatch):
+    import lstmopt.pipeline
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(lstmopt.pipeline, "optimize_file", broken)
+    result = invoke(*OPTIMIZE)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: internal error: ZeroDivisionError: a bug "
+                                     "(re-run with --debug for the traceback)")
+    result = invoke(*OPTIMIZE, "--debug")
+    assert result.exit_code == 1 and "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+
+
 def test_trusted_pickle_is_optimized(work):
     result = invoke("optimize", "tagger_full.pt", "-o", "o.pt", "--trust", "--example-inputs", "inputs.pt",
                     "--format", "pickle", "--quiet")
@@ -124,11 +139,10 @@ def test_verification_failure_exits_5_and_reports_the_errors(work):
         "class Noisy(torch.nn.Module):\n"
         "    def __init__(self):\n        super().__init__()\n        self.lstm = torch.nn.LSTM(4, 8)\n"
         "    def forward(self, x):\n        return self.lstm(x)[0] + 1e-3 * torch.randn(1)\n")
-    torch.save(torch.load("tagger.pt"), "unused.pt")
-    import importlib
     sys.path.insert(0, str(work))
     try:
-        noisy = importlib.import_module("noisy")
+        import noisy
+
         torch.save(noisy.Noisy().state_dict(), "noisy.pt")
     finally:
         sys.path.remove(str(work))
