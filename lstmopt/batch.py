@@ -7,7 +7,8 @@
 - One failing job never stops the others unless ``fail_fast``; then running jobs are stopped and the
   rest are reported as cancelled.
 - Ctrl-C or SIGTERM stops the workers, which remove their temporary files on the way out: finished
-  outputs stay, unfinished ones never appear.
+  outputs stay, unfinished ones never appear. What a SIGKILL leaves (a hidden temporary file beside an
+  output) is removed when the job runs again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from .config import BatchConfig, BatchJob
+from .files import stale_temp_files
 from .pipeline import Report, optimize_file
 from .report import BATCH_SCHEMA
 
@@ -179,6 +181,8 @@ def run_batch(config: BatchConfig, *, parallel: int = 1, fail_fast: bool = False
                     finish(index, skipped)
                     continue
                 job.options.output.parent.mkdir(parents=True, exist_ok=True)  # a config describes a tree
+                for leftover in stale_temp_files(job.options.output):  # from a run killed with SIGKILL
+                    leftover.unlink(missing_ok=True)
                 if job.options.output.exists() and (force or _owned_by_lstmopt(job)):
                     job = replace(job, options=replace(job.options, force=True))  # an outdated artifact is redone
                 process = context.Process(target=_worker, name=f"lstmopt-{job.name}", daemon=True,

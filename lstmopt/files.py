@@ -81,6 +81,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def stale_temp_files(directory: Path) -> list[Path]:
-    """Temporary files a killed run may have left (SIGKILL cannot be cleaned up after)."""
-    return sorted(p for p in Path(directory).glob(f".*{TEMP_MARK}*") if p.is_file())
+def stale_temp_files(output: Path) -> list[Path]:
+    """Temporary files that a run writing ``output`` left behind because it was killed (SIGKILL cannot
+    be cleaned up after); they are never the output itself, only clutter beside it."""
+    output = Path(output)
+    return sorted(p for p in output.parent.glob(f".{output.name}{TEMP_MARK}*") if p.is_file())

@@ -183,6 +183,17 @@ def test_resume_skips_up_to_date_jobs_and_redoes_changed_ones(tmp_path, models):
     assert [j["status"] for j in forced["jobs"]] == ["ok", "ok"]
 
 
+def test_a_rerun_removes_what_a_killed_run_left_beside_its_outputs(tmp_path, models):
+    path = config(tmp_path, GOOD)
+    (tmp_path / "out").mkdir()
+    leftover = tmp_path / "out" / ".tagger.pt.lstmopt-tmp-abc123"  # as atomic_path names it
+    leftover.write_bytes(b"half a model")
+    unrelated = tmp_path / "out" / ".keep-me"
+    unrelated.write_bytes(b"not ours")
+    assert run_batch(load_config(path)).exit_code == 0
+    assert not leftover.exists() and unrelated.exists()
+
+
 def test_a_foreign_file_at_an_output_is_only_replaced_with_force(tmp_path, models):
     path = config(tmp_path, GOOD)
     (tmp_path / "out").mkdir()

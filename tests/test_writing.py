@@ -81,7 +81,7 @@ def test_a_failed_or_interrupted_write_leaves_nothing(tmp_path, monkeypatch, int
     with pytest.raises(type(interruption)):
         write_artifact(optimize(Encoder()), tmp_path / "m.pt", format="pickle", metadata=METADATA)
     assert list(tmp_path.iterdir()) == []
-    assert stale_temp_files(tmp_path) == []
+    assert stale_temp_files(tmp_path / "m.pt") == []
 
 
 def test_unscriptable_code_is_named_and_pickle_suggested(tmp_path):
