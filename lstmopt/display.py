@@ -8,6 +8,8 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from .report import format_error
+
 __all__ = ["batch_table", "benchmark_table", "model_tree", "modules_table", "verification_summary"]
 
 
@@ -40,12 +42,6 @@ def modules_table(modules: list[dict], *, title: str = "LSTMs") -> Table:
     return table
 
 
-def _error(value: Optional[float]) -> str:
-    if value is None or value != value or value == float("inf"):
-        return "n/a"
-    return "0" if value == 0 else f"{value:.2e}"
-
-
 def verification_summary(verification: dict, *, limit: int = 6) -> Table:
     checks = verification["model_outputs"] + verification["lstm_outputs"]
     failed = [c for c in checks if not c["ok"]]
@@ -57,8 +53,8 @@ def verification_summary(verification: dict, *, limit: int = 6) -> Table:
     shown = failed[:limit] if failed else _worst(checks, limit)
     for c in shown:
         result = Text("ok", style="green") if c["ok"] else Text(c.get("error") or "above tolerance", style="red")
-        table.add_row(c["name"], "x".join(str(d) for d in c["shape"]), _error(c["max_abs_error"]),
-                      _error(c["max_rel_error"]), result)
+        table.add_row(c["name"], "x".join(str(d) for d in c["shape"]), format_error(c["max_abs_error"]),
+                      format_error(c["max_rel_error"]), result)
     hidden = len(failed if failed else checks) - len(shown)
     if hidden > 0:
         table.caption = f"{hidden} more {'failing ' if failed else ''}outputs not shown (see --report)"
@@ -134,7 +130,7 @@ def batch_table(batch: dict) -> Table:
         detail = _short(job["output"]["path"]) if job.get("output") else (job.get("error") or "")
         table.add_row(job["job"], Text(job["status"], style=styles.get(job["status"], "red")),
                       f"{sum(m['packed'] for m in modules)}/{len(modules)}" if modules else "—",
-                      _error(verification.get("max_abs_error")) if verification else "—",
+                      format_error(verification.get("max_abs_error")) if verification else "—",
                       f"{bench['speedup']:.2f}x" if bench.get("speedup") else "—", detail)
     return table
 

@@ -483,10 +483,11 @@ class PackedLSTM(nn.LSTM):
             kernel = self._fast_kernel(input, hx)
             if kernel is None:
                 return self._stock(input, hx)
+            run = self._run_onednn if kernel == "onednn" else self._run_cells
             if _grad_enabled():  # nothing requires grad here: skip the training primitive
                 with torch.no_grad():
-                    return self._run_onednn(input, hx) if kernel == "onednn" else self._run_cells(input, hx)
-            return self._run_onednn(input, hx) if kernel == "onednn" else self._run_cells(input, hx)
+                    return run(input, hx)
+            return run(input, hx)
 
         # TorchScript cannot call super().forward, so the scripted dispatch spells out the stock paths.
         if isinstance(input, PackedSequence):

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from .files import atomic_write_text
 
-__all__ = ["BATCH_SCHEMA", "batch_markdown", "report_json", "report_markdown", "schema", "write_json"]
+__all__ = ["BATCH_SCHEMA", "batch_markdown", "format_error", "report_json", "report_markdown", "schema", "write_json"]
 
 BATCH_SCHEMA = "lstmopt.batch-report/1"
 
@@ -45,8 +45,9 @@ def write_json(data: dict, path: Path) -> None:
     atomic_write_text(Path(path), report_json(data))
 
 
-def _fmt_error(value: Any) -> str:
-    if value is None:
+def format_error(value: Any) -> str:
+    """An error for people: "0" when exact, "n/a" when it could not be measured."""
+    if value is None or value != value or value == float("inf"):
         return "n/a"
     return "0" if value == 0 else f"{value:.2e}"
 
@@ -88,8 +89,8 @@ def report_markdown(data: dict, *, heading: str = "##") -> str:
     if verification:
         verdict = "passed" if verification["ok"] else "**failed**"
         lines += [f"**Verification** {verdict} in a fresh process: max abs error "
-                  f"{_fmt_error(verification['max_abs_error'])}, max rel error "
-                  f"{_fmt_error(verification['max_rel_error'])} (atol {verification['atol']:g}, "
+                  f"{format_error(verification['max_abs_error'])}, max rel error "
+                  f"{format_error(verification['max_rel_error'])} (atol {verification['atol']:g}, "
                   f"rtol {verification['rtol']:g}; {len(verification['model_outputs'])} model outputs, "
                   f"{len(verification['lstm_outputs'])} LSTM outputs).", ""]
     bench = data.get("benchmark")
@@ -118,7 +119,7 @@ def batch_markdown(config: str, jobs: Iterable[dict]) -> str:
         speedup = f"{bench['speedup']:.2f}×" if bench.get("speedup") else "—"
         output = f"`{job['output']['path']}`" if job.get("output") else "—"
         lines.append(f"| {job.get('job', '?')} | {_STATUS_MARK.get(job['status'], '❌')} {job['status']} | {packed} "
-                     f"| {_fmt_error(verification.get('max_abs_error')) if verification else '—'} | {speedup} "
+                     f"| {format_error(verification.get('max_abs_error')) if verification else '—'} | {speedup} "
                      f"| {output} |")
     if failed:
         lines += ["", "**Failures**", ""]

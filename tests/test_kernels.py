@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from conftest import assert_same_result, lstm_pair
-from lstmopt import PackedLSTM, optimize, plan
+from lstmopt import optimize, plan
 from lstmopt.autotune import autotune
 from models import Encoder, build_forecaster
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ROOT, needs_bf16, run_python_json
+from conftest import needs_bf16, run_python_json
 from lstmopt import optimize
 from models import Encoder, Tagger
 
