@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lstmopt import PackedLSTM, optimize
-from lstmopt.packed import bf16_supported
+from lstmopt.packing import bf16_supported
 from lstmopt.timing import interleaved_medians
 
 # (input_size, hidden_size, layers, bidirectional, batch, steps)
@@ -48,7 +48,7 @@ def name(config) -> str:
 def bare_op(packed: PackedLSTM, x: torch.Tensor):
     """The floor: the op per layer and direction on laid-out input, no checks, states preallocated."""
     zeros = torch.zeros(x.size(1), packed.hidden_size)
-    args = [(l.packed_ih, l.packed_hh, l.bias_ih, l.bias_hh, l.reverse) for l in packed.packed_layers]
+    args = list(packed._kernel_args)
     H, bias, bidirectional = packed.hidden_size, packed.bias, packed.bidirectional
     op = torch.mkldnn_rnn_layer
 

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 # torch takes seconds to import; load the API on first use so `lstmopt --help` stays fast.
 _EXPORTS = {
     "PackedLSTM": "lstmopt.packed",
-    "packing_obstacle": "lstmopt.packed",
+    "packing_obstacle": "lstmopt.packing",
     "Decision": "lstmopt.rewrite",
     "optimize": "lstmopt.rewrite",
     "plan": "lstmopt.rewrite",

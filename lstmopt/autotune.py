@@ -9,7 +9,6 @@ fastest. Candidates: ``"onednn"`` (packed, bit-identical), ``"stock"`` (nn.LSTM 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from .packed import EXACT_KERNELS, KERNELS, PackedLSTM
+from .packing import tracked_copy
 from .timing import interleaved_medians
 
 __all__ = ["KernelChoice", "autotune"]
@@ -84,7 +84,7 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
             candidates.remove("cell")  # fp32 only
         variants = {}
         for kernel in candidates:
-            variant = copy.deepcopy(module)
+            variant = tracked_copy(module)
             variant.use_kernel(kernel)
             variants[kernel] = variant
         totals = {kernel: 0.0 for kernel in variants}

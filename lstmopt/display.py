@@ -46,8 +46,9 @@ def verification_summary(verification: dict, *, limit: int = 6) -> Table:
     checks = verification["model_outputs"] + verification["lstm_outputs"]
     failed = [c for c in checks if not c["ok"]]
     verdict = "[green]passed[/]" if verification["ok"] else f"[red]failed ({len(failed)} of {len(checks)})[/]"
+    threads = f", {verification['threads']} threads" if verification.get("threads") else ""
     table = Table(title=f"Verification in a fresh process: {verdict}  (atol {verification['atol']:g}, "
-                        f"rtol {verification['rtol']:g})", title_justify="left")
+                        f"rtol {verification['rtol']:g}{threads})", title_justify="left")
     for column in ("output", "shape", "max abs error", "max rel error", "result"):
         table.add_column(column, justify="right" if "error" in column else "left")
     shown = failed[:limit] if failed else _worst(checks, limit)

@@ -91,7 +91,8 @@ def report_markdown(data: dict, *, heading: str = "##") -> str:
         lines += [f"**Verification** {verdict} in a fresh process: max abs error "
                   f"{format_error(verification['max_abs_error'])}, max rel error "
                   f"{format_error(verification['max_rel_error'])} (atol {verification['atol']:g}, "
-                  f"rtol {verification['rtol']:g}; {len(verification['model_outputs'])} model outputs, "
+                  f"rtol {verification['rtol']:g}; both sides at {verification.get('threads')} threads; "
+                  f"{len(verification['model_outputs'])} model outputs, "
                   f"{len(verification['lstm_outputs'])} LSTM outputs).", ""]
     bench = data.get("benchmark")
     if bench:

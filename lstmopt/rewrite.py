@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional, Sequence
 
@@ -10,7 +9,8 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedError
-from .packed import EXACT_KERNELS, PACKABLE_DTYPES, PackedLSTM, bf16_supported, packing_obstacle
+from .packed import EXACT_KERNELS, PackedLSTM
+from .packing import PACKABLE_DTYPES, bf16_supported, packing_obstacle, tracked_copy
 
 __all__ = ["Decision", "FilterFn", "optimize", "plan", "with_kernels"]
 
@@ -126,7 +126,7 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     decisions = plan(model, dtype=dtype, filter_fn=filter_fn)
     if not inplace:
         try:
-            model = copy.deepcopy(model)
+            model = tracked_copy(model)
         except Exception as exc:  # user models may hold uncopyable state (locks, files, ...)
             raise TypeError(f"cannot copy the model ({exc}); pass inplace=True") from exc
     for decision in decisions:

@@ -6,6 +6,9 @@ Two kinds of checks, each reported per output tensor with its max absolute and r
 - every swapped LSTM on its own synthetic inputs (two sequence lengths, two batch sizes, with and
   without initial states), so an LSTM the samples never reach is still checked.
 
+Both sides compute with the same settings that change numerics (intra-op threads above all: a matmul or
+oneDNN split over another number of threads sums in another order): the child applies the parent's.
+
 A check passes when ``|optimized - original| <= atol + rtol * |original|`` everywhere (NaNs must match);
 the fp32 default tolerance is zero (bit-identical), the bf16 default is ``BF16_TOLERANCE``.
 """
@@ -68,6 +71,7 @@ class Verification:
     samples: list[str]  # shape descriptions of the model-level inputs
     model_checks: list[Check] = field(default_factory=list)
     lstm_checks: list[Check] = field(default_factory=list)
+    numerics: dict = field(default_factory=dict)  # settings both sides computed with (threads, precisions)
 
     @property
     def ok(self) -> bool:
@@ -87,6 +91,7 @@ class Verification:
     def to_dict(self) -> dict:
         return {
             "ok": self.ok, "atol": self.atol, "rtol": self.rtol, "samples": self.samples,
+            "threads": self.numerics.get("threads"), "numerics": self.numerics,
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "model_outputs": [c.to_dict() for c in self.model_checks],
             "lstm_outputs": [c.to_dict() for c in self.lstm_checks],
@@ -155,7 +160,9 @@ def verify_artifact(
     """Load ``artifact`` in a fresh interpreter and compare it with ``original`` on ``samples`` and, for
     each name in ``lstm_names`` (modules of ``original``), on that LSTM's own synthetic inputs."""
     original = original.eval()
-    result = Verification(atol=atol, rtol=rtol, samples=[describe(s) for s in samples])
+    # The child computes with these very settings: results depend on the thread count in their last bits.
+    numerics = verify_child.numerics_settings()
+    result = Verification(atol=atol, rtol=rtol, samples=[describe(s) for s in samples], numerics=numerics)
     expected_samples = []
     with torch.no_grad():
         for i, args in enumerate(samples):
@@ -172,7 +179,10 @@ def verify_artifact(
                 expected_lstms.append((f"{name or '<model>'} case {j} {describe(args)}",
                                        verify_child.flatten(lstm(*args))))
 
-    outputs = _run_child(Path(artifact), format, list(samples), lstm_payload, timeout)
+    outputs = _run_child(Path(artifact), format, list(samples), lstm_payload, numerics, timeout)
+    if outputs["numerics"] != numerics:
+        raise VerificationError(f"the fresh process computed with other settings ({outputs['numerics']}) than the "
+                                f"reference ({numerics}), so an exact comparison would mean nothing")
 
     for i, (expected, actual) in enumerate(zip(expected_samples, outputs["samples"])):
         label = f"sample {i} {result.samples[i]}"
@@ -205,10 +215,11 @@ def _user_paths() -> list[str]:
     return paths
 
 
-def _run_child(artifact: Path, format: str, samples: list, lstm_payload: list, timeout: float) -> dict:
+def _run_child(artifact: Path, format: str, samples: list, lstm_payload: list, numerics: dict,
+               timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="lstmopt-verify-") as tmp:
         payload, result = Path(tmp) / "payload.pt", Path(tmp) / "result.pt"
-        torch.save({"samples": samples, "lstms": lstm_payload}, payload)
+        torch.save({"samples": samples, "lstms": lstm_payload, "numerics": numerics}, payload)
         # The child imports the user's model code from where this process found it.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(_user_paths())

@@ -10,6 +10,51 @@ torch and the standard library are used here.
 import sys
 import traceback
 
+# Settings that change CPU results in their last bits (a matmul or oneDNN split over another number of
+# threads sums in another order): the parent captures them where it computes the reference outputs and
+# the child applies them before computing the artifact's, so an exact comparison compares like with like.
+_FP32_PRECISIONS = ("fp32_precision", "matmul.fp32_precision", "conv.fp32_precision", "rnn.fp32_precision")
+
+
+def _mkldnn_setting(path):
+    import torch
+
+    owner = torch.backends.mkldnn
+    *parents, name = path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent, None)
+    return owner, name
+
+
+def numerics_settings():
+    """This process's settings that change numerics (see above)."""
+    import torch
+
+    settings = {"threads": torch.get_num_threads(),
+                "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                "mkldnn_enabled": bool(torch.backends.mkldnn.enabled)}
+    for path in _FP32_PRECISIONS:
+        owner, name = _mkldnn_setting(path)
+        if owner is not None and hasattr(owner, name):
+            settings[f"mkldnn.{path}"] = getattr(owner, name)
+    return settings
+
+
+def apply_numerics_settings(settings):
+    """Make this process compute as the one that captured ``settings`` does."""
+    import torch
+
+    if settings["threads"] != torch.get_num_threads():
+        torch.set_num_threads(settings["threads"])
+    if settings["float32_matmul_precision"] != torch.get_float32_matmul_precision():
+        torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+    torch.backends.mkldnn.enabled = settings["mkldnn_enabled"]
+    for key, value in settings.items():
+        if key.startswith("mkldnn.") and key[len("mkldnn."):] in _FP32_PRECISIONS:
+            owner, name = _mkldnn_setting(key[len("mkldnn."):])
+            if owner is not None and getattr(owner, name, value) != value:
+                setattr(owner, name, value)
+
 
 def flatten(obj):
     """The tensors of a (possibly nested) model output, in a fixed order, with a name for each."""
@@ -51,7 +96,8 @@ def main(artifact, fmt, payload_path, result_path):
     else:
         model = torch.load(artifact, map_location="cpu", weights_only=False)
     payload = torch.load(payload_path, weights_only=True)
-    result = {"samples": [], "lstms": []}
+    apply_numerics_settings(payload["numerics"])
+    result = {"samples": [], "lstms": [], "numerics": numerics_settings()}
     with torch.no_grad():
         for args in payload["samples"]:
             try:

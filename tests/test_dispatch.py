@@ -45,15 +45,17 @@ def test_inference_mode_takes_the_kernel():
     assert calls
 
 
-def test_grad_mode_with_nothing_requiring_grad_takes_the_kernel():
-    ref, packed = lstm_pair()
+def test_grad_mode_takes_the_stock_path_even_when_nothing_requires_grad():
+    # With autograd on, eager runs oneDNN's training primitive, whose last bits differ from the inference
+    # primitive's on some CPUs: only nn.LSTM's own path gives the same result.
+    ref, packed = lstm_pair(num_layers=2)
     ref.requires_grad_(False)
     packed.requires_grad_(False)
     x = torch.randn(5, 3, 12)
     with kernel_calls(packed) as calls:
-        out, _ = packed(x)
-    assert calls and not out.requires_grad
-    assert_same_result(ref(x), packed(x))
+        actual = packed(x)
+    assert not calls and not actual[0].requires_grad
+    assert_same_result(ref(x), actual)
 
 
 def test_grad_mode_with_trainable_weights_takes_the_stock_path_and_backpropagates():
@@ -107,13 +109,24 @@ def test_packed_sequence_takes_the_stock_path():
     assert torch.equal(h_p, h_r) and torch.equal(c_p, c_r)
 
 
+def outcome(module, *args):
+    """The result, or the error's type and message (eager itself fails on some CPUs, e.g. bf16 autocast)."""
+    try:
+        return module(*args)
+    except Exception as exc:
+        return type(exc), str(exc)
+
+
 def test_autocast_takes_the_stock_path():
     ref, packed = lstm_pair()
     x = torch.randn(5, 3, 12)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), kernel_calls(packed) as calls:
-        expected, actual = ref(x), packed(x)
+        expected, actual = outcome(ref, x), outcome(packed, x)
     assert not calls
-    assert_same_result(expected, actual)
+    if isinstance(expected[0], type):
+        assert actual == expected
+    else:
+        assert_same_result(expected, actual)
 
 
 def test_disabled_mkldnn_takes_the_stock_path():

@@ -117,63 +117,17 @@ def test_bfloat16_conversion_repacks_in_bf16():
 def test_packs_are_opaque_onednn_tensors_made_outside_autograd():
     _, packed = lstm_pair(num_layers=2, bidirectional=True)
     for layer in packed.packed_layers:
-        assert layer.packed_ih.is_mkldnn and layer.packed_hh.is_mkldnn
-        assert layer.packed_ih.grad_fn is None and layer.packed_hh.grad_fn is None
+        assert layer.packs.packed_ih.is_mkldnn and layer.packs.packed_hh.is_mkldnn
+        assert layer.packs.packed_ih.grad_fn is None and layer.packs.packed_hh.grad_fn is None
 
 
-def _resident_bytes(module):
-    """Bytes of every distinct storage the module keeps: parameters, buffers, packs."""
-    storages = {}
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    for layer in getattr(module, "packed_layers", []):
-        for pack in (layer.packed_ih, layer.packed_hh):
-            storages[id(pack)] = pack.numel() * pack.element_size()
-    return sum(storages.values())
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_only_the_packed_copy_of_the_weights_stays_resident(config):
-    ref, packed = lstm_pair(input_size=64, hidden_size=64, **config)
-    original = _resident_bytes(ref)
-    assert _resident_bytes(packed) <= 1.01 * original
-    assert not packed.dense_resident
-    for name in packed.weight_matrix_names:
-        placeholder = packed._parameters[name]
-        assert placeholder.shape == ref._parameters[name].shape and placeholder.untyped_storage().nbytes() <= 4
-        assert placeholder.isnan().all()  # a stray read is loud, not plausible
-    assert all(packed._flat_weights[i] is packed._parameters[n] for i, n in enumerate(packed._flat_weights_names))
-
-
-def test_state_dict_recovers_the_dense_weights_exactly_without_keeping_them():
-    ref, packed = lstm_pair(hidden_size=33, num_layers=2, bidirectional=True)
-    expected = ref.state_dict()
-    actual = packed.state_dict()
-    assert all(torch.equal(actual[k], v) for k, v in expected.items())
-    assert not packed.dense_resident
-
-
-def test_reading_a_weight_brings_the_dense_copy_back_until_released():
-    ref, packed = lstm_pair(num_layers=2)
-    assert torch.equal(packed.weight_hh_l1, ref.weight_hh_l1) and packed.dense_resident
-    assert all(torch.equal(getattr(packed, n), getattr(ref, n)) for n in packed.weight_matrix_names)
-    check_equal(ref, packed)
-    assert packed.dense_resident  # kept: the caller may hold the Parameter
-    packed.release_dense()
-    assert not packed.dense_resident
-    check_equal(ref, packed)
-
-
-def test_train_mode_brings_back_real_parameters_for_an_optimizer():
+def test_an_optimizer_step_is_seen_by_the_next_call():
     ref, packed = lstm_pair()
-    optimizer = torch.optim.SGD(packed.parameters(), lr=0.1)  # holds the placeholder Parameter objects
+    optimizer = torch.optim.SGD(packed.parameters(), lr=0.1)
     packed.train()
-    assert packed.dense_resident and not packed.weight_ih_l0.isnan().any()
-    loss = packed(torch.randn(4, 2, 12))[0].sum()
-    loss.backward()
+    packed(torch.randn(4, 2, 12))[0].sum().backward()
     optimizer.step()
-    packed.eval()  # the packs take over again, from the trained weights
-    assert not packed.dense_resident
+    packed.eval()
     trained = torch.nn.LSTM(12, 20).eval()
     trained.load_state_dict(packed.state_dict())
     check_equal(trained, packed)
@@ -212,7 +166,9 @@ def test_saved_module_stores_the_dense_weights_once():
 def test_pickled_module_repacks_in_a_fresh_process(tmp_path):
     ref, packed = lstm_pair(num_layers=2, bidirectional=True)
     x = torch.randn(6, 3, 12)
-    torch.save({"module": packed, "x": x, "expected": ref(x)[0].detach()}, tmp_path / "m.pt")
+    with torch.no_grad():  # with autograd on, eager runs oneDNN's training primitive: other last bits
+        expected = ref(x)[0]
+    torch.save({"module": packed, "x": x, "expected": expected}, tmp_path / "m.pt")
     result = run_python_json(f"""
         import json, torch
         blob = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)
@@ -220,7 +176,7 @@ def test_pickled_module_repacks_in_a_fresh_process(tmp_path):
         with torch.no_grad():
             out = m(blob["x"])[0]
         print(json.dumps({{"equal": torch.equal(out, blob["expected"]),
-                           "packed": all(l.packed_ih.is_mkldnn for l in m.packed_layers)}}))
+                           "packed": all(l.is_packed() for l in m.packed_layers)}}))
     """)
     assert result == {"equal": True, "packed": True}
 

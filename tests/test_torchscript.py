@@ -96,7 +96,7 @@ def test_saved_archive_loads_and_repacks_in_a_process_without_lstmopt(tmp_path, 
                 equal.append(torch.equal(got, exp))
         layers = [mod for name, mod in m.named_modules() if name.endswith("packed_layers.0")]
         print(json.dumps({{"importable": importable, "equal": equal,
-                           "repacked": all(l.packed_ih.is_mkldnn for l in layers) and bool(layers)}}))
+                           "repacked": all(l.is_packed() for l in layers) and bool(layers)}}))
     """, cwd=tmp_path)
     assert result["importable"] is False
     assert result["repacked"] is True

@@ -108,6 +108,6 @@ def test_torchscript_artifact_repacks_on_load_without_lstmopt(tmp_path):
         layers = [mod for name, mod in m.named_modules() if ".packed_layers." in name]
         with torch.no_grad():
             print(json.dumps({{"equal": torch.equal(m(io["x"]), io["y"]),
-                               "packed": all(l.packed_ih.is_mkldnn for l in layers), "layers": len(layers)}}))
+                               "packed": all(l.is_packed() for l in layers), "layers": len(layers)}}))
     """, cwd=tmp_path)
     assert result == {"equal": True, "packed": True, "layers": 6}

@@ -1,0 +1,119 @@
+"""The computations a ``PackedLSTM`` call can run, as TorchScript-compatible functions.
+
+- ``run_onednn``: one ``aten.mkldnn_rnn_layer`` per layer and direction, the decomposition inductor uses
+  (PR #103071). On packed weights it is the fast kernel (bit-identical to nn.LSTM); on dense weights it
+  is the graph ``torch.export`` records (the op reorders them itself, as eager does).
+- ``run_cells``: a single time step as one ``aten.lstm_cell`` per layer and direction: no primitive to
+  set up, so at one step it beats the op's fixed cost; within 1e-6 of nn.LSTM, not bit-identical.
+
+Both trust their arguments completely: callers check them first (see ``lstmopt.checks``).
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["LayerArgs", "run_cells", "run_onednn"]
+
+LayerArgs = Tuple[Tensor, Tensor, Tensor, Tensor, bool]
+"""(weight_ih, weight_hh, bias_ih, bias_hh, reverse) of one layer and direction, packed or dense."""
+
+
+def run_onednn(
+    input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], layers: List[LayerArgs], hidden_size: int,
+    bidirectional: bool, batch_first: bool, has_biases: bool, zeros: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """nn.LSTM's computation, layer by layer. ``zeros``: a (1, B, H) zero state to reuse (the op only
+    reads its state inputs); made here when None."""
+    batched = input.dim() == 3
+    # The op reads dim 0 as time and trusts the memory to be dense: give it exactly that.
+    if batched:
+        x = (input.transpose(0, 1) if batch_first else input).contiguous()
+    else:
+        x = input.unsqueeze(1).contiguous()
+    count = len(layers)
+    # States go in as (1, B, H) so the op's (1, B, H) results need no reshaping.
+    if hx is None:
+        if zeros is None:
+            zeros = torch.zeros(1, x.size(1), hidden_size, dtype=x.dtype, device=x.device)
+        h0 = [zeros] * count
+        c0 = h0
+    else:
+        h, c = hx
+        if not batched:
+            h = h.unsqueeze(1)
+            c = c.unsqueeze(1)
+        h0 = h.contiguous().split(1)
+        c0 = c.contiguous().split(1)
+
+    if count == 1:  # the common case, without the bookkeeping of the layer loop
+        w_ih, w_hh, b_ih, b_hh, reverse = layers[0]
+        out = torch.mkldnn_rnn_layer(x, w_ih, w_hh, b_ih, b_hh, h0[0], c0[0], reverse, [], 2, hidden_size, 1,
+                                     has_biases, False, False, False)
+        x, h_n, c_n = out[0], out[1], out[2]
+    else:
+        hs: List[Tensor] = []
+        cs: List[Tensor] = []
+        directions = 2 if bidirectional else 1
+        for first in range(0, count, directions):
+            outs: List[Tensor] = []
+            for i in range(first, first + directions):
+                w_ih, w_hh, b_ih, b_hh, reverse = layers[i]
+                # mode 2 is ideep::rnn_kind::LSTM; one layer, one direction, time-major, inference.
+                out = torch.mkldnn_rnn_layer(x, w_ih, w_hh, b_ih, b_hh, h0[i], c0[i], reverse, [], 2, hidden_size,
+                                             1, has_biases, False, False, False)
+                outs.append(out[0])
+                hs.append(out[1])
+                cs.append(out[2])
+            x = outs[0] if directions == 1 else torch.cat(outs, 2)
+        h_n = torch.cat(hs, 0)
+        c_n = torch.cat(cs, 0)
+
+    if not batched:
+        return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    return (x.transpose(0, 1) if batch_first else x), (h_n, c_n)
+
+
+def run_cells(
+    input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor], input_size: int, hidden_size: int,
+    num_layers: int, bidirectional: bool, batch_first: bool, has_biases: bool, zeros: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """One time step through ``aten.lstm_cell`` per layer and direction, on the dense weights in
+    nn.LSTM's flat order. ``zeros``: a (B, H) zero state to reuse; made here when None."""
+    batched = input.dim() == 3
+    x = input.reshape(-1, input_size)  # (B, I): the one time step
+    batch = x.size(0)
+    states = num_layers * (2 if bidirectional else 1)
+    if hx is None:
+        if zeros is None:
+            zeros = torch.zeros(batch, hidden_size, dtype=x.dtype, device=x.device)
+        h0 = [zeros] * states
+        c0 = h0
+    else:
+        h0 = hx[0].reshape(states, batch, hidden_size).unbind(0)
+        c0 = hx[1].reshape(states, batch, hidden_size).unbind(0)
+    per_layer = len(weights) // states
+    hs: List[Tensor] = []
+    cs: List[Tensor] = []
+    forward_h = x
+    layer_input = x
+    for i in range(states):
+        w = weights[i * per_layer:(i + 1) * per_layer]
+        b_ih: Optional[Tensor] = w[2] if has_biases else None
+        b_hh: Optional[Tensor] = w[3] if has_biases else None
+        h, c = torch.lstm_cell(layer_input, [h0[i], c0[i]], w[0], w[1], b_ih, b_hh)
+        hs.append(h)
+        cs.append(c)
+        if not bidirectional:
+            layer_input = h
+        elif i % 2 == 0:
+            forward_h = h
+        else:
+            layer_input = torch.cat([forward_h, h], 1)
+    # unsqueeze is a view; stack would copy (a measurable cost at this size)
+    h_n = hs[0].unsqueeze(0) if states == 1 else torch.stack(hs, 0)
+    c_n = cs[0].unsqueeze(0) if states == 1 else torch.stack(cs, 0)
+    if not batched:
+        return layer_input, (h_n.squeeze(1), c_n.squeeze(1))
+    return layer_input.unsqueeze(1 if batch_first else 0), (h_n, c_n)
