@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from .config import BatchConfig, BatchJob
+from .environment import hide_numpy_warning
 from .files import stale_temp_files
 from .pipeline import Report, optimize_file
 from .report import BATCH_SCHEMA
@@ -132,6 +133,7 @@ def _worker(index: int, job: BatchJob, events, threads: int, pythonpath: tuple, 
 
     signal.signal(signal.SIGTERM, _stop)
     sys.path[:0] = [str(p) for p in pythonpath]
+    hide_numpy_warning()
     import torch
 
     torch.set_num_threads(threads)

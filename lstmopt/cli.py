@@ -8,6 +8,7 @@ traceback appears only with ``--debug``.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import traceback
@@ -22,7 +23,10 @@ from rich.text import Text
 
 from . import __version__
 from .choices import DTYPES, FORMATS
+from .environment import hide_numpy_warning
 from .errors import LstmoptError, UsageError
+
+hide_numpy_warning()
 
 try:  # typer >= 0.29 vendors click
     from typer._click.exceptions import UsageError as _ClickUsageError
@@ -88,8 +92,8 @@ class UI:
 
     def __init__(self, *, quiet: bool = False, json_mode: bool = False) -> None:
         self.quiet, self.json_mode = quiet, json_mode
-        self.out = Console(highlight=False)
-        self.err = Console(stderr=True, highlight=False)
+        self.out = Console(highlight=False, width=_log_width(sys.stdout))
+        self.err = Console(stderr=True, highlight=False, width=_log_width(sys.stderr))
 
     @property
     def chatty(self) -> bool:
@@ -116,6 +120,17 @@ class UI:
         import contextlib
 
         return self.err.status(message) if self.chatty else contextlib.nullcontext()
+
+
+# A log (CI, a file, a pipe) does not wrap lines, and rich would squeeze tables into 80 columns there.
+LOG_WIDTH = 160
+
+
+def _log_width(stream) -> Optional[int]:
+    """The width to print at: the terminal's (or $COLUMNS), else ``LOG_WIDTH`` for a log."""
+    if os.environ.get("COLUMNS") or (hasattr(stream, "isatty") and stream.isatty()):
+        return None
+    return LOG_WIDTH
 
 
 def _kwargs(text: Optional[str]) -> dict:
@@ -310,7 +325,9 @@ def inspect(
                     "--input-shape 8,100,40`")
 def verify(
     original: Annotated[Path, typer.Argument(help="The saved original model.", show_default=False)],
-    optimized: Annotated[Path, typer.Argument(help="The artifact lstmopt wrote.", show_default=False)],
+    optimized: Annotated[Path, typer.Argument(
+        help="The artifact lstmopt wrote. A pickle-format artifact runs code named by the file when loaded: "
+             "it needs --trust, like a pickled original.", show_default=False)],
     factory: FactoryOpt = None,
     factory_kwargs: FactoryKwargsOpt = None,
     trust: TrustOpt = False,
@@ -324,11 +341,13 @@ def verify(
 ) -> None:
     """Reload OPTIMIZED in a fresh process and compare it with ORIGINAL (exit 5 above the tolerance)."""
     from .display import verification_summary
+    from .loading import artifact_format
     from .verification import default_tolerance, verify_artifact
     from .writing import read_metadata
 
     ui = UI(quiet=quiet, json_mode=json_out)
     meta = read_metadata(optimized)
+    artifact_kind = artifact_format(optimized, trust=trust)  # by content: the metadata is not proof of origin
     loaded = _load(ui, original, factory, factory_kwargs, trust)
     source = meta.get("source", {}).get("sha256")
     if source and source != loaded.sha256:
@@ -345,7 +364,7 @@ def verify(
                                                    exact=all(m.get("exact", True) for m in meta.get("modules", [])))
     samples = _samples(example_inputs, input_shape)
     with ui.status("verifying in a fresh process"):
-        result = verify_artifact(loaded.model, optimized, format=meta["format"], samples=samples, lstm_names=names,
+        result = verify_artifact(loaded.model, optimized, format=artifact_kind, samples=samples, lstm_names=names,
                                  atol=default_atol if atol is None else atol,
                                  rtol=default_rtol if rtol is None else rtol,
                                  artifact_prefix=meta.get("module_prefix", ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -23,23 +24,54 @@ def _decision(module: dict) -> Text:
     return Text("kept", style="yellow")
 
 
-def modules_table(modules: list[dict], *, title: str = "LSTMs") -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("module", overflow="fold")
-    table.add_column("in→hidden", no_wrap=True)
-    table.add_column("layers", justify="right", no_wrap=True)
-    table.add_column("dir", no_wrap=True)
-    table.add_column("dtype", no_wrap=True)
-    table.add_column("decision", no_wrap=True)
-    table.add_column("reason", ratio=1)
-    for m in modules:
-        name = m["name"] or "<model>"
-        if m.get("aliases"):
-            name += " (= " + ", ".join(m["aliases"]) + ")"
-        direction = ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
-        table.add_row(name, f"{m['input_size']}→{m['hidden_size']}", str(m["num_layers"]), direction, m["dtype"],
-                      _decision(m), m["reason"])
-    return table
+# Below this width the LSTMs are listed one under another (name and decision, then the reason and the
+# sizes, indented), so that no module name is broken and the reason keeps the whole line to wrap in.
+_WIDE_TABLE = 110
+
+
+def _sizes(m: dict) -> str:
+    direction = ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
+    return f"{m['input_size']}→{m['hidden_size']}, {m['num_layers']} layer{'s' * (m['num_layers'] > 1)}, {direction}"
+
+
+def _module_name(m: dict) -> str:
+    name = m["name"] or "<model>"
+    if m.get("aliases"):
+        name += " (= " + ", ".join(m["aliases"]) + ")"
+    return name
+
+
+class _ModulesTable:
+    """The LSTMs table, laid out for the width it is printed at (a wide CI log, a narrow terminal)."""
+
+    def __init__(self, modules: list[dict], title: str) -> None:
+        self.modules, self.title = modules, title
+
+    def __rich_console__(self, console, options):
+        if options.max_width < _WIDE_TABLE:
+            yield Text(self.title, style="italic")
+            for m in self.modules:
+                yield Text.assemble("  ", (_module_name(m), "bold"), ": ", _decision(m))
+                yield Padding(Text(m["reason"]), (0, 0, 0, 4))
+                yield Padding(Text(f"{_sizes(m)}, {m['dtype']}", style="dim"), (0, 0, 0, 4))
+            return
+        table = Table(title=self.title, title_justify="left")
+        table.add_column("module", no_wrap=True)
+        table.add_column("in→hidden", no_wrap=True)
+        table.add_column("layers", justify="right", no_wrap=True)
+        table.add_column("dir", no_wrap=True)
+        table.add_column("dtype", no_wrap=True)
+        table.add_column("decision", no_wrap=True)
+        table.add_column("reason", ratio=1, min_width=20)
+        for m in self.modules:
+            direction = ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
+            table.add_row(_module_name(m), f"{m['input_size']}→{m['hidden_size']}", str(m["num_layers"]), direction,
+                          m["dtype"], _decision(m), m["reason"])
+        yield table
+
+
+def modules_table(modules: list[dict], *, title: str = "LSTMs") -> _ModulesTable:
+    return _ModulesTable(modules, title)
 
 
 def verification_summary(verification: dict, *, limit: int = 6) -> Table:
@@ -121,8 +153,11 @@ def batch_table(batch: dict) -> Table:
     table = Table(title=f"Batch {batch['config']}: {counts['ok']} optimized, {counts['skipped']} up to date, "
                         f"{counts['failed']} failed, {counts['cancelled'] + counts['interrupted']} not finished",
                   title_justify="left")
-    for column in ("job", "status", "LSTMs packed", "max abs error", "speedup", "output / error"):
-        table.add_column(column, overflow="fold")
+    table.add_column("job", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for column in ("LSTMs packed", "max abs error", "speedup"):
+        table.add_column(column, justify="right")
+    table.add_column("output / error", ratio=1, min_width=20, overflow="fold")
     styles = {"ok": "green", "skipped": "cyan", "cancelled": "yellow"}
     for job in batch["jobs"]:
         modules = job.get("modules") or []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import warnings
 from functools import lru_cache
 
 import lstmopt
@@ -45,3 +46,9 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def hide_numpy_warning() -> None:
+    """torch warns when it is imported without NumPy ("Failed to initialize NumPy"), which lstmopt never
+    uses: keep that warning off the screens of lstmopt's commands (call before torch is imported)."""
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional
 from .errors import UntrustedPickleError, UsageError
 from .files import sha256_file
 
-__all__ = ["LoadedModel", "detect_format", "load_model", "load_factory"]
+__all__ = ["LoadedModel", "artifact_format", "detect_format", "load_model", "load_factory"]
 
 # What a user should provide when a file cannot be optimized as it is.
 _PROVIDE = ("provide the original model: a state dict (torch.save(model.state_dict())) with --factory "
@@ -259,6 +259,21 @@ def load_model(
     _load_into(model, state, path, factory)
     return LoadedModel(model.eval(), path, digest, "safetensors" if kind == "safetensors" else "state_dict",
                        factory, dict(factory_kwargs or {}))
+
+
+def artifact_format(path: os.PathLike | str, *, trust: bool = False) -> str:
+    """The format of an optimized model someone hands us, by content: "torchscript" (loads without running
+    Python code from the file) or "pickle", which is refused unless ``trust``. Metadata inside the file is
+    not proof of origin: anyone can write it."""
+    path = Path(path)
+    kind = detect_format(path)
+    if kind == "torchscript":
+        return "torchscript"
+    if kind == "safetensors":
+        raise UsageError(f"{path} is a safetensors file (weights only), not a model lstmopt wrote")
+    if not trust:
+        raise _untrusted(path, _unsafe_globals(path))
+    return "pickle"
 
 
 def _legacy_kind(path: Path) -> str:

@@ -291,3 +291,85 @@ def test_demo_runs_under_a_minute(tmp_path):
 def test_python_dash_m_is_the_same_command():
     proc = subprocess.run([sys.executable, "-m", "lstmopt", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("lstmopt ")
+
+
+def test_the_demo_screen_is_clean_on_a_machine_without_numpy(tmp_path):
+    # torch warns at import when NumPy is missing, as on a fresh venv; lstmopt never uses NumPy.
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['numpy'] = None\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([SCRIPT, "demo", "--output-dir", str(tmp_path / "demo")], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and "Warning" not in proc.stdout
+
+
+LONG = {"name": "encoder.layers.0.recurrent_lstm", "aliases": [], "input_size": 128, "hidden_size": 256,
+        "num_layers": 2, "bidirectional": True, "batch_first": True, "dtype": "float32", "packed": True,
+        "packed_dtype": "bfloat16", "exact": False, "kernel": "onednn",
+        "reason": "changes numerics: float32 inputs are cast to bfloat16 and results cast back"}
+
+
+def _words(text):
+    return set(re.split(r"[\s│┃]+", text))
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 160])
+def test_the_lstms_table_never_breaks_a_name_or_a_word_of_the_reason(width):
+    import io
+
+    from rich.console import Console
+
+    from lstmopt.display import modules_table
+
+    buffer = io.StringIO()
+    Console(file=buffer, width=width).print(modules_table([LONG, dict(LONG, name="dec", reason="kept: proj_size>0 "
+                                                                               "is not supported by oneDNN")]))
+    words = _words(buffer.getvalue())
+    assert any(LONG["name"] in line for line in buffer.getvalue().splitlines())
+    assert set(LONG["reason"].split()) <= words and {"proj_size>0", "supported", "oneDNN"} <= words
+    assert max(len(line) for line in buffer.getvalue().splitlines()) <= width
+
+
+def test_tables_in_a_ci_log_keep_each_lstm_on_one_line(tmp_path):
+    from models import build_speech_encoder
+
+    torch.save(build_speech_encoder().state_dict(), tmp_path / "encoder.pt")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # a CI log: not a terminal, no width
+    env["PYTHONPATH"] = str(ROOT / "tests")
+    proc = subprocess.run([SCRIPT, "optimize", "encoder.pt", "-o", "out.pt", "--factory", "models:build_speech_encoder"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("│ encoder │")]
+    assert "bit-identical to eager" in row and "packed float32" in row
+
+
+class _Payload:
+    """What a forged artifact's data.pkl holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_verify_refuses_to_unpickle_an_artifact_without_trust_whatever_its_metadata_says(work):
+    import pickle
+    import zipfile
+
+    assert invoke(*OPTIMIZE[:3], "real.pt", *OPTIMIZE[4:], "--format", "pickle", "--quiet").exit_code == 0
+    marker = work / "pwned"
+    with zipfile.ZipFile("real.pt") as real, zipfile.ZipFile("forged.pt", "w") as forged:
+        for item in real.infolist():  # the lstmopt.json record stays: anyone can write it
+            data = real.read(item)
+            forged.writestr(item, pickle.dumps(_Payload(marker), protocol=2) if item.filename.endswith("/data.pkl")
+                            else data)
+    result = invoke("verify", "tagger.pt", "forged.pt", "--factory", "models:build_tagger",
+                    "--example-inputs", "inputs.pt")
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "forged.pt is a pickled module" in line and "--trust" in line
+    assert not marker.exists()
+    # The real pickle artifact verifies once trusted; TorchScript artifacts need no trust (see above).
+    assert invoke("verify", "tagger.pt", "real.pt", "--factory", "models:build_tagger", "--example-inputs",
+                  "inputs.pt", "--trust").exit_code == 0
