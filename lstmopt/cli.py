@@ -269,7 +269,11 @@ def optimize(
     for warning in data["warnings"]:
         ui.warn(warning)
     if result.ok:
-        ui.show(f"[green]wrote[/] {output} ({format.value}, {data['output']['bytes'] / 1e6:.1f} MB)")
+        how = data["artifact"] or {}
+        method = f", {how['method']}" if how.get("method") in ("scripted", "traced") else ""
+        ui.show(f"[green]wrote[/] {output} ({format.value}{method}, {data['output']['bytes'] / 1e6:.1f} MB)")
+        if how.get("method") == "traced":
+            ui.show(f"  traced because {how['reason']}")
         return
     raise _Failed(result.error or result.status, result.exit_code) from result.exception
 
@@ -353,7 +357,8 @@ def verify(
     if source and source != loaded.sha256:
         ui.warn(f"{optimized} was made from a different file than {original} (sha256 {source[:12]} vs "
                 f"{loaded.sha256[:12]})")
-    names = [m["name"] for m in meta.get("modules", []) if m["packed"]]
+    recorded_as_ops = set((meta.get("torchscript") or {}).get("lstms_traced_as_ops", ()))
+    names = [m["name"] for m in meta.get("modules", []) if m["packed"] and m["name"] not in recorded_as_ops]
     for name in names:
         try:
             loaded.model.get_submodule(name)

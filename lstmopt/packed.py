@@ -37,6 +37,7 @@ _tracing = torch._C._get_tracing_state
 _autocast_enabled = torch._C._is_any_autocast_enabled
 _mkldnn_enabled = torch._C._get_mkldnn_enabled
 _grad_enabled = torch.is_grad_enabled
+_dynamo_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
 
 KERNELS = ("onednn", "cell", "stock")
 EXACT_KERNELS = ("onednn", "stock")
@@ -57,7 +58,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
     """
 
     # Python-only bookkeeping: a scripted module cannot hold locks, Python tuples or object identities.
-    __jit_ignored_attributes__ = ["_packed_from", "_pack_lock", "_zeros", "_kernel_args", "autotune_ms"]
+    __jit_ignored_attributes__ = ["_packed_from", "_pack_lock", "_zeros", "_kernel_args", "autotune_ms",
+                                  "_eager_in_compiled_code"]
     __jit_unused_properties__ = ["packed_layers", *nn.LSTM.__jit_unused_properties__]
 
     kernel: str
@@ -254,43 +256,72 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
 
     def forward(self, input, hx=None):
         if not torch.jit.is_scripting():
-            weight_dtype = self._flat_weights[0].dtype
-            if self.io_dtype is not None and self._casts_at_boundary(_dtype_of(input), weight_dtype):
-                if hx is not None:
-                    hx = (hx[0].to(weight_dtype), hx[1].to(weight_dtype))
-                output, (h, c) = self.forward(input.to(weight_dtype), hx)
-                return output.to(self.io_dtype), (h.to(self.io_dtype), c.to(self.io_dtype))
-            kernel = self._fast_kernel(input, hx)
-            if kernel is None:
-                return super().forward(input, hx)
-            if kernel == "onednn":
-                return run_onednn(input, hx, self._kernel_args, self.hidden_size, self.bidirectional,
-                                  self.batch_first, self.bias, self._zero_state(input, 3))
-            return run_cells(input, hx, self._flat_weights, self.input_size, self.hidden_size,
-                             self.num_layers, self.bidirectional, self.batch_first, self.bias,
-                             self._zero_state(input, 2))
+            if torch.compiler.is_exporting():
+                return self._with_io_casts(self._exported, input, hx)
+            # Inside a torch.compile'd model: traced (torch._dynamo.config.allow_rnn) or run by its fallback
+            if torch.compiler.is_compiling() or _dynamo_callback() is not None:
+                return self._eager_in_compiled_code(input, hx)
+            return self._eager(input, hx)
 
-        # TorchScript cannot call super().forward, so the scripted dispatch spells out the stock paths. It
-        # reads the parameters by name, never through _flat_weights: torch.jit.freeze refuses a module
-        # whose forward reads two attributes that share memory.
-        weights = self._weights_by_name()
-        weight_dtype = weights[0].dtype
+        # TorchScript cannot call super().forward, so the scripted dispatch spells out the stock paths.
         if isinstance(input, PackedSequence):
-            data = input.data
-            if self._casts_at_boundary(data.dtype, weight_dtype):
-                cast = PackedSequence(data.to(weight_dtype), input.batch_sizes,
-                                      input.sorted_indices, input.unsorted_indices)
-                out, hidden = self._stock_packed_sequence(cast, _cast_hidden(hx, weight_dtype), weights)
-                out = PackedSequence(out.data.to(data.dtype), out.batch_sizes,
-                                     out.sorted_indices, out.unsorted_indices)
-                return out, (hidden[0].to(data.dtype), hidden[1].to(data.dtype))
-            return self._stock_packed_sequence(input, hx, weights)
+            return self._scripted_sequence(input, hx)
         else:
-            if self._casts_at_boundary(input.dtype, weight_dtype):
-                output, hidden = self._scripted_forward_tensor(input.to(weight_dtype), _cast_hidden(hx, weight_dtype),
-                                                               weights)
-                return output.to(input.dtype), (hidden[0].to(input.dtype), hidden[1].to(input.dtype))
-            return self._scripted_forward_tensor(input, hx, weights)
+            return self._scripted_tensor(input, hx)
+
+    def _with_io_casts(self, run, input, hx):
+        """``run(input, hx)``, with inputs in ``io_dtype`` cast to the weights' dtype and results cast back."""
+        weight_dtype = self._flat_weights[0].dtype
+        if self.io_dtype is None or not self._casts_at_boundary(_dtype_of(input), weight_dtype):
+            return run(input, hx)
+        if hx is not None:
+            hx = (hx[0].to(weight_dtype), hx[1].to(weight_dtype))
+        output, (h, c) = run(input.to(weight_dtype), hx)
+        return output.to(self.io_dtype), (h.to(self.io_dtype), c.to(self.io_dtype))
+
+    def _eager(self, input, hx):
+        if self.io_dtype is not None:
+            return self._with_io_casts(self._dispatch, input, hx)
+        return self._dispatch(input, hx)
+
+    def _dispatch(self, input, hx):
+        kernel = self._fast_kernel(input, hx)
+        if kernel is None:
+            return super().forward(input, hx)
+        if kernel == "onednn":
+            return run_onednn(input, hx, self._kernel_args, self.hidden_size, self.bidirectional,
+                              self.batch_first, self.bias, self._zero_state(input, 3))
+        return run_cells(input, hx, self._flat_weights, self.input_size, self.hidden_size,
+                         self.num_layers, self.bidirectional, self.batch_first, self.bias,
+                         self._zero_state(input, 2))
+
+    # Dynamo does not trace nn.LSTM modules (it falls back to eager for the frame that calls one), but it
+    # would try to compile every function this one calls, packs included: keep it out, so the packed path
+    # runs at its eager speed and new sequence lengths compile nothing.
+    _eager_in_compiled_code = torch.compiler.disable(_eager, recursive=True)
+
+    def _exported(self, input, hx):
+        """What torch.export records: one aten.mkldnn_rnn_layer per layer and direction on the dense
+        parameters (the op lays them out itself, as eager does), which does not depend on the sequence
+        length. An exported program holds no packs: it computes at eager speed, bit-identical to eager."""
+        # Export traces with fake tensors (tensor subclasses) and with mkldnn switched off; the op itself
+        # runs whatever that flag says, so only what the op accepts is checked here.
+        weights = self._flat_weights
+        if (not isinstance(input, Tensor) or isinstance(input, PackedSequence) or self.training
+                or _autocast_enabled() or weights_obstacle(weights, weights[0].dtype) is not None
+                or not (hx is None or (isinstance(hx, (tuple, list)) and len(hx) == 2
+                                       and all(isinstance(h, Tensor) for h in hx)))
+                or not valid_for_kernel(input, hx, weights[0].dtype, self.input_size, self.hidden_size,
+                                        self.num_layers * (2 if self.bidirectional else 1), self.batch_first,
+                                        False)):
+            return super().forward(input, hx)
+        per_layer = len(weights) // len(self.packed_layers)
+        layers: List[LayerArgs] = []
+        for i, layer in enumerate(self.packed_layers):
+            w = weights[i * per_layer:(i + 1) * per_layer]
+            empty = w[0].new_empty(0)
+            layers.append((w[0], w[1], w[2] if self.bias else empty, w[3] if self.bias else empty, layer.reverse))
+        return run_onednn(input, hx, layers, self.hidden_size, self.bidirectional, self.batch_first, self.bias)
 
     def _fast_kernel(self, input, hx) -> Optional[str]:
         """The kernel that computes this call exactly as nn.LSTM would (within 1e-6 for "cell"), or None
@@ -299,13 +330,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         # with mkldnn disabled, eager runs its native kernel.
         if _tracing() or _autocast_enabled() or not _mkldnn_enabled():
             return None
-        if type(input) is not Tensor:  # PackedSequence, tensor subclasses
+        if type(input) is not Tensor or not _plain_state(hx):  # PackedSequence, tensor subclasses, ...
             return None
-        if hx is not None:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                return None
-            if type(hx[0]) is not Tensor or type(hx[1]) is not Tensor:
-                return None
         # With autograd on, eager runs oneDNN's training primitive, whose last bits differ from the
         # inference primitive's on some CPUs (AVX2): only nn.LSTM's own path gives its exact results then.
         if _grad_enabled() or self.training or not self._valid(input, hx):
@@ -347,6 +373,35 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
             return False
         return dtype == io_dtype and io_dtype != weight_dtype
 
+    # The scripted forward reads the parameters by name, never through _flat_weights: torch.jit.freeze
+    # refuses a module whose forward reads two attributes that share memory.
+
+    def _scripted_tensor(
+        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        weights = self._weights_by_name()
+        weight_dtype = weights[0].dtype
+        if self._casts_at_boundary(input.dtype, weight_dtype):
+            output, hidden = self._scripted_forward_tensor(input.to(weight_dtype), _cast_hidden(hx, weight_dtype),
+                                                           weights)
+            return output.to(input.dtype), (hidden[0].to(input.dtype), hidden[1].to(input.dtype))
+        return self._scripted_forward_tensor(input, hx, weights)
+
+    def _scripted_sequence(
+        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]
+    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        weights = self._weights_by_name()
+        weight_dtype = weights[0].dtype
+        data = input.data
+        if self._casts_at_boundary(data.dtype, weight_dtype):
+            cast = PackedSequence(data.to(weight_dtype), input.batch_sizes, input.sorted_indices,
+                                  input.unsorted_indices)
+            out, hidden = self._stock_packed_sequence(cast, _cast_hidden(hx, weight_dtype), weights)
+            out = PackedSequence(out.data.to(data.dtype), out.batch_sizes, out.sorted_indices,
+                                 out.unsorted_indices)
+            return out, (hidden[0].to(data.dtype), hidden[1].to(data.dtype))
+        return self._stock_packed_sequence(input, hx, weights)
+
     def _scripted_bias(self, weights: List[Tensor], index: int) -> Tensor:
         return weights[index].detach() if self.bias else torch.empty(0, dtype=weights[0].dtype)
 
@@ -386,6 +441,13 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         if self.io_dtype is not None:
             s += f", io_dtype={self.io_dtype}"
         return s
+
+
+def _plain_state(hx) -> bool:
+    """None, or a pair of plain tensors (what the kernels take; anything else is nn.LSTM's to judge)."""
+    if hx is None:
+        return True
+    return isinstance(hx, (tuple, list)) and len(hx) == 2 and type(hx[0]) is Tensor and type(hx[1]) is Tensor
 
 
 def _dtype_of(input) -> Optional[torch.dtype]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import __version__
-from .errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError
+from .errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError, VerificationError
 from .choices import DTYPES, FORMATS
 
 __all__ = ["OptimizeOptions", "Report", "optimize_file", "SCHEMA"]
@@ -112,6 +112,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     input: dict = field(default_factory=dict)
     output: Optional[dict] = None
+    artifact: Optional[dict] = None  # how it was made: {"method": "scripted" | "traced" | "pickled", "reason"}
     environment: dict = field(default_factory=dict)
     modules: list[dict] = field(default_factory=list)
     verification: Optional[dict] = None
@@ -145,6 +146,7 @@ class Report:
         return {
             "schema": SCHEMA, "lstmopt": __version__, "status": self.status, "exit_code": self.exit_code,
             "error": self.error, "warnings": self.warnings, "input": self.input, "output": self.output,
+            "artifact": self.artifact,
             "options": self.options.to_dict(), "environment": self.environment, "modules": self.modules,
             "verification": self.verification, "benchmark": self.benchmark, "timings": self.timings,
             "started": self.started, "finished": self.finished,
@@ -199,6 +201,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     from .rewrite import optimize, plan, with_kernels
     from .samples import samples_for
     from .verification import default_tolerance, verify_artifact
+    from .tracing import TRACING_CAVEAT
     from .writing import save_artifact
 
     report.input = {"path": str(options.input), "factory": options.factory,
@@ -247,17 +250,26 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     }
     with atomic_path(options.output) as tmp:
         with step("write"):
-            save_artifact(optimized, tmp, format=options.format, metadata=metadata)
+            how = save_artifact(optimized, tmp, format=options.format, metadata=metadata, samples=samples)
+            report.artifact = how
+            if how["method"] == "traced":
+                report.warnings.append(TRACING_CAVEAT)
         if options.verify:
             with step("verify"):
                 atol, rtol = default_tolerance(options.dtype, exact=all(d.exact for d in decisions))
                 atol = atol if options.atol is None else options.atol
                 rtol = rtol if options.rtol is None else options.rtol
+                # An LSTM a trace recorded as nn.LSTM's op is no longer a module of its own in the archive.
+                checked = [name for name in packed if name not in how.get("lstms_traced_as_ops", ())]
                 verification = verify_artifact(
-                    loaded.model, tmp, format=options.format, samples=samples, lstm_names=packed,
+                    loaded.model, tmp, format=options.format, samples=samples, lstm_names=checked,
                     atol=atol, rtol=rtol, artifact_prefix=metadata["module_prefix"],
                 )
                 report.verification = verification.to_dict()
+                if how["method"] == "traced" and not verification.ok:
+                    raise VerificationError(f"{verification.failure_summary()}; the artifact was traced, and a trace "
+                                            "can specialize to its example inputs (Python control flow, shapes "
+                                            "used as numbers): make the model scriptable or use --format pickle")
                 verification.raise_if_failed()
         if (options.benchmark or options.min_speedup is not None) and samples:
             with step("benchmark"):

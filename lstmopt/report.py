@@ -52,6 +52,11 @@ def format_error(value: Any) -> str:
     return "0" if value == 0 else f"{value:.2e}"
 
 
+def _method(data: dict) -> str:
+    how = data.get("artifact") or {}
+    return f", {how['method']}" if how.get("method") in ("scripted", "traced") else ""
+
+
 def _direction(module: dict) -> str:
     return "bi" if module["bidirectional"] else "uni"
 
@@ -70,7 +75,7 @@ def report_markdown(data: dict, *, heading: str = "##") -> str:
     lines += [
         "| | |", "|---|---|",
         f"| Input | `{data['input'].get('path')}` (sha256 `{str(data['input'].get('sha256', ''))[:12]}`) |",
-        f"| Output | `{output['path']}` ({output['format']}, {output['bytes'] / 1e6:.1f} MB) |" if output
+        f"| Output | `{output['path']}` ({output['format']}{_method(data)}, {output['bytes'] / 1e6:.1f} MB) |" if output
         else "| Output | none written |",
         f"| dtype | {data.get('options', {}).get('dtype', '?')} |",
         f"| Environment | lstmopt {env.get('lstmopt')}, torch {env.get('torch')}, oneDNN {env.get('onednn')}, "

@@ -97,16 +97,17 @@ class Verification:
             "lstm_outputs": [c.to_dict() for c in self.lstm_checks],
         }
 
-    def raise_if_failed(self) -> None:
+    def failure_summary(self) -> str:
+        """One line: how many outputs differ and the worst of them."""
         failed = self.failures()
-        if failed:
-            worst = max(failed, key=lambda c: c.max_abs_error if c.error is None else float("inf"))
-            detail = worst.error or (f"max abs error {worst.max_abs_error:.3g}, "
-                                     f"max rel error {worst.max_rel_error:.3g}")
-            raise VerificationError(
-                f"the optimized model differs from the original in {len(failed)} output(s); worst: {worst.name}: "
-                f"{detail} (tolerance atol={self.atol:g}, rtol={self.rtol:g})"
-            )
+        worst = max(failed, key=lambda c: c.max_abs_error if c.error is None else float("inf"))
+        detail = worst.error or f"max abs error {worst.max_abs_error:.3g}, max rel error {worst.max_rel_error:.3g}"
+        return (f"the optimized model differs from the original in {len(failed)} output(s); worst: {worst.name}: "
+                f"{detail} (tolerance atol={self.atol:g}, rtol={self.rtol:g})")
+
+    def raise_if_failed(self) -> None:
+        if self.failures():
+            raise VerificationError(self.failure_summary())
 
 
 def compare(name: str, expected: Tensor, actual, atol: float, rtol: float) -> Check:

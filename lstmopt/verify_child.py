@@ -107,8 +107,9 @@ def main(artifact, fmt, payload_path, result_path):
         for name, args in payload["lstms"]:
             try:
                 lstm = _submodule(model, name)
-                # A scripted LSTM's forward is overloaded; forward__0 is its (Tensor, hx) overload.
-                call = lstm.forward__0 if fmt == "torchscript" else lstm
+                # A scripted LSTM's forward is overloaded (forward__0 is its (Tensor, hx) overload), unless it
+                # was scripted for a trace, with one tensor forward.
+                call = lstm.forward__0 if fmt == "torchscript" and hasattr(lstm, "forward__0") else lstm
                 result["lstms"].append([t for _, t in flatten(call(*args))])
             except Exception as exc:
                 result["lstms"].append(_error(exc))

@@ -1,8 +1,8 @@
 """Writing optimized models: TorchScript or pickle, atomically, with metadata readable without loading.
 
-- TorchScript (``torch.jit.script``): loads with plain ``torch.jit.load`` where lstmopt is not installed;
-  each ``PackedLayer`` stores dense weights and packs them again when loaded (packed layouts depend on the
-  loading CPU).
+- TorchScript: loads with plain ``torch.jit.load`` where lstmopt is not installed; the LSTMs' packs store
+  dense weights and pack them again when loaded (packed layouts depend on the loading CPU). The model is
+  scripted, or, when its code is not scriptable, traced with every LSTM scripted (``lstmopt.tracing``).
 - Pickle (``torch.save`` of the module): loads with lstmopt and the model's own classes importable, and
   repacks on load the same way.
 
@@ -16,7 +16,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,38 +25,43 @@ from .choices import FORMATS
 from .errors import UsageError
 from .files import atomic_path, check_output_path
 
-__all__ = ["FORMATS", "METADATA_NAME", "read_metadata", "save_artifact", "script", "write_artifact"]
+__all__ = ["FORMATS", "METADATA_NAME", "read_metadata", "save_artifact", "script", "to_torchscript", "write_artifact"]
 
 METADATA_NAME = "lstmopt.json"
 
 
 def write_artifact(model, output: os.PathLike | str, *, format: str, metadata: dict, force: bool = False,
-                   inputs: Tuple[Path, ...] = ()) -> Path:
+                   inputs: Tuple[Path, ...] = (), samples: Sequence[tuple] = ()) -> Path:
     """Write the optimized ``model`` to ``output`` atomically (see ``save_artifact``)."""
     output = check_output_path(Path(output), force=force, inputs=inputs)
     if format not in FORMATS:
         raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    scripted = script(prepare_for_inference(model)) if format == "torchscript" else None
     with atomic_path(output) as tmp:
-        save_artifact(scripted if scripted is not None else model, tmp, format=format, metadata=metadata)
+        save_artifact(model, tmp, format=format, metadata=metadata, samples=samples)
     return output
 
 
-def save_artifact(model, path: Path, *, format: str, metadata: dict) -> None:
-    """Save ``model`` (an optimized model, or one already scripted) to ``path`` in ``format``
-    ("torchscript" or "pickle"), with ``metadata`` as the ``lstmopt.json`` record."""
+def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Sequence[tuple] = ()) -> dict:
+    """Save the optimized ``model`` to ``path`` in ``format`` ("torchscript" or "pickle"), with ``metadata``
+    as the ``lstmopt.json`` record. TorchScript scripts the model, or traces it on ``samples[0]`` when its
+    code is not scriptable. Returns how the artifact was made, ``{"method", "reason"}``, which the
+    metadata records too."""
     if format not in FORMATS:
         raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    text = json.dumps(metadata, indent=2, sort_keys=True)
     if format == "torchscript":
-        if not isinstance(model, torch.jit.ScriptModule):
-            model = script(prepare_for_inference(model))
-        torch.jit.save(model, str(path), _extra_files={METADATA_NAME: text})
-    else:
-        torch.save(prepare_for_inference(model), path)
-        with zipfile.ZipFile(path, "a") as archive:
-            prefix = archive.namelist()[0].split("/", 1)[0]
-            archive.writestr(f"{prefix}/extra/{METADATA_NAME}", text)
+        scripted, how = to_torchscript(model, samples)
+        metadata = {**metadata, "torchscript": how}
+        torch.jit.save(scripted, str(path), _extra_files={METADATA_NAME: _json(metadata)})
+        return how
+    torch.save(prepare_for_inference(model), path)
+    with zipfile.ZipFile(path, "a") as archive:
+        prefix = archive.namelist()[0].split("/", 1)[0]
+        archive.writestr(f"{prefix}/extra/{METADATA_NAME}", _json(metadata))
+    return {"method": "pickled", "reason": "--format pickle"}
+
+
+def _json(metadata: dict) -> str:
+    return json.dumps(metadata, indent=2, sort_keys=True)
 
 
 def prepare_for_inference(model):
@@ -79,16 +84,33 @@ class LSTMEntry(nn.Module):
         return self.lstm(input, hx)
 
 
+def to_torchscript(model, samples: Sequence[tuple] = ()) -> Tuple[torch.jit.ScriptModule, dict]:
+    """The model as TorchScript: scripted when its code allows, else traced on ``samples[0]`` with every
+    LSTM scripted (see ``lstmopt.tracing``); and how, ``{"method": "scripted" | "traced", "reason"}`` (a
+    trace also lists ``lstms_traced_as_ops``: those fed PackedSequences, recorded as nn.LSTM's own op)."""
+    from .tracing import trace_with_scripted_lstms
+
+    model = prepare_for_inference(model)
+    try:
+        return script(model), {"method": "scripted", "reason": "the model's code is scriptable"}
+    except UsageError as exc:
+        why = str(exc)
+    if not samples:
+        raise UsageError(f"{why}; to trace it instead, pass inputs to run it on (--example-inputs FILE or "
+                         "--input-shape B,T,F), or write it with --format pickle")
+    traced, recorded = trace_with_scripted_lstms(model, samples[0])
+    return traced, {"method": "traced", "reason": why, "lstms_traced_as_ops": recorded}
+
+
 def script(model):
-    """``torch.jit.script`` with an error that names the unscriptable part and suggests the pickle format."""
+    """``torch.jit.script``, with a one-line error that names the unscriptable part."""
 
     if isinstance(model, nn.LSTM):
         model = LSTMEntry(model)
     try:
         return torch.jit.script(model)
     except Exception as exc:
-        raise UsageError(f"the model's code is not scriptable: {_script_error(exc)}; "
-                         "write it with --format pickle instead") from exc
+        raise UsageError(f"the model's code is not scriptable: {_script_error(exc)}") from exc
 
 
 def _script_error(exc: BaseException) -> str:

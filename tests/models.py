@@ -101,3 +101,68 @@ def build_tagger(**kwargs) -> Tagger:
 def build_forecaster(**kwargs) -> Forecaster:
     torch.manual_seed(0)
     return Forecaster(**kwargs)
+
+
+class UnscriptableForecaster(nn.Module):
+    """The forecaster written the way much real code is, which TorchScript cannot compile: tuple unpacking into
+    `_` (then reused as an int), **kwargs, a helper from another library, arithmetic on shapes, and a dict
+    output."""
+
+    def __init__(self, features: int = 3, hidden: int = 40, horizon: int = 4):
+        super().__init__()
+        self.horizon = horizon
+        self.encoder = nn.LSTM(features, hidden, num_layers=2, batch_first=True)
+        self.decoder = nn.LSTM(features, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, features)
+
+    def forward(self, history, **options):
+        import math
+
+        scale = options.get("scale", 1.0) / math.sqrt(1.0)
+        recent = history[:, history.size(1) // 2:]  # the last half of the history
+        _, state = self.encoder(recent * scale)
+        step = recent[:, -1:]
+        outputs = []
+        for _ in range(self.horizon):
+            y, state = self.decoder(step, state)
+            step = self.head(y)
+            outputs.append(step)
+        return {"forecast": torch.cat(outputs, 1), "state": state[0]}
+
+
+def build_unscriptable_forecaster(**kwargs) -> UnscriptableForecaster:
+    torch.manual_seed(0)
+    return UnscriptableForecaster(**kwargs)
+
+
+class UnscriptableTagger(Tagger):
+    """The tagger, with a forward TorchScript cannot compile (keyword arguments it passes on, a dict out)."""
+
+    def forward(self, tokens, lengths, **options):
+        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+        hidden, _ = self.lstm(packed, **options)
+        padded, _ = pad_packed_sequence(hidden, batch_first=True, total_length=tokens.size(1))
+        return {"scores": self.out(padded)}
+
+
+def build_unscriptable_tagger(**kwargs) -> UnscriptableTagger:
+    torch.manual_seed(0)
+    return UnscriptableTagger(**kwargs)
+
+
+class BranchesOnLength(nn.Module):
+    """Unscriptable, and its output depends on Python control flow over the sequence length: a trace
+    freezes the branch taken on the example input."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 8, batch_first=True)
+
+    def forward(self, x, **options):
+        y, _ = self.lstm(x)
+        return y[:, -1] if x.size(1) > 10 else y.mean(1)
+
+
+def build_branches_on_length() -> BranchesOnLength:
+    torch.manual_seed(0)
+    return BranchesOnLength()

@@ -1,0 +1,90 @@
+"""TorchScript for models whose own code cannot be scripted: trace them, with every LSTM scripted.
+
+Much real model code is not scriptable (tuple unpacking into ``_``, ``**kwargs``, dict outputs, helpers
+from other libraries). ``torch.jit.trace`` runs such a model once on example inputs and records the ops
+it performs; on its own it would record the stock ``aten::lstm`` (the packs are opaque constants it cannot
+hold). So each ``PackedLSTM`` is first scripted, as a submodule with a single tensor ``forward``: the
+tracer records a call into it, and the scripted LSTM keeps its packed op, its checks and a free batch
+size and sequence length. (An LSTM fed PackedSequences runs nn.LSTM's own op, packed or not; a trace
+records that op.) What tracing freezes is the model's own Python: control flow and non-tensor
+values as they were on the example inputs. Verification at other batch sizes and lengths catches a trace
+that specialized.
+"""
+
+# No "from __future__ import annotations": TorchScript needs real annotations on the forward below.
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .errors import UsageError
+from .packed import PackedLSTM
+from .packing import tracked_copy
+
+__all__ = ["TRACING_CAVEAT", "TracedLSTM", "trace_with_scripted_lstms"]
+
+TRACING_CAVEAT = ("the artifact was traced: Python control flow and non-tensor values in the model's own code "
+                  "are frozen as they were on the example inputs (each LSTM is scripted and stays free)")
+
+
+class TracedLSTM(PackedLSTM):
+    """A ``PackedLSTM`` with one tensor ``forward`` (nn.LSTM's is overloaded, which a traced caller cannot
+    call). Same parameters, names and kernels; only ever used scripted."""
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        if not torch.jit.is_scripting():
+            return PackedLSTM.forward(self, input, hx)
+        return self._scripted_tensor(input, hx)
+
+
+def _scripted_lstm(lstm: PackedLSTM) -> torch.jit.ScriptModule:
+    entry = tracked_copy(lstm)
+    entry.__class__ = TracedLSTM
+    return torch.jit.script(entry)
+
+
+def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torch.jit.ScriptModule, list[str]]:
+    """``torch.jit.trace`` of a copy of ``model`` on ``example`` (a tuple of forward arguments), every
+    ``PackedLSTM`` that receives tensors replaced by its scripted self. One that receives a PackedSequence
+    (which a trace cannot hand a scripted module) stays as it is: the tracer records nn.LSTM's own op for
+    it, as eager runs it for packed sequences. Returns the trace and the names of those LSTMs."""
+    copy = tracked_copy(model)
+    takes_sequences = _lstms_given_packed_sequences(copy, example)
+    scripted: dict[int, torch.jit.ScriptModule] = {}
+    for name, module in list(copy.named_modules(remove_duplicate=False)):
+        if not isinstance(module, PackedLSTM) or not name or id(module) in takes_sequences:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        replacement = scripted.setdefault(id(module), _scripted_lstm(module))  # shared LSTMs stay shared
+        setattr(copy.get_submodule(parent_name), child, replacement)
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(copy.eval(), tuple(example), check_trace=False, strict=False)
+    except Exception as exc:
+        message = " ".join(str(exc).split())
+        raise UsageError(f"tracing the model failed too: {type(exc).__name__}: {message[:300]}") from exc
+    recorded = [name for name, module in model.named_modules() if id(copy.get_submodule(name)) in takes_sequences]
+    return traced, recorded
+
+
+def _lstms_given_packed_sequences(model: nn.Module, example: Sequence) -> set[int]:
+    """ids of the PackedLSTMs that receive a PackedSequence when ``model`` runs on ``example``."""
+    found: set[int] = set()
+
+    def note(module, args):
+        if args and isinstance(args[0], PackedSequence):
+            found.add(id(module))
+
+    handles = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, PackedLSTM)]
+    try:
+        with torch.no_grad():
+            model.eval()(*example)
+    except Exception as exc:
+        raise UsageError(f"the model fails on the example input: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found

@@ -1,0 +1,107 @@
+"""Models whose code TorchScript cannot compile still get a TorchScript artifact: traced, with every LSTM
+scripted, so the packed op and a free batch size and sequence length survive in the archive."""
+
+import pytest
+import torch
+
+from conftest import run_python_json
+from lstmopt import optimize
+from lstmopt.errors import UsageError
+from lstmopt.pipeline import OptimizeOptions, optimize_file
+from lstmopt.writing import read_metadata, write_artifact
+from models import UnscriptableForecaster, build_unscriptable_forecaster, build_unscriptable_tagger
+
+
+def _fresh_process_results(artifact, cases, tmp_path, key):
+    """Outputs of the artifact loaded by plain torch.jit.load where lstmopt cannot be imported."""
+    torch.save(cases, tmp_path / "cases.pt")
+    return run_python_json(f"""
+        import json, sys
+        sys.modules["lstmopt"] = None
+        import torch
+        m = torch.jit.load({str(artifact)!r})
+        graph = m.graph.copy()
+        torch._C._jit_pass_inline(graph)
+        cases = torch.load({str(tmp_path / 'cases.pt')!r})
+        with torch.no_grad():
+            equal = [torch.equal(m(*args)[{key!r}], expected) for args, expected in cases]
+        print(json.dumps({{"equal": equal, "packed_op": "aten::mkldnn_rnn_layer" in str(graph)}}))
+    """)
+
+
+def test_an_unscriptable_forecaster_is_traced_and_stays_exact_at_other_shapes(tmp_path):
+    model = build_unscriptable_forecaster().eval()
+    with pytest.raises(Exception):
+        torch.jit.script(model)  # the premise
+    out = write_artifact(optimize(model), tmp_path / "m.pt", format="torchscript", metadata={},
+                         samples=[(torch.randn(4, 20, 3),)])
+    how = read_metadata(out)["torchscript"]
+    assert how["method"] == "traced" and "not scriptable" in how["reason"] and "**options" in how["reason"]
+    cases = []
+    with torch.no_grad():
+        for batch, steps in [(1, 6), (7, 33), (4, 20), (2, 3)]:  # none but (4, 20) was traced
+            x = torch.randn(batch, steps, 3)
+            cases.append(((x,), model(x)["forecast"]))
+    result = _fresh_process_results(out, cases, tmp_path, "forecast")
+    assert result == {"equal": [True] * 4, "packed_op": True}
+
+
+def test_an_unscriptable_tagger_on_packed_sequences_is_traced_with_nn_lstms_own_op(tmp_path):
+    model = build_unscriptable_tagger().eval()
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randint(0, 50, (4, 11), generator=g), torch.tensor([11, 3, 7, 1]))
+    out = write_artifact(optimize(model), tmp_path / "m.pt", format="torchscript", metadata={}, samples=[example])
+    cases = []
+    with torch.no_grad():
+        for batch, steps in [(1, 5), (6, 30)]:
+            args = (torch.randint(0, 50, (batch, steps), generator=g), torch.randint(1, steps + 1, (batch,), generator=g))
+            cases.append((args, model(*args)["scores"]))
+    assert _fresh_process_results(out, cases, tmp_path, "scores")["equal"] == [True, True]
+
+
+def test_without_inputs_tracing_is_impossible_and_the_error_says_what_to_pass(tmp_path):
+    with pytest.raises(UsageError) as info:
+        write_artifact(optimize(UnscriptableForecaster()), tmp_path / "m.pt", format="torchscript", metadata={})
+    message = str(info.value)
+    assert "not scriptable" in message and "--example-inputs" in message and "--input-shape" in message
+    assert "--format pickle" in message and "\n" not in message and not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pickle"])
+def test_the_pipeline_reports_how_the_artifact_was_made(tmp_path, monkeypatch, fmt):
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_unscriptable_forecaster().state_dict(), "model.pt")
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", format=fmt,
+                                           factory="models:build_unscriptable_forecaster", input_shape=(3, 24, 3)))
+    assert report.status == "ok", report.error
+    assert report.verification["ok"] and report.verification["max_abs_error"] == 0
+    if fmt == "torchscript":
+        assert report.artifact["method"] == "traced" and "not scriptable" in report.artifact["reason"]
+        assert any("traced" in w and "frozen" in w for w in report.warnings)
+    else:
+        assert report.artifact["method"] == "pickled" and not report.warnings
+
+
+def test_a_trace_that_specialized_fails_verification_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(__import__("models").build_branches_on_length().state_dict(), "model.pt")
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:build_branches_on_length",
+                                           input_shape=(2, 16, 3)))  # lengths 16 and 4: both sides of the branch
+    assert report.status == "verification_failed" and report.exit_code == 5
+    assert "traced" in report.error and "specialize" in report.error and "--format pickle" in report.error
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_the_cli_says_the_artifact_was_traced_and_why(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lstmopt.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_unscriptable_forecaster().state_dict(), "model.pt")
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, [
+        "optimize", "model.pt", "-o", "out.pt", "--factory", "models:build_unscriptable_forecaster",
+        "--input-shape", "2,12,3"])
+    assert result.exit_code == 0, result.output
+    assert "(torchscript, traced," in result.stdout and "traced because the model's code is not scriptable" in result.stdout
+    assert "frozen as they were on the example inputs" in result.stderr
