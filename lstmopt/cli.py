@@ -66,6 +66,14 @@ FactoryKwargsOpt = Annotated[Optional[str], typer.Option(
 TrustOpt = Annotated[bool, typer.Option(
     "--trust", rich_help_panel=LOADING,
     help="Allow loading a pickled module. Unpickling runs code named by the file: only for files you trust.")]
+StateDictKeyOpt = Annotated[Optional[str], typer.Option(
+    "--state-dict-key", metavar="KEY", rich_help_panel=LOADING,
+    help="Where the weights are in a training checkpoint (e.g. state_dict, model, ema; dots for nested keys), "
+         "when lstmopt cannot tell: by default it takes the one mapping of tensors that fits the model.")]
+StripPrefixOpt = Annotated[Optional[str], typer.Option(
+    "--strip-prefix", metavar="PREFIX", rich_help_panel=LOADING,
+    help="Remove this prefix from every key of the state dict (e.g. 'module.' from DDP); by default a prefix "
+         "shared by every key is stripped when that makes the keys fit.")]
 ExampleInputsOpt = Annotated[Optional[Path], typer.Option(
     "--example-inputs", metavar="FILE", rich_help_panel=CHECKS,
     help="torch.save'd list of examples, each a tuple of the model's forward arguments.")]
@@ -162,11 +170,21 @@ def _check_writable(path: Optional[Path], what: str) -> None:
         raise UsageError(f"cannot write the {what} {path}: directory {path.parent} does not exist")
 
 
-def _load(ui: UI, input: Path, factory: Optional[str], factory_kwargs: Optional[str], trust: bool):
+def _load(ui: UI, input: Path, factory: Optional[str], factory_kwargs: Optional[str], trust: bool,
+          state_dict_key: Optional[str] = None, strip_prefix: Optional[str] = None):
     from .loading import load_model
 
     with ui.status(f"loading {input}"):
-        return load_model(input, factory=factory, factory_kwargs=_kwargs(factory_kwargs), trust=trust)
+        loaded = load_model(input, factory=factory, factory_kwargs=_kwargs(factory_kwargs), trust=trust,
+                            state_dict_key=state_dict_key, strip_prefix=strip_prefix)
+    _say_where_the_weights_were(ui, input, loaded.state_dict_key, loaded.stripped_prefix)
+    return loaded
+
+
+def _say_where_the_weights_were(ui: UI, path, key: Optional[str], prefix: Optional[str]) -> None:
+    if key or prefix:
+        where = f"the {key!r} entry of {path}" if key else str(path)
+        ui.show(f"weights: {where}" + (f", keys without the prefix {prefix!r}" if prefix else ""))
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -199,6 +217,8 @@ def optimize(
     factory: FactoryOpt = None,
     factory_kwargs: FactoryKwargsOpt = None,
     trust: TrustOpt = False,
+    state_dict_key: StateDictKeyOpt = None,
+    strip_prefix: StripPrefixOpt = None,
     example_inputs: ExampleInputsOpt = None,
     input_shape: InputShapeOpt = None,
     atol: AtolOpt = None,
@@ -244,7 +264,8 @@ def optimize(
     _check_writable(summary, "summary")
     options = OptimizeOptions(
         input=input, output=output, format=format.value, dtype=dtype.value, factory=factory,
-        factory_kwargs=_kwargs(factory_kwargs), trust=trust, example_inputs=example_inputs,
+        factory_kwargs=_kwargs(factory_kwargs), trust=trust, state_dict_key=state_dict_key,
+        strip_prefix=strip_prefix, example_inputs=example_inputs,
         input_shape=_shape(input_shape), atol=atol, rtol=rtol, benchmark=bench, min_speedup=min_speedup,
         require_lstm=require_lstm, force=force, autotune=autotune, approx=approx,
     )
@@ -260,6 +281,7 @@ def optimize(
         atomic_write_text(summary, report_markdown(data))
     ui.emit_json(data)
 
+    _say_where_the_weights_were(ui, input, data["input"].get("state_dict_key"), data["input"].get("stripped_prefix"))
     if data["modules"]:
         ui.show(modules_table(data["modules"]))
     if data["verification"]:
@@ -292,6 +314,8 @@ def inspect(
     factory: FactoryOpt = None,
     factory_kwargs: FactoryKwargsOpt = None,
     trust: TrustOpt = False,
+    state_dict_key: StateDictKeyOpt = None,
+    strip_prefix: StripPrefixOpt = None,
     dtype: DtypeOpt = Dtype["float32"],
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -304,7 +328,7 @@ def inspect(
     from .rewrite import plan
 
     ui = UI(quiet=quiet, json_mode=json_out)
-    loaded = _load(ui, input, factory, factory_kwargs, trust)
+    loaded = _load(ui, input, factory, factory_kwargs, trust, state_dict_key, strip_prefix)
     model = loaded.model
     modules = []
     for d in plan(model, dtype=getattr(torch, dtype.value)):
@@ -335,6 +359,8 @@ def verify(
     factory: FactoryOpt = None,
     factory_kwargs: FactoryKwargsOpt = None,
     trust: TrustOpt = False,
+    state_dict_key: StateDictKeyOpt = None,
+    strip_prefix: StripPrefixOpt = None,
     example_inputs: ExampleInputsOpt = None,
     input_shape: InputShapeOpt = None,
     atol: AtolOpt = None,
@@ -352,7 +378,7 @@ def verify(
     ui = UI(quiet=quiet, json_mode=json_out)
     meta = read_metadata(optimized)
     artifact_kind = artifact_format(optimized, trust=trust)  # by content: the metadata is not proof of origin
-    loaded = _load(ui, original, factory, factory_kwargs, trust)
+    loaded = _load(ui, original, factory, factory_kwargs, trust, state_dict_key, strip_prefix)
     source = meta.get("source", {}).get("sha256")
     if source and source != loaded.sha256:
         ui.warn(f"{optimized} was made from a different file than {original} (sha256 {source[:12]} vs "
@@ -399,6 +425,8 @@ def bench(
     factory: FactoryOpt = None,
     factory_kwargs: FactoryKwargsOpt = None,
     trust: TrustOpt = False,
+    state_dict_key: StateDictKeyOpt = None,
+    strip_prefix: StripPrefixOpt = None,
     dtype: DtypeOpt = Dtype["float32"],
     input_shape: InputShapeOpt = None,
     example_inputs: ExampleInputsOpt = None,
@@ -438,7 +466,7 @@ def bench(
 
     if threads:
         torch.set_num_threads(threads)
-    loaded = _load(ui, input, factory, factory_kwargs, trust)
+    loaded = _load(ui, input, factory, factory_kwargs, trust, state_dict_key, strip_prefix)
     if example_inputs is not None:
         samples = _samples(example_inputs, None)
     else:
@@ -524,7 +552,8 @@ def demo(
                      f"--input-shape {','.join(map(str, INPUT_SHAPE))} --bench --require-lstm --force",
                      soft_wrap=True, style="bold")
     optimize(input=source, output=target, format=format, dtype=Dtype["float32"],
-             factory="lstmopt.demo:build_keyword_spotter", factory_kwargs=None, trust=False, example_inputs=None,
+             factory="lstmopt.demo:build_keyword_spotter", factory_kwargs=None, trust=False, state_dict_key=None,
+             strip_prefix=None, example_inputs=None,
              input_shape=",".join(map(str, INPUT_SHAPE)), atol=None, rtol=None, bench=True, min_speedup=None,
              autotune=False, approx=False, require_lstm=True, report=output_dir / "report.json", summary=output_dir / "summary.md", force=True,
              json_out=json_out, quiet=quiet, debug=debug)

@@ -12,8 +12,8 @@
         factory: encoders:build
         min_speedup: 1.1
 
-Job keys: name, input, output, format, dtype, factory, factory_kwargs, trust, example_inputs, input_shape,
-atol, rtol, benchmark, autotune, approx, min_speedup, require_lstm. Unknown keys are errors. Validation (pydantic) runs on
+Job keys: name, input, output, format, dtype, factory, factory_kwargs, trust, state_dict_key, strip_prefix,
+example_inputs, input_shape, atol, rtol, benchmark, autotune, approx, min_speedup, require_lstm. Unknown keys are errors. Validation (pydantic) runs on
 the whole file before any job starts.
 """
 
@@ -50,6 +50,8 @@ class _Settings(BaseModel):
     factory: Optional[StrictStr] = None
     factory_kwargs: Optional[dict[StrictStr, Any]] = None
     trust: Optional[StrictBool] = None
+    state_dict_key: Optional[StrictStr] = None
+    strip_prefix: Optional[StrictStr] = None
     example_inputs: Optional[StrictStr] = None
     input_shape: Optional[Annotated[list[Positive], Field(min_length=3, max_length=3)]] = None
     atol: Optional[NonNegative] = None

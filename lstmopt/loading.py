@@ -2,8 +2,9 @@
 
 Formats are recognised by content, not by file extension:
 
-- a ``torch.save`` zip archive holding a state dict (loaded with ``weights_only=True``), rebuilt by a
-  user-named factory ``package.module:callable``;
+- a ``torch.save`` zip archive holding a state dict or a training checkpoint that contains one (loaded
+  with ``weights_only=True``; see ``lstmopt.checkpoints``), rebuilt by a user-named factory
+  ``package.module:callable``;
 - a ``.safetensors`` file (needs the ``safetensors`` package), rebuilt the same way;
 - a ``torch.save`` archive (or legacy pickle) holding a whole module: unpickling runs code named by the
   file, so it is refused unless the caller trusts the file;
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .checkpoints import find_state_dict
 from .errors import UntrustedPickleError, UsageError
 from .files import sha256_file
 
@@ -43,6 +45,8 @@ class LoadedModel:
     format: str  # "state_dict", "safetensors" or "pickled_module"
     factory: Optional[str] = None
     factory_kwargs: Optional[Mapping[str, Any]] = None
+    state_dict_key: Optional[str] = None  # where the weights were in a training checkpoint
+    stripped_prefix: Optional[str] = None  # removed from every key (module., model., ...)
 
 
 def detect_format(path: Path) -> str:
@@ -148,7 +152,10 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _load_state_dict_file(path: Path, kind: str) -> Mapping[str, Any]:
+def _read_checkpoint(path: Path, kind: str, trust: bool) -> Any:
+    """The file's content: a state dict, or a training checkpoint holding one (see ``lstmopt.checkpoints``).
+    Tensors, dicts and lists only, unless ``trust`` (a checkpoint may also hold other Python objects, such
+    as a LightningModule's hyperparameters, which only unpickling can rebuild)."""
     import torch
 
     if kind == "safetensors":
@@ -161,20 +168,22 @@ def _load_state_dict_file(path: Path, kind: str) -> Mapping[str, Any]:
             return load_file(str(path))
         except Exception as exc:
             raise UsageError(f"{path} is a corrupt safetensors file ({_one_line(exc)})") from exc
+    needs = _unsafe_globals(path) if kind == "torch_zip" else []
+    if needs and not trust:
+        names = ", ".join(needs[:12]) + (f" and {len(needs) - 12} more" if len(needs) > 12 else "")
+        raise UntrustedPickleError(
+            f"{path} holds Python objects besides tensors ({names}): loading it runs code named by the file. "
+            "Pass --trust (trust=True) only if you trust its source, or save the weights alone")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not needs)
     except pickle.UnpicklingError as exc:
         raise _untrusted(path, _unsafe_globals(path, exc)) from exc
     except Exception as exc:
         raise UsageError(f"{path} is a corrupt or truncated PyTorch file ({_one_line(exc)})") from exc
-    if isinstance(state, Mapping) and all(isinstance(k, str) for k in state):
-        nested = state.get("state_dict")
-        if isinstance(nested, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-            state = nested  # a training checkpoint {"state_dict": ..., "epoch": ...}
-    if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-        found = type(state).__name__
-        raise UsageError(f"{path} holds a {found}, not a state dict of tensors; {_PROVIDE}")
-    return state
+    if isinstance(checkpoint, torch.nn.Module):
+        raise UsageError(f"{path} is a pickled module, not a state dict: drop --factory "
+                         "(and pass --trust if you trust the file)")
+    return checkpoint
 
 
 def _unsafe_globals(path: Path, exc: Optional[BaseException] = None) -> list[str]:
@@ -231,34 +240,40 @@ def load_model(
     factory: Optional[str] = None,
     factory_kwargs: Optional[Mapping[str, Any]] = None,
     trust: bool = False,
+    state_dict_key: Optional[str] = None,
+    strip_prefix: Optional[str] = None,
 ) -> LoadedModel:
     """Load the model saved at ``path`` (on CPU, in eval mode), never running code from the file unless
-    ``trust=True``. With a state dict, ``factory`` builds the architecture the weights are loaded into."""
+    ``trust=True``. With a state dict or a training checkpoint, ``factory`` builds the architecture the
+    weights are loaded into; ``state_dict_key`` and ``strip_prefix`` settle where the weights are in the
+    checkpoint and what prefix their keys carry, when ``lstmopt.checkpoints`` cannot tell by itself."""
     path = Path(path)
     kind = detect_format(path)
     if kind == "torchscript":
         raise UsageError(f"{path} is a TorchScript archive: its LSTMs are compiled code lstmopt cannot swap; "
                          f"{_PROVIDE}")
     digest = sha256_file(path)
-    if kind == "torch_zip" and _unsafe_globals(path):
-        kind = "pickled_module"
     if kind == "legacy_pickle":
         kind = _legacy_kind(path)
-    if kind == "pickled_module":
+    if kind == "pickled_module" or (kind == "torch_zip" and not factory and _unsafe_globals(path)):
         if factory:
             raise UsageError(f"{path} is a pickled module, not a state dict: drop --factory "
                              "(and pass --trust if you trust the file)")
         model = _load_pickled_module(path, trust)
         return LoadedModel(model.eval(), path, digest, "pickled_module")
 
-    state = _load_state_dict_file(path, kind)
     if not factory:
         raise UsageError(f"{path} holds only weights (a state dict); pass --factory package.module:callable "
                          "that builds the model (and --factory-kwargs for its arguments)")
+    checkpoint = _read_checkpoint(path, kind, trust)
     model = _build(factory, factory_kwargs)
-    _load_into(model, state, path, factory)
+    try:
+        choice = find_state_dict(checkpoint, set(model.state_dict()), key=state_dict_key, prefix=strip_prefix)
+    except UsageError as exc:
+        raise UsageError(f"{path} does not fit the model built by {factory}: {exc}") from None
+    _load_into(model, choice.state, path, factory)
     return LoadedModel(model.eval(), path, digest, "safetensors" if kind == "safetensors" else "state_dict",
-                       factory, dict(factory_kwargs or {}))
+                       factory, dict(factory_kwargs or {}), choice.key, choice.prefix)
 
 
 def artifact_format(path: os.PathLike | str, *, trust: bool = False) -> str:
@@ -289,23 +304,8 @@ def _legacy_kind(path: Path) -> str:
 
 
 def _load_into(model, state: Mapping[str, Any], path: Path, factory: str) -> None:
-    expected = set(model.state_dict())
-    given = set(state)
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_first(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_first(unexpected)}")
-        raise UsageError(f"{path} does not fit the model built by {factory}: " + "; ".join(parts))
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # the keys fit (find_state_dict saw to that); a shape may not
         detail = " ".join(str(exc).split("\n\t", 1)[-1].split())
         raise UsageError(f"{path} does not fit the model built by {factory}: {detail}") from exc
-
-
-def _first(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")

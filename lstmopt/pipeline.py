@@ -40,6 +40,8 @@ class OptimizeOptions:
     factory: Optional[str] = None
     factory_kwargs: dict = field(default_factory=dict)
     trust: bool = False
+    state_dict_key: Optional[str] = None  # where the weights are in a training checkpoint (see lstmopt.checkpoints)
+    strip_prefix: Optional[str] = None  # removed from every key of the checkpoint's state dict
     example_inputs: Optional[Path] = None
     input_shape: Optional[tuple[int, int, int]] = None
     atol: Optional[float] = None  # None: the dtype's default (see verification.default_tolerance)
@@ -91,7 +93,8 @@ class OptimizeOptions:
     def to_dict(self) -> dict:
         return {
             "format": self.format, "dtype": self.dtype, "factory": self.factory,
-            "factory_kwargs": self.factory_kwargs, "trust": self.trust,
+            "factory_kwargs": self.factory_kwargs, "trust": self.trust, "state_dict_key": self.state_dict_key,
+            "strip_prefix": self.strip_prefix,
             "example_inputs": str(self.example_inputs) if self.example_inputs else None,
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "atol": self.atol, "rtol": self.rtol, "verify": self.verify, "autotune": self.autotune,
@@ -213,8 +216,10 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
 
     with step("load"):
         loaded = load_model(options.input, factory=options.factory, factory_kwargs=options.factory_kwargs,
-                            trust=options.trust)
-        report.input.update(sha256=loaded.sha256, format=loaded.format)
+                            trust=options.trust, state_dict_key=options.state_dict_key,
+                            strip_prefix=options.strip_prefix)
+        report.input.update(sha256=loaded.sha256, format=loaded.format, state_dict_key=loaded.state_dict_key,
+                            stripped_prefix=loaded.stripped_prefix)
         samples = samples_for(options.example_inputs, options.input_shape)
 
     with step("optimize"):

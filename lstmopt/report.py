@@ -52,6 +52,11 @@ def format_error(value: Any) -> str:
     return "0" if value == 0 else f"{value:.2e}"
 
 
+def _weights_origin(input: dict) -> str:
+    key, prefix = input.get("state_dict_key"), input.get("stripped_prefix")
+    return (f"; weights: `{key}` entry" if key else "") + (f"; prefix `{prefix}` stripped" if prefix else "")
+
+
 def _method(data: dict) -> str:
     how = data.get("artifact") or {}
     return f", {how['method']}" if how.get("method") in ("scripted", "traced") else ""
@@ -74,7 +79,8 @@ def report_markdown(data: dict, *, heading: str = "##") -> str:
     env = data.get("environment", {})
     lines += [
         "| | |", "|---|---|",
-        f"| Input | `{data['input'].get('path')}` (sha256 `{str(data['input'].get('sha256', ''))[:12]}`) |",
+        f"| Input | `{data['input'].get('path')}` (sha256 `{str(data['input'].get('sha256', ''))[:12]}`"
+        f"{_weights_origin(data['input'])}) |",
         f"| Output | `{output['path']}` ({output['format']}{_method(data)}, {output['bytes'] / 1e6:.1f} MB) |" if output
         else "| Output | none written |",
         f"| dtype | {data.get('options', {}).get('dtype', '?')} |",

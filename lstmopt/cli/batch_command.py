@@ -1,0 +1,96 @@
+"""``lstmopt batch``: optimize every model of a YAML config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.text import Text
+
+from . import options
+from .app import Failed, app
+from .options import DebugOpt, JsonOpt, OUTPUT, QuietOpt
+from .ui import UI
+
+
+@app.command(epilog="Example: `OUT_DIR=build lstmopt batch configs/examples.yaml --jobs 2 --report batch.json "
+                    "--summary batch.md`")
+def batch(
+    config: Annotated[Path, typer.Argument(help="YAML config: defaults and a list of jobs (see configs/).",
+                                           show_default=False)],
+    report: Annotated[Optional[Path], typer.Option(
+        "--report", metavar="FILE", rich_help_panel=OUTPUT,
+        help="Write the JSON batch report (schema lstmopt.batch-report/1; each job a lstmopt.report/1).")] = None,
+    summary: Annotated[Optional[Path], typer.Option(
+        "--summary", metavar="FILE", rich_help_panel=OUTPUT, help="Write a Markdown summary.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1,
+                                      help="Jobs to run at once, each in its own process.")] = 1,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed job.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo jobs whose outputs are up to date, and replace "
+                                                        "outputs lstmopt did not write.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Optimize every model of a YAML config; up-to-date outputs are skipped, failures do not stop the others."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..batch import run_batch
+    from ..config import load_config
+    from ..display import batch_table
+    from ..files import atomic_write_text
+    from ..report import batch_markdown, write_json
+
+    ui = UI(quiet=quiet, json_mode=json_out)
+    options.check_writable(report, "report")
+    options.check_writable(summary, "summary")
+    loaded = load_config(config)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=ui.err, disable=not ui.chatty)
+    overall = progress.add_task(f"{config.name}", total=len(loaded.jobs))
+    tasks: dict[int, Any] = {}
+
+    def on_event(kind: str, index: int, payload: Any) -> None:
+        name = loaded.jobs[index].name
+        if kind == "start":
+            tasks[index] = progress.add_task(f"  {name}: starting", total=None)
+        elif kind == "step":
+            progress.update(tasks[index], description=f"  {name}: {payload}")
+        elif kind == "done":
+            if index in tasks:
+                progress.remove_task(tasks.pop(index))
+            progress.advance(overall)
+            if ui.chatty:
+                ui.err.print(Text.assemble(_status_text(payload["status"]), f" {name}",
+                                           f": {payload['error']}" if payload.get("error") else ""), soft_wrap=True)
+
+    def write_outputs(result) -> None:
+        data = result.to_dict()
+        if report is not None:
+            write_json(data, report)
+        if summary is not None:
+            atomic_write_text(summary, batch_markdown(str(config), data["jobs"]))
+        ui.emit_json(data)
+        ui.show(batch_table(data))
+
+    try:
+        with progress:
+            result = run_batch(loaded, parallel=jobs, fail_fast=fail_fast, force=force, on_event=on_event)
+    except KeyboardInterrupt as exc:
+        partial = getattr(exc, "batch_result", None)
+        if partial is not None:
+            write_outputs(partial)
+        raise
+    write_outputs(result)
+    counts = result.counts()
+    if result.exit_code != 0:
+        failed = next(r for r in result.to_dict()["jobs"] if r["exit_code"] != 0)
+        raise Failed(f"{counts['failed']} of {counts['total']} jobs failed; first: {failed['job']}: "
+                      f"{failed['error']}", result.exit_code)
+    ui.show(f"[green]{counts['ok']} optimized, {counts['skipped']} up to date[/] ({counts['total']} jobs)")
+
+
+def _status_text(status: str) -> Text:
+    style = {"ok": "green", "skipped": "cyan", "cancelled": "yellow"}.get(status, "red")
+    return Text(status, style=style)

@@ -1,0 +1,48 @@
+"""``lstmopt demo``: optimize, verify and benchmark the bundled keyword spotter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import app
+from .optimize import optimize
+from .options import DebugOpt, Dtype, Format, JsonOpt, QuietOpt
+from .ui import UI
+
+
+@app.command(epilog="Example: `lstmopt demo --output-dir /tmp/lstmopt-demo`")
+def demo(
+    output_dir: Annotated[Path, typer.Option("--output-dir", help="Where to put the demo's files.")] = Path("lstmopt-demo"),
+    format: Annotated[Format, typer.Option("--format", help="Artifact format.")] = Format["torchscript"],
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Build the bundled keyword-spotter model, then optimize, verify and benchmark it (under a minute)."""
+    import torch
+
+    from ..demo import INPUT_SHAPE, build_keyword_spotter
+
+    ui = UI(quiet=quiet, json_mode=json_out)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    source = output_dir / "keyword_spotter.pt"
+    torch.save(build_keyword_spotter().state_dict(), source)
+    target = output_dir / f"keyword_spotter.{format.value}.pt"
+    ui.show(f"Saved the demo model's weights to {source}. Optimizing them, as this command would:")
+    if ui.chatty:
+        ui.out.print(f"  lstmopt optimize {source} -o {target} --factory lstmopt.demo:build_keyword_spotter "
+                     f"--input-shape {','.join(map(str, INPUT_SHAPE))} --bench --require-lstm --force",
+                     soft_wrap=True, style="bold")
+    optimize(input=source, output=target, format=format, dtype=Dtype["float32"],
+             factory="lstmopt.demo:build_keyword_spotter", factory_kwargs=None, trust=False, state_dict_key=None,
+             strip_prefix=None, example_inputs=None,
+             input_shape=",".join(map(str, INPUT_SHAPE)), atol=None, rtol=None, bench=True, min_speedup=None,
+             autotune=False, approx=False, require_lstm=True, report=output_dir / "report.json", summary=output_dir / "summary.md", force=True,
+             json_out=json_out, quiet=quiet, debug=debug)
+    load = (f"torch.jit.load('{target}')" if format.value == "torchscript"
+            else f"torch.load('{target}', weights_only=False)")
+    ui.show(f"Report: {output_dir / 'report.json'}, summary: {output_dir / 'summary.md'}. "
+            f"Load the optimized model with {load}.")

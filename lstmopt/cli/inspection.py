@@ -1,0 +1,56 @@
+"""``lstmopt inspect``: the model as a tree, each LSTM's decision; writes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import options
+from .app import app
+from .options import (DebugOpt, Dtype, DtypeOpt, FactoryKwargsOpt, FactoryOpt,
+                      JsonOpt, QuietOpt, StateDictKeyOpt,
+                      StripPrefixOpt, TrustOpt)
+from .ui import UI
+
+
+@app.command(epilog="Example: `lstmopt inspect encoder.pt --factory mymodels:build_encoder`")
+def inspect(
+    input: Annotated[Path, typer.Argument(help="Saved model (same forms as for optimize).", show_default=False)],
+    factory: FactoryOpt = None,
+    factory_kwargs: FactoryKwargsOpt = None,
+    trust: TrustOpt = False,
+    state_dict_key: StateDictKeyOpt = None,
+    strip_prefix: StripPrefixOpt = None,
+    dtype: DtypeOpt = Dtype["float32"],
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show the model as a tree: each LSTM, whether lstmopt can pack it and why, parameter counts. Writes nothing."""
+    import torch
+
+    from ..display import model_tree, modules_table
+    from ..rewrite import plan
+
+    ui = UI(quiet=quiet, json_mode=json_out)
+    loaded = options.load(ui, input, factory, factory_kwargs, trust, state_dict_key, strip_prefix)
+    model = loaded.model
+    modules = []
+    for d in plan(model, dtype=getattr(torch, dtype.value)):
+        entry = d.to_dict()
+        entry["parameters"] = sum(p.numel() for p in model.get_submodule(d.name).parameters())
+        modules.append(entry)
+    total = sum(p.numel() for p in model.parameters())
+    ui.emit_json({"input": {"path": str(input), "sha256": loaded.sha256, "format": loaded.format},
+                  "model": type(model).__name__, "parameters": total,
+                  "lstm_parameters": sum(m["parameters"] for m in modules), "modules": modules})
+    ui.show(model_tree(model, modules, label=input.name))
+    if modules:
+        ui.show(modules_table(modules))
+        packable = sum(m["packed"] for m in modules)
+        ui.show(f"{packable} of {len(modules)} LSTMs can be packed; LSTMs hold "
+                f"{sum(m['parameters'] for m in modules):,} of {total:,} parameters.")
+    else:
+        ui.warn("the model has no nn.LSTM: there is nothing for lstmopt to optimize")

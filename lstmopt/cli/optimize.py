@@ -1,0 +1,112 @@
+"""``lstmopt optimize``: a saved model in, a verified optimized artifact out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import options
+from .app import Failed, app
+from .options import (AtolOpt, CHECKS, DebugOpt, Dtype, DtypeOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
+                      Format, InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, RtolOpt, StateDictKeyOpt,
+                      StripPrefixOpt, TrustOpt)
+from .ui import UI
+
+
+@app.command(epilog="Example: `lstmopt optimize tagger.pt -o tagger.opt.pt --factory mymodels:build_tagger "
+                    "--example-inputs batches.pt --report report.json --summary summary.md`")
+def optimize(
+    input: Annotated[Path, typer.Argument(help="Saved model: a state dict (with --factory), a .safetensors file, "
+                                                "or a pickled module (with --trust).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model.",
+                                         show_default=False)],
+    format: Annotated[Format, typer.Option(
+        "--format", help="torchscript loads with plain torch.jit.load (no lstmopt needed); pickle needs lstmopt "
+                         "and your model classes importable.")] = Format["torchscript"],
+    dtype: DtypeOpt = Dtype["float32"],
+    factory: FactoryOpt = None,
+    factory_kwargs: FactoryKwargsOpt = None,
+    trust: TrustOpt = False,
+    state_dict_key: StateDictKeyOpt = None,
+    strip_prefix: StripPrefixOpt = None,
+    example_inputs: ExampleInputsOpt = None,
+    input_shape: InputShapeOpt = None,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    bench: Annotated[bool, typer.Option("--bench", rich_help_panel=CHECKS,
+                                        help="Also time the original against the optimized model.")] = False,
+    autotune: Annotated[bool, typer.Option(
+        "--autotune", rich_help_panel=CHECKS,
+        help="Time each LSTM's kernels (packed oneDNN, stock nn.LSTM) on the calls it receives with the "
+             "example inputs, and keep the fastest per LSTM.")] = False,
+    approx: Annotated[bool, typer.Option(
+        "--approx", rich_help_panel=CHECKS,
+        help="With --autotune, also consider the single-step cell kernel: within 1e-6 of nn.LSTM, not "
+             "bit-identical (the default tolerance becomes 1e-6).")] = False,
+    min_speedup: Annotated[Optional[float], typer.Option(
+        "--min-speedup", metavar="X", rich_help_panel=CHECKS,
+        help="Fail (exit 6) below this speedup: geometric mean over the inputs; implies --bench.")] = None,
+    require_lstm: Annotated[bool, typer.Option(
+        "--require-lstm", help="Fail (exit 4) if no LSTM can be optimized, instead of warning.")] = False,
+    report: Annotated[Optional[Path], typer.Option(
+        "--report", metavar="FILE", rich_help_panel=OUTPUT,
+        help="Write the JSON report (schema lstmopt.report/1), also when the run fails.")] = None,
+    summary: Annotated[Optional[Path], typer.Option(
+        "--summary", metavar="FILE", rich_help_panel=OUTPUT,
+        help="Write a Markdown summary, e.g. to $GITHUB_STEP_SUMMARY.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Optimize a saved model: load it, pack its LSTMs, write it, verify it in a fresh process.
+
+    The output appears only once it has been verified (and, with --min-speedup, timed); a failed or
+    interrupted run leaves no output, and the input is never written.
+    """
+    from ..display import benchmark_table, modules_table, verification_summary
+    from ..pipeline import OptimizeOptions, optimize_file
+    from ..report import report_markdown, write_json
+    from ..files import atomic_write_text
+
+    ui = UI(quiet=quiet, json_mode=json_out)
+    options.check_writable(report, "report")
+    options.check_writable(summary, "summary")
+    job = OptimizeOptions(
+        input=input, output=output, format=format.value, dtype=dtype.value, factory=factory,
+        factory_kwargs=options.parse_kwargs(factory_kwargs), trust=trust, state_dict_key=state_dict_key,
+        strip_prefix=strip_prefix, example_inputs=example_inputs,
+        input_shape=options.parse_shape(input_shape), atol=atol, rtol=rtol, benchmark=bench, min_speedup=min_speedup,
+        require_lstm=require_lstm, force=force, autotune=autotune, approx=approx,
+    )
+    steps = {"load": "loading", "optimize": "packing LSTMs", "autotune": "timing kernels per LSTM",
+             "write": f"writing {format.value}",
+             "verify": "verifying in a fresh process", "benchmark": "benchmarking"}
+    with ui.status("starting") as status:
+        result = optimize_file(job, on_step=lambda name: status and status.update(steps.get(name, name)))
+    data = result.to_dict()
+    if report is not None:
+        write_json(data, report)
+    if summary is not None:
+        atomic_write_text(summary, report_markdown(data))
+    ui.emit_json(data)
+
+    options.say_where_the_weights_were(ui, input, data["input"].get("state_dict_key"), data["input"].get("stripped_prefix"))
+    if data["modules"]:
+        ui.show(modules_table(data["modules"]))
+    if data["verification"]:
+        ui.show(verification_summary(data["verification"]))
+    if data["benchmark"]:
+        ui.show(benchmark_table(data["benchmark"]))
+    for warning in data["warnings"]:
+        ui.warn(warning)
+    if result.ok:
+        how = data["artifact"] or {}
+        method = f", {how['method']}" if how.get("method") in ("scripted", "traced") else ""
+        ui.show(f"[green]wrote[/] {output} ({format.value}{method}, {data['output']['bytes'] / 1e6:.1f} MB)")
+        if how.get("method") == "traced":
+            ui.show(f"  traced because {how['reason']}")
+        return
+    raise Failed(result.error or result.status, result.exit_code) from result.exception

@@ -1,0 +1,105 @@
+"""The options several commands share, and reading what they name (models, inputs, shapes)."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..choices import DTYPES, FORMATS
+from ..errors import UsageError
+from .ui import UI
+
+Format = Enum("Format", {f: f for f in FORMATS}, type=str)  # type: ignore[misc]
+Dtype = Enum("Dtype", {d: d for d in DTYPES}, type=str)  # type: ignore[misc]
+
+LOADING, CHECKS, OUTPUT = "Loading the model", "Verification and benchmark", "Output"
+
+FactoryOpt = Annotated[Optional[str], typer.Option(
+    "--factory", metavar="PKG.MOD:FN", rich_help_panel=LOADING,
+    help="Callable that builds the model a state dict is loaded into (the current directory is importable).")]
+FactoryKwargsOpt = Annotated[Optional[str], typer.Option(
+    "--factory-kwargs", metavar="JSON", rich_help_panel=LOADING,
+    help='Keyword arguments for --factory, as a JSON object, e.g. \'{"hidden": 256}\'.')]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust", rich_help_panel=LOADING,
+    help="Allow loading a pickled module. Unpickling runs code named by the file: only for files you trust.")]
+StateDictKeyOpt = Annotated[Optional[str], typer.Option(
+    "--state-dict-key", metavar="KEY", rich_help_panel=LOADING,
+    help="Where the weights are in a training checkpoint (e.g. state_dict, model, ema; dots for nested keys), "
+         "when lstmopt cannot tell: by default it takes the one mapping of tensors that fits the model.")]
+StripPrefixOpt = Annotated[Optional[str], typer.Option(
+    "--strip-prefix", metavar="PREFIX", rich_help_panel=LOADING,
+    help="Remove this prefix from every key of the state dict (e.g. 'module.' from DDP); by default a prefix "
+         "shared by every key is stripped when that makes the keys fit.")]
+ExampleInputsOpt = Annotated[Optional[Path], typer.Option(
+    "--example-inputs", metavar="FILE", rich_help_panel=CHECKS,
+    help="torch.save'd list of examples, each a tuple of the model's forward arguments.")]
+InputShapeOpt = Annotated[Optional[str], typer.Option(
+    "--input-shape", metavar="B,T,F", rich_help_panel=CHECKS,
+    help="For a model taking one (batch, time, features) tensor: random inputs at 2 batch sizes x 2 lengths.")]
+AtolOpt = Annotated[Optional[float], typer.Option(
+    "--atol", min=0, rich_help_panel=CHECKS, help="Absolute tolerance [default: 0 for float32, 0.02 for bfloat16].")]
+RtolOpt = Annotated[Optional[float], typer.Option(
+    "--rtol", min=0, rich_help_panel=CHECKS, help="Relative tolerance [default: 0 for float32, 0.02 for bfloat16].")]
+DtypeOpt = Annotated[Dtype, typer.Option(
+    "--dtype", help="LSTM compute dtype: float32 is bit-identical; bfloat16 is faster on large shapes but "
+                    "changes numerics (needs native bf16).")]
+JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT,
+                                       help="Print the result as JSON on stdout (nothing else on stdout).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUT,
+                                        help="Print nothing but errors.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", rich_help_panel=OUTPUT,
+                                        help="Show tracebacks for errors.")]
+
+
+def parse_kwargs(text: Optional[str]) -> dict:
+    """--factory-kwargs: a JSON object."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--factory-kwargs is not valid JSON ({exc.msg} at character {exc.pos})") from exc
+    if not isinstance(value, dict):
+        raise UsageError(f"--factory-kwargs must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_shape(text: Optional[str]):
+    """--input-shape B,T,F, or None."""
+    from ..samples import parse_shape as parse
+
+    return parse(text) if text else None
+
+
+def load_samples(example_inputs: Optional[Path], input_shape: Optional[str]) -> list:
+    from ..samples import samples_for
+
+    return samples_for(example_inputs, parse_shape(input_shape))
+
+
+def check_writable(path: Optional[Path], what: str) -> None:
+    if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
+        raise UsageError(f"cannot write the {what} {path}: directory {path.parent} does not exist")
+
+
+def load(ui: UI, input: Path, factory: Optional[str], factory_kwargs: Optional[str], trust: bool,
+         state_dict_key: Optional[str] = None, strip_prefix: Optional[str] = None):
+    """The model a command's options name (see ``lstmopt.loading.load_model``)."""
+    from ..loading import load_model
+
+    with ui.status(f"loading {input}"):
+        loaded = load_model(input, factory=factory, factory_kwargs=parse_kwargs(factory_kwargs), trust=trust,
+                            state_dict_key=state_dict_key, strip_prefix=strip_prefix)
+    say_where_the_weights_were(ui, input, loaded.state_dict_key, loaded.stripped_prefix)
+    return loaded
+
+
+def say_where_the_weights_were(ui: UI, path, key: Optional[str], prefix: Optional[str]) -> None:
+    if key or prefix:
+        where = f"the {key!r} entry of {path}" if key else str(path)
+        ui.show(f"weights: {where}" + (f", keys without the prefix {prefix!r}" if prefix else ""))

@@ -1,0 +1,73 @@
+"""``lstmopt verify``: reload an artifact in a fresh process and compare it with the original."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import UsageError
+from . import options
+from .app import app
+from .options import (AtolOpt, DebugOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
+                      InputShapeOpt, JsonOpt, QuietOpt, RtolOpt, StateDictKeyOpt,
+                      StripPrefixOpt, TrustOpt)
+from .ui import UI
+
+
+@app.command(epilog="Example: `lstmopt verify encoder.pt encoder.opt.pt --factory mymodels:build_encoder "
+                    "--input-shape 8,100,40`")
+def verify(
+    original: Annotated[Path, typer.Argument(help="The saved original model.", show_default=False)],
+    optimized: Annotated[Path, typer.Argument(
+        help="The artifact lstmopt wrote. A pickle-format artifact runs code named by the file when loaded: "
+             "it needs --trust, like a pickled original.", show_default=False)],
+    factory: FactoryOpt = None,
+    factory_kwargs: FactoryKwargsOpt = None,
+    trust: TrustOpt = False,
+    state_dict_key: StateDictKeyOpt = None,
+    strip_prefix: StripPrefixOpt = None,
+    example_inputs: ExampleInputsOpt = None,
+    input_shape: InputShapeOpt = None,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Reload OPTIMIZED in a fresh process and compare it with ORIGINAL (exit 5 above the tolerance)."""
+    from ..display import verification_summary
+    from ..loading import artifact_format
+    from ..verification import default_tolerance, verify_artifact
+    from ..writing import read_metadata
+
+    ui = UI(quiet=quiet, json_mode=json_out)
+    meta = read_metadata(optimized)
+    artifact_kind = artifact_format(optimized, trust=trust)  # by content: the metadata is not proof of origin
+    loaded = options.load(ui, original, factory, factory_kwargs, trust, state_dict_key, strip_prefix)
+    source = meta.get("source", {}).get("sha256")
+    if source and source != loaded.sha256:
+        ui.warn(f"{optimized} was made from a different file than {original} (sha256 {source[:12]} vs "
+                f"{loaded.sha256[:12]})")
+    recorded_as_ops = set((meta.get("torchscript") or {}).get("lstms_traced_as_ops", ()))
+    names = [m["name"] for m in meta.get("modules", []) if m["packed"] and m["name"] not in recorded_as_ops]
+    for name in names:
+        try:
+            loaded.model.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"{original} has no module {name!r}, which {optimized} optimized; was it made from "
+                             "this model?") from None
+    default_atol, default_rtol = default_tolerance(meta.get("dtype", "float32"),
+                                                   exact=all(m.get("exact", True) for m in meta.get("modules", [])))
+    samples = options.load_samples(example_inputs, input_shape)
+    with ui.status("verifying in a fresh process"):
+        result = verify_artifact(loaded.model, optimized, format=artifact_kind, samples=samples, lstm_names=names,
+                                 atol=default_atol if atol is None else atol,
+                                 rtol=default_rtol if rtol is None else rtol,
+                                 artifact_prefix=meta.get("module_prefix", ""))
+    ui.emit_json(result.to_dict())
+    ui.show(verification_summary(result.to_dict()))
+    if not samples:
+        ui.warn("no --example-inputs or --input-shape: only each LSTM was checked, not the model as a whole")
+    result.raise_if_failed()
