@@ -3,19 +3,22 @@
 ``autotune(model, samples)`` runs the model on the sample inputs while recording what every PackedLSTM
 receives, then, for each module, times the candidate kernels on those recorded calls (medians of
 interleaved rounds, weighted by how often each input shape occurred) and switches the module to the
-fastest. Candidates: ``"onednn"`` (packed, bit-identical), ``"stock"`` (nn.LSTM itself) and, with
-``exact=False``, ``"cell"`` (single steps through aten.lstm_cell, within 1e-6 of nn.LSTM).
+fastest. Tensor calls choose ``PackedLSTM.kernel``: ``"onednn"`` (packed, bit-identical), ``"stock"``
+(nn.LSTM itself) and, with ``exact=False``, ``"cell"`` (single steps through aten.lstm_cell, within 1e-6
+of nn.LSTM). PackedSequence calls choose ``PackedLSTM.sequence_kernel``: ``"stock"`` and, with
+``exact=False``, ``"onednn"`` (the packed op on padded runs, within 1e-6).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
-from .packed import EXACT_KERNELS, KERNELS, PackedLSTM
+from .packed import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from .packing import tracked_copy
 from .timing import interleaved_medians
 
@@ -24,15 +27,26 @@ __all__ = ["KernelChoice", "autotune"]
 
 @dataclass(frozen=True)
 class KernelChoice:
+    """What autotune chose for one module, for one kind of input ("tensor" or "sequence")."""
+
     name: str
+    inputs: str
     kernel: str
     exact: bool
     ms_per_forward: dict  # kernel -> total ms over the recorded calls of one pass over the samples
     calls: int  # recorded calls per pass over the samples
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kernel": self.kernel, "exact": self.exact, "calls": self.calls,
-                "ms_per_forward": {k: round(v, 4) for k, v in self.ms_per_forward.items()}}
+        return {"name": self.name, "inputs": self.inputs, "kernel": self.kernel, "exact": self.exact,
+                "calls": self.calls, "ms_per_forward": {k: round(v, 4) for k, v in self.ms_per_forward.items()}}
+
+
+def _signature(input, hx) -> tuple:
+    if isinstance(input, PackedSequence):
+        return ("sequence", tuple(input.data.shape), tuple(input.batch_sizes.tolist()), hx is not None)
+    if isinstance(input, torch.Tensor):
+        return ("tensor", tuple(input.shape), input.dtype, hx is not None)
+    return ("other", type(input).__name__)
 
 
 def _record(model: nn.Module, modules: dict, samples: Sequence[tuple]) -> dict:
@@ -44,11 +58,7 @@ def _record(model: nn.Module, modules: dict, samples: Sequence[tuple]) -> dict:
         def capture(module, args, kwargs):
             input = args[0] if args else kwargs.get("input")
             hx = args[1] if len(args) > 1 else kwargs.get("hx")
-            if not isinstance(input, torch.Tensor):
-                key = ("other", type(input).__name__)
-            else:
-                key = (tuple(input.shape), input.dtype, hx is not None)
-            entry = seen[name].setdefault(key, [(input, hx), 0])
+            entry = seen[name].setdefault(_signature(input, hx), [(input, hx), 0])
             entry[1] += 1
         return capture
 
@@ -64,9 +74,30 @@ def _record(model: nn.Module, modules: dict, samples: Sequence[tuple]) -> dict:
     return seen
 
 
+def _fastest(module: PackedLSTM, calls: list, candidates: list[str], switch, rounds: int,
+             round_s: float) -> tuple[str, dict]:
+    """Time ``module`` switched (``switch(copy, kernel)``) to each candidate on ``calls``; the fastest and all
+    totals (ms per pass over the samples)."""
+    variants = {}
+    for kernel in candidates:
+        variant = tracked_copy(module)
+        switch(variant, kernel)
+        variants[kernel] = variant
+    totals = {kernel: 0.0 for kernel in variants}
+    with torch.no_grad():
+        for args, count in calls:
+            medians = interleaved_medians(
+                {kernel: (lambda v=variant, a=args: v(*a)) for kernel, variant in variants.items()},
+                rounds=rounds, round_s=round_s,
+            )
+            for kernel, seconds in medians.items():
+                totals[kernel] += seconds * count * 1e3
+    return min(totals, key=totals.get), totals
+
+
 def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, rounds: int = 9,
              round_s: float = 0.01) -> list[KernelChoice]:
-    """Switch every PackedLSTM of ``model`` to its fastest kernel on ``samples`` (tuples of forward args)."""
+    """Switch every PackedLSTM of ``model`` to its fastest kernels on ``samples`` (tuples of forward args)."""
     modules = {name: m for name, m in model.named_modules() if isinstance(m, PackedLSTM)}
     if not modules or not samples:
         return []
@@ -74,31 +105,43 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
     recorded = _record(model, modules, samples)
     choices = []
     for name, module in modules.items():
-        calls = recorded[name]
-        if not calls:
-            continue  # the samples never reach this LSTM: keep its kernel
-        candidates = [k for k in KERNELS if not exact or k in EXACT_KERNELS]
-        if module.packed_dtype is None and module.kernel == "onednn":
-            candidates.remove("onednn")  # nothing to pack (a dtype or device the op does not take)
-        if "cell" in candidates and module._flat_weights[0].dtype != torch.float32:
-            candidates.remove("cell")  # fp32 only
-        variants = {}
-        for kernel in candidates:
-            variant = tracked_copy(module)
-            variant.use_kernel(kernel)
-            variants[kernel] = variant
-        totals = {kernel: 0.0 for kernel in variants}
-        with torch.no_grad():
-            for (args, count) in calls.values():
-                medians = interleaved_medians(
-                    {kernel: (lambda v=variant, a=args: v(*a)) for kernel, variant in variants.items()},
-                    rounds=rounds, round_s=round_s,
-                )
-                for kernel, seconds in medians.items():
-                    totals[kernel] += seconds * count * 1e3
-        best = min(totals, key=totals.get)
-        module.use_kernel(best)
-        module.autotune_ms = totals
-        choices.append(KernelChoice(name, best, best in EXACT_KERNELS,
-                                    totals, sum(count for _, count in calls.values())))
+        by_kind: dict[str, list] = {"tensor": [], "sequence": []}
+        for signature, (args, count) in recorded[name].items():
+            if signature[0] in by_kind:
+                by_kind[signature[0]].append((args, count))
+        tensor_choice = _choose(module, name, "tensor", by_kind["tensor"], exact, rounds, round_s)
+        sequence_choice = _choose(module, name, "sequence", by_kind["sequence"], exact, rounds, round_s)
+        module.use_kernel(tensor_choice.kernel if tensor_choice else None,
+                          sequence_kernel=sequence_choice.kernel if sequence_choice else None)
+        if tensor_choice:
+            module.autotune_ms = tensor_choice.ms_per_forward
+        if sequence_choice:
+            module.sequence_autotune_ms = sequence_choice.ms_per_forward
+        choices += [c for c in (tensor_choice, sequence_choice) if c is not None]
     return choices
+
+
+def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool, rounds: int,
+            round_s: float) -> Optional[KernelChoice]:
+    if not calls:
+        return None  # the samples never give this LSTM such inputs: keep its kernel
+    weights_dtype = module._flat_weights[0].dtype
+    packable = module.packed_dtype is not None or module._packable()
+    if inputs == "tensor":
+        candidates = [k for k in KERNELS if not exact or k in EXACT_KERNELS]
+        if "cell" in candidates and weights_dtype != torch.float32:
+            candidates.remove("cell")  # fp32 only
+
+        def switch(variant, kernel):
+            variant.use_kernel(kernel)
+        allowed_exact = EXACT_KERNELS
+    else:
+        candidates = [k for k in SEQUENCE_KERNELS if not exact or k in EXACT_SEQUENCE_KERNELS]
+
+        def switch(variant, kernel):
+            variant.use_kernel(sequence_kernel=kernel)
+        allowed_exact = EXACT_SEQUENCE_KERNELS
+    if not packable and "onednn" in candidates:
+        candidates.remove("onednn")  # nothing to pack (a dtype or device the op does not take)
+    best, totals = _fastest(module, calls, candidates, switch, rounds, round_s)
+    return KernelChoice(name, inputs, best, best in allowed_exact, totals, sum(count for _, count in calls))

@@ -68,3 +68,68 @@ def compare_latency(
             if on_case is not None:
                 on_case(i, case)
     return result
+
+
+@dataclass
+class LstmLatency:
+    """One LSTM of the model timed on its own, original against optimized, on the calls the samples give it."""
+
+    name: str
+    inputs: str  # "tensors", "PackedSequences" or both
+    original_ms: float  # per pass over the samples
+    optimized_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.original_ms / self.optimized_ms
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "speedup": round(self.speedup, 4)}
+
+
+def _submodule(model, name: str):
+    for part in filter(None, name.split(".")):  # ScriptModules have no get_submodule
+        model = getattr(model, part)
+    return model
+
+
+def _entry_point(module, input):
+    """How to call an LSTM of a loaded artifact: a scripted nn.LSTM's forward is overloaded."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    if isinstance(module, torch.jit.ScriptModule) and hasattr(module, "forward__0"):
+        return module.forward__1 if isinstance(input, PackedSequence) else module.forward__0
+    return module
+
+
+def per_lstm_latency(original: torch.nn.Module, optimized: torch.nn.Module, names: Sequence[str],
+                     samples: Sequence[Sample], *, rounds: int = 9, round_s: float = 0.01) -> list[LstmLatency]:
+    """Time each named LSTM of ``original`` against the same module of ``optimized`` (a Python model or a
+    loaded artifact) on the calls the samples make of it: what a slower artifact is to be blamed on."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    calls: dict[str, list] = {name: [] for name in names}
+    handles = [original.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: calls[name].append(args)) for name in names]
+    try:
+        with torch.no_grad():
+            for args in samples:
+                original(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    results = []
+    with torch.no_grad():
+        for name, recorded in calls.items():
+            if not recorded:
+                continue
+            stock = original.get_submodule(name)
+            target = _submodule(optimized, name)
+            medians = interleaved_medians(
+                {"original": lambda: [stock(*a) for a in recorded],
+                 "optimized": lambda: [_entry_point(target, a[0])(*a) for a in recorded]},
+                rounds=rounds, round_s=round_s)
+            kinds = {"PackedSequences" if isinstance(a[0], PackedSequence) else "tensors" for a in recorded}
+            results.append(LstmLatency(name, " and ".join(sorted(kinds)), medians["original"] * 1e3,
+                                       medians["optimized"] * 1e3))
+    return results

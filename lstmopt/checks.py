@@ -6,12 +6,12 @@ positively known to be valid for it. Anything else takes nn.LSTM's own path, whi
 result or raises the stock error. TorchScript-compatible: the scripted dispatch runs the same checks.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["valid_for_kernel"]
+__all__ = ["valid_for_kernel", "valid_sequence"]
 
 
 def _plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
@@ -41,5 +41,42 @@ def valid_for_kernel(
         expected = [states, batch, hidden_size] if len(shape) == 3 else [states, hidden_size]
         for state in hx:
             if not _plain_cpu(state, dtype) or list(state.shape) != expected:
+                return False
+    return True
+
+
+def _index_vector(t: Optional[Tensor], batch: int) -> bool:
+    return t is not None and t.dim() == 1 and t.dtype == torch.int64 and t.is_cpu and t.numel() == batch
+
+
+def valid_sequence(
+    data: Tensor, batch_sizes: Tensor, sorted_indices: Optional[Tensor], unsorted_indices: Optional[Tensor],
+    hx: Optional[Tuple[Tensor, Tensor]], dtype: Optional[torch.dtype], input_size: int, hidden_size: int,
+    states: int,
+) -> bool:
+    """The same for a PackedSequence, whose parts the kernel indexes with: the data, batch sizes that are
+    positive, non-increasing and add up to the data's rows, index vectors that undo each other."""
+    if dtype is None or data.dim() != 2 or not _plain_cpu(data, dtype) or data.size(1) != input_size:
+        return False
+    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or not batch_sizes.is_cpu or batch_sizes.numel() == 0:
+        return False
+    sizes: List[int] = batch_sizes.tolist()
+    if sizes[-1] < 1 or sum(sizes) != data.size(0):
+        return False
+    for t in range(1, len(sizes)):
+        if sizes[t] > sizes[t - 1]:
+            return False
+    batch = sizes[0]
+    if sorted_indices is not None or unsorted_indices is not None:
+        if not _index_vector(sorted_indices, batch) or not _index_vector(unsorted_indices, batch):
+            return False
+        assert sorted_indices is not None and unsorted_indices is not None
+        if int(sorted_indices.min()) < 0 or int(sorted_indices.max()) >= batch:
+            return False
+        if not torch.equal(unsorted_indices.index_select(0, sorted_indices), torch.arange(batch)):
+            return False
+    if hx is not None:
+        for state in hx:
+            if not _plain_cpu(state, dtype) or list(state.shape) != [states, batch, hidden_size]:
                 return False
     return True

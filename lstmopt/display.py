@@ -15,13 +15,15 @@ __all__ = ["batch_table", "benchmark_table", "model_tree", "modules_table", "ver
 
 
 def _decision(module: dict) -> Text:
-    if module["packed"]:
-        kernel = module.get("kernel") or "onednn"
-        suffix = "" if kernel == "onednn" else f", {kernel} kernel"
-        if kernel == "stock":
-            return Text("kept by autotune", style="yellow")
-        return Text(f"packed {module['packed_dtype']}{suffix}", style="green")
-    return Text("kept", style="yellow")
+    if not module["packed"]:
+        return Text("kept", style="yellow")
+    kernel, sequences = module.get("kernel") or "onednn", module.get("sequence_kernel") or "stock"
+    if kernel == "stock" and sequences == "stock":
+        return Text("kept by autotune", style="yellow")
+    text = f"packed {module['packed_dtype']}" + ("" if kernel == "onednn" else f", {kernel} kernel")
+    if sequences != "stock":
+        text += f", sequences: {sequences}"
+    return Text(text, style="green")
 
 
 # Below this width the LSTMs are listed one under another (name and decision, then the reason and the

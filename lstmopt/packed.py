@@ -12,9 +12,11 @@ extra copy of the weight matrices, kept up to date: ``load_state_dict``, ``.to()
 parameter repack at once, and an in-place edit (``copy_``, an optimizer step, ``.data =``) is noticed by
 the next call, which packs again first.
 
-Kernels (``PackedLSTM.kernel``): ``"onednn"`` (the packed op; bit-identical to nn.LSTM), ``"cell"`` (one
-``aten.lstm_cell`` per layer for single-step calls; within 1e-6 of nn.LSTM, faster than the op's fixed
-per-call cost at one step), ``"stock"`` (nn.LSTM as is). ``lstmopt.autotune`` picks one per module.
+Kernels for tensors (``PackedLSTM.kernel``): ``"onednn"`` (the packed op; bit-identical to nn.LSTM),
+``"cell"`` (one ``aten.lstm_cell`` per layer for single-step calls; within 1e-6 of nn.LSTM, faster than
+the op's fixed per-call cost at one step), ``"stock"`` (nn.LSTM as is). For PackedSequences
+(``PackedLSTM.sequence_kernel``): ``"stock"`` (nn.LSTM's own path, as eager runs them) or ``"onednn"``
+(the packed op on padded runs of the batch; within 1e-6 of nn.LSTM). ``lstmopt.autotune`` picks per module.
 """
 
 # No "from __future__ import annotations": TorchScript needs real annotations on the class attributes.
@@ -25,12 +27,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .checks import valid_for_kernel
-from .kernels import LayerArgs, run_cells, run_onednn
+from .checks import valid_for_kernel, valid_sequence
+from .kernels import LayerArgs, run_cells, run_onednn, run_onednn_sequence
 from .packing import PackedLayer, packing_obstacle, tracked_copy, version_of, weights_obstacle
 from .scripted import ScriptedPaths
 
-__all__ = ["EXACT_KERNELS", "KERNELS", "PackedLSTM"]
+__all__ = ["EXACT_KERNELS", "EXACT_SEQUENCE_KERNELS", "KERNELS", "PackedLSTM", "SEQUENCE_KERNELS"]
 
 # Looked up once: a one-step call spends ~25 us in the op, and each attribute lookup on torch._C adds up.
 _tracing = torch._C._get_tracing_state
@@ -40,7 +42,9 @@ _grad_enabled = torch.is_grad_enabled
 _dynamo_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
 
 KERNELS = ("onednn", "cell", "stock")
-EXACT_KERNELS = ("onednn", "stock")
+SEQUENCE_KERNELS = ("stock", "onednn")
+EXACT_KERNELS = ("onednn", "stock")  # for tensors
+EXACT_SEQUENCE_KERNELS = ("stock",)
 
 
 class PackedLSTM(ScriptedPaths, nn.LSTM):
@@ -59,10 +63,11 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
 
     # Python-only bookkeeping: a scripted module cannot hold locks, Python tuples or object identities.
     __jit_ignored_attributes__ = ["_packed_from", "_pack_lock", "_zeros", "_kernel_args", "autotune_ms",
-                                  "_eager_in_compiled_code"]
+                                  "sequence_autotune_ms", "_eager_in_compiled_code"]
     __jit_unused_properties__ = ["packed_layers", *nn.LSTM.__jit_unused_properties__]
 
     kernel: str
+    sequence_kernel: str
     packed_dtype: Optional[torch.dtype]
     kernel_dtype: Optional[torch.dtype]
     io_dtype: Optional[torch.dtype]
@@ -104,9 +109,11 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
     def _init_packing(self, io_dtype: Optional[torch.dtype]) -> None:
         self.io_dtype = io_dtype
         self.kernel = "onednn"
+        self.sequence_kernel = "stock"
         self.packed_dtype = None
         self.kernel_dtype = None
-        self.autotune_ms: Optional[dict] = None
+        self.autotune_ms: Optional[dict] = None  # what autotune measured per kernel, for tensor calls
+        self.sequence_autotune_ms: Optional[dict] = None  # and for PackedSequence calls
         self._pack_lock = threading.RLock()
         directions = 2 if self.bidirectional else 1
         self.packed_layers = nn.ModuleList(
@@ -151,7 +158,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         with self._pack_lock:
             names = self._flat_weights_names
             weights = [self._parameters[name] for name in names]
-            obstacle = weights_obstacle(weights) if self.kernel == "onednn" else "not the onednn kernel"
+            reads_packs = self.kernel == "onednn" or self.sequence_kernel == "onednn"
+            obstacle = weights_obstacle(weights) if reads_packs else "no kernel in use reads packs"
             if obstacle is None and [tuple(w.shape) for w in weights] != self._expected_shapes():
                 obstacle = "weights were replaced by tensors of other shapes"  # the op would read out of bounds
             per_layer = len(names) // len(self.packed_layers)
@@ -169,8 +177,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
                     packs = layer.packs
                     layers.append((packs.packed_ih, packs.packed_hh, packs.bias_ih, packs.bias_hh, layer.reverse))
             self.packed_dtype = None if obstacle is not None else weights[0].dtype
-            # The dtype inputs need for the fast kernel; None: every call takes nn.LSTM's path.
-            self.kernel_dtype = self.packed_dtype
+            # The dtype tensor inputs need for the fast kernel; None: every tensor call takes nn.LSTM's path.
+            self.kernel_dtype = self.packed_dtype if self.kernel == "onednn" else None
             if self.kernel == "cell" and weights_obstacle(weights, torch.float32) is None \
                     and weights[0].dtype == torch.float32:
                 self.kernel_dtype = torch.float32
@@ -192,6 +200,10 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
                 return False
         return True
 
+    def _packable(self) -> bool:
+        """Whether the weights, as they are, can be packed for oneDNN."""
+        return weights_obstacle([self._parameters[name] for name in self._flat_weights_names]) is None
+
     def _expected_shapes(self) -> List[Tuple[int, ...]]:
         gates, shapes = 4 * self.hidden_size, []
         for layer in self.packed_layers:
@@ -199,12 +211,16 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
             shapes += [(gates,), (gates,)] if self.bias else []
         return shapes
 
-    def use_kernel(self, kernel: str) -> None:
-        """Switch to ``kernel`` ("onednn", "cell" or "stock"); only "onednn" keeps the packs."""
-        if kernel not in KERNELS:
+    def use_kernel(self, kernel: Optional[str] = None, *, sequence_kernel: Optional[str] = None) -> None:
+        """Switch the kernel for tensors (``KERNELS``) and/or for PackedSequences (``SEQUENCE_KERNELS``); the
+        packs are kept only while a kernel in use reads them."""
+        if kernel is not None and kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if sequence_kernel is not None and sequence_kernel not in SEQUENCE_KERNELS:
+            raise ValueError(f"sequence_kernel must be one of {', '.join(SEQUENCE_KERNELS)}, got {sequence_kernel!r}")
         with self._pack_lock:
-            self.kernel = kernel
+            self.kernel = kernel or self.kernel
+            self.sequence_kernel = sequence_kernel or self.sequence_kernel
             self.repack()
 
     def _apply(self, fn, recurse=True):
@@ -285,15 +301,36 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         return self._dispatch(input, hx)
 
     def _dispatch(self, input, hx):
-        kernel = self._fast_kernel(input, hx)
-        if kernel is None:
+        # A tracer must record the stock op, not opaque constants; autocast would try to cast the packs;
+        # with mkldnn disabled, eager runs its native kernel. With autograd on, eager runs oneDNN's training
+        # primitive, whose last bits differ from the inference primitive's on some CPUs (AVX2): only
+        # nn.LSTM's own path gives its exact results then.
+        if (_tracing() or _autocast_enabled() or not _mkldnn_enabled() or _grad_enabled() or self.training
+                or not _plain_state(hx)):
             return super().forward(input, hx)
-        if kernel == "onednn":
-            return run_onednn(input, hx, self._kernel_args, self.hidden_size, self.bidirectional,
-                              self.batch_first, self.bias, self._zero_state(input, 3))
-        return run_cells(input, hx, self._flat_weights, self.input_size, self.hidden_size,
-                         self.num_layers, self.bidirectional, self.batch_first, self.bias,
-                         self._zero_state(input, 2))
+        kind = type(input)
+        if kind is Tensor:
+            kernel = self.kernel
+            if kernel == "onednn" and self._valid(input, hx) and self._packs_ready(lambda: self._valid(input, hx)):
+                return run_onednn(input, hx, self._kernel_args, self.hidden_size, self.bidirectional,
+                                  self.batch_first, self.bias, self._zero_state(input, 3))
+            if kernel == "cell" and self._valid(input, hx):
+                return run_cells(input, hx, self._flat_weights, self.input_size, self.hidden_size,
+                                 self.num_layers, self.bidirectional, self.batch_first, self.bias,
+                                 self._zero_state(input, 2))
+        elif (kind is PackedSequence and self.sequence_kernel == "onednn" and self._valid_sequence(input, hx)
+              and self._packs_ready(lambda: self._valid_sequence(input, hx))):
+            return self._run_sequence(input, hx)
+        return super().forward(input, hx)
+
+    def _run_sequence(self, input: PackedSequence, hx):
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        if hx is not None:
+            hx = self.permute_hidden(hx, sorted_indices)  # as nn.LSTM: the caller's order -> longest first
+        output, h_n, c_n = run_onednn_sequence(data, batch_sizes, hx, list(self._kernel_args), self.hidden_size,
+                                               self.bidirectional, self.bias)
+        return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                self.permute_hidden((h_n, c_n), unsorted_indices))
 
     # Dynamo does not trace nn.LSTM modules (it falls back to eager for the frame that calls one), but it
     # would try to compile every function this one calls, packs included: keep it out, so the packed path
@@ -323,36 +360,29 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
             layers.append((w[0], w[1], w[2] if self.bias else empty, w[3] if self.bias else empty, layer.reverse))
         return run_onednn(input, hx, layers, self.hidden_size, self.bidirectional, self.batch_first, self.bias)
 
-    def _fast_kernel(self, input, hx) -> Optional[str]:
-        """The kernel that computes this call exactly as nn.LSTM would (within 1e-6 for "cell"), or None
-        for nn.LSTM's own path. For "onednn" the packs are brought up to date with the weights first."""
-        # A tracer must record the stock op, not opaque constants; autocast would try to cast the packs;
-        # with mkldnn disabled, eager runs its native kernel.
-        if _tracing() or _autocast_enabled() or not _mkldnn_enabled():
-            return None
-        if type(input) is not Tensor or not _plain_state(hx):  # PackedSequence, tensor subclasses, ...
-            return None
-        # With autograd on, eager runs oneDNN's training primitive, whose last bits differ from the
-        # inference primitive's on some CPUs (AVX2): only nn.LSTM's own path gives its exact results then.
-        if _grad_enabled() or self.training or not self._valid(input, hx):
-            return None
-        kernel = self.kernel
-        if kernel == "onednn":
-            current = self._packs_are_current()
-            if current is None:
-                return None
-            if not current:
-                with self._pack_lock:
-                    if not self._packs_are_current():  # another thread may have repacked meanwhile
-                        self.repack()
-                if not self._valid(input, hx):  # the edit may have changed what the kernel accepts
-                    return None
-        return kernel
+    def _packs_ready(self, still_valid) -> bool:
+        """Whether the packs can serve this call: they are brought up to date after an in-place edit (then
+        ``still_valid()`` tells whether the call is still one the kernel takes); a parameter swapped for
+        another object (``torch.func.functional_call``) is temporary: nn.LSTM's path serves that call."""
+        current = self._packs_are_current()
+        if current is None:
+            return False
+        if not current:
+            with self._pack_lock:
+                if not self._packs_are_current():  # another thread may have repacked meanwhile
+                    self.repack()
+            return still_valid()
+        return True
 
     def _valid(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> bool:
         return valid_for_kernel(input, hx, self.kernel_dtype, self.input_size, self.hidden_size,
                                 self.num_layers * (2 if self.bidirectional else 1), self.batch_first,
                                 self.kernel == "cell")
+
+    def _valid_sequence(self, input: PackedSequence, hx) -> bool:
+        return type(input.data) is Tensor and valid_sequence(
+            input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx, self.packed_dtype,
+            self.input_size, self.hidden_size, self.num_layers * (2 if self.bidirectional else 1))
 
     def _zero_state(self, input: Tensor, dims: int) -> Optional[Tensor]:
         """A cached zero state for ``run_onednn`` (dims=3) or ``run_cells`` (dims=2): the kernels only read
@@ -396,11 +426,40 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         if self._casts_at_boundary(data.dtype, weight_dtype):
             cast = PackedSequence(data.to(weight_dtype), input.batch_sizes, input.sorted_indices,
                                   input.unsorted_indices)
-            out, hidden = self._stock_packed_sequence(cast, _cast_hidden(hx, weight_dtype), weights)
+            out, hidden = self._scripted_forward_sequence(cast, _cast_hidden(hx, weight_dtype), weights)
             out = PackedSequence(out.data.to(data.dtype), out.batch_sizes, out.sorted_indices,
                                  out.unsorted_indices)
             return out, (hidden[0].to(data.dtype), hidden[1].to(data.dtype))
+        return self._scripted_forward_sequence(input, hx, weights)
+
+    def _scripted_forward_sequence(
+        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
+    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        if (
+            self.sequence_kernel == "onednn"
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_cpu_enabled()
+            and valid_sequence(input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx,
+                               self.packed_dtype, self.input_size, self.hidden_size,
+                               self.num_layers * (2 if self.bidirectional else 1))
+            and self._scripted_packs_current(weights)
+        ):
+            if hx is not None:
+                hx = self.permute_hidden(hx, input.sorted_indices)
+            output, h_n, c_n = run_onednn_sequence(input.data, input.batch_sizes, hx, self._scripted_layers(),
+                                                   self.hidden_size, self.bidirectional, self.bias)
+            return (PackedSequence(output, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
+                    self.permute_hidden((h_n, c_n), input.unsorted_indices))
         return self._stock_packed_sequence(input, hx, weights)
+
+    def _scripted_layers(self) -> List[LayerArgs]:
+        layers: List[LayerArgs] = []
+        for layer in self.packed_layers:
+            packs = layer.packs
+            assert packs is not None  # _scripted_packs_current checked it
+            layers.append((packs.packed_ih, packs.packed_hh, packs.bias_ih, packs.bias_hh, layer.reverse))
+        return layers
 
     def _scripted_bias(self, weights: List[Tensor], index: int) -> Tensor:
         return weights[index].detach() if self.bias else torch.empty(0, dtype=weights[0].dtype)
@@ -424,13 +483,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
             and self._valid(input, hx)
         ):
             if self.kernel == "onednn" and self._scripted_packs_current(weights):
-                layers: List[LayerArgs] = []
-                for layer in self.packed_layers:
-                    packs = layer.packs
-                    assert packs is not None  # _scripted_packs_current checked it
-                    layers.append((packs.packed_ih, packs.packed_hh, packs.bias_ih, packs.bias_hh, layer.reverse))
-                return run_onednn(input, hx, layers, self.hidden_size, self.bidirectional, self.batch_first,
-                                  self.bias)
+                return run_onednn(input, hx, self._scripted_layers(), self.hidden_size, self.bidirectional,
+                                  self.batch_first, self.bias)
             if self.kernel == "cell":
                 return run_cells(input, hx, weights, self.input_size, self.hidden_size, self.num_layers,
                                  self.bidirectional, self.batch_first, self.bias)
@@ -438,6 +492,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", kernel={self.kernel}"
+        if self.sequence_kernel != "stock":
+            s += f", sequence_kernel={self.sequence_kernel}"
         if self.io_dtype is not None:
             s += f", io_dtype={self.io_dtype}"
         return s

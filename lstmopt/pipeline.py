@@ -198,7 +198,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     import torch
 
     from .autotune import autotune
-    from .benchmarking import compare_latency
+    from .benchmarking import compare_latency, per_lstm_latency
     from .files import atomic_path, check_output_path, sha256_file
     from .loading import load_model
     from .rewrite import optimize, plan, with_kernels
@@ -259,15 +259,15 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
             report.artifact = how
             if how["method"] == "traced":
                 report.warnings.append(TRACING_CAVEAT)
+            # An LSTM a trace recorded as nn.LSTM's op is no longer a module of its own in the archive.
+            lstms = [name for name in packed if name not in how.get("lstms_traced_as_ops", ())]
         if options.verify:
             with step("verify"):
                 atol, rtol = default_tolerance(options.dtype, exact=all(d.exact for d in decisions))
                 atol = atol if options.atol is None else options.atol
                 rtol = rtol if options.rtol is None else options.rtol
-                # An LSTM a trace recorded as nn.LSTM's op is no longer a module of its own in the archive.
-                checked = [name for name in packed if name not in how.get("lstms_traced_as_ops", ())]
                 verification = verify_artifact(
-                    loaded.model, tmp, format=options.format, samples=samples, lstm_names=checked,
+                    loaded.model, tmp, format=options.format, samples=samples, lstm_names=lstms,
                     atol=atol, rtol=rtol, artifact_prefix=metadata["module_prefix"],
                 )
                 report.verification = verification.to_dict()
@@ -281,11 +281,45 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                 reloaded = _load_artifact(tmp, options.format)
                 bench = compare_latency(loaded.model, reloaded, samples)
                 report.benchmark = bench.to_dict()
+                slower = [case for case in bench.cases if case.speedup < 1.0]
+                if slower:
+                    timed = per_lstm_latency(loaded.model, reloaded, lstms, samples)
+                    report.benchmark["lstms"] = [lstm.to_dict() for lstm in timed]
+                    report.warnings.append(_slower_warning(slower, len(bench.cases), timed, decisions))
                 if options.min_speedup is not None and bench.speedup < options.min_speedup:
                     raise SpeedupError(f"speedup {bench.speedup:.2f}x is below the required "
                                        f"{options.min_speedup:g}x (geometric mean over {len(bench.cases)} inputs)")
         report.output = {"path": str(options.output), "format": options.format, "sha256": sha256_file(tmp),
                          "bytes": tmp.stat().st_size}
+
+
+# Equal paths time within a few percent of each other on a shared machine.
+TIMING_NOISE = 0.05
+
+
+def _slower_warning(slower: list, total: int, lstms: list, decisions: list) -> str:
+    """Says, in words, that the artifact ran slower than the original, and which LSTMs it is down to."""
+    worst = min(case.speedup for case in slower)
+    text = f"the artifact ran slower than the original on {len(slower)} of {total} inputs (worst {worst:.2f}x)"
+    if worst >= 1 - TIMING_NOISE:
+        text += f", within the ±{TIMING_NOISE:.0%} run-to-run noise of timing on a shared machine"
+    blamed = sorted((lstm for lstm in lstms if lstm.speedup < 1.0), key=lambda lstm: lstm.speedup)
+    reasons = {d.name: d for d in decisions}
+    if blamed:
+        parts = []
+        for lstm in blamed:
+            decision = reasons.get(lstm.name)
+            why = ""
+            if "PackedSequences" in lstm.inputs and decision is not None and decision.sequence_kernel == "stock":
+                why = ": PackedSequences take nn.LSTM's own path (--autotune --approx may pick the faster kernel)"
+            elif decision is not None and decision.kernel == "stock":
+                why = ": autotune kept nn.LSTM for its inputs"
+            parts.append(f"{lstm.name or '<model>'} {lstm.speedup:.2f}x on its {lstm.inputs}{why}")
+        text += "; LSTMs slower than the original's: " + "; ".join(parts)
+    elif lstms:
+        text += "; no LSTM is slower on its own (" + ", ".join(
+            f"{lstm.name or '<model>'} {lstm.speedup:.2f}x" for lstm in lstms) + "): the difference lies elsewhere"
+    return text
 
 
 def _load_artifact(path: Path, format: str) -> Any:

@@ -93,6 +93,9 @@ def report_markdown(data: dict, *, heading: str = "##") -> str:
         lines += ["| LSTM | input | hidden | layers | dir | decision | reason |", "|---|---|---|---|---|---|---|"]
         for m in modules:
             decision = f"packed ({m['packed_dtype']})" if m["packed"] else "kept"
+            kernels = [k for k in (m.get("kernel"), m.get("sequence_kernel") and f"sequences: {m['sequence_kernel']}")
+                       if k and k not in ("onednn", "sequences: stock")]
+            decision += f", {', '.join(kernels)}" if kernels and m["packed"] else ""
             lines.append(f"| `{m['name'] or '<model>'}` | {m['input_size']} | {m['hidden_size']} | {m['num_layers']} "
                          f"| {_direction(m)} | {decision} | {m['reason']} |")
         lines.append("")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedError
-from .packed import EXACT_KERNELS, PackedLSTM
+from .packed import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
 from .packing import PACKABLE_DTYPES, bf16_supported, packing_obstacle, tracked_copy
 
 __all__ = ["Decision", "FilterFn", "optimize", "plan", "with_kernels"]
@@ -36,15 +36,18 @@ class Decision:
     packed_dtype: Optional[str]  # what the packed weights are stored in
     exact: bool  # results bit-identical to the module as found
     reason: str
-    kernel: Optional[str] = None  # "onednn", "cell" or "stock" once packed (see lstmopt.packed)
+    kernel: Optional[str] = None  # for tensor inputs: "onednn", "cell" or "stock" once packed (lstmopt.packed)
     autotune_ms: Optional[dict] = None  # measured ms per kernel, when autotune chose the kernel
+    sequence_kernel: Optional[str] = None  # for PackedSequence inputs: "stock" or "onednn" once packed
+    sequence_autotune_ms: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def kernel_is_exact(kernel: Optional[str]) -> bool:
-    return kernel is None or kernel in EXACT_KERNELS
+def kernels_are_exact(kernel: Optional[str], sequence_kernel: Optional[str]) -> bool:
+    return (kernel is None or kernel in EXACT_KERNELS) and (
+        sequence_kernel is None or sequence_kernel in EXACT_SEQUENCE_KERNELS)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -69,10 +72,11 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
             filter_fn: Optional[FilterFn]) -> Decision:
     found = lstm._flat_weights[0].dtype
     target = dtype or found
-    kernel, autotune_ms = None, None
+    kernel, autotune_ms, sequence_kernel, sequence_autotune_ms = None, None, None, None
     if isinstance(lstm, PackedLSTM):
         packed, reason = True, "already a PackedLSTM"
         target, kernel, autotune_ms = found, lstm.kernel, lstm.autotune_ms
+        sequence_kernel, sequence_autotune_ms = lstm.sequence_kernel, lstm.sequence_autotune_ms
     elif filter_fn is not None and not filter_fn(lstm, name):
         packed, reason = False, "excluded by filter_fn"
     else:
@@ -90,8 +94,9 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
         num_layers=lstm.num_layers, bidirectional=lstm.bidirectional, bias=lstm.bias,
         batch_first=lstm.batch_first, proj_size=lstm.proj_size, dtype=_dtype_name(found),
         packed=packed, packed_dtype=_dtype_name(target) if packed else None,
-        exact=not packed or (target == found and kernel_is_exact(kernel)), reason=reason,
+        exact=not packed or (target == found and kernels_are_exact(kernel, sequence_kernel)), reason=reason,
         kernel=(kernel or "onednn") if packed else None, autotune_ms=autotune_ms,
+        sequence_kernel=(sequence_kernel or "stock") if packed else None, sequence_autotune_ms=sequence_autotune_ms,
     )
 
 
@@ -120,8 +125,9 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     that LSTM. The input model is copied first unless ``inplace=True``.
 
     ``autotune``: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
-    every kernel on the calls it receives and keeps the fastest (``exact=False`` also admits the "cell"
-    kernel, within 1e-6 of nn.LSTM). ``plan(result)`` lists every LSTM with its decision and kernel.
+    every kernel on the calls it receives and keeps the fastest (``exact=False`` also admits kernels within
+    1e-6 of nn.LSTM: "cell" for single steps, "onednn" for PackedSequences). ``plan(result)`` lists every
+    LSTM with its decision and kernels.
     """
     decisions = plan(model, dtype=dtype, filter_fn=filter_fn)
     if not inplace:
@@ -140,18 +146,27 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
 
 
 def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[Decision]:
-    """``decisions`` (from ``plan`` on the original model) updated with the kernel each packed LSTM of
+    """``decisions`` (from ``plan`` on the original model) updated with the kernels each packed LSTM of
     ``optimized`` ended up with (after ``autotune``) and whether its results stay bit-identical."""
     updated = []
     for decision in decisions:
         module = optimized.get_submodule(decision.name) if decision.packed else None
         if isinstance(module, PackedLSTM):
             decision = replace(decision, kernel=module.kernel, autotune_ms=module.autotune_ms,
-                               exact=decision.exact and kernel_is_exact(module.kernel))
-            if module.kernel == "cell":
-                decision = replace(decision, reason="autotune: single steps through aten.lstm_cell measured "
-                                                    "fastest; within 1e-6 of nn.LSTM, not bit-identical")
-            elif module.kernel == "stock":
-                decision = replace(decision, reason="autotune: nn.LSTM itself measured fastest on these inputs")
+                               sequence_kernel=module.sequence_kernel,
+                               sequence_autotune_ms=module.sequence_autotune_ms,
+                               exact=decision.exact and kernels_are_exact(module.kernel, module.sequence_kernel))
+            notes = [_KERNEL_NOTES[module.kernel]] if module.kernel in _KERNEL_NOTES else []
+            if module.sequence_kernel == "onednn":
+                notes.append("PackedSequences through the oneDNN op on padded runs measured fastest; within 1e-6 "
+                             "of nn.LSTM, not bit-identical")
+            if notes:
+                decision = replace(decision, reason="autotune: " + "; ".join(notes))
         updated.append(decision)
     return updated
+
+
+_KERNEL_NOTES = {
+    "cell": "single steps through aten.lstm_cell measured fastest; within 1e-6 of nn.LSTM, not bit-identical",
+    "stock": "nn.LSTM itself measured fastest on these inputs",
+}

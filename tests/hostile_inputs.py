@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from lstmopt import PackedLSTM
 
@@ -73,6 +74,41 @@ CASES = {
     "single_step_wrong_state": lambda: (randn(1, 3, I), state(S, 2, H)),
     "single_step_zero_batch": lambda: (randn(1, 0, I), None),
 }
+def packed(lengths, *, enforce_sorted=False, dtype=torch.float32, features=I):
+    lengths = torch.tensor(lengths)
+    x = randn(len(lengths), int(lengths.max()), features, dtype=dtype)
+    return pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=enforce_sorted)
+
+
+def raw_sequence(rows, batch_sizes, sorted_indices=None, unsorted_indices=None, dtype=torch.float32):
+    return PackedSequence(randn(rows, I, dtype=dtype), torch.tensor(batch_sizes), sorted_indices, unsorted_indices)
+
+
+# PackedSequences: the sequence kernel indexes with their parts, so malformed ones must never reach it
+SEQUENCE_CASES = {
+    "seq_unsorted": lambda: (packed([7, 2, 5, 1]), None),
+    "seq_sorted": lambda: (packed([7, 5, 2, 1], enforce_sorted=True), None),
+    "seq_equal_lengths": lambda: (packed([4, 4, 4]), None),
+    "seq_all_length_one": lambda: (packed([1, 1, 1]), None),
+    "seq_single_sequence": lambda: (packed([6]), None),
+    "seq_with_state": lambda: (packed([7, 2, 5, 1]), state(S, 4, H)),
+    "seq_state_wrong_batch": lambda: (packed([7, 2, 5, 1]), state(S, 3, H)),
+    "seq_state_wrong_layers": lambda: (packed([7, 2, 5, 1]), state(S - 1, 4, H)),
+    "seq_state_2d": lambda: (packed([7, 2, 5, 1]), state(S, H)),
+    "seq_state_float64": lambda: (packed([7, 2, 5, 1]), state(S, 4, H, dtype=torch.float64)),
+    "seq_float64": lambda: (packed([3, 2], dtype=torch.float64), None),
+    "seq_wrong_input_size": lambda: (packed([3, 2], features=I + 1), None),
+    "seq_rows_do_not_add_up": lambda: (raw_sequence(10, [3, 3, 3]), None),
+    "seq_increasing_batch_sizes": lambda: (raw_sequence(5, [2, 3]), None),
+    "seq_zero_batch_size": lambda: (raw_sequence(3, [3, 0]), None),
+    "seq_indices_not_a_permutation": lambda: (raw_sequence(6, [3, 3], torch.tensor([0, 0, 1]),
+                                                           torch.tensor([0, 2, 1])), None),
+    "seq_indices_out_of_range": lambda: (raw_sequence(6, [3, 3], torch.tensor([0, 5, 1]),
+                                                      torch.tensor([0, 2, 1])), None),
+    "seq_transposed_data": lambda: (PackedSequence(randn(I, 6).t(), torch.tensor([3, 3])), None),
+}
+CASES.update(SEQUENCE_CASES)
+
 SCRIPTABLE = {name for name in CASES} - {
     "state_as_list", "state_three_tensors", "state_single_tensor", "state_with_none", "input_not_a_tensor",
 }
@@ -87,10 +123,18 @@ class Call(nn.Module):
         return self.lstm(x, hx)
 
 
+class CallWithSequence(Call):
+    def forward(self, x: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]
+                ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        return self.lstm(x, hx)
+
+
 def outcome(module, x, hx):
     try:
         with torch.no_grad():
             out, (h, c) = module(x, hx)
+        if not isinstance(out, Tensor):  # a PackedSequence (a plain tuple when it comes from TorchScript)
+            out = out[0]
         return {"ok": True, "out": [out.float().nan_to_num(1.0).tolist(), h.float().nan_to_num(1.0).tolist(),
                                     c.float().nan_to_num(1.0).tolist()], "shapes": [list(out.shape), list(h.shape)]}
     except Exception as exc:
@@ -104,13 +148,19 @@ def main():
     scripted = torch.jit.script(Call(PackedLSTM.from_lstm(ref).eval()))
     cell = PackedLSTM.from_lstm(ref).eval()
     cell.use_kernel("cell")
+    sequences = PackedLSTM.from_lstm(ref).eval()
+    sequences.use_kernel(sequence_kernel="onednn")
+    scripted_sequences = torch.jit.script(CallWithSequence(sequences))
     report = {}
     for name, make in CASES.items():
         print(name, file=sys.stderr, flush=True)  # the last name printed is the culprit if we die
         torch.manual_seed(1)
         x, hx = make()
         report[name] = {"ref": outcome(ref, x, hx), "packed": outcome(packed, x, hx), "cell": outcome(cell, x, hx)}
-        if name in SCRIPTABLE:
+        if name in SEQUENCE_CASES:
+            report[name]["sequences"] = outcome(sequences, x, hx)
+            report[name]["scripted"] = outcome(scripted_sequences, x, hx)
+        elif name in SCRIPTABLE:
             report[name]["scripted"] = outcome(scripted, x, hx)
     print(json.dumps(report))
 

@@ -5,11 +5,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from conftest import assert_same_result, lstm_pair
 from lstmopt import optimize, plan
 from lstmopt.autotune import autotune
-from models import Encoder, build_forecaster
+from models import Encoder, build_forecaster, build_tagger
 
 CELL_TOLERANCE = dict(atol=1e-6, rtol=1e-6)
 
@@ -143,3 +144,66 @@ def test_scripted_encoder_with_state_matches_under_every_kernel():
         with torch.no_grad():
             for _ in range(3):
                 assert torch.equal(scripted(x)[0], model(x)[0])
+
+
+@st.composite
+def sequence_cases(draw):
+    config = dict(input_size=draw(st.sampled_from([1, 8, 33])), hidden_size=draw(st.sampled_from([1, 16, 31, 64])),
+                  num_layers=draw(st.integers(1, 3)), bidirectional=draw(st.booleans()), bias=draw(st.booleans()),
+                  batch_first=draw(st.booleans()))
+    batch = draw(st.integers(1, 6))
+    lengths = draw(st.one_of(
+        st.lists(st.integers(1, 12), min_size=batch, max_size=batch),  # anything, length 1 included
+        st.integers(1, 12).map(lambda n: [n] * batch),  # all equal
+    ))
+    return config, lengths, draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 999))
+
+
+@settings(max_examples=80, deadline=None)
+@given(sequence_cases())
+def test_sequence_kernel_is_within_1e6_of_nn_lstm_on_packed_sequences(case):
+    config, lengths, with_state, presorted, seed = case
+    ref, packed = lstm_pair(seed=seed, **config)
+    packed.use_kernel(sequence_kernel="onednn")
+    g = torch.Generator().manual_seed(seed)
+    lengths = sorted(lengths, reverse=True) if presorted else lengths
+    batch, steps = len(lengths), max(lengths)
+    x = torch.randn((batch, steps, config["input_size"]) if config["batch_first"] else (steps, batch, config["input_size"]),
+                    generator=g)
+    seq = pack_padded_sequence(x, torch.tensor(lengths), batch_first=config["batch_first"], enforce_sorted=presorted)
+    states = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    hx = tuple(torch.randn(states, batch, config["hidden_size"], generator=g) for _ in range(2)) if with_state else None
+    with torch.no_grad():
+        (out_e, (h_e, c_e)), (out_s, (h_s, c_s)) = ref(seq, hx), packed(seq, hx)
+    assert torch.equal(out_s.batch_sizes, out_e.batch_sizes)
+    for indices in ("sorted_indices", "unsorted_indices"):
+        e, s = getattr(out_e, indices), getattr(out_s, indices)
+        assert (e is None and s is None) or torch.equal(e, s)
+    for e, a in ((out_e.data, out_s.data), (h_e, h_s), (c_e, c_s)):  # h_n, c_n in the caller's order
+        assert e.shape == a.shape
+        torch.testing.assert_close(a, e, **CELL_TOLERANCE)
+
+
+def test_autotune_chooses_a_sequence_kernel_only_where_approximation_is_allowed():
+    torch.manual_seed(0)
+    model = build_tagger().eval()
+    g = torch.Generator().manual_seed(0)
+    samples = [(torch.randint(0, 50, (8, 30), generator=g), torch.randint(1, 31, (8,), generator=g))]
+    exact = optimize(model, autotune=samples)
+    assert exact.lstm.sequence_kernel == "stock" and set(exact.lstm.sequence_autotune_ms) == {"stock"}
+    approx = optimize(model, autotune=samples, exact=False)
+    assert set(approx.lstm.sequence_autotune_ms) == {"stock", "onednn"}
+    (decision,) = plan(approx)
+    assert decision.sequence_kernel == approx.lstm.sequence_kernel
+    assert decision.exact == (approx.lstm.sequence_kernel == "stock")
+    approx.lstm.use_kernel(sequence_kernel="onednn")
+    (decision,) = plan(approx)
+    assert not decision.exact and decision.sequence_kernel == "onednn"
+    with torch.no_grad():
+        torch.testing.assert_close(approx(*samples[0]), model(*samples[0]), **CELL_TOLERANCE)
+
+
+def test_unknown_sequence_kernels_are_rejected():
+    _, packed = lstm_pair()
+    with pytest.raises(ValueError, match="sequence_kernel must be one of"):
+        packed.use_kernel(sequence_kernel="cell")

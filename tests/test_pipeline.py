@@ -228,3 +228,41 @@ def test_autotune_needs_inputs_and_approx_needs_autotune(tmp_path):
         OptimizeOptions(input="m.pt", output="o.pt", approx=True)
     report = optimize_file(OptimizeOptions(input=tmp_path / "m.pt", output=tmp_path / "o.pt", autotune=True))
     assert report.exit_code == 2 and "autotune needs inputs to time" in report.error
+
+
+def test_a_benchmark_that_shows_the_artifact_slower_says_so_and_names_the_lstms(tmp_path, monkeypatch):
+    import lstmopt.benchmarking as benchmarking
+    from lstmopt.benchmarking import Benchmark, LatencyCase
+    from lstmopt.report import report_markdown
+
+    monkeypatch.chdir(tmp_path)
+    tagger_inputs(tmp_path / "inputs.pt")
+    torch.save(build_tagger().state_dict(), "model.pt")
+
+    def slower(original, optimized, samples, **kwargs):  # as a loaded machine might measure it
+        return Benchmark(rounds=3, threads=1, cases=[LatencyCase("(8, 12)", 1.0, 2.0), LatencyCase("(1, 5)", 1.0, 0.9)])
+
+    monkeypatch.setattr(benchmarking, "compare_latency", slower)
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:build_tagger",
+                                           example_inputs="inputs.pt", benchmark=True))
+    assert report.status == "ok" and report.exit_code == 0  # only --min-speedup changes the exit code
+    (warning,) = [w for w in report.warnings if "slower" in w]
+    assert warning.startswith("the artifact ran slower than the original on 1 of 2 inputs (worst 0.50x)")
+    assert "noise" not in warning
+    (lstm,) = report.benchmark["lstms"]
+    assert lstm["name"] == "lstm" and lstm["inputs"] == "PackedSequences" and lstm["original_ms"] > 0
+    assert warning in report_markdown(report.to_dict())
+
+
+def test_the_slower_warning_blames_lstms_and_says_when_it_is_within_noise():
+    from lstmopt.benchmarking import LatencyCase, LstmLatency
+    from lstmopt.pipeline import _slower_warning
+    from lstmopt.rewrite import plan
+
+    decisions = plan(build_tagger())
+    text = _slower_warning([LatencyCase("x", 1.0, 1.02)], 4, [LstmLatency("lstm", "PackedSequences", 1.0, 1.25)],
+                           decisions)
+    assert "on 1 of 4 inputs (worst 0.98x), within the ±5% run-to-run noise" in text
+    assert "lstm 0.80x on its PackedSequences: PackedSequences take nn.LSTM's own path" in text
+    text = _slower_warning([LatencyCase("x", 1.0, 1.5)], 1, [LstmLatency("lstm", "tensors", 1.0, 0.9)], decisions)
+    assert "no LSTM is slower on its own (lstm 1.11x): the difference lies elsewhere" in text
