@@ -4,9 +4,10 @@
 receives, then, for each module, times the candidate kernels on those recorded calls (medians of
 interleaved rounds, weighted by how often each input shape occurred) and switches the module to the
 fastest. Tensor calls choose ``PackedLSTM.kernel``: ``"onednn"`` (packed, bit-identical), ``"stock"``
-(nn.LSTM itself) and, with ``exact=False``, ``"cell"`` (single steps through aten.lstm_cell, within 1e-6
-of nn.LSTM). PackedSequence calls choose ``PackedLSTM.sequence_kernel``: ``"stock"`` and, with
-``exact=False``, ``"onednn"`` (the packed op on padded runs, within 1e-6).
+(nn.LSTM itself) and, with ``exact=False``, ``"cell"`` (single steps through aten.lstm_cell) and
+``"native"`` (lstmopt's own kernel, where it can be built), both within 1e-6 of nn.LSTM. PackedSequence
+calls choose ``PackedLSTM.sequence_kernel``: ``"stock"`` and, with ``exact=False``, ``"onednn"`` (the
+packed op on padded runs) and ``"native"``, within 1e-6.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import native
 from .packed import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from .packing import tracked_copy
 from .timing import interleaved_medians
@@ -129,8 +131,6 @@ def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool
     packable = module.packed_dtype is not None or module._packable()
     if inputs == "tensor":
         candidates = [k for k in KERNELS if not exact or k in EXACT_KERNELS]
-        if "cell" in candidates and weights_dtype != torch.float32:
-            candidates.remove("cell")  # fp32 only
 
         def switch(variant, kernel):
             variant.use_kernel(kernel)
@@ -141,6 +141,10 @@ def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool
         def switch(variant, kernel):
             variant.use_kernel(sequence_kernel=kernel)
         allowed_exact = EXACT_SEQUENCE_KERNELS
+    if weights_dtype != torch.float32:
+        candidates = [k for k in candidates if k not in ("cell", "native")]  # fp32 only
+    if "native" in candidates and not native.load():
+        candidates.remove("native")  # no compiler here: load() said so
     if not packable and "onednn" in candidates:
         candidates.remove("onednn")  # nothing to pack (a dtype or device the op does not take)
     best, totals = _fastest(module, calls, candidates, switch, rounds, round_s)

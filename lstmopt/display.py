@@ -26,8 +26,9 @@ def _decision(module: dict) -> Text:
     return Text(text, style="green")
 
 
-# Below this width the LSTMs are listed one under another (name and decision, then the reason and the
-# sizes, indented), so that no module name is broken and the reason keeps the whole line to wrap in.
+# Below this width, or where the table's unbroken columns leave the reason too little room, the LSTMs are
+# listed one under another (name and decision, then the reason and the sizes, indented), so that no module
+# name is broken and the reason keeps the whole line to wrap in.
 _WIDE_TABLE = 110
 
 
@@ -50,13 +51,27 @@ class _ModulesTable:
         self.modules, self.title = modules, title
 
     def __rich_console__(self, console, options):
-        if options.max_width < _WIDE_TABLE:
-            yield Text(self.title, style="italic")
-            for m in self.modules:
-                yield Text.assemble("  ", (_module_name(m), "bold"), ": ", _decision(m))
-                yield Padding(Text(m["reason"]), (0, 0, 0, 4))
-                yield Padding(Text(f"{_sizes(m)}, {m['dtype']}", style="dim"), (0, 0, 0, 4))
-            return
+        rows = [self._row(m) for m in self.modules]
+        if options.max_width < max(_WIDE_TABLE, self._wide_width(rows)):
+            yield from self._stacked()
+        else:
+            yield self._wide(rows)
+
+    _HEADERS = ("module", "in→hidden", "layers", "dir", "dtype", "decision", "reason")
+    _REASON_MIN = 20
+
+    @staticmethod
+    def _row(m: dict) -> list:
+        direction = ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
+        return [_module_name(m), f"{m['input_size']}→{m['hidden_size']}", str(m["num_layers"]), direction,
+                m["dtype"], _decision(m), m["reason"]]
+
+    def _wide_width(self, rows: list) -> int:
+        """The narrowest the table can be: every column but the reason is never wrapped."""
+        fixed = [max([len(h)] + [Text(str(r[i])).cell_len for r in rows]) for i, h in enumerate(self._HEADERS[:-1])]
+        return sum(fixed) + self._REASON_MIN + 3 * len(self._HEADERS) + 1
+
+    def _wide(self, rows: list) -> Table:
         table = Table(title=self.title, title_justify="left")
         table.add_column("module", no_wrap=True)
         table.add_column("in→hidden", no_wrap=True)
@@ -64,12 +79,17 @@ class _ModulesTable:
         table.add_column("dir", no_wrap=True)
         table.add_column("dtype", no_wrap=True)
         table.add_column("decision", no_wrap=True)
-        table.add_column("reason", ratio=1, min_width=20)
+        table.add_column("reason", ratio=1, min_width=self._REASON_MIN)
+        for row in rows:
+            table.add_row(*row)
+        return table
+
+    def _stacked(self):
+        yield Text(self.title, style="italic")
         for m in self.modules:
-            direction = ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
-            table.add_row(_module_name(m), f"{m['input_size']}→{m['hidden_size']}", str(m["num_layers"]), direction,
-                          m["dtype"], _decision(m), m["reason"])
-        yield table
+            yield Text.assemble("  ", (_module_name(m), "bold"), ": ", _decision(m))
+            yield Padding(Text(m["reason"]), (0, 0, 0, 4))
+            yield Padding(Text(f"{_sizes(m)}, {m['dtype']}", style="dim"), (0, 0, 0, 4))
 
 
 def modules_table(modules: list[dict], *, title: str = "LSTMs") -> _ModulesTable:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import warnings
 from functools import lru_cache
+from typing import Optional
 
 import lstmopt
 
@@ -37,15 +38,20 @@ def _onednn_version() -> str:
     return "unknown"
 
 
-def _cpu_name() -> str:
+def cpuinfo(field: str) -> Optional[str]:
+    """The first ``field`` of /proc/cpuinfo (``model name``, ``flags``), or None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_name() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def hide_numpy_warning() -> None:

@@ -14,9 +14,11 @@ the next call, which packs again first.
 
 Kernels for tensors (``PackedLSTM.kernel``): ``"onednn"`` (the packed op; bit-identical to nn.LSTM),
 ``"cell"`` (one ``aten.lstm_cell`` per layer for single-step calls; within 1e-6 of nn.LSTM, faster than
-the op's fixed per-call cost at one step), ``"stock"`` (nn.LSTM as is). For PackedSequences
-(``PackedLSTM.sequence_kernel``): ``"stock"`` (nn.LSTM's own path, as eager runs them) or ``"onednn"``
-(the packed op on padded runs of the batch; within 1e-6 of nn.LSTM). ``lstmopt.autotune`` picks per module.
+the op's fixed per-call cost at one step), ``"native"`` (lstmopt's own kernel, ``lstmopt.native``: the
+whole call in one native call, fastest at one step and short chunks; within 1e-6, built on first use),
+``"stock"`` (nn.LSTM as is). For PackedSequences (``PackedLSTM.sequence_kernel``): ``"stock"`` (nn.LSTM's
+own path, as eager runs them), ``"onednn"`` (the packed op on padded runs of the batch; within 1e-6 of
+nn.LSTM) or ``"native"``. ``lstmopt.autotune`` picks per module.
 """
 
 # No "from __future__ import annotations": TorchScript needs real annotations on the class attributes.
@@ -27,8 +29,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import native
 from .checks import valid_for_kernel, valid_sequence
 from .kernels import LayerArgs, run_cells, run_onednn, run_onednn_sequence
+from .native import NativePacks, run_native
 from .packing import PackedLayer, packing_obstacle, tracked_copy, version_of, weights_obstacle
 from .scripted import ScriptedPaths
 
@@ -41,8 +45,8 @@ _mkldnn_enabled = torch._C._get_mkldnn_enabled
 _grad_enabled = torch.is_grad_enabled
 _dynamo_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
 
-KERNELS = ("onednn", "cell", "stock")
-SEQUENCE_KERNELS = ("stock", "onednn")
+KERNELS = ("onednn", "cell", "native", "stock")
+SEQUENCE_KERNELS = ("stock", "onednn", "native")
 EXACT_KERNELS = ("onednn", "stock")  # for tensors
 EXACT_SEQUENCE_KERNELS = ("stock",)
 
@@ -62,15 +66,19 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
     """
 
     # Python-only bookkeeping: a scripted module cannot hold locks, Python tuples or object identities.
-    __jit_ignored_attributes__ = ["_packed_from", "_pack_lock", "_zeros", "_kernel_args", "autotune_ms",
+    __jit_ignored_attributes__ = ["_packed_from", "_pack_lock", "_zeros", "_kernel_args", "_native", "autotune_ms",
                                   "sequence_autotune_ms", "_eager_in_compiled_code"]
-    __jit_unused_properties__ = ["packed_layers", *nn.LSTM.__jit_unused_properties__]
+    __jit_unused_properties__ = ["packed_layers", "uses_native_kernel", *nn.LSTM.__jit_unused_properties__]
 
     kernel: str
     sequence_kernel: str
     packed_dtype: Optional[torch.dtype]
     kernel_dtype: Optional[torch.dtype]
+    sequence_dtype: Optional[torch.dtype]
     io_dtype: Optional[torch.dtype]
+    # Present only while a native kernel is in use: scripted code tests hasattr(self, "native_packs"), so
+    # a module that does not use it compiles (and loads) without the native library.
+    native_packs: NativePacks
 
     def __init__(self, *args, io_dtype: Optional[torch.dtype] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -112,6 +120,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         self.sequence_kernel = "stock"
         self.packed_dtype = None
         self.kernel_dtype = None
+        self.sequence_dtype = None
+        self._native = None
         self.autotune_ms: Optional[dict] = None  # what autotune measured per kernel, for tensor calls
         self.sequence_autotune_ms: Optional[dict] = None  # and for PackedSequence calls
         self._pack_lock = threading.RLock()
@@ -129,6 +139,12 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         # nn.Module.__getattr__ costs ~0.6 us per lookup, 2% of a one-step call; scripted code sees the
         # registered submodule directly.
         return self._modules["packed_layers"]
+
+    @property
+    def uses_native_kernel(self) -> bool:
+        """Whether a kernel in use is the native one: a TorchScript archive of this module then needs the
+        native library registered before ``torch.jit.load`` (``lstmopt.native.LOAD_LINE``)."""
+        return "native_packs" in self.__dict__
 
     # ---------------------------------------------------------------------------------------------
     # Keeping the packs in step with the parameters
@@ -151,6 +167,9 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
             if layer.packs is not None:
                 layer.pack(weights[i * per_layer].detach(), weights[i * per_layer + 1].detach(),
                            self._scripted_bias(weights, i * per_layer + 2), self._scripted_bias(weights, i * per_layer + 3))
+        if hasattr(self, "native_packs"):
+            self.native_packs = NativePacks([w.detach() for w in weights], self.hidden_size, self.num_layers,
+                                            self.bidirectional, self.bias)
 
     def _repack(self, force: bool = True) -> None:
         """Bring the packs up to date with the parameters (``force``: pack again even where they look
@@ -158,10 +177,15 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         with self._pack_lock:
             names = self._flat_weights_names
             weights = [self._parameters[name] for name in names]
+            if "native" in (self.kernel, self.sequence_kernel) and not native.load():
+                # Built for another machine and no compiler here: load() said so in one line.
+                self.kernel = "onednn" if self.kernel == "native" else self.kernel
+                self.sequence_kernel = "onednn" if self.sequence_kernel == "native" else self.sequence_kernel
+            shapes_ok = [tuple(w.shape) for w in weights] == self._expected_shapes()  # else out-of-bounds reads
             reads_packs = self.kernel == "onednn" or self.sequence_kernel == "onednn"
             obstacle = weights_obstacle(weights) if reads_packs else "no kernel in use reads packs"
-            if obstacle is None and [tuple(w.shape) for w in weights] != self._expected_shapes():
-                obstacle = "weights were replaced by tensors of other shapes"  # the op would read out of bounds
+            if obstacle is None and not shapes_ok:
+                obstacle = "weights were replaced by tensors of other shapes"
             per_layer = len(names) // len(self.packed_layers)
             layers = []
             with torch.no_grad():
@@ -176,16 +200,32 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
                         layer.pack(w[0], w[1], w[2], w[3])
                     packs = layer.packs
                     layers.append((packs.packed_ih, packs.packed_hh, packs.bias_ih, packs.bias_hh, layer.reverse))
+            fp32 = weights_obstacle(weights, torch.float32) is None and weights[0].dtype == torch.float32
+            self._pack_native(weights if fp32 and shapes_ok else None)
             self.packed_dtype = None if obstacle is not None else weights[0].dtype
-            # The dtype tensor inputs need for the fast kernel; None: every tensor call takes nn.LSTM's path.
-            self.kernel_dtype = self.packed_dtype if self.kernel == "onednn" else None
-            if self.kernel == "cell" and weights_obstacle(weights, torch.float32) is None \
-                    and weights[0].dtype == torch.float32:
-                self.kernel_dtype = torch.float32
+            # The dtype inputs need for the fast kernels; None: such calls take nn.LSTM's path.
+            self.kernel_dtype = {"onednn": self.packed_dtype, "cell": torch.float32 if fp32 and shapes_ok else None,
+                                 "native": torch.float32 if self._native is not None else None}.get(self.kernel)
+            self.sequence_dtype = {"onednn": self.packed_dtype,
+                                   "native": torch.float32 if self._native is not None else None
+                                   }.get(self.sequence_kernel)
             self._zeros = torch.empty(0, 0)
             # One tuple, swapped whole: a concurrent call sees the old packs or the new ones, never a mix.
             self._kernel_args: Tuple[LayerArgs, ...] = tuple(layers)
             self._packed_from = [(name, w, version_of(w), w.data_ptr()) for name, w in zip(names, weights)]
+
+    def _pack_native(self, weights: Optional[List[Tensor]]) -> None:
+        """The native kernel's packs, while a native kernel is in use and ``weights`` (fp32) can be packed."""
+        if weights is None or "native" not in (self.kernel, self.sequence_kernel):
+            self.__dict__.pop("native_packs", None)
+            self._native = None
+            return
+        packs = NativePacks([w.detach() for w in weights], self.hidden_size, self.num_layers, self.bidirectional,
+                            self.bias)
+        self.native_packs = packs
+        names = list(self._flat_weights_names)
+        self._native = native.module().Packs(packs.weights, packs.biases, self.hidden_size, self.bidirectional, names,
+                                             [self._parameters[name] for name in names])
 
     def _packs_are_current(self) -> Optional[bool]:
         """True if the packs hold the weights' current values, False if an in-place edit or ``.data =``
@@ -246,13 +286,14 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_packed_from", "_pack_lock", "_zeros", "_kernel_args"):  # rebuilt on load
-            state.pop(name, None)
+        for name in ("_packed_from", "_pack_lock", "_zeros", "_kernel_args", "_native", "native_packs"):
+            state.pop(name, None)  # rebuilt on load
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._pack_lock = threading.RLock()
+        self._native = None
         self._repack(force=False)  # the unpickled LayerPacks have packed already, from the same storage
 
     # ---------------------------------------------------------------------------------------------
@@ -311,24 +352,48 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         kind = type(input)
         if kind is Tensor:
             kernel = self.kernel
-            if kernel == "onednn" and self._valid(input, hx) and self._packs_ready(lambda: self._valid(input, hx)):
+            if kernel == "native":
+                result = self._run_native(input, hx)
+                if result is not None:
+                    return result
+            elif kernel == "onednn" and self._valid(input, hx) and self._packs_ready(lambda: self._valid(input, hx)):
                 return run_onednn(input, hx, self._kernel_args, self.hidden_size, self.bidirectional,
                                   self.batch_first, self.bias, self._zero_state(input, 3))
             if kernel == "cell" and self._valid(input, hx):
                 return run_cells(input, hx, self._flat_weights, self.input_size, self.hidden_size,
                                  self.num_layers, self.bidirectional, self.batch_first, self.bias,
                                  self._zero_state(input, 2))
-        elif (kind is PackedSequence and self.sequence_kernel == "onednn" and self._valid_sequence(input, hx)
+        elif (kind is PackedSequence and self.sequence_dtype is not None and self._valid_sequence(input, hx)
               and self._packs_ready(lambda: self._valid_sequence(input, hx))):
             return self._run_sequence(input, hx)
         return super().forward(input, hx)
+
+    def _run_native(self, input: Tensor, hx):
+        """The native kernel's result, or None where nn.LSTM's path must serve the call. The kernel's own
+        checks (input, states, weights unchanged since packing) take nanoseconds; only when they refuse does
+        Python look closer: packs made stale by an edit are remade, and the call tried again."""
+        native = self._native
+        if native is None:
+            return None
+        result = native.try_forward(input, hx, self.batch_first, self._parameters)
+        if result is None and self._valid(input, hx) and self._packs_ready(lambda: self._valid(input, hx)):
+            native = self._native  # packs just made: they serve this call even if the weights change again
+            if native is not None:
+                h, c = (None, None) if hx is None else hx
+                output, h_n, c_n = native.forward(input, None, h, c, self.batch_first)
+                return output, (h_n, c_n)
+        return result
 
     def _run_sequence(self, input: PackedSequence, hx):
         data, batch_sizes, sorted_indices, unsorted_indices = input
         if hx is not None:
             hx = self.permute_hidden(hx, sorted_indices)  # as nn.LSTM: the caller's order -> longest first
-        output, h_n, c_n = run_onednn_sequence(data, batch_sizes, hx, list(self._kernel_args), self.hidden_size,
-                                               self.bidirectional, self.bias)
+        if self.sequence_kernel == "native":
+            h, c = (None, None) if hx is None else hx
+            output, h_n, c_n = self._native.forward(data, batch_sizes, h, c, False)
+        else:
+            output, h_n, c_n = run_onednn_sequence(data, batch_sizes, hx, list(self._kernel_args), self.hidden_size,
+                                                   self.bidirectional, self.bias)
         return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
                 self.permute_hidden((h_n, c_n), unsorted_indices))
 
@@ -381,7 +446,7 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
 
     def _valid_sequence(self, input: PackedSequence, hx) -> bool:
         return type(input.data) is Tensor and valid_sequence(
-            input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx, self.packed_dtype,
+            input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx, self.sequence_dtype,
             self.input_size, self.hidden_size, self.num_layers * (2 if self.bidirectional else 1))
 
     def _zero_state(self, input: Tensor, dims: int) -> Optional[Tensor]:
@@ -436,21 +501,28 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
     ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
         if (
-            self.sequence_kernel == "onednn"
+            self.sequence_dtype is not None
             and not self.training
             and not torch.is_grad_enabled()
             and not torch.is_autocast_cpu_enabled()
             and valid_sequence(input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx,
-                               self.packed_dtype, self.input_size, self.hidden_size,
+                               self.sequence_dtype, self.input_size, self.hidden_size,
                                self.num_layers * (2 if self.bidirectional else 1))
-            and self._scripted_packs_current(weights)
         ):
+            sorted_hx = hx
             if hx is not None:
-                hx = self.permute_hidden(hx, input.sorted_indices)
-            output, h_n, c_n = run_onednn_sequence(input.data, input.batch_sizes, hx, self._scripted_layers(),
-                                                   self.hidden_size, self.bidirectional, self.bias)
-            return (PackedSequence(output, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
-                    self.permute_hidden((h_n, c_n), input.unsorted_indices))
+                sorted_hx = self.permute_hidden(hx, input.sorted_indices)
+            if hasattr(self, "native_packs"):
+                if self.sequence_kernel == "native" and self.native_packs.is_current(weights):
+                    output, h_n, c_n = run_native(self.native_packs, input.data, input.batch_sizes, sorted_hx, False)
+                    return (PackedSequence(output, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
+                            self.permute_hidden((h_n, c_n), input.unsorted_indices))
+            if self.sequence_kernel == "onednn" and self._scripted_packs_current(weights):
+                output, h_n, c_n = run_onednn_sequence(input.data, input.batch_sizes, sorted_hx,
+                                                       self._scripted_layers(), self.hidden_size, self.bidirectional,
+                                                       self.bias)
+                return (PackedSequence(output, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
+                        self.permute_hidden((h_n, c_n), input.unsorted_indices))
         return self._stock_packed_sequence(input, hx, weights)
 
     def _scripted_layers(self) -> List[LayerArgs]:
@@ -482,6 +554,10 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
             and not torch.is_autocast_cpu_enabled()
             and self._valid(input, hx)
         ):
+            if hasattr(self, "native_packs"):
+                if self.kernel == "native" and self.native_packs.is_current(weights):
+                    output, h_n, c_n = run_native(self.native_packs, input, None, hx, self.batch_first)
+                    return output, (h_n, c_n)
             if self.kernel == "onednn" and self._scripted_packs_current(weights):
                 return run_onednn(input, hx, self._scripted_layers(), self.hidden_size, self.bidirectional,
                                   self.batch_first, self.bias)

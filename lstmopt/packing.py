@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported", "packing_obstacle", "tracked_copy",
-           "version_of", "weights_obstacle"]
+           "sources_of", "version_of", "weights_obstacle"]
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -124,12 +124,12 @@ class LayerPacks:
         self.has_biases = has_biases
         self.packed_ih = packed[0]
         self.packed_hh = packed[1]
-        self.sources = _sources([weight_ih, weight_hh, bias_ih, bias_hh])
+        self.sources = sources_of([weight_ih, weight_hh, bias_ih, bias_hh])
 
     def is_current(self, weights: List[Tensor]) -> bool:
         """Whether the packs were made from these very tensors (weight_ih, weight_hh, bias_ih, bias_hh),
         unchanged since."""
-        current = _sources(weights)
+        current = sources_of(weights)
         if not torch.jit.is_scripting():
             return current == self.sources
         # TorchScript cannot read data pointers: there, only in-place changes (versions) are seen.
@@ -155,10 +155,10 @@ class LayerPacks:
         self.has_biases = state[6]
         self.packed_ih = packed[0]
         self.packed_hh = packed[1]
-        self.sources = _sources([state[0], state[1], state[2], state[3]])
+        self.sources = sources_of([state[0], state[1], state[2], state[3]])
 
 
-def _sources(tensors: List[Tensor]) -> List[int]:
+def sources_of(tensors: List[Tensor]) -> List[int]:
     """Data pointer (0 in TorchScript, which cannot read it) and version of each tensor."""
     sources: List[int] = []
     for t in tensors:

@@ -205,7 +205,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     from .samples import samples_for
     from .verification import default_tolerance, verify_artifact
     from .tracing import TRACING_CAVEAT
-    from .writing import save_artifact
+    from .writing import native_kernel_note, save_artifact
 
     report.input = {"path": str(options.input), "factory": options.factory,
                     "factory_kwargs": options.factory_kwargs or None}
@@ -259,6 +259,8 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
             report.artifact = how
             if how["method"] == "traced":
                 report.warnings.append(TRACING_CAVEAT)
+            if how["native_kernel"]:
+                report.warnings.append(native_kernel_note(how["native_kernel"], options.format))
             # An LSTM a trace recorded as nn.LSTM's op is no longer a module of its own in the archive.
             lstms = [name for name in packed if name not in how.get("lstms_traced_as_ops", ())]
         if options.verify:
@@ -269,6 +271,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                 verification = verify_artifact(
                     loaded.model, tmp, format=options.format, samples=samples, lstm_names=lstms,
                     atol=atol, rtol=rtol, artifact_prefix=metadata["module_prefix"],
+                    native_kernel=bool(how["native_kernel"]),
                 )
                 report.verification = verification.to_dict()
                 if how["method"] == "traced" and not verification.ok:

@@ -36,9 +36,9 @@ class Decision:
     packed_dtype: Optional[str]  # what the packed weights are stored in
     exact: bool  # results bit-identical to the module as found
     reason: str
-    kernel: Optional[str] = None  # for tensor inputs: "onednn", "cell" or "stock" once packed (lstmopt.packed)
+    kernel: Optional[str] = None  # for tensor inputs: "onednn", "cell", "native" or "stock" once packed
     autotune_ms: Optional[dict] = None  # measured ms per kernel, when autotune chose the kernel
-    sequence_kernel: Optional[str] = None  # for PackedSequence inputs: "stock" or "onednn" once packed
+    sequence_kernel: Optional[str] = None  # for PackedSequence inputs: "stock", "onednn" or "native"
     sequence_autotune_ms: Optional[dict] = None
 
     def to_dict(self) -> dict:
@@ -126,8 +126,9 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
 
     ``autotune``: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
     every kernel on the calls it receives and keeps the fastest (``exact=False`` also admits kernels within
-    1e-6 of nn.LSTM: "cell" for single steps, "onednn" for PackedSequences). ``plan(result)`` lists every
-    LSTM with its decision and kernels.
+    1e-6 of nn.LSTM: "cell" for single steps, "native" (lstmopt's own kernel, built on first use) for
+    tensors and PackedSequences, "onednn" for PackedSequences). ``plan(result)`` lists every LSTM with its
+    decision and kernels.
     """
     decisions = plan(model, dtype=dtype, filter_fn=filter_fn)
     if not inplace:
@@ -157,9 +158,8 @@ def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[De
                                sequence_autotune_ms=module.sequence_autotune_ms,
                                exact=decision.exact and kernels_are_exact(module.kernel, module.sequence_kernel))
             notes = [_KERNEL_NOTES[module.kernel]] if module.kernel in _KERNEL_NOTES else []
-            if module.sequence_kernel == "onednn":
-                notes.append("PackedSequences through the oneDNN op on padded runs measured fastest; within 1e-6 "
-                             "of nn.LSTM, not bit-identical")
+            if module.sequence_kernel in _SEQUENCE_KERNEL_NOTES:
+                notes.append(_SEQUENCE_KERNEL_NOTES[module.sequence_kernel])
             if notes:
                 decision = replace(decision, reason="autotune: " + "; ".join(notes))
         updated.append(decision)
@@ -168,5 +168,12 @@ def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[De
 
 _KERNEL_NOTES = {
     "cell": "single steps through aten.lstm_cell measured fastest; within 1e-6 of nn.LSTM, not bit-identical",
+    "native": "lstmopt's native kernel measured fastest; within 1e-6 of nn.LSTM, not bit-identical",
     "stock": "nn.LSTM itself measured fastest on these inputs",
+}
+_SEQUENCE_KERNEL_NOTES = {
+    "onednn": "PackedSequences through the oneDNN op on padded runs measured fastest; within 1e-6 of nn.LSTM, "
+              "not bit-identical",
+    "native": "PackedSequences through lstmopt's native kernel measured fastest; within 1e-6 of nn.LSTM, "
+              "not bit-identical",
 }

@@ -13,8 +13,17 @@ from typing import Callable, Mapping, Optional
 __all__ = ["interleaved_medians"]
 
 
+def _warm(fn: Callable[[], object], warm_s: float) -> None:
+    """Run ``fn`` for ``warm_s``: after another variant ran, a thread pool's sleeping threads can take
+    milliseconds to wake on a virtual machine, and caches hold the other variant's data."""
+    deadline = time.perf_counter() + warm_s
+    fn()
+    while time.perf_counter() < deadline:
+        fn()
+
+
 def _calls_per_round(fn: Callable[[], object], target_s: float) -> int:
-    fn()  # warm up (first-call allocations, lazy initialisation)
+    _warm(fn, target_s)  # first-call allocations, lazy initialisation
     start = time.perf_counter()
     fn()
     once = max(time.perf_counter() - start, 1e-7)
@@ -26,13 +35,21 @@ def interleaved_medians(
     *,
     rounds: int = 15,
     round_s: float = 0.02,
+    warm_s: float = 0.005,
+    settle_s: float = 0.0,
     on_round: Optional[Callable[[int], None]] = None,
 ) -> dict[str, float]:
-    """Median seconds per call of each function, timed in ``rounds`` interleaved rounds of ~``round_s``."""
+    """Median seconds per call of each function, timed in ``rounds`` interleaved rounds of ~``round_s``,
+    each function warmed up for ``warm_s`` before its timed block. ``settle_s``: a pause before each block,
+    for functions whose thread pools keep spinning after a call (ONNX Runtime's do by default), so that
+    one does not time another while its threads still hold the CPU."""
     counts = {name: _calls_per_round(fn, round_s) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
         for name, fn in fns.items():
+            if settle_s:
+                time.sleep(settle_s)
+            _warm(fn, warm_s)
             n = counts[name]
             start = time.perf_counter()
             for _ in range(n):

@@ -8,6 +8,8 @@ Two kinds of checks, each reported per output tensor with its max absolute and r
 
 Both sides compute with the same settings that change numerics (intra-op threads above all: a matmul or
 oneDNN split over another number of threads sums in another order): the child applies the parent's.
+A TorchScript artifact whose LSTMs run the native kernel gets the native library, by path, in the child
+(which cannot import lstmopt), as a deployment would with ``lstmopt.native.LOAD_LINE``.
 
 A check passes when ``|optimized - original| <= atol + rtol * |original|`` everywhere (NaNs must match);
 the fp32 default tolerance is zero (bit-identical), the bf16 default is ``BF16_TOLERANCE``.
@@ -37,7 +39,8 @@ __all__ = ["APPROX_TOLERANCE", "BF16_TOLERANCE", "Check", "Verification", "defau
 BF16_TOLERANCE = (2e-2, 2e-2)
 
 
-# The "cell" kernel (autotune with approx) stays within 1e-6 of nn.LSTM; measured 2e-8 on the examples.
+# The approximate kernels (autotune with approx: cell, native, the PackedSequence kernels) stay within 1e-6
+# of nn.LSTM; measured up to 5e-7 in the property tests.
 APPROX_TOLERANCE = (1e-6, 1e-6)
 
 
@@ -156,11 +159,14 @@ def verify_artifact(
     atol: float = 0.0,
     rtol: float = 0.0,
     artifact_prefix: str = "",
+    native_kernel: bool = False,
     timeout: float = 900.0,
 ) -> Verification:
     """Load ``artifact`` in a fresh interpreter and compare it with ``original`` on ``samples`` and, for
-    each name in ``lstm_names`` (modules of ``original``), on that LSTM's own synthetic inputs."""
+    each name in ``lstm_names`` (modules of ``original``), on that LSTM's own synthetic inputs.
+    ``native_kernel``: the artifact's LSTMs run the native kernel (its metadata says so)."""
     original = original.eval()
+    native_library = _native_library() if native_kernel else None
     # The child computes with these very settings: results depend on the thread count in their last bits.
     numerics = verify_child.numerics_settings()
     result = Verification(atol=atol, rtol=rtol, samples=[describe(s) for s in samples], numerics=numerics)
@@ -180,7 +186,7 @@ def verify_artifact(
                 expected_lstms.append((f"{name or '<model>'} case {j} {describe(args)}",
                                        verify_child.flatten(lstm(*args))))
 
-    outputs = _run_child(Path(artifact), format, list(samples), lstm_payload, numerics, timeout)
+    outputs = _run_child(Path(artifact), format, list(samples), lstm_payload, numerics, native_library, timeout)
     if outputs["numerics"] != numerics:
         raise VerificationError(f"the fresh process computed with other settings ({outputs['numerics']}) than the "
                                 f"reference ({numerics}), so an exact comparison would mean nothing")
@@ -216,11 +222,21 @@ def _user_paths() -> list[str]:
     return paths
 
 
+def _native_library() -> str:
+    from . import native
+
+    if not native.load(quiet=True):
+        raise UsageError("the artifact runs lstmopt's native kernel, which cannot be built here "
+                         f"({native.unavailable_reason()})")
+    return native.library_path()
+
+
 def _run_child(artifact: Path, format: str, samples: list, lstm_payload: list, numerics: dict,
-               timeout: float) -> dict:
+               native_library: Optional[str], timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="lstmopt-verify-") as tmp:
         payload, result = Path(tmp) / "payload.pt", Path(tmp) / "result.pt"
-        torch.save({"samples": samples, "lstms": lstm_payload, "numerics": numerics}, payload)
+        torch.save({"samples": samples, "lstms": lstm_payload, "numerics": numerics,
+                    "native_library": native_library}, payload)
         # The child imports the user's model code from where this process found it.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(_user_paths())

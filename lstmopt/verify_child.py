@@ -91,11 +91,13 @@ def main(artifact, fmt, payload_path, result_path):
         sys.modules["lstmopt"] = None  # the archive must not need lstmopt
     import torch
 
+    payload = torch.load(payload_path, weights_only=True)
     if fmt == "torchscript":
+        if payload["native_library"]:  # the one thing the archive needs beyond torch (lstmopt.native.LOAD_LINE)
+            torch.ops.load_library(payload["native_library"])
         model = torch.jit.load(artifact, map_location="cpu")
     else:
         model = torch.load(artifact, map_location="cpu", weights_only=False)
-    payload = torch.load(payload_path, weights_only=True)
     apply_numerics_settings(payload["numerics"])
     result = {"samples": [], "lstms": [], "numerics": numerics_settings()}
     with torch.no_grad():

@@ -6,6 +6,10 @@
 - Pickle (``torch.save`` of the module): loads with lstmopt and the model's own classes importable, and
   repacks on load the same way.
 
+An LSTM that autotune switched to the native kernel (``exact=False``) makes a TorchScript archive need
+lstmopt's native library registered before ``torch.jit.load`` (``lstmopt.native.LOAD_LINE``); the
+metadata and the returned record name those LSTMs (``native_kernel``).
+
 Both are zip archives; the metadata is the record ``<archive>/extra/lstmopt.json`` (TorchScript's
 ``_extra_files``), so ``read_metadata`` never unpickles anything. Writes go to a temporary file in the
 target directory that is renamed over the output only once complete.
@@ -25,7 +29,8 @@ from .choices import FORMATS
 from .errors import UsageError
 from .files import atomic_path, check_output_path
 
-__all__ = ["FORMATS", "METADATA_NAME", "read_metadata", "save_artifact", "script", "to_torchscript", "write_artifact"]
+__all__ = ["FORMATS", "METADATA_NAME", "native_lstms", "read_metadata", "save_artifact", "script", "to_torchscript",
+           "write_artifact"]
 
 METADATA_NAME = "lstmopt.json"
 
@@ -44,12 +49,14 @@ def write_artifact(model, output: os.PathLike | str, *, format: str, metadata: d
 def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Sequence[tuple] = ()) -> dict:
     """Save the optimized ``model`` to ``path`` in ``format`` ("torchscript" or "pickle"), with ``metadata``
     as the ``lstmopt.json`` record. TorchScript scripts the model, or traces it on ``samples[0]`` when its
-    code is not scriptable. Returns how the artifact was made, ``{"method", "reason"}``, which the
-    metadata records too."""
+    code is not scriptable. Returns how the artifact was made, ``{"method", "reason", "native_kernel"}``
+    (the LSTMs that need lstmopt's native library), which the metadata records too."""
     if format not in FORMATS:
         raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    metadata = {**metadata, "native_kernel": native_lstms(model)}
     if format == "torchscript":
         scripted, how = to_torchscript(model, samples)
+        how["native_kernel"] = metadata["native_kernel"]
         metadata = {**metadata, "torchscript": how}
         torch.jit.save(scripted, str(path), _extra_files={METADATA_NAME: _json(metadata)})
         return how
@@ -57,7 +64,26 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
     with zipfile.ZipFile(path, "a") as archive:
         prefix = archive.namelist()[0].split("/", 1)[0]
         archive.writestr(f"{prefix}/extra/{METADATA_NAME}", _json(metadata))
-    return {"method": "pickled", "reason": "--format pickle"}
+    return {"method": "pickled", "reason": "--format pickle", "native_kernel": metadata["native_kernel"]}
+
+
+def native_kernel_note(lstms: Sequence[str], format: str) -> str:
+    """What loading an artifact whose ``lstms`` run the native kernel takes, in one sentence."""
+    from .native import LOAD_LINE
+
+    names = ", ".join(name or "<model>" for name in lstms)
+    if format == "torchscript":
+        return (f"{names} run lstmopt's native kernel: where the artifact is loaded, run `{LOAD_LINE}` "
+                "before torch.jit.load (or write it without --approx for an artifact that needs torch only)")
+    return (f"{names} run lstmopt's native kernel, which loading the artifact builds on first use (with a C++ "
+            "compiler; without one, the oneDNN kernels serve)")
+
+
+def native_lstms(model) -> list:
+    """The names of the LSTMs in ``model`` that run the native kernel."""
+    from .packed import PackedLSTM
+
+    return [name for name, m in model.named_modules() if isinstance(m, PackedLSTM) and m.uses_native_kernel]
 
 
 def _json(metadata: dict) -> str:

@@ -9,11 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from lstmopt import PackedLSTM
+from lstmopt import PackedLSTM, native
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 needs_bf16 = pytest.mark.skipif(not BF16, reason="this CPU has no native bf16 support in oneDNN")
+# Built on first use (about 30 s, once per machine). tests/test_native.py fails where a compiler is
+# present and the build fails, so these skips only ever mean "no compiler here".
+NATIVE = native.available()
+needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernel unavailable: {native.unavailable_reason()}")
+# What autotune times besides the stock and oneDNN kernels, with exact=False
+APPROX_EXTRA = {"native"} if NATIVE else set()
 
 
 def lstm_pair(input_size=12, hidden_size=20, seed=0, **kwargs):

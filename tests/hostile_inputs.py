@@ -1,4 +1,5 @@
-"""Run every hostile call on nn.LSTM, PackedLSTM and a scripted PackedLSTM; print one JSON report.
+"""Run every hostile call on nn.LSTM and on PackedLSTM under each kernel, eager and scripted; print one
+JSON report.
 
 Run as a script in its own process (tests/test_errors.py does): the raw op would kill the interpreter on
 several of these inputs, so a crash must not take pytest down with it.
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from lstmopt import PackedLSTM
+from lstmopt import PackedLSTM, native
 
 warnings.simplefilter("ignore")
 I, H, L = 12, 20, 2
@@ -151,6 +152,12 @@ def main():
     sequences = PackedLSTM.from_lstm(ref).eval()
     sequences.use_kernel(sequence_kernel="onednn")
     scripted_sequences = torch.jit.script(CallWithSequence(sequences))
+    on_native = None
+    if native.available():  # tests/test_native.py fails where it should be and is not
+        on_native = PackedLSTM.from_lstm(ref).eval()
+        on_native.use_kernel("native", sequence_kernel="native")
+        scripted_native, scripted_native_sequences = (torch.jit.script(Call(on_native)),
+                                                      torch.jit.script(CallWithSequence(on_native)))
     report = {}
     for name, make in CASES.items():
         print(name, file=sys.stderr, flush=True)  # the last name printed is the culprit if we die
@@ -162,6 +169,11 @@ def main():
             report[name]["scripted"] = outcome(scripted_sequences, x, hx)
         elif name in SCRIPTABLE:
             report[name]["scripted"] = outcome(scripted, x, hx)
+        if on_native is not None:
+            report[name]["native"] = outcome(on_native, x, hx)
+            if name in SCRIPTABLE:
+                scripted_one = scripted_native_sequences if name in SEQUENCE_CASES else scripted_native
+                report[name]["scripted_native"] = outcome(scripted_one, x, hx)
     print(json.dumps(report))
 
 

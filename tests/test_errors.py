@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ROOT, run_python_json
+from conftest import ROOT, needs_native, run_python_json
 from hostile_inputs import CASES, SCRIPTABLE, SEQUENCE_CASES
 
 
@@ -70,3 +70,18 @@ def test_the_sequence_kernel_ran_where_it_could(report):
     # The control: well-formed packed sequences really took the sequence kernel (they differ from nn.LSTM's
     # kernel in the last bits), so the comparisons above are not of nn.LSTM with itself.
     assert report["seq_unsorted"]["sequences"] != report["seq_unsorted"]["ref"]
+
+
+@needs_native
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_native_kernel_behaves_like_nn_lstm_within_1e6(report, case):
+    assert_within_1e6_or_same_error(report[case]["ref"], report[case]["native"])
+    if case in SCRIPTABLE:
+        assert_within_1e6_or_same_error(report[case]["ref"], report[case]["scripted_native"], scripted=True)
+
+
+@needs_native
+def test_the_native_kernel_ran_where_it_could(report):
+    for case in ("single_step_with_state", "transposed_input", "seq_unsorted", "seq_with_state"):
+        assert report[case]["native"] != report[case]["ref"]
+        assert report[case]["scripted_native"] != report[case]["ref"]

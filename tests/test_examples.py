@@ -11,7 +11,7 @@ from conftest import ROOT
 SCRIPTS = sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name != "common.py")
 PRODUCES = {
     "speech_encoder.py": ["speech_encoder.pt", "speech_encoder.opt.pt"],
-    "tagger.py": ["tagger.pt", "tagger_inputs.pt", "tagger.opt.pt"],
+    "tagger.py": ["tagger.pt", "tagger_inputs.pt", "tagger.opt.pt", "tagger.approx.pt"],
     "forecaster.py": ["forecaster.pt", "forecaster.opt.pt"],
     "streaming.py": ["streaming.pt", "streaming.opt.pt"],
     "save_models.py": ["speech_encoder.pt", "tagger.pt", "forecaster.pt", "streaming.pt", "tagger_inputs.pt"],

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from conftest import assert_same_result, lstm_pair
+from conftest import APPROX_EXTRA, assert_same_result, lstm_pair, needs_native
 from lstmopt import optimize, plan
 from lstmopt.autotune import autotune
 from models import Encoder, build_forecaster, build_tagger
@@ -53,13 +53,14 @@ def test_cell_kernel_leaves_longer_sequences_to_nn_lstm_exactly():
         assert_same_result(ref(x), packed(x))
 
 
-@pytest.mark.parametrize("kernel", ["onednn", "cell", "stock"])
+@pytest.mark.parametrize("kernel", ["onednn", "cell", pytest.param("native", marks=needs_native), "stock"])
 def test_only_the_onednn_kernel_keeps_packs(kernel):
     _, packed = lstm_pair(input_size=64, hidden_size=64, num_layers=2)
     packed.use_kernel(kernel)
     assert packed.kernel == kernel
     packs = [layer.packs is not None for layer in packed.packed_layers]
     assert all(packs) if kernel == "onednn" else not any(packs)
+    assert packed.uses_native_kernel == (kernel == "native")  # the native kernel's own layout, only while used
 
 
 def test_kernels_survive_pickling_and_scripting_across_repeated_calls(tmp_path):
@@ -112,10 +113,10 @@ def test_autotune_with_approx_also_times_the_cell_kernel_and_plan_reports_it():
     model = build_forecaster().eval()
     fast = optimize(model, autotune=[(torch.randn(2, 30, 3),)], exact=False)
     decoder = fast.decoder
-    assert set(decoder.autotune_ms) == {"onednn", "cell", "stock"}
+    assert set(decoder.autotune_ms) == {"onednn", "cell", "stock"} | APPROX_EXTRA
     decisions = {d.name: d for d in plan(fast)}
     assert decisions["decoder"].kernel == decoder.kernel
-    assert decisions["decoder"].exact == (decoder.kernel != "cell")
+    assert decisions["decoder"].exact == (decoder.kernel in ("onednn", "stock"))
     assert decisions["decoder"].autotune_ms == decoder.autotune_ms
 
 
@@ -159,12 +160,13 @@ def sequence_cases(draw):
     return config, lengths, draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 999))
 
 
+@pytest.mark.parametrize("kernel", ["onednn", pytest.param("native", marks=needs_native)])
 @settings(max_examples=80, deadline=None)
-@given(sequence_cases())
-def test_sequence_kernel_is_within_1e6_of_nn_lstm_on_packed_sequences(case):
+@given(case=sequence_cases())
+def test_sequence_kernels_are_within_1e6_of_nn_lstm_on_packed_sequences(kernel, case):
     config, lengths, with_state, presorted, seed = case
     ref, packed = lstm_pair(seed=seed, **config)
-    packed.use_kernel(sequence_kernel="onednn")
+    packed.use_kernel(sequence_kernel=kernel)
     g = torch.Generator().manual_seed(seed)
     lengths = sorted(lengths, reverse=True) if presorted else lengths
     batch, steps = len(lengths), max(lengths)
@@ -192,7 +194,7 @@ def test_autotune_chooses_a_sequence_kernel_only_where_approximation_is_allowed(
     exact = optimize(model, autotune=samples)
     assert exact.lstm.sequence_kernel == "stock" and set(exact.lstm.sequence_autotune_ms) == {"stock"}
     approx = optimize(model, autotune=samples, exact=False)
-    assert set(approx.lstm.sequence_autotune_ms) == {"stock", "onednn"}
+    assert set(approx.lstm.sequence_autotune_ms) == {"stock", "onednn"} | APPROX_EXTRA
     (decision,) = plan(approx)
     assert decision.sequence_kernel == approx.lstm.sequence_kernel
     assert decision.exact == (approx.lstm.sequence_kernel == "stock")

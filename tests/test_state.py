@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import assert_same_result, lstm_pair, needs_bf16, run_python_json
 from lstmopt import PackedLSTM
+from lstmopt.packed import KERNELS
 
 CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(num_layers=3, bias=False, batch_first=True)]
 
@@ -204,9 +205,14 @@ def test_concurrent_forward_calls_match_serial_calls():
         assert_same_result(e, a)
 
 
-def test_weights_replaced_with_other_shapes_never_reach_the_op():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_weights_replaced_with_other_shapes_never_reach_a_kernel(kernel):
     _, packed = lstm_pair()
-    packed.weight_hh_l0.data = torch.randn(80, 7)  # the op would read out of bounds
+    packed.use_kernel(kernel, sequence_kernel="native" if kernel == "native" else None)
+    packed.weight_hh_l0.data = torch.randn(80, 7)  # a kernel would read out of bounds
+    x = torch.randn(3 if kernel != "cell" else 1, 2, 12)
     with torch.no_grad():
-        assert packed._fast_kernel(torch.randn(3, 2, 12), None) is None  # nn.LSTM's own path instead
-    assert packed.packed_dtype is None and packed.kernel_dtype is None
+        packed._packs_ready(lambda: True)  # what the next call does: notice the change, repack
+    # Every kernel is off: calls take nn.LSTM's own path, with whatever it makes of such weights.
+    assert packed.packed_dtype is None and packed.kernel_dtype is None and packed.sequence_dtype is None
+    assert not packed._valid(x, None) and not packed.uses_native_kernel

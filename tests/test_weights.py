@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-from conftest import assert_same_result, lstm_pair, run_python_json
+from conftest import assert_same_result, lstm_pair, needs_native, run_python_json
 from lstmopt import PackedLSTM, optimize
 from lstmopt.writing import write_artifact
 from models import build_speech_encoder
@@ -105,10 +105,13 @@ def test_an_ema_update_is_seen_by_the_next_call():
     assert torch.equal(run(opt), run(model))
 
 
-def test_load_state_dict_concurrent_with_forwards_gives_one_model_or_the_other():
+@pytest.mark.parametrize("kernel", ["onednn", pytest.param("native", marks=needs_native)])
+def test_load_state_dict_concurrent_with_forwards_gives_one_model_or_the_other(kernel):
     # Hot-reloading weights while serving: every call sees the old weights or the new ones, whole.
     _, first = lstm_pair(input_size=40, hidden_size=64, num_layers=2, bidirectional=True)
     _, second = lstm_pair(input_size=40, hidden_size=64, num_layers=2, bidirectional=True, seed=1)
+    first.use_kernel(kernel)
+    second.use_kernel(kernel)
     weights = [first.state_dict(), second.state_dict()]
     serving = PackedLSTM.from_lstm(first)
     x = torch.randn(9, 4, 40)

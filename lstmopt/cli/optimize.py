@@ -43,8 +43,9 @@ def optimize(
              "example inputs, and keep the fastest per LSTM.")] = False,
     approx: Annotated[bool, typer.Option(
         "--approx", rich_help_panel=CHECKS,
-        help="With --autotune, also consider the single-step cell kernel: within 1e-6 of nn.LSTM, not "
-             "bit-identical (the default tolerance becomes 1e-6).")] = False,
+        help="With --autotune, also consider the kernels within 1e-6 of nn.LSTM, not bit-identical: the "
+             "single-step cell kernel, lstmopt's native kernel (built on first use) and the PackedSequence "
+             "kernels. The default tolerance becomes 1e-6.")] = False,
     min_speedup: Annotated[Optional[float], typer.Option(
         "--min-speedup", metavar="X", rich_help_panel=CHECKS,
         help="Fail (exit 6) below this speedup: geometric mean over the inputs; implies --bench.")] = None,

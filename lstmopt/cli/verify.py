@@ -65,7 +65,8 @@ def verify(
         result = verify_artifact(loaded.model, optimized, format=artifact_kind, samples=samples, lstm_names=names,
                                  atol=default_atol if atol is None else atol,
                                  rtol=default_rtol if rtol is None else rtol,
-                                 artifact_prefix=meta.get("module_prefix", ""))
+                                 artifact_prefix=meta.get("module_prefix", ""),
+                                 native_kernel=bool(meta.get("native_kernel")))
     ui.emit_json(result.to_dict())
     ui.show(verification_summary(result.to_dict()))
     if not samples:

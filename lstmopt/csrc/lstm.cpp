@@ -1,0 +1,630 @@
+// lstmopt's native LSTM kernel: a whole multi-layer, bidirectional LSTM call in one native call.
+//
+// Streaming models call an LSTM one step or one short chunk at a time, where the cost per call, not the
+// arithmetic, is the latency: oneDNN's op builds its primitive on every call, and each PyTorch op called
+// from Python costs microseconds. Here a call projects the inputs of all steps at once, then runs each
+// step as one pass over the recurrent weights with the gate nonlinearities fused in, for tensors and
+// PackedSequences alike (a tensor is a packed sequence whose steps all hold the whole batch). Batches run
+// in register tiles of up to six rows; a call big enough runs on all of torch's intra-op threads in one
+// parallel region, each thread owning a range of hidden units in every layer.
+//
+// Weights are packed by lstmopt/native.py: per layer and direction, (blocks, I + H, 64): a block holds 16
+// hidden units' four gates side by side ([i x16, f x16, g x16, o x16]) over the input rows, then the
+// recurrent rows, so that one block's pass streams contiguous memory and its cell update is one
+// vectorizable loop; biases (blocks, 64), b_ih + b_hh. Results are within ~1e-6 of nn.LSTM (the sums run
+// in another order and exp is a polynomial), not bit-identical. They do not depend on the vector width or
+// the thread count (each sum runs in one order everywhere), except where a GEMM projects many rows.
+//
+// The Python side checks every argument before calling (lstmopt/checks.py); the checks here only make
+// sure nothing can read or write out of bounds.
+
+// The narrowest headers that serve: torch/extension.h would triple the one-time build (~60 s).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/zeros.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t UNITS = 16;             // hidden units per block
+constexpr int64_t WIDTH = 4 * UNITS;      // gate columns per block
+// Projecting more input rows than this at once, a GEMM library beats our tiles (and its fixed cost
+// no longer shows).
+constexpr int64_t GEMM_ROWS = 256;
+
+// GCC vector extensions, as wide as this CPU's registers (the kernel is built with -march=native);
+// LSTMOPT_VECTOR_BYTES=64 on a machine without AVX-512 runs the AVX-512 code's logic in halves, for tests.
+#ifndef LSTMOPT_VECTOR_BYTES
+#if defined(__AVX512F__)
+#define LSTMOPT_VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define LSTMOPT_VECTOR_BYTES 32
+#else
+#define LSTMOPT_VECTOR_BYTES 16
+#endif
+#endif
+typedef float vec __attribute__((vector_size(LSTMOPT_VECTOR_BYTES), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(LSTMOPT_VECTOR_BYTES)));
+constexpr int64_t LANES = LSTMOPT_VECTOR_BYTES / sizeof(float);
+constexpr int64_t VECS = WIDTH / LANES;   // vectors per block row
+static_assert(UNITS % LANES == 0, "a gate's units fill whole vectors");
+
+#if LSTMOPT_VECTOR_BYTES == 64 && defined(__AVX512F__)
+inline vec splat(float x) { return (vec)_mm512_set1_ps(x); }
+#elif LSTMOPT_VECTOR_BYTES == 32 && defined(__AVX__)
+inline vec splat(float x) { return (vec)_mm256_set1_ps(x); }
+#elif LSTMOPT_VECTOR_BYTES == 16
+inline vec splat(float x) { return (vec)_mm_set1_ps(x); }
+#else
+inline vec splat(float x) { return vec{} + x; }  // wider than the registers: the test build
+#endif
+inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
+inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
+
+// exp for the gates: Cephes-style range reduction (round to nearest by the 1.5 * 2^23 trick) and a
+// degree-6 polynomial; max relative error 8e-8 on [-87, 88].
+inline vec vexp(vec x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  const vec n = (x * splat(1.44269504088896341f) + splat(12582912.0f)) - splat(12582912.0f);
+  vec r = x - n * splat(0.693359375f);
+  r = r + n * splat(2.12194440e-4f);
+  vec p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline vec vsigmoid(vec x) { return splat(1.0f) / (splat(1.0f) + vexp(-x)); }
+inline vec vtanh(vec x) { return splat(2.0f) / (splat(1.0f) + vexp(splat(-2.0f) * x)) - splat(1.0f); }
+
+// Vectors per tile: 6 rows x TV accumulators, TV weight vectors and a broadcast fit the register file
+// (16 vector registers with AVX2, 32 with AVX-512).
+constexpr int TV = LSTMOPT_VECTOR_BYTES == 64 ? 4 : 2;
+constexpr int64_t TILE_ROWS = 6;
+// A block's weights are stored in slabs as wide as a tile: slab s, of (I + H, SLAB), holds the gate
+// columns [s * SLAB, (s + 1) * SLAB). A tile's pass then streams contiguous memory, which the hardware
+// prefetches well (1.3-1.5x faster than rows of all 64 columns, where weights come from L3).
+constexpr int64_t SLAB = TV * LANES;
+constexpr int64_t SLABS = WIDTH / SLAB;
+static_assert(WIDTH % SLAB == 0, "a block's columns split into whole slabs");
+
+// Rows [r, r + n) of one block's weights: w points at row r of slab 0; slab s starts stride floats later.
+struct Rows {
+  const float* w;
+  int64_t stride, n;
+  const float* column(int64_t c) const { return w + (c / SLAB) * stride + c % SLAB; }
+};
+
+// acc[0:WIDTH] += v[0:n] . m (every column): one row, for streaming
+inline void accumulate(float* __restrict acc, const float* __restrict v, const Rows& m) {
+  vec a[VECS];
+  const float* w[VECS];
+  for (int64_t j = 0; j < VECS; ++j) {
+    a[j] = load(acc + j * LANES);
+    w[j] = m.column(j * LANES);
+  }
+  for (int64_t k = 0; k < m.n; ++k) {
+    const vec x = splat(v[k]);
+    for (int64_t j = 0; j < VECS; ++j) a[j] += x * load(w[j] + k * SLAB);
+  }
+  for (int64_t j = 0; j < VECS; ++j) store(acc + j * LANES, a[j]);
+}
+
+// Keeps v in a register. Without it GCC folds the load of a weight vector into each of the tile's FMAs,
+// loading it once per row instead of once (measured 1.2x slower).
+inline void pin(vec& v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));
+#elif LSTMOPT_VECTOR_BYTES <= 32 && defined(__AVX__) || LSTMOPT_VECTOR_BYTES == 16
+  asm("" : "+x"(v));
+#endif
+}
+
+// R rows at once for batches: C (R rows, stride WIDTH), columns [c0, c0 + V vectors) += rows v[0..R) . m.
+// R x V accumulators stay in registers; each weight vector loaded serves R rows. Not inlined: register
+// allocation in a caller's context spilled the accumulators.
+template <int R, int V>
+__attribute__((noinline)) void tile(float* __restrict C, const float* const* v, const Rows& m, int64_t c0) {
+  vec a[R][V];
+  const float* w[V];
+#pragma GCC unroll 8
+  for (int j = 0; j < V; ++j) w[j] = m.column(c0 + j * LANES);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) a[r][j] = load(C + r * WIDTH + c0 + j * LANES);
+  const float* p[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) p[r] = v[r];
+  const int64_t n = m.n;
+  for (int64_t k = 0; k < n; ++k) {
+    vec b[V];
+#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) {
+      b[j] = load(w[j] + k * SLAB);
+      pin(b[j]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vec x = splat(p[r][k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < V; ++j) a[r][j] += x * b[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) store(C + r * WIDTH + c0 + j * LANES, a[r][j]);
+}
+
+template <int R, int V = TV>
+inline void tile_all(float* C, const float* const* v, const Rows& m) {
+  static_assert(VECS % V == 0, "tiles cover a block's columns exactly");
+  for (int64_t c0 = 0; c0 < WIDTH; c0 += V * LANES) tile<R, V>(C, v, m, c0);
+}
+
+// acc (n rows, stride WIDTH) += rows[r][0:m.n] . m for n <= TILE_ROWS rows: one tile of exactly n rows
+// (two rows get twice as many columns, to keep enough FMAs in flight), or for one row a pass over all
+// columns at once. Every column's sum runs over k in order, whichever way: results do not depend on the
+// batch size, the vector width or the thread count.
+inline void multiply(float* acc, const float* const* rows, int64_t n, const Rows& m) {
+  switch (n) {
+    case 6: tile_all<6>(acc, rows, m); return;
+    case 5: tile_all<5>(acc, rows, m); return;
+    case 4: tile_all<4>(acc, rows, m); return;
+    case 3: tile_all<3>(acc, rows, m); return;
+    case 2: tile_all<2, std::min<int64_t>(2 * TV, VECS)>(acc, rows, m); return;
+    default: accumulate(acc, rows[0], m);
+  }
+}
+
+// The cell update of one block's 16 units for one row: gates in, c updated, h written (units < 16 only
+// in the last block of a hidden size that is not a multiple of 16: the rest are padding).
+inline void cell(const float* __restrict g, float* __restrict c, float* __restrict h, int64_t units) {
+  alignas(64) float c_new[UNITS], h_new[UNITS], c_old[UNITS] = {};
+  std::memcpy(c_old, c, sizeof(float) * units);
+  for (int64_t u = 0; u < UNITS; u += LANES) {
+    const vec i = vsigmoid(load(g + u)), f = vsigmoid(load(g + UNITS + u));
+    const vec z = vtanh(load(g + 2 * UNITS + u)), o = vsigmoid(load(g + 3 * UNITS + u));
+    const vec cn = f * load(c_old + u) + i * z;
+    store(c_new + u, cn);
+    store(h_new + u, o * vtanh(cn));
+  }
+  std::memcpy(c, c_new, sizeof(float) * units);
+  std::memcpy(h, h_new, sizeof(float) * units);
+}
+
+// Splitting a call between threads pays when its steps have this many multiply-adds, and the call as a
+// whole this many: below, waking the second thread and the barriers cost more than they save (measured on
+// a 2-core virtual machine, where a sleeping thread can take long to wake).
+constexpr int64_t PARALLEL_STEP = 1 << 17;
+constexpr int64_t PARALLEL_CALL = 1 << 21;
+
+// The steps of a call: sizes[t] rows at step t (a tensor's steps all hold the whole batch), starting at
+// row offsets[t] of the packed rows.
+struct Steps {
+  std::vector<int64_t> sizes, offsets;
+  int64_t rows = 0;  // all steps' rows
+  int64_t count() const { return static_cast<int64_t>(sizes.size()); }
+  int64_t batch() const { return sizes[0]; }
+};
+
+// One direction of one layer, with every buffer it needs allocated before any thread starts.
+struct Pass {
+  const float* x;           // input rows (N, I)
+  int64_t I;
+  const float* w;           // (blocks, SLABS, I + H, SLAB)
+  const float* bias;        // (blocks, WIDTH)
+  bool reverse;
+  float* xp;                // the inputs' projections (blocks, SLABS, N, SLAB), bias included; null for one step
+  bool projected;           // xp already filled (by a GEMM, before the threads started)
+  float* h;                 // (B, H) initial state in, final state out
+  float* c;                 // (B, H) the same, updated in place
+  float* hs;                // (2, B, H): the hidden state of step s is read from hs[s % 2], written to the other
+  float* out;               // (N, out_stride), this direction's columns start at col
+  int64_t out_stride, col;
+};
+
+// The blocks [b0, b1) one thread runs in every pass, and whether it has teammates: then a barrier ends
+// every step, because the next step reads the hidden state of every unit.
+struct Share {
+  int64_t b0, b1;
+  bool team;  // more than one thread: barriers needed
+};
+
+// acc (n rows, stride WIDTH) = the gates of rows [r0, r0 + n) at step t, for one block, before the cell.
+inline void gates(float* acc, const Pass& p, const Steps& steps, int64_t H, int64_t blk, int64_t t, int64_t r0,
+                  int64_t n, const float* h_in) {
+  const int64_t K = p.I + H, N = steps.rows, row = steps.offsets[t] + r0;
+  const float* wb = p.w + blk * SLABS * K * SLAB;
+  const float* in[TILE_ROWS];
+  if (p.xp) {
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t s = 0; s < SLABS; ++s)
+        std::memcpy(acc + r * WIDTH + s * SLAB, p.xp + ((blk * SLABS + s) * N + row + r) * SLAB, sizeof(float) * SLAB);
+  } else {  // a single step: the input's part here
+    for (int64_t r = 0; r < n; ++r) std::memcpy(acc + r * WIDTH, p.bias + blk * WIDTH, sizeof(float) * WIDTH);
+    for (int64_t r = 0; r < n; ++r) in[r] = p.x + (row + r) * p.I;
+    multiply(acc, in, n, Rows{wb, K * SLAB, p.I});
+  }
+  for (int64_t r = 0; r < n; ++r) in[r] = h_in + (r0 + r) * H;
+  multiply(acc, in, n, Rows{wb + p.I * SLAB, K * SLAB, H});
+}
+
+// One direction of one layer over packed rows, the blocks [share.b0, share.b1) of it.
+//
+// Each step makes one pass over each block's weights (six rows at a time for batches, one for streaming),
+// with the cell update of the block's units right after, while the gates are in cache. The inputs of all
+// steps are projected first (here for up to GEMM_ROWS rows, else by a GEMM before the threads start).
+void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) {
+  const int64_t N = steps.rows, T = steps.count(), B = steps.batch(), K = p.I + H;
+  const int64_t b0 = share.b0, b1 = share.b1;
+  alignas(64) float acc[TILE_ROWS * WIDTH];
+  if (p.xp && !p.projected) {
+    const float* in[TILE_ROWS];
+    for (int64_t blk = b0; blk < b1; ++blk)
+      for (int64_t r0 = 0; r0 < N; r0 += TILE_ROWS) {
+        const int64_t n = std::min(TILE_ROWS, N - r0);
+        for (int64_t r = 0; r < n; ++r) {
+          std::memcpy(acc + r * WIDTH, p.bias + blk * WIDTH, sizeof(float) * WIDTH);
+          in[r] = p.x + (r0 + r) * p.I;
+        }
+        multiply(acc, in, n, Rows{p.w + blk * SLABS * K * SLAB, K * SLAB, p.I});
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t s = 0; s < SLABS; ++s)
+            std::memcpy(p.xp + ((blk * SLABS + s) * N + r0 + r) * SLAB, acc + r * WIDTH + s * SLAB,
+                        sizeof(float) * SLAB);
+      }
+  }
+  // Own units of the initial state into both buffers: rows that have not started (a reverse pass over
+  // sequences of different lengths) find it in either.
+  const int64_t first_unit = b0 * UNITS, own = std::min(b1 * UNITS, H) - first_unit;
+  for (int64_t buf = 0; buf < 2; ++buf)
+    for (int64_t r = 0; r < B; ++r)
+      std::memcpy(p.hs + (buf * B + r) * H + first_unit, p.h + r * H + first_unit, sizeof(float) * own);
+  if (share.team) {
+#pragma omp barrier
+  }
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = p.reverse ? T - 1 - s : s, rows = steps.sizes[t];
+    const float* h_in = p.hs + (s % 2) * B * H;
+    float* h_out = p.hs + ((s + 1) % 2) * B * H;
+    // Steps alternate the order in which they visit the blocks: the weights last read are read first,
+    // while still in cache, where a call's working set is a little larger than the cache.
+    for (int64_t i = b0; i < b1; ++i) {
+      const int64_t blk = s % 2 == 0 ? i : b1 - 1 - (i - b0);
+      const int64_t first = blk * UNITS, units = std::min(UNITS, H - first);
+      for (int64_t r0 = 0; r0 < rows; r0 += TILE_ROWS) {
+        const int64_t n = std::min(TILE_ROWS, rows - r0);
+        gates(acc, p, steps, H, blk, t, r0, n, h_in);
+        for (int64_t r = 0; r < n; ++r) {
+          float* h_row = h_out + (r0 + r) * H + first;
+          cell(acc + r * WIDTH, p.c + (r0 + r) * H + first, h_row, units);
+          std::memcpy(p.out + (steps.offsets[t] + r0 + r) * p.out_stride + p.col + first, h_row,
+                      sizeof(float) * units);
+        }
+      }
+    }
+    if (share.team) {
+#pragma omp barrier
+    }
+  }
+  // Each row's final hidden state is in the buffer its last step wrote: a forward pass ends a row after
+  // its own length, a reverse pass ends every row at the last step.
+  for (int64_t r = 0; r < B; ++r) {
+    int64_t last = T;
+    if (!p.reverse)
+      while (last > 0 && steps.sizes[last - 1] <= r) --last;
+    std::memcpy(p.h + r * H + first_unit, p.hs + ((last % 2) * B + r) * H + first_unit, sizeof(float) * own);
+  }
+}
+
+// The whole call, every layer and direction. rows_in: (N, I) packed rows. Returns the output rows
+// (N, D*H) and h_n, c_n (S, B, H).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, const Steps& steps,
+                                                   const std::optional<at::Tensor>& hx,
+                                                   const std::optional<at::Tensor>& cx, at::TensorList weights,
+                                                   at::TensorList biases, int64_t H, bool bidirectional) {
+  const int64_t D = bidirectional ? 2 : 1, S = static_cast<int64_t>(biases.size());
+  const int64_t N = steps.rows, B = steps.batch(), T = steps.count(), I0 = rows_in.size(1);
+  const int64_t blocks = (H + UNITS - 1) / UNITS;
+  TORCH_CHECK(S > 0 && S % D == 0 && static_cast<int64_t>(weights.size()) == S,
+              "lstmopt::lstm: one weight tensor and one bias per layer and direction");
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t I = s < D ? I0 : D * H;
+    TORCH_CHECK(weights[s].scalar_type() == at::kFloat && weights[s].is_contiguous() && weights[s].is_cpu() &&
+                    weights[s].sizes() == at::IntArrayRef({blocks, SLABS, I + H, SLAB}),
+                "lstmopt::lstm: weights of layer ", s / D, " are not packed for this input");
+    TORCH_CHECK(biases[s].scalar_type() == at::kFloat && biases[s].is_contiguous() && biases[s].is_cpu() &&
+                    biases[s].sizes() == at::IntArrayRef({blocks, WIDTH}),
+                "lstmopt::lstm: biases of layer ", s / D, " are not packed");
+  }
+  auto state = [&](const std::optional<at::Tensor>& given) {
+    if (!given.has_value()) return at::zeros({S, B, H}, rows_in.options());
+    TORCH_CHECK(given->sizes() == at::IntArrayRef({S, B, H}) && given->scalar_type() == at::kFloat &&
+                    given->is_cpu(), "lstmopt::lstm: states must be (layers * directions, batch, hidden) float32");
+    return given->contiguous().clone();
+  };
+  at::Tensor h_n = state(hx), c_n = state(cx);
+
+  // The work per step (multiply-adds) decides whether to split the call between threads.
+  const int64_t step_work = B * (T == 1 ? I0 + H : H) * blocks * WIDTH;
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), blocks));
+  const bool parallel = threads > 1 && step_work >= PARALLEL_STEP && step_work * T * S >= PARALLEL_CALL &&
+                        !at::in_parallel_region();
+  const bool gemm = T > 1 && N > GEMM_ROWS;  // projections by a GEMM, which runs on the threads itself
+
+  std::vector<at::Tensor> outs, projections;
+  std::vector<Pass> passes;
+  std::vector<float> hs(static_cast<size_t>(S * 2 * B * H));
+  float* const h_base = h_n.data_ptr<float>();
+  float* const c_base = c_n.data_ptr<float>();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t layer = s / D, d = s % D, I = layer == 0 ? I0 : D * H;
+    if (d == 0) outs.push_back(at::empty({N, D * H}, rows_in.options()));
+    const at::Tensor& x = layer == 0 ? rows_in : outs[layer - 1];
+    at::Tensor xp;
+    if (T > 1) xp = at::empty({blocks, SLABS, N, SLAB}, rows_in.options());
+    projections.push_back(xp);
+    passes.push_back(Pass{x.data_ptr<float>(), I, weights[s].data_ptr<float>(), biases[s].data_ptr<float>(),
+                          d == 1, xp.defined() ? xp.data_ptr<float>() : nullptr, false,
+                          h_base + s * B * H, c_base + s * B * H, hs.data() + s * 2 * B * H,
+                          outs[layer].data_ptr<float>(), D * H, d * H});
+  }
+  auto project_by_gemm = [&](int64_t s) {  // before the threads of a layer start: its input is complete
+    const int64_t layer = s / D;
+    const at::Tensor& x = layer == 0 ? rows_in : outs[layer - 1];
+    at::matmul_out(projections[s], x, weights[s].narrow(2, 0, passes[s].I));
+    projections[s].add_(biases[s].view({blocks, SLABS, 1, SLAB}));
+    passes[s].projected = true;
+  };
+
+  if (!parallel) {
+    for (int64_t s = 0; s < S; ++s) {
+      if (gemm) project_by_gemm(s);
+      run_pass(passes[s], steps, H, Share{0, blocks, false});
+    }
+  } else if (!gemm) {
+    // One parallel region for the whole call: each thread owns a range of blocks (hidden units) in every
+    // layer, and barriers hand the hidden states around, instead of waking threads per layer or step.
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();  // the team may be smaller
+      const Share share{blocks * id / team, blocks * (id + 1) / team, team > 1};
+      for (int64_t s = 0; s < S; ++s) run_pass(passes[s], steps, H, share);
+    }
+  } else {
+    for (int64_t first = 0; first < S; first += D) {
+      for (int64_t s = first; s < first + D; ++s) project_by_gemm(s);
+#pragma omp parallel num_threads(threads)
+      {
+        const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();
+        const Share share{blocks * id / team, blocks * (id + 1) / team, team > 1};
+        for (int64_t s = first; s < first + D; ++s) run_pass(passes[s], steps, H, share);
+      }
+    }
+  }
+  return {outs.back(), h_n, c_n};
+}
+
+}  // namespace
+
+// nn.LSTM's call on the native kernel. input: a tensor as nn.LSTM takes it ((T, B, I), (B, T, I) when
+// batch_first, or unbatched (T, I)), or a PackedSequence's data (N, I) with its batch_sizes (sequences
+// sorted longest first); hx, cx: as nn.LSTM takes them (permuted to sorted order for packed data), or None.
+// Returns nn.LSTM's output, h_n and c_n (for packed data: the output rows, and h_n, c_n in sorted order).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm(const at::Tensor& input,
+                                                    const std::optional<at::Tensor>& batch_sizes,
+                                                    const std::optional<at::Tensor>& hx,
+                                                    const std::optional<at::Tensor>& cx, at::TensorList weights,
+                                                    at::TensorList biases, int64_t hidden_size, bool bidirectional,
+                                                    bool batch_first) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat && input.is_cpu() && input.layout() == at::kStrided,
+              "lstmopt::lstm: input must be float32 on CPU");
+  Steps steps;
+  if (batch_sizes.has_value()) {
+    TORCH_CHECK(input.dim() == 2, "lstmopt::lstm: packed data must be (N, I)");
+    TORCH_CHECK(batch_sizes->dim() == 1 && batch_sizes->scalar_type() == at::kLong && batch_sizes->is_cpu() &&
+                    batch_sizes->numel() > 0, "lstmopt::lstm: batch_sizes must be a non-empty int64 vector");
+    const at::Tensor bs = batch_sizes->contiguous();
+    steps.sizes.assign(bs.data_ptr<int64_t>(), bs.data_ptr<int64_t>() + bs.numel());
+    for (const int64_t size : steps.sizes) {
+      TORCH_CHECK(size > 0 && size <= steps.sizes[0], "lstmopt::lstm: bad batch_sizes");
+      steps.offsets.push_back(steps.rows);
+      steps.rows += size;
+    }
+    for (size_t t = 1; t < steps.sizes.size(); ++t)
+      TORCH_CHECK(steps.sizes[t] <= steps.sizes[t - 1], "lstmopt::lstm: batch_sizes must not increase");
+    TORCH_CHECK(steps.rows == input.size(0), "lstmopt::lstm: batch_sizes do not add up to the input's rows");
+    return run(input.contiguous(), steps, hx, cx, weights, biases, hidden_size, bidirectional);
+  }
+  TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "lstmopt::lstm: input must be 2-D or 3-D");
+  const bool unbatched = input.dim() == 2;
+  const at::Tensor time_major = unbatched ? input.unsqueeze(1) : (batch_first ? input.transpose(0, 1) : input);
+  const int64_t T = time_major.size(0), B = time_major.size(1), I = time_major.size(2);
+  TORCH_CHECK(T > 0 && B > 0, "lstmopt::lstm: empty input");
+  for (int64_t t = 0; t < T; ++t) {
+    steps.sizes.push_back(B);
+    steps.offsets.push_back(t * B);
+  }
+  steps.rows = T * B;
+  auto batched_state = [&](const std::optional<at::Tensor>& state) -> std::optional<at::Tensor> {
+    if (!state.has_value()) return std::nullopt;
+    return unbatched ? state->unsqueeze(1) : *state;
+  };
+  auto [out, h_n, c_n] = run(time_major.contiguous().view({T * B, I}), steps, batched_state(hx),
+                             batched_state(cx), weights, biases, hidden_size, bidirectional);
+  at::Tensor output = out.view({T, B, out.size(1)});
+  if (unbatched) return {output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)};
+  return {batch_first ? output.transpose(0, 1) : output, h_n, c_n};
+}
+
+// nn.LSTM's flat weights (w_ih, w_hh[, b_ih, b_hh] per layer and direction) in this kernel's layout: per
+// layer and direction, weights (blocks, SLABS, I + H, SLAB), whose column c of slab s is gate (s * SLAB + c)
+// / 16 of unit 16 * block + (s * SLAB + c) % 16, and biases (blocks, WIDTH), b_ih + b_hh. The layout depends
+// on the vector width the kernel was built for, so the kernel makes it, wherever it runs.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack(at::TensorList dense, int64_t hidden_size,
+                                                                  bool has_biases) {
+  const int64_t H = hidden_size, per_layer = has_biases ? 4 : 2;
+  const int64_t blocks = (H + UNITS - 1) / UNITS, padded = blocks * UNITS;
+  TORCH_CHECK(H > 0 && !dense.empty() && static_cast<int64_t>(dense.size()) % per_layer == 0,
+              "lstmopt::pack: expected nn.LSTM's flat weights");
+  std::vector<at::Tensor> weights, biases;
+  for (size_t i = 0; i < dense.size(); i += per_layer) {
+    const at::Tensor &w_ih = dense[i], &w_hh = dense[i + 1];
+    TORCH_CHECK(w_ih.scalar_type() == at::kFloat && w_hh.scalar_type() == at::kFloat && w_ih.dim() == 2 &&
+                    w_ih.size(0) == 4 * H && w_hh.sizes() == at::IntArrayRef({4 * H, H}),
+                "lstmopt::pack: weights must be float32 (4 * hidden, input) and (4 * hidden, hidden)");
+    const int64_t K = w_ih.size(1) + H;
+    at::Tensor full = at::zeros({4, padded, K}, w_ih.options());
+    full.narrow(1, 0, H).copy_(at::cat({w_ih, w_hh}, 1).reshape({4, H, K}));
+    weights.push_back(full.view({4, blocks, UNITS, K}).permute({1, 3, 0, 2}).reshape({blocks, K, SLABS, SLAB})
+                          .permute({0, 2, 1, 3}).contiguous());
+    at::Tensor bias = at::zeros({4, padded}, w_ih.options());
+    if (has_biases) {
+      TORCH_CHECK(dense[i + 2].numel() == 4 * H && dense[i + 3].numel() == 4 * H, "lstmopt::pack: bias sizes");
+      bias.narrow(1, 0, H).copy_(dense[i + 2].add(dense[i + 3]).reshape({4, H}));
+    }
+    biases.push_back(bias.view({4, blocks, UNITS}).permute({1, 0, 2}).reshape({blocks, WIDTH}).contiguous());
+  }
+  return {weights, biases};
+}
+
+TORCH_LIBRARY(lstmopt, m) {
+  m.def("lstm(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, Tensor[] biases, "
+        "int hidden_size, bool bidirectional, bool batch_first) -> (Tensor, Tensor, Tensor)");
+  m.def("pack(Tensor[] dense, int hidden_size, bool has_biases) -> (Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(lstmopt, CPU, m) {
+  m.impl("lstm", &lstm);
+  m.impl("pack", &pack);
+}
+
+// Python's direct way in, for the latency of one step: no dispatcher, the packed weights converted once
+// (when this object is made), and every check of a tensor call made here in nanoseconds instead of in
+// Python in microseconds. try_forward returns None for any call it cannot serve as nn.LSTM would (other
+// dtypes, shapes or layouts, tensor subclasses, weights changed since packing): the caller then takes its
+// slower path, which repacks or lets nn.LSTM raise its own error.
+class Packs {
+ public:
+  Packs(std::vector<at::Tensor> weights, std::vector<at::Tensor> biases, int64_t hidden_size, bool bidirectional,
+        std::vector<std::string> names, std::vector<at::Tensor> sources)
+      : weights_(std::move(weights)), biases_(std::move(biases)), hidden_size_(hidden_size),
+        bidirectional_(bidirectional) {
+    TORCH_CHECK(!weights_.empty() && names.size() == sources.size(), "lstmopt: bad Packs arguments");
+    input_size_ = weights_[0].size(2) - hidden_size_;  // (blocks, SLABS, I + H, SLAB)
+    for (size_t i = 0; i < names.size(); ++i) {
+      const at::Tensor& t = sources[i];
+      // An inference tensor has no version counter: it can only change under inference_mode, where
+      // nothing sees it, and Python repacks it on request (repack()).
+      sources_.push_back(Source{pybind11::str(names[i]), t.unsafeGetTensorImpl(),
+                                t.is_inference() ? -1 : static_cast<int64_t>(t._version()), t.data_ptr()});
+    }
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
+                                                         const std::optional<at::Tensor>& batch_sizes,
+                                                         const std::optional<at::Tensor>& hx,
+                                                         const std::optional<at::Tensor>& cx, bool batch_first) const {
+    pybind11::gil_scoped_release no_gil;
+    return lstm(input, batch_sizes, hx, cx, weights_, biases_, hidden_size_, bidirectional_, batch_first);
+  }
+
+  // input and hx as nn.LSTM.forward got them; params: the module's _parameters.
+  pybind11::object try_forward(pybind11::handle input, pybind11::handle hx, bool batch_first,
+                               pybind11::handle params) const {
+    if (!THPVariable_CheckExact(input.ptr())) return pybind11::none();
+    const at::Tensor& x = THPVariable_Unpack(input.ptr());
+    if (!plain(x) || (x.dim() != 2 && x.dim() != 3)) return pybind11::none();
+    const bool batched = x.dim() == 3;
+    const int64_t steps = batched ? x.size(batch_first ? 1 : 0) : x.size(0);
+    const int64_t batch = batched ? x.size(batch_first ? 0 : 1) : 1;
+    if (steps == 0 || batch == 0 || x.size(-1) != input_size_) return pybind11::none();
+    std::optional<at::Tensor> h, c;
+    if (!hx.is_none()) {
+      if (!(PyTuple_Check(hx.ptr()) || PyList_Check(hx.ptr())) || PySequence_Size(hx.ptr()) != 2)
+        return pybind11::none();
+      const pybind11::sequence pair = pybind11::reinterpret_borrow<pybind11::sequence>(hx);
+      const int64_t states = static_cast<int64_t>(biases_.size());
+      for (int i = 0; i < 2; ++i) {
+        const pybind11::object item = pair[i];
+        if (!THPVariable_CheckExact(item.ptr())) return pybind11::none();
+        const at::Tensor& state = THPVariable_Unpack(item.ptr());
+        const bool shaped = batched ? state.dim() == 3 && state.size(0) == states && state.size(1) == batch &&
+                                          state.size(2) == hidden_size_
+                                    : state.dim() == 2 && state.size(0) == states && state.size(1) == hidden_size_;
+        if (!plain(state) || !shaped) return pybind11::none();
+        (i == 0 ? h : c) = state;
+      }
+    }
+    if (!current(params)) return pybind11::none();
+    auto [out, h_n, c_n] = forward(x, std::nullopt, h, c, batch_first);
+    return pybind11::make_tuple(out, pybind11::make_tuple(h_n, c_n));
+  }
+
+ private:
+  struct Source {
+    pybind11::str name;
+    const c10::TensorImpl* impl;
+    int64_t version;
+    const void* data;
+  };
+
+  static bool plain(const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.is_cpu() && t.layout() == at::kStrided && !t.is_neg();
+  }
+
+  // Whether the module's parameters are still the tensors these packs were made from, unchanged.
+  bool current(pybind11::handle params) const {
+    if (!PyDict_Check(params.ptr())) return false;
+    for (const Source& source : sources_) {
+      PyObject* found = PyDict_GetItem(params.ptr(), source.name.ptr());  // borrowed
+      if (found == nullptr || !THPVariable_CheckExact(found)) return false;
+      const at::Tensor& t = THPVariable_Unpack(found);
+      if (t.unsafeGetTensorImpl() != source.impl || t.data_ptr() != source.data) return false;
+      if (source.version >= 0 && static_cast<int64_t>(t._version()) != source.version) return false;
+    }
+    return true;
+  }
+
+  std::vector<at::Tensor> weights_, biases_;
+  int64_t hidden_size_, input_size_;
+  bool bidirectional_;
+  std::vector<Source> sources_;
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // module_local: two builds loaded in one process (a stale cache, tests) must not clash
+  pybind11::class_<Packs>(m, "Packs", pybind11::module_local())
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, bool, std::vector<std::string>,
+                          std::vector<at::Tensor>>())
+      .def("forward", &Packs::forward)
+      .def("try_forward", &Packs::try_forward);
+}

@@ -1,0 +1,212 @@
+"""lstmopt's native kernel: within 1e-6 of nn.LSTM, independent of threads, thread-safe, optional."""
+
+import os
+import pickle
+import shutil
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+
+from conftest import NATIVE, lstm_pair, needs_native, run_python, run_python_json
+from lstmopt import PackedLSTM, native, optimize
+from lstmopt.verification import verify_artifact
+from lstmopt.writing import read_metadata, write_artifact
+from models import build_forecaster
+
+TOLERANCE = dict(atol=1e-6, rtol=1e-6)
+
+
+def test_the_kernel_builds_wherever_there_is_a_compiler():
+    if shutil.which(os.environ.get("CXX", "c++")):
+        assert NATIVE, native.unavailable_reason()
+
+
+def _call(ref, packed, x, hx):
+    with torch.no_grad():
+        return ref(x, hx), packed(x, hx)
+
+
+def _assert_close(expected, actual):
+    (out_e, (h_e, c_e)), (out_a, (h_a, c_a)) = expected, actual
+    for e, a in ((out_e, out_a), (h_e, h_a), (c_e, c_a)):
+        assert e.shape == a.shape and e.dtype == a.dtype
+        torch.testing.assert_close(a, e, **TOLERANCE)
+
+
+@st.composite
+def tensor_cases(draw):
+    config = dict(input_size=draw(st.sampled_from([1, 8, 33])), hidden_size=draw(st.sampled_from([1, 16, 31, 64])),
+                  num_layers=draw(st.integers(1, 3)), bidirectional=draw(st.booleans()), bias=draw(st.booleans()),
+                  batch_first=draw(st.booleans()))
+    batch, steps = draw(st.integers(1, 9)), draw(st.integers(1, 12))
+    return config, batch, steps, draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 999))
+
+
+@needs_native
+@settings(max_examples=80, deadline=None)
+@given(tensor_cases())
+def test_native_kernel_is_within_1e6_of_nn_lstm(case):
+    config, batch, steps, unbatched, with_state, seed = case
+    ref, packed = lstm_pair(seed=seed, **config)
+    packed.use_kernel("native")
+    g = torch.Generator().manual_seed(seed)
+    states = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    if unbatched:
+        x, state_shape = torch.randn(steps, config["input_size"], generator=g), (states, config["hidden_size"])
+    else:
+        shape = (batch, steps) if config["batch_first"] else (steps, batch)
+        x, state_shape = torch.randn(*shape, config["input_size"], generator=g), (states, batch, config["hidden_size"])
+    hx = tuple(torch.randn(state_shape, generator=g) for _ in range(2)) if with_state else None
+    _assert_close(*_call(ref, packed, x, hx))
+    with torch.no_grad():  # and it was the kernel that served the call, not nn.LSTM's path
+        assert packed._native.try_forward(x, hx, config["batch_first"], packed._parameters) is not None
+
+
+# Calls big enough to split between threads, to project their inputs with a GEMM, or both.
+LARGE = [(16, 1, 256, 2), (1, 16, 256, 2), (8, 40, 64, 1), (4, 100, 128, 2)]
+
+
+@needs_native
+@pytest.mark.parametrize("batch,steps,hidden,layers", LARGE)
+def test_native_kernel_is_within_1e6_on_large_calls_at_every_thread_count(batch, steps, hidden, layers):
+    ref, packed = lstm_pair(input_size=80, hidden_size=hidden, num_layers=layers, bidirectional=steps > 1)
+    packed.use_kernel("native")
+    x = torch.randn(steps, batch, 80)
+    hx = tuple(torch.randn(layers * (2 if steps > 1 else 1), batch, hidden) for _ in range(2))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            expected, actual = _call(ref, packed, x, hx)
+            _assert_close(expected, actual)
+            results.append(actual)
+    finally:
+        torch.set_num_threads(threads)
+    if batch * steps <= 256:  # without a GEMM every sum runs in one order: the same bits on any thread count
+        for a, b in zip(torch.utils._pytree.tree_leaves(results[0]), torch.utils._pytree.tree_leaves(results[1])):
+            assert torch.equal(a, b)
+
+
+@needs_native
+def test_concurrent_calls_of_different_shapes_each_get_their_own_result():
+    ref, packed = lstm_pair(input_size=40, hidden_size=128, num_layers=2)
+    packed.use_kernel("native", sequence_kernel="native")
+    inputs = [torch.randn(1, 16, 40), torch.randn(16, 1, 40), torch.randn(7, 3, 40),
+              pack_sequence([torch.randn(9, 40), torch.randn(4, 40)])]
+    with torch.no_grad():
+        expected = [packed(x) for x in inputs]
+    errors = []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(30):
+                    out, (h, c) = packed(inputs[i])
+                    out_e, (h_e, c_e) = expected[i]
+                    assert torch.equal(getattr(out, "data", out), getattr(out_e, "data", out_e))
+                    assert torch.equal(h, h_e) and torch.equal(c, c_e)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@needs_native
+def test_weight_edits_repack_and_copies_pickle_and_script():
+    ref, packed = lstm_pair(num_layers=2, bidirectional=True)
+    packed.use_kernel("native")
+    x = torch.randn(4, 3, 12)
+    with torch.no_grad():
+        ref.weight_hh_l1.mul_(0.5)
+        packed.weight_hh_l1.mul_(0.5)  # noticed by the next call
+        _assert_close(ref(x), packed(x))
+    for copy in (pickle.loads(pickle.dumps(packed)), torch.jit.script(packed)):
+        assert copy.kernel == "native"
+        with torch.no_grad():
+            _assert_close(ref(x), copy.forward__0(x) if hasattr(copy, "forward__0") else copy(x))
+
+
+@needs_native
+def test_torch_compile_runs_the_native_kernel_and_sees_its_shapes():
+    # The op has a fake implementation, so torch.compile and torch.export can reason about it.
+    lstm = nn.LSTM(8, 16, num_layers=2, bidirectional=True).eval()
+    packs = native.NativePacks(list(lstm._flat_weights), 16, 2, True, True)
+    sequence = pack_sequence([torch.randn(5, 8), torch.randn(3, 8)])
+    for args in [(torch.randn(4, 3, 8), None, None, None, False), (torch.randn(3, 4, 8), None, None, None, True),
+                 (torch.randn(4, 8), None, None, None, False),
+                 (sequence.data, sequence.batch_sizes, torch.randn(4, 2, 16), torch.randn(4, 2, 16), False)]:
+        x, batch_sizes, h, c, batch_first = args
+        torch.library.opcheck(torch.ops.lstmopt.lstm.default,
+                              (x, batch_sizes, h, c, packs.weights, packs.biases, 16, True, batch_first))
+    model = build_forecaster().eval()
+    fast = optimize(model)
+    fast.decoder.use_kernel("native")
+    compiled = torch.compile(fast)
+    with torch.no_grad():
+        for steps in (5, 9):
+            x = torch.randn(2, steps, 3)
+            torch.testing.assert_close(compiled(x), model(x), **TOLERANCE)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["torchscript", "pickle"])
+def test_an_artifact_on_the_native_kernel_says_so_and_loads_with_the_load_line(tmp_path, fmt):
+    model = build_forecaster().eval()
+    fast = optimize(model)
+    fast.decoder.use_kernel("native")
+    out = write_artifact(fast, tmp_path / "m.pt", format=fmt, metadata={})
+    assert read_metadata(out)["native_kernel"] == ["decoder"]
+    verification = verify_artifact(model, out, format=fmt, samples=[(torch.randn(2, 7, 3),)],
+                                   lstm_names=["encoder", "decoder"], atol=1e-6, rtol=1e-6, native_kernel=True)
+    assert verification.ok, verification.failure_summary()
+    if fmt != "torchscript":
+        return
+    load = f"import torch; m = torch.jit.load({str(out)!r}); print(m(torch.randn(2, 5, 3)).shape)"
+    without = run_python("import sys; sys.modules['lstmopt'] = None; " + load)
+    assert without.returncode != 0 and "Unknown builtin op: lstmopt::" in without.stderr
+    with_line = run_python(native.LOAD_LINE + "; " + load)
+    assert with_line.returncode == 0, with_line.stderr
+    # The exact default stays loadable with torch alone.
+    plain = write_artifact(optimize(model), tmp_path / "plain.pt", format=fmt, metadata={})
+    assert run_python("import sys; sys.modules['lstmopt'] = None; import torch; "
+                      f"torch.jit.load({str(plain)!r})").returncode == 0
+
+
+@needs_native
+def test_without_a_compiler_lstmopt_says_so_once_and_uses_its_other_kernels(tmp_path):
+    torch.manual_seed(0)
+    packed = PackedLSTM(12, 20, num_layers=2).eval()
+    packed.use_kernel("native", sequence_kernel="native")
+    (tmp_path / "native.pkl").write_bytes(pickle.dumps(packed))
+    result = run_python_json(f"""
+        import json, pickle, torch
+        from lstmopt import optimize
+        from models import build_forecaster
+        fast = optimize(build_forecaster().eval(), autotune=[(torch.randn(2, 9, 3),)], exact=False)
+        moved = pickle.loads(open({str(tmp_path / 'native.pkl')!r}, 'rb').read())  # made where it could be built
+        print(json.dumps({{"timed": sorted(fast.decoder.autotune_ms), "moved": [moved.kernel, moved.sequence_kernel]}}))
+    """, cwd=os.path.join(os.path.dirname(__file__)), env_extra={
+        "LSTMOPT_CACHE": str(tmp_path / "empty-cache"), "CXX": str(tmp_path / "no-such-compiler")})
+    assert result == {"timed": ["cell", "onednn", "stock"], "moved": ["onednn", "onednn"]}
+    proc = run_python("""
+        import torch
+        from lstmopt import optimize
+        from models import build_forecaster
+        optimize(build_forecaster().eval(), autotune=[(torch.randn(2, 9, 3),)], exact=False)
+        optimize(build_forecaster().eval(), autotune=[(torch.randn(2, 9, 3),)], exact=False)
+    """, cwd=os.path.dirname(__file__), env_extra={"LSTMOPT_CACHE": str(tmp_path / "empty-cache"),
+                                                   "CXX": str(tmp_path / "no-such-compiler")})
+    assert proc.returncode == 0, proc.stderr
+    notices = [line for line in proc.stderr.splitlines() if line.startswith("lstmopt:")]
+    assert len(notices) == 1 and "native kernel unavailable (no C++ compiler" in notices[0]
