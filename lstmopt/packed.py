@@ -385,7 +385,7 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         return result
 
     def _run_sequence(self, input: PackedSequence, hx):
-        data, batch_sizes, sorted_indices, unsorted_indices = input
+        data, batch_sizes, sorted_indices, _ = input
         if hx is not None:
             hx = self.permute_hidden(hx, sorted_indices)  # as nn.LSTM: the caller's order -> longest first
         if self.sequence_kernel == "native":
@@ -394,8 +394,14 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         else:
             output, h_n, c_n = run_onednn_sequence(data, batch_sizes, hx, list(self._kernel_args), self.hidden_size,
                                                    self.bidirectional, self.bias)
-        return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
-                self.permute_hidden((h_n, c_n), unsorted_indices))
+        return self._sequence_result(input, output, h_n, c_n)
+
+    def _sequence_result(self, input: PackedSequence, output: Tensor, h_n: Tensor, c_n: Tensor
+                         ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        """A sequence kernel's result as nn.LSTM gives it: output rows packed as the input's, states in the
+        caller's order."""
+        return (PackedSequence(output, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
+                self.permute_hidden((h_n, c_n), input.unsorted_indices))
 
     # Dynamo does not trace nn.LSTM modules (it falls back to eager for the frame that calls one), but it
     # would try to compile every function this one calls, packs included: keep it out, so the packed path
@@ -515,14 +521,12 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
             if hasattr(self, "native_packs"):
                 if self.sequence_kernel == "native" and self.native_packs.is_current(weights):
                     output, h_n, c_n = run_native(self.native_packs, input.data, input.batch_sizes, sorted_hx, False)
-                    return (PackedSequence(output, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
-                            self.permute_hidden((h_n, c_n), input.unsorted_indices))
+                    return self._sequence_result(input, output, h_n, c_n)
             if self.sequence_kernel == "onednn" and self._scripted_packs_current(weights):
                 output, h_n, c_n = run_onednn_sequence(input.data, input.batch_sizes, sorted_hx,
                                                        self._scripted_layers(), self.hidden_size, self.bidirectional,
                                                        self.bias)
-                return (PackedSequence(output, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
-                        self.permute_hidden((h_n, c_n), input.unsorted_indices))
+                return self._sequence_result(input, output, h_n, c_n)
         return self._stock_packed_sequence(input, hx, weights)
 
     def _scripted_layers(self) -> List[LayerArgs]:
