@@ -14,11 +14,8 @@ from .timing import interleaved_medians
 __all__ = ["Benchmark", "LatencyCase", "compare_latency"]
 
 
-@dataclass
-class LatencyCase:
-    input: str
-    original_ms: float
-    optimized_ms: float
+class _OriginalAgainstOptimized:
+    """A timing of the original (``original_ms``) against the optimized model (``optimized_ms``)."""
 
     @property
     def speedup(self) -> float:
@@ -26,6 +23,13 @@ class LatencyCase:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "speedup": round(self.speedup, 4)}
+
+
+@dataclass
+class LatencyCase(_OriginalAgainstOptimized):
+    input: str
+    original_ms: float
+    optimized_ms: float
 
 
 @dataclass
@@ -71,20 +75,13 @@ def compare_latency(
 
 
 @dataclass
-class LstmLatency:
+class LstmLatency(_OriginalAgainstOptimized):
     """One LSTM of the model timed on its own, original against optimized, on the calls the samples give it."""
 
     name: str
     inputs: str  # "tensors", "PackedSequences" or both
     original_ms: float  # per pass over the samples
     optimized_ms: float
-
-    @property
-    def speedup(self) -> float:
-        return self.original_ms / self.optimized_ms
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "speedup": round(self.speedup, 4)}
 
 
 def _submodule(model, name: str):
