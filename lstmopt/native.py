@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .environment import cpuinfo
-from .packing import sources_of
+from .packing import sources_of, unchanged_since
 
 __all__ = ["LOAD_LINE", "NativePacks", "available", "library_path", "load", "module", "run_native",
            "unavailable_reason"]
@@ -181,15 +181,7 @@ class NativePacks:
     def is_current(self, dense: List[Tensor]) -> bool:
         """Whether these packs were made from these very tensors, unchanged since (in TorchScript, which
         cannot read data pointers, only in-place changes are seen)."""
-        current = sources_of(dense)
-        if len(current) != len(self.sources):
-            return False
-        if not torch.jit.is_scripting():
-            return current == self.sources
-        for i in range(1, len(current), 2):
-            if current[i] != self.sources[i]:
-                return False
-        return True
+        return unchanged_since(self.sources, dense)
 
     def __getstate__(self) -> Tuple[List[Tensor], int, int, bool, bool]:
         return (self.dense, self.hidden_size, self.num_layers, self.bidirectional, self.has_biases)

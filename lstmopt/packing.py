@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported", "packing_obstacle", "tracked_copy",
-           "sources_of", "version_of", "weights_obstacle"]
+           "sources_of", "unchanged_since", "version_of", "weights_obstacle"]
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -129,16 +129,7 @@ class LayerPacks:
     def is_current(self, weights: List[Tensor]) -> bool:
         """Whether the packs were made from these very tensors (weight_ih, weight_hh, bias_ih, bias_hh),
         unchanged since."""
-        current = sources_of(weights)
-        if not torch.jit.is_scripting():
-            return current == self.sources
-        # TorchScript cannot read data pointers: there, only in-place changes (versions) are seen.
-        if len(current) != len(self.sources):
-            return False
-        for i in range(1, len(current), 2):
-            if current[i] != self.sources[i]:
-                return False
-        return True
+        return unchanged_since(self.sources, weights)
 
     def __getstate__(self) -> Tuple[Tensor, Tensor, Tensor, Tensor, int, bool, bool]:
         return (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.hidden_size, self.reverse,
@@ -165,6 +156,20 @@ def sources_of(tensors: List[Tensor]) -> List[int]:
         sources.append(_address(t))
         sources.append(version_of(t))
     return sources
+
+
+def unchanged_since(sources: List[int], tensors: List[Tensor]) -> bool:
+    """Whether ``tensors`` are the very tensors ``sources`` (``sources_of``) recorded, unchanged since."""
+    current = sources_of(tensors)
+    if not torch.jit.is_scripting():
+        return current == sources
+    # TorchScript cannot read data pointers: there, only in-place changes (versions) are seen.
+    if len(current) != len(sources):
+        return False
+    for i in range(1, len(current), 2):
+        if current[i] != sources[i]:
+            return False
+    return True
 
 
 class PackedLayer(nn.Module):
