@@ -3,8 +3,8 @@
 // Streaming models call an LSTM one step or one short chunk at a time, where the cost per call, not the
 // arithmetic, is the latency: oneDNN's op builds its primitive on every call, and each PyTorch op called
 // from Python costs microseconds. Here a call projects the inputs of all steps at once, then runs each
-// step as one pass over the recurrent weights with the gate nonlinearities fused in, for tensors and
-// PackedSequences alike (a tensor is a packed sequence whose steps all hold the whole batch). Batches run
+// step as one pass over the recurrent weights with the gate nonlinearities fused in (a call of one step
+// makes one pass over input and recurrent weights together), for tensors and PackedSequences alike (a tensor is a packed sequence whose steps all hold the whole batch). Batches run
 // in register tiles of up to six rows; a call big enough runs on all of torch's intra-op threads in one
 // parallel region, each thread owning a range of hidden units in every layer.
 //
@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -121,20 +122,16 @@ struct Rows {
   const float* column(int64_t c) const { return w + (c / SLAB) * stride + c % SLAB; }
 };
 
-// acc[0:WIDTH] += v[0:n] . m (every column): one row, for streaming
-inline void accumulate(float* __restrict acc, const float* __restrict v, const Rows& m) {
-  vec a[VECS];
-  const float* w[VECS];
-  for (int64_t j = 0; j < VECS; ++j) {
-    a[j] = load(acc + j * LANES);
-    w[j] = m.column(j * LANES);
-  }
-  for (int64_t k = 0; k < m.n; ++k) {
-    const vec x = splat(v[k]);
-    for (int64_t j = 0; j < VECS; ++j) a[j] += x * load(w[j] + k * SLAB);
-  }
-  for (int64_t j = 0; j < VECS; ++j) store(acc + j * LANES, a[j]);
-}
+// What a multiply reads: row r is x[r][0:nx] followed by h[r][0:m.n - nx], so that one pass over a block's
+// weights serves a step's input and hidden state alike (two passes measured 5-10% slower: the accumulators go
+// to memory and back in between). The sums start from init (one row of biases, for every row) or, if it is
+// null, from the accumulators' memory.
+struct Inputs {
+  const float* const* x;
+  int64_t nx;
+  const float* const* h;
+  const float* init;
+};
 
 // Keeps v in a register. Without it GCC folds the load of a weight vector into each of the tile's FMAs,
 // loading it once per row instead of once (measured 1.2x slower).
@@ -146,29 +143,20 @@ inline void pin(vec& v) {
 #endif
 }
 
-// R rows at once for batches: C (R rows, stride WIDTH), columns [c0, c0 + V vectors) += rows v[0..R) . m.
-// R x V accumulators stay in registers; each weight vector loaded serves R rows. Not inlined: register
-// allocation in a caller's context spilled the accumulators.
-template <int R, int V>
-__attribute__((noinline)) void tile(float* __restrict C, const float* const* v, const Rows& m, int64_t c0) {
-  vec a[R][V];
-  const float* w[V];
-#pragma GCC unroll 8
-  for (int j = 0; j < V; ++j) w[j] = m.column(c0 + j * LANES);
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int j = 0; j < V; ++j) a[r][j] = load(C + r * WIDTH + c0 + j * LANES);
+// a[r][*] += rows v[r][0:k1 - k0] . weights rows [k0, k1), for the columns w points at.
+template <int R, int V, bool PIN>
+__attribute__((always_inline)) inline void sweep(vec (&a)[R][V], const float* const (&w)[V], const float* const* v,
+                                                 int64_t k0, int64_t k1) {
+  if (k1 <= k0) return;
   const float* p[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) p[r] = v[r];
-  const int64_t n = m.n;
-  for (int64_t k = 0; k < n; ++k) {
+  for (int r = 0; r < R; ++r) p[r] = v[r] - k0;
+  for (int64_t k = k0; k < k1; ++k) {
     vec b[V];
 #pragma GCC unroll 8
     for (int j = 0; j < V; ++j) {
       b[j] = load(w[j] + k * SLAB);
-      pin(b[j]);
+      if (PIN) pin(b[j]);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -177,36 +165,67 @@ __attribute__((noinline)) void tile(float* __restrict C, const float* const* v, 
       for (int j = 0; j < V; ++j) a[r][j] += x * b[j];
     }
   }
+}
+
+// R rows at once: C (R rows, stride WIDTH), columns [c0, c0 + V vectors) = the rows' inputs . m. R x V
+// accumulators stay in registers; each weight vector loaded serves R rows (for one row, where they would
+// not all fit, the FMAs read the weights from memory). Not inlined: register allocation in a caller's
+// context spilled the accumulators.
+template <int R, int V, bool PIN = true>
+__attribute__((noinline)) void tile(float* __restrict C, const Inputs& in, const Rows& m, int64_t c0) {
+  vec a[R][V];
+  const float* w[V];
+#pragma GCC unroll 8
+  for (int j = 0; j < V; ++j) w[j] = m.column(c0 + j * LANES);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) a[r][j] = load(in.init ? in.init + c0 + j * LANES : C + r * WIDTH + c0 + j * LANES);
+  sweep<R, V, PIN>(a, w, in.x, 0, in.nx);
+  sweep<R, V, PIN>(a, w, in.h, in.nx, m.n);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < V; ++j) store(C + r * WIDTH + c0 + j * LANES, a[r][j]);
 }
 
-template <int R, int V = TV>
-inline void tile_all(float* C, const float* const* v, const Rows& m) {
+template <int R, int V = TV, bool PIN = true>
+inline void tile_all(float* C, const Inputs& in, const Rows& m) {
   static_assert(VECS % V == 0, "tiles cover a block's columns exactly");
-  for (int64_t c0 = 0; c0 < WIDTH; c0 += V * LANES) tile<R, V>(C, v, m, c0);
+  for (int64_t c0 = 0; c0 < WIDTH; c0 += V * LANES) tile<R, V, PIN>(C, in, m, c0);
 }
 
-// acc (n rows, stride WIDTH) += rows[r][0:m.n] . m for n <= TILE_ROWS rows: one tile of exactly n rows
-// (two rows get twice as many columns, to keep enough FMAs in flight), or for one row a pass over all
-// columns at once. Every column's sum runs over k in order, whichever way: results do not depend on the
-// batch size, the vector width or the thread count.
-inline void multiply(float* acc, const float* const* rows, int64_t n, const Rows& m) {
+// acc (n rows, stride WIDTH) = the inputs of n <= TILE_ROWS rows . m: one tile of exactly n rows (two
+// rows get twice as many columns, to keep enough FMAs in flight), or for one row a pass over all columns
+// at once. Every column's sum runs over k in order, whichever way: results do not depend on the batch
+// size, the vector width or the thread count.
+inline void multiply(float* acc, const Inputs& in, int64_t n, const Rows& m) {
   switch (n) {
-    case 6: tile_all<6>(acc, rows, m); return;
-    case 5: tile_all<5>(acc, rows, m); return;
-    case 4: tile_all<4>(acc, rows, m); return;
-    case 3: tile_all<3>(acc, rows, m); return;
-    case 2: tile_all<2, std::min<int64_t>(2 * TV, VECS)>(acc, rows, m); return;
-    default: accumulate(acc, rows[0], m);
+    case 6: tile_all<6>(acc, in, m); return;
+    case 5: tile_all<5>(acc, in, m); return;
+    case 4: tile_all<4>(acc, in, m); return;
+    case 3: tile_all<3>(acc, in, m); return;
+    case 2: tile_all<2, std::min<int64_t>(2 * TV, VECS)>(acc, in, m); return;
+    default: tile_all<1, VECS, false>(acc, in, m);
   }
 }
 
 // The cell update of one block's 16 units for one row: gates in, c updated, h written (units < 16 only
 // in the last block of a hidden size that is not a multiple of 16: the rest are padding).
-inline void cell(const float* __restrict g, float* __restrict c, float* __restrict h, int64_t units) {
+inline void cell(const float* __restrict g, float* __restrict c, float* __restrict h, float* __restrict out,
+                 int64_t units) {
+  if (units == UNITS) {  // every block but a ragged last one: no copies through the stack
+    for (int64_t u = 0; u < UNITS; u += LANES) {
+      const vec i = vsigmoid(load(g + u)), f = vsigmoid(load(g + UNITS + u));
+      const vec z = vtanh(load(g + 2 * UNITS + u)), o = vsigmoid(load(g + 3 * UNITS + u));
+      const vec cn = f * load(c + u) + i * z;
+      const vec hn = o * vtanh(cn);
+      store(c + u, cn);
+      store(h + u, hn);
+      store(out + u, hn);
+    }
+    return;
+  }
   alignas(64) float c_new[UNITS], h_new[UNITS], c_old[UNITS] = {};
   std::memcpy(c_old, c, sizeof(float) * units);
   for (int64_t u = 0; u < UNITS; u += LANES) {
@@ -218,6 +237,7 @@ inline void cell(const float* __restrict g, float* __restrict c, float* __restri
   }
   std::memcpy(c, c_new, sizeof(float) * units);
   std::memcpy(h, h_new, sizeof(float) * units);
+  std::memcpy(out, h_new, sizeof(float) * units);
 }
 
 // Splitting a call between threads pays when its steps have this many multiply-adds, and the call as a
@@ -244,8 +264,10 @@ struct Pass {
   bool reverse;
   float* xp;                // the inputs' projections (blocks, SLABS, N, SLAB), bias included; null for one step
   bool projected;           // xp already filled (by a GEMM, before the threads started)
-  float* h;                 // (B, H) initial state in, final state out
-  float* c;                 // (B, H) the same, updated in place
+  const float* h0;          // (B, H) initial states; null: zeros
+  const float* c0;
+  float* h;                 // (B, H) final states
+  float* c;                 // (B, H) the cell state, updated in place
   float* hs;                // (2, B, H): the hidden state of step s is read from hs[s % 2], written to the other
   float* out;               // (N, out_stride), this direction's columns start at col
   int64_t out_stride, col;
@@ -263,18 +285,17 @@ inline void gates(float* acc, const Pass& p, const Steps& steps, int64_t H, int6
                   int64_t n, const float* h_in) {
   const int64_t K = p.I + H, N = steps.rows, row = steps.offsets[t] + r0;
   const float* wb = p.w + blk * SLABS * K * SLAB;
-  const float* in[TILE_ROWS];
-  if (p.xp) {
+  const float *x[TILE_ROWS], *h[TILE_ROWS];
+  for (int64_t r = 0; r < n; ++r) h[r] = h_in + (r0 + r) * H;
+  if (p.xp) {  // the input's part is projected: the hidden state's is added
     for (int64_t r = 0; r < n; ++r)
       for (int64_t s = 0; s < SLABS; ++s)
         std::memcpy(acc + r * WIDTH + s * SLAB, p.xp + ((blk * SLABS + s) * N + row + r) * SLAB, sizeof(float) * SLAB);
-  } else {  // a single step: the input's part here
-    for (int64_t r = 0; r < n; ++r) std::memcpy(acc + r * WIDTH, p.bias + blk * WIDTH, sizeof(float) * WIDTH);
-    for (int64_t r = 0; r < n; ++r) in[r] = p.x + (row + r) * p.I;
-    multiply(acc, in, n, Rows{wb, K * SLAB, p.I});
+    multiply(acc, Inputs{nullptr, 0, h, nullptr}, n, Rows{wb + p.I * SLAB, K * SLAB, H});
+  } else {  // a single step: input and hidden state in one pass
+    for (int64_t r = 0; r < n; ++r) x[r] = p.x + (row + r) * p.I;
+    multiply(acc, Inputs{x, p.I, h, p.bias + blk * WIDTH}, n, Rows{wb, K * SLAB, K});
   }
-  for (int64_t r = 0; r < n; ++r) in[r] = h_in + (r0 + r) * H;
-  multiply(acc, in, n, Rows{wb + p.I * SLAB, K * SLAB, H});
 }
 
 // One direction of one layer over packed rows, the blocks [share.b0, share.b1) of it.
@@ -291,23 +312,29 @@ void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) 
     for (int64_t blk = b0; blk < b1; ++blk)
       for (int64_t r0 = 0; r0 < N; r0 += TILE_ROWS) {
         const int64_t n = std::min(TILE_ROWS, N - r0);
-        for (int64_t r = 0; r < n; ++r) {
-          std::memcpy(acc + r * WIDTH, p.bias + blk * WIDTH, sizeof(float) * WIDTH);
-          in[r] = p.x + (r0 + r) * p.I;
-        }
-        multiply(acc, in, n, Rows{p.w + blk * SLABS * K * SLAB, K * SLAB, p.I});
+        for (int64_t r = 0; r < n; ++r) in[r] = p.x + (r0 + r) * p.I;
+        multiply(acc, Inputs{in, p.I, nullptr, p.bias + blk * WIDTH}, n, Rows{p.w + blk * SLABS * K * SLAB, K * SLAB, p.I});
         for (int64_t r = 0; r < n; ++r)
           for (int64_t s = 0; s < SLABS; ++s)
             std::memcpy(p.xp + ((blk * SLABS + s) * N + r0 + r) * SLAB, acc + r * WIDTH + s * SLAB,
                         sizeof(float) * SLAB);
       }
   }
-  // Own units of the initial state into both buffers: rows that have not started (a reverse pass over
-  // sequences of different lengths) find it in either.
+  // Own units of the initial states: the hidden state into both buffers (rows that have not started, in a
+  // reverse pass over sequences of different lengths, find it in either), the cell state into its output.
   const int64_t first_unit = b0 * UNITS, own = std::min(b1 * UNITS, H) - first_unit;
-  for (int64_t buf = 0; buf < 2; ++buf)
-    for (int64_t r = 0; r < B; ++r)
-      std::memcpy(p.hs + (buf * B + r) * H + first_unit, p.h + r * H + first_unit, sizeof(float) * own);
+  auto initial = [&](float* to, const float* from) {
+    if (from)
+      std::memcpy(to, from, sizeof(float) * own);
+    else
+      std::memset(to, 0, sizeof(float) * own);
+  };
+  for (int64_t r = 0; r < B; ++r) {
+    const int64_t at = r * H + first_unit;
+    initial(p.hs + at, p.h0 ? p.h0 + at : nullptr);
+    initial(p.hs + B * H + at, p.h0 ? p.h0 + at : nullptr);
+    initial(p.c + at, p.c0 ? p.c0 + at : nullptr);
+  }
   if (share.team) {
 #pragma omp barrier
   }
@@ -325,9 +352,8 @@ void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) 
         gates(acc, p, steps, H, blk, t, r0, n, h_in);
         for (int64_t r = 0; r < n; ++r) {
           float* h_row = h_out + (r0 + r) * H + first;
-          cell(acc + r * WIDTH, p.c + (r0 + r) * H + first, h_row, units);
-          std::memcpy(p.out + (steps.offsets[t] + r0 + r) * p.out_stride + p.col + first, h_row,
-                      sizeof(float) * units);
+          cell(acc + r * WIDTH, p.c + (r0 + r) * H + first, h_row,
+               p.out + (steps.offsets[t] + r0 + r) * p.out_stride + p.col + first, units);
         }
       }
     }
@@ -343,6 +369,23 @@ void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) 
       while (last > 0 && steps.sizes[last - 1] <= r) --last;
     std::memcpy(p.h + r * H + first_unit, p.hs + ((last % 2) * B + r) * H + first_unit, sizeof(float) * own);
   }
+}
+
+// Working memory for a call's hidden-state buffers: the calling thread's, kept between calls up to a size
+// (a stream's calls then allocate and fault in nothing), or beyond it the call's own, in `own`.
+float* scratch(size_t n, std::unique_ptr<float[]>& own) {
+  constexpr size_t KEEP = size_t{1} << 18;  // floats
+  thread_local std::unique_ptr<float[]> kept;
+  thread_local size_t kept_size = 0;
+  if (n > KEEP) {
+    own.reset(new float[n]);
+    return own.get();
+  }
+  if (kept_size < n) {
+    kept.reset(new float[n]);
+    kept_size = n;
+  }
+  return kept.get();
 }
 
 // The whole call, every layer and direction. rows_in: (N, I) packed rows. Returns the output rows
@@ -365,13 +408,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
                     biases[s].sizes() == at::IntArrayRef({blocks, WIDTH}),
                 "lstmopt::lstm: biases of layer ", s / D, " are not packed");
   }
-  auto state = [&](const std::optional<at::Tensor>& given) {
-    if (!given.has_value()) return at::zeros({S, B, H}, rows_in.options());
+  // The initial states are read where the threads start (each its own units), not copied here first.
+  auto initial = [&](const std::optional<at::Tensor>& given) {
+    if (!given.has_value()) return at::Tensor();
     TORCH_CHECK(given->sizes() == at::IntArrayRef({S, B, H}) && given->scalar_type() == at::kFloat &&
                     given->is_cpu(), "lstmopt::lstm: states must be (layers * directions, batch, hidden) float32");
-    return given->contiguous().clone();
+    return given->contiguous();
   };
-  at::Tensor h_n = state(hx), c_n = state(cx);
+  const at::Tensor h0 = initial(hx), c0 = initial(cx);
+  at::Tensor h_n = at::empty({S, B, H}, rows_in.options()), c_n = at::empty({S, B, H}, rows_in.options());
 
   // The work per step (multiply-adds) decides whether to split the call between threads.
   const int64_t step_work = B * (T == 1 ? I0 + H : H) * blocks * WIDTH;
@@ -382,9 +427,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
 
   std::vector<at::Tensor> outs, projections;
   std::vector<Pass> passes;
-  std::vector<float> hs(static_cast<size_t>(S * 2 * B * H));
+  std::unique_ptr<float[]> own_scratch;
+  float* const hs = scratch(static_cast<size_t>(S * 2 * B * H), own_scratch);
   float* const h_base = h_n.data_ptr<float>();
   float* const c_base = c_n.data_ptr<float>();
+  const float* const h0_base = h0.defined() ? h0.const_data_ptr<float>() : nullptr;
+  const float* const c0_base = c0.defined() ? c0.const_data_ptr<float>() : nullptr;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t layer = s / D, d = s % D, I = layer == 0 ? I0 : D * H;
     if (d == 0) outs.push_back(at::empty({N, D * H}, rows_in.options()));
@@ -394,7 +442,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
     projections.push_back(xp);
     passes.push_back(Pass{x.data_ptr<float>(), I, weights[s].data_ptr<float>(), biases[s].data_ptr<float>(),
                           d == 1, xp.defined() ? xp.data_ptr<float>() : nullptr, false,
-                          h_base + s * B * H, c_base + s * B * H, hs.data() + s * 2 * B * H,
+                          h0_base ? h0_base + s * B * H : nullptr, c0_base ? c0_base + s * B * H : nullptr,
+                          h_base + s * B * H, c_base + s * B * H, hs + s * 2 * B * H,
                           outs[layer].data_ptr<float>(), D * H, d * H});
   }
   auto project_by_gemm = [&](int64_t s) {  // before the threads of a layer start: its input is complete
