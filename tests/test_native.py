@@ -67,8 +67,9 @@ def test_native_kernel_is_within_1e6_of_nn_lstm(case):
         assert packed._native.try_forward(x, hx, config["batch_first"], packed._parameters) is not None
 
 
-# Calls big enough to split between threads, to project their inputs with a GEMM, or both.
-LARGE = [(16, 1, 256, 2), (1, 16, 256, 2), (8, 40, 64, 1), (4, 100, 128, 2)]
+# Calls big enough to split between threads, to project their inputs with a GEMM, or both; the last holds
+# more hidden state than the buffer a thread keeps between calls.
+LARGE = [(16, 1, 256, 2), (1, 16, 256, 2), (8, 40, 64, 1), (4, 100, 128, 2), (300, 2, 256, 2)]
 
 
 @needs_native
@@ -91,6 +92,21 @@ def test_native_kernel_is_within_1e6_on_large_calls_at_every_thread_count(batch,
     if batch * steps <= 256:  # without a GEMM every sum runs in one order: the same bits on any thread count
         for a, b in zip(torch.utils._pytree.tree_leaves(results[0]), torch.utils._pytree.tree_leaves(results[1])):
             assert torch.equal(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("batch,steps", [(1, 1), (16, 1), (3, 5)])
+def test_the_states_passed_in_are_read_never_written(batch, steps):
+    ref, packed = lstm_pair(input_size=40, hidden_size=128, num_layers=2)
+    packed.use_kernel("native")
+    x = torch.randn(steps, batch, 40)
+    hx = tuple(torch.randn(2, batch, 128) for _ in range(2))
+    kept = tuple(h.clone() for h in hx)
+    expected, (out, (h, c)) = _call(ref, packed, x, hx)
+    _assert_close(expected, (out, (h, c)))
+    assert torch.equal(hx[0], kept[0]) and torch.equal(hx[1], kept[1])
+    assert h.data_ptr() != hx[0].data_ptr() and c.data_ptr() != hx[1].data_ptr()
+    _assert_close(*_call(ref, packed, x, (h, c)))  # a stream's next step starts from them
 
 
 @needs_native
