@@ -210,8 +210,9 @@ inline void multiply(float* acc, const Inputs& in, int64_t n, const Rows& m) {
   }
 }
 
-// The cell update of one block's 16 units for one row: gates in, c updated, h written (units < 16 only
-// in the last block of a hidden size that is not a multiple of 16: the rest are padding).
+// The cell update of one block's 16 units for one row: gates in, c updated, h written to the state buffer
+// and to the output (units < 16 only in the last block of a hidden size that is not a multiple of 16: the
+// rest are padding).
 inline void cell(const float* __restrict g, float* __restrict c, float* __restrict h, float* __restrict out,
                  int64_t units) {
   if (units == UNITS) {  // every block but a ragged last one: no copies through the stack
