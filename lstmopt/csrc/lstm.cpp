@@ -4,8 +4,9 @@
 // arithmetic, is the latency: oneDNN's op builds its primitive on every call, and each PyTorch op called
 // from Python costs microseconds. Here a call projects the inputs of all steps at once, then runs each
 // step as one pass over the recurrent weights with the gate nonlinearities fused in (a call of one step
-// makes one pass over input and recurrent weights together), for tensors and PackedSequences alike (a tensor is a packed sequence whose steps all hold the whole batch). Batches run
-// in register tiles of up to six rows; a call big enough runs on all of torch's intra-op threads in one
+// makes one pass over input and recurrent weights together), for tensors and PackedSequences alike (a
+// tensor is a packed sequence whose steps all hold the whole batch). Batches run in register tiles of up
+// to six rows; a call big enough runs on all of torch's intra-op threads in one
 // parallel region, each thread owning a range of hidden units in every layer.
 //
 // Weights are packed by lstmopt/native.py: per layer and direction, (blocks, I + H, 64): a block holds 16
@@ -122,10 +123,10 @@ struct Rows {
   const float* column(int64_t c) const { return w + (c / SLAB) * stride + c % SLAB; }
 };
 
-// What a multiply reads: row r is x[r][0:nx] followed by h[r][0:m.n - nx], so that one pass over a block's
-// weights serves a step's input and hidden state alike (two passes measured 5-10% slower: the accumulators go
-// to memory and back in between). The sums start from init (one row of biases, for every row) or, if it is
-// null, from the accumulators' memory.
+// What a multiply reads: row r is x[r][0:nx] followed by h[r][0:m.n - nx], so that one pass over a
+// block's weights serves a step's input and hidden state alike (two passes measured 5-10% slower: the
+// accumulators go to memory and back in between). The sums start from init (one row of biases, for every
+// row) or, if it is null, from the accumulators' memory.
 struct Inputs {
   const float* const* x;
   int64_t nx;
@@ -212,33 +213,27 @@ inline void multiply(float* acc, const Inputs& in, int64_t n, const Rows& m) {
 
 // The cell update of one block's 16 units for one row: gates in, c updated, h written to the state buffer
 // and to the output (units < 16 only in the last block of a hidden size that is not a multiple of 16: the
-// rest are padding).
+// rest are padding, updated in copies).
 inline void cell(const float* __restrict g, float* __restrict c, float* __restrict h, float* __restrict out,
                  int64_t units) {
-  if (units == UNITS) {  // every block but a ragged last one: no copies through the stack
-    for (int64_t u = 0; u < UNITS; u += LANES) {
-      const vec i = vsigmoid(load(g + u)), f = vsigmoid(load(g + UNITS + u));
-      const vec z = vtanh(load(g + 2 * UNITS + u)), o = vsigmoid(load(g + 3 * UNITS + u));
-      const vec cn = f * load(c + u) + i * z;
-      const vec hn = o * vtanh(cn);
-      store(c + u, cn);
-      store(h + u, hn);
-      store(out + u, hn);
-    }
+  if (units < UNITS) {
+    alignas(64) float c_pad[UNITS] = {}, h_pad[UNITS], out_pad[UNITS];
+    std::memcpy(c_pad, c, sizeof(float) * units);
+    cell(g, c_pad, h_pad, out_pad, UNITS);
+    std::memcpy(c, c_pad, sizeof(float) * units);
+    std::memcpy(h, h_pad, sizeof(float) * units);
+    std::memcpy(out, h_pad, sizeof(float) * units);
     return;
   }
-  alignas(64) float c_new[UNITS], h_new[UNITS], c_old[UNITS] = {};
-  std::memcpy(c_old, c, sizeof(float) * units);
   for (int64_t u = 0; u < UNITS; u += LANES) {
     const vec i = vsigmoid(load(g + u)), f = vsigmoid(load(g + UNITS + u));
     const vec z = vtanh(load(g + 2 * UNITS + u)), o = vsigmoid(load(g + 3 * UNITS + u));
-    const vec cn = f * load(c_old + u) + i * z;
-    store(c_new + u, cn);
-    store(h_new + u, o * vtanh(cn));
+    const vec cn = f * load(c + u) + i * z;
+    const vec hn = o * vtanh(cn);
+    store(c + u, cn);
+    store(h + u, hn);
+    store(out + u, hn);
   }
-  std::memcpy(c, c_new, sizeof(float) * units);
-  std::memcpy(h, h_new, sizeof(float) * units);
-  std::memcpy(out, h_new, sizeof(float) * units);
 }
 
 // Splitting a call between threads pays when its steps have this many multiply-adds, and the call as a
@@ -410,13 +405,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
                 "lstmopt::lstm: biases of layer ", s / D, " are not packed");
   }
   // The initial states are read where the threads start (each its own units), not copied here first.
-  auto initial = [&](const std::optional<at::Tensor>& given) {
+  auto given_state = [&](const std::optional<at::Tensor>& given) {
     if (!given.has_value()) return at::Tensor();
     TORCH_CHECK(given->sizes() == at::IntArrayRef({S, B, H}) && given->scalar_type() == at::kFloat &&
                     given->is_cpu(), "lstmopt::lstm: states must be (layers * directions, batch, hidden) float32");
     return given->contiguous();
   };
-  const at::Tensor h0 = initial(hx), c0 = initial(cx);
+  const at::Tensor h0 = given_state(hx), c0 = given_state(cx);
   at::Tensor h_n = at::empty({S, B, H}, rows_in.options()), c_n = at::empty({S, B, H}, rows_in.options());
 
   // The work per step (multiply-adds) decides whether to split the call between threads.
