@@ -1,9 +1,12 @@
 """Batch runs: every job of a config, each in its own process, resumable, interruptible.
 
-- Each job runs ``pipeline.optimize_file`` in a fresh (spawned) process, so a job that crashes the
-  interpreter fails alone; ``parallel`` jobs run at once, each with its share of the CPU threads.
-- A job whose output was written by lstmopt from the same input bytes with the same options is skipped
-  (``force`` redoes it). An existing file lstmopt did not write is only replaced with ``force``.
+- Each job runs ``pipeline.optimize_file`` in a fresh, isolated interpreter (``lstmopt.batch_worker``), so
+  a job that crashes the interpreter fails alone; ``parallel`` jobs run at once, each with its share of
+  the CPU threads. Workers die with the batch.
+- A job whose output was written by lstmopt from the same input bytes, with the same options and the same
+  model code (the source files of the user's modules the job imported), is skipped (``force`` redoes it).
+  An existing file lstmopt did not write is only replaced with ``force``. Two runs of one config at once
+  take turns on each output (``files.output_lock``).
 - One failing job never stops the others unless ``fail_fast``; then running jobs are stopped and the
   rest are reported as cancelled.
 - Ctrl-C or SIGTERM stops the workers, which remove their temporary files on the way out: finished
@@ -14,18 +17,19 @@
 from __future__ import annotations
 
 import datetime as _dt
-import multiprocessing
+import json
 import os
-import queue
+import pickle
+import selectors
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
+from .children import isolated_python, preexec
 from .config import BatchConfig, BatchJob
-from .environment import hide_numpy_warning
-from .files import stale_temp_files
-from .pipeline import Report, optimize_file
+from .pipeline import Report, code_changed
 from .report import BATCH_SCHEMA
 
 __all__ = ["BatchResult", "run_batch", "up_to_date"]
@@ -99,6 +103,8 @@ def up_to_date(job: BatchJob) -> Optional[dict]:
     digest = sha256_file(options.input)
     if meta.get("source", {}).get("sha256") != digest or meta.get("options_sha256") != options.fingerprint():
         return None
+    if code_changed(meta.get("user_code", {})):
+        return None
     report = _report(job, "skipped", warnings=("up to date: the output was made from this input with these "
                                                "options (use --force to redo it)",))
     report["input"].update(sha256=digest, format=meta["source"].get("format"))
@@ -119,31 +125,44 @@ def _owned_by_lstmopt(job: BatchJob) -> bool:
         return False
 
 
-class _Stop(KeyboardInterrupt):
-    pass
+class _Worker:
+    """A job's process (``lstmopt.batch_worker``) and the events it sends back."""
 
+    def __init__(self, index: int, job: BatchJob, payload: dict):
+        self.index, self.job = index, job
+        read, write = os.pipe()
+        try:
+            self.process = subprocess.Popen(isolated_python("-m", "lstmopt.batch_worker", str(write)),
+                                            stdin=subprocess.PIPE, pass_fds=(write,), preexec_fn=preexec())
+        finally:
+            os.close(write)
+        self.fd, self.buffer, self.closed, self.released = read, b"", False, False
+        os.set_blocking(read, False)
+        try:
+            self.process.stdin.write(pickle.dumps(payload))
+            self.process.stdin.close()
+        except BrokenPipeError:  # it died at once; its exit status says why
+            pass
 
-def _stop(signum, frame):
-    raise _Stop()
+    def events(self) -> list:
+        """The events that have arrived (``closed`` once the worker has sent its last)."""
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self.closed = True
+                break
+            self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()]
 
-
-def _worker(index: int, job: BatchJob, events, threads: int, pythonpath: tuple, warning: Optional[str]) -> None:
-    """Run one job in this (spawned) process and send its report back."""
-    import sys
-
-    signal.signal(signal.SIGTERM, _stop)
-    sys.path[:0] = [str(p) for p in pythonpath]
-    hide_numpy_warning()
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        report = optimize_file(job.options, on_step=lambda step: events.put(("step", index, step)))
-    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal; the parent reports it
-        sys.exit(EXIT_INTERRUPTED)
-    if warning:
-        report.warnings.append(warning)
-    events.put(("done", index, {"job": job.name, **report.to_dict()}))
+    def release(self, selector: selectors.BaseSelector) -> None:
+        if not self.released:
+            self.released = True
+            selector.unregister(self.fd)
+            os.close(self.fd)
 
 
 def run_batch(config: BatchConfig, *, parallel: int = 1, fail_fast: bool = False, force: bool = False,
@@ -155,22 +174,36 @@ def run_batch(config: BatchConfig, *, parallel: int = 1, fail_fast: bool = False
     notify = on_event or (lambda kind, index, payload: None)
     result = BatchResult(config, [None] * len(config.jobs), started=_now(), parallel=parallel, fail_fast=fail_fast,
                          environment=describe())
-    context = multiprocessing.get_context("spawn")
-    events = context.Queue()
     threads = max(1, (os.cpu_count() or 1) // parallel)
     warning = (f"timed while up to {parallel} jobs ran in parallel: latencies are noisier than in a "
                "sequential run") if parallel > 1 else None
     pending = list(range(len(config.jobs)))
-    running: dict[int, multiprocessing.Process] = {}
+    running: dict[int, _Worker] = {}
     stopped_by: Optional[str] = None
+    selector = selectors.DefaultSelector()
 
     def finish(index: int, report: dict) -> None:
         nonlocal stopped_by
         result.reports[index] = report
-        running.pop(index, None)
+        worker = running.pop(index, None)
+        if worker is not None:
+            worker.release(selector)
         notify("done", index, report)
         if fail_fast and report["exit_code"] != 0 and stopped_by is None:
             stopped_by = config.jobs[index].name
+
+    def handle(worker: _Worker) -> None:
+        for kind, payload in worker.events():
+            if kind == "step":
+                notify("step", worker.index, payload)
+            elif worker.index in running:
+                worker.process.wait()
+                finish(worker.index, payload)
+        if worker.closed and worker.index in running:  # it ended without a report: a crash
+            code = worker.process.wait()
+            cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            finish(worker.index, _report(config.jobs[worker.index], "error", exit_code=1,
+                                         error=f"the job's process died ({cause}) without a report"))
 
     try:
         while pending or running:
@@ -183,14 +216,12 @@ def run_batch(config: BatchConfig, *, parallel: int = 1, fail_fast: bool = False
                     finish(index, skipped)
                     continue
                 job.options.output.parent.mkdir(parents=True, exist_ok=True)  # a config describes a tree
-                for leftover in stale_temp_files(job.options.output):  # from a run killed with SIGKILL
-                    leftover.unlink(missing_ok=True)
                 if job.options.output.exists() and (force or _owned_by_lstmopt(job)):
                     job = replace(job, options=replace(job.options, force=True))  # an outdated artifact is redone
-                process = context.Process(target=_worker, name=f"lstmopt-{job.name}", daemon=True,
-                                          args=(index, job, events, threads, config.pythonpath, warning))
-                process.start()
-                running[index] = process
+                worker = _Worker(index, job, {"job": job, "threads": threads, "pythonpath": config.pythonpath,
+                                              "warning": warning, "skip_if_up_to_date": not force})
+                running[index] = worker
+                selector.register(worker.fd, selectors.EVENT_READ, worker)
                 notify("start", index, job)
             if stopped_by is not None:
                 _stop_workers(running)
@@ -202,27 +233,14 @@ def run_batch(config: BatchConfig, *, parallel: int = 1, fail_fast: bool = False
                                           error=f"not run: --fail-fast after job {stopped_by!r} failed"))
                 pending = []
                 break
-            try:
-                kind, index, payload = events.get(timeout=0.1)
-            except queue.Empty:
-                for index, process in list(running.items()):
-                    if not process.is_alive() and index in running:
-                        _drain(events, finish, notify)
-                        if index in running:  # died without reporting: a crash, not a failure it could report
-                            code = process.exitcode
-                            cause = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
-                                     else f"exit status {code}")
-                            finish(index, _report(config.jobs[index], "error", exit_code=1,
-                                                  error=f"the job's process died ({cause}) without a report"))
-                continue
-            if kind == "step":
-                notify("step", index, payload)
-            else:
-                running[index].join()
-                finish(index, payload)
+            for key, _ in selector.select(timeout=0.5):
+                handle(key.data)
     except KeyboardInterrupt as exc:
         _stop_workers(running)
-        _drain(events, finish, notify)
+        for worker in list(running.values()):  # a job that finished as the interrupt came keeps its report
+            for kind, payload in worker.events():
+                if kind == "done" and worker.index in running:
+                    finish(worker.index, payload)
         for index in list(running) + pending:
             result.reports[index] = _report(config.jobs[index], "interrupted", exit_code=EXIT_INTERRUPTED,
                                             error="interrupted before the job finished; no partial output was left")
@@ -231,31 +249,20 @@ def run_batch(config: BatchConfig, *, parallel: int = 1, fail_fast: bool = False
         exc.batch_result = result  # type: ignore[attr-defined]
         raise
     finally:
-        events.close()
+        selector.close()
     result.finished = _now()
     return result
 
 
-def _drain(events, finish, notify) -> None:
-    while True:
-        try:
-            kind, index, payload = events.get_nowait()
-        except (queue.Empty, OSError, ValueError):
-            return
-        if kind == "done":
-            finish(index, payload)
-        else:
-            notify(kind, index, payload)
-
-
 def _stop_workers(running: dict) -> None:
     """SIGTERM each worker (it unwinds and removes its temporary file), then wait; kill stragglers."""
-    for process in running.values():
-        if process.is_alive():
-            process.terminate()
+    for worker in running.values():
+        if worker.process.poll() is None:
+            worker.process.terminate()
     deadline = time.monotonic() + 30
-    for process in running.values():
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
-            process.kill()
-            process.join()
+    for worker in running.values():
+        try:
+            worker.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()

@@ -8,7 +8,8 @@ Formats are recognised by content, not by file extension:
 - a ``.safetensors`` file (needs the ``safetensors`` package), rebuilt the same way;
 - a ``torch.save`` archive (or legacy pickle) holding a whole module: unpickling runs code named by the
   file, so it is refused unless the caller trusts the file;
-- a TorchScript archive: refused, since its LSTMs are compiled code that cannot be swapped.
+- a TorchScript archive: refused, since its LSTMs are compiled code that cannot be swapped (and loading it
+  runs the code it holds: ``artifact_format`` lets one in only with trust).
 
 Every failure is a ``UsageError`` (or ``UntrustedPickleError``) with a one-line message.
 """
@@ -100,7 +101,8 @@ def _zip_kind(path: Path) -> str:
         raise UsageError(f"{path} is a corrupt or truncated archive ({exc}); re-export the model") from exc
     if bad is not None:
         raise UsageError(f"{path} is corrupt: record {bad} fails its checksum; re-export the model")
-    if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
+    # torch.load hands any archive with a constants.pkl record to torch.jit.load, which runs its code.
+    if any(n.endswith("constants.pkl") for n in names) or any("/code/" in n for n in names):
         return "torchscript"
     if any(n.endswith("/data.pkl") for n in names):
         return "torch_zip"
@@ -114,8 +116,7 @@ def load_factory(spec: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"--factory must look like package.module:callable, got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _importable_cwd()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -131,6 +132,13 @@ def load_factory(spec: str):
     if not callable(target):
         raise UsageError(f"--factory {spec} is not callable")
     return target
+
+
+def _importable_cwd() -> None:
+    """Make the user's model code in the current directory importable, after the installed packages: a
+    ``torch/`` or ``json.py`` lying there must not shadow what lstmopt itself imports."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
 
 
 def _build(spec: str, kwargs: Optional[Mapping[str, Any]]):
@@ -214,8 +222,7 @@ def _load_pickled_module(path: Path, trust: bool):
 
     if not trust:
         raise _untrusted(path, _unsafe_globals(path))
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _importable_cwd()
     try:
         model = torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
@@ -277,12 +284,17 @@ def load_model(
 
 
 def artifact_format(path: os.PathLike | str, *, trust: bool = False) -> str:
-    """The format of an optimized model someone hands us, by content: "torchscript" (loads without running
-    Python code from the file) or "pickle", which is refused unless ``trust``. Metadata inside the file is
-    not proof of origin: anyone can write it."""
+    """The format of an optimized model someone hands us, by content: "torchscript" or "pickle". Both are
+    code (a TorchScript archive's methods, ``__setstate__`` included, run as ``torch.jit.load`` reads it),
+    so either is refused unless ``trust``. Metadata inside the file is not proof of origin: anyone can
+    write it."""
     path = Path(path)
     kind = detect_format(path)
     if kind == "torchscript":
+        if not trust:
+            raise UntrustedPickleError(
+                f"{path} is a TorchScript archive: loading it runs the code it holds. "
+                "Pass --trust (trust=True) only if you trust its source")
         return "torchscript"
     if kind == "safetensors":
         raise UsageError(f"{path} is a safetensors file (weights only), not a model lstmopt wrote")

@@ -5,8 +5,9 @@ PackedSequences: at one step or a short chunk, where per-call costs are the late
 faster than the oneDNN op. Its results are within ~1e-6 of nn.LSTM, not bit-identical, so it is only
 chosen where approximate kernels are allowed (``autotune(..., exact=False)``, ``--autotune --approx``).
 
-``load()`` compiles the kernel for this CPU (``-march=native``) the first time, into a cache keyed by the
-source, the CPU, torch and Python, imports it and registers ``torch.ops.lstmopt.lstm``. Where that is
+``load()`` compiles the kernel for this CPU (``-march=native``) the first time, into a private cache keyed
+by the source, the CPU, torch and Python, imports it and registers ``torch.ops.lstmopt.lstm``; a cached
+library is loaded only if it is the file lstmopt compiled (``lstmopt.native_build``). Where that is
 impossible (no C++ compiler, a failed build), it says so once, in one line, and lstmopt keeps to its other
 kernels. A TorchScript artifact whose LSTMs use this kernel needs the op registered before
 ``torch.jit.load``: ``LOAD_LINE``.
@@ -17,10 +18,8 @@ import hashlib
 import importlib.util
 import os
 import platform
-import shutil
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -112,26 +111,15 @@ def available() -> bool:
 
 
 def _import_or_build():
-    directory = cache_dir()
-    name = directory.name
-    built = directory / f"{name}.so"
-    # A lock file means another process is building it right now: cpp_extension waits for it.
-    if built.exists() and not (directory / "lock").exists():
-        spec = importlib.util.spec_from_file_location(name, built)
-        loaded = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loaded)
-        return loaded
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler ({compiler}) found")
-    from torch.utils import cpp_extension
+    from .native_build import compile_library, trusted_library
 
-    directory.mkdir(parents=True, exist_ok=True)
-    print("lstmopt: building the native kernel for this CPU (once, about 30 s)", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(directory),
-                                  extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    name = _build_name()
+    library = trusted_library(cache_dir().parent, name, lambda path: compile_library(
+        SOURCE, path, module_name=name, flags=[*FLAGS, "-fopenmp"]))
+    spec = importlib.util.spec_from_file_location(name, library)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
 def _register_fake() -> None:

@@ -10,6 +10,8 @@ the report's ``status``, ``error`` and ``exit_code``.
 from __future__ import annotations
 
 import datetime as _dt
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from . import __version__
 from .errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError, VerificationError
 from .choices import DTYPES, FORMATS
 
-__all__ = ["OptimizeOptions", "Report", "optimize_file", "SCHEMA"]
+__all__ = ["OptimizeOptions", "Report", "code_changed", "optimize_file", "user_code", "SCHEMA"]
 
 SCHEMA = "lstmopt.report/1"
 STATUS_BY_ERROR = {
@@ -199,7 +201,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
 
     from .autotune import autotune
     from .benchmarking import compare_latency, per_lstm_latency
-    from .files import atomic_path, check_output_path, sha256_file
+    from .files import atomic_path, check_output_path, remove_stale_temp_files, sha256_file
     from .loading import load_model
     from .rewrite import optimize, plan, with_kernels
     from .samples import samples_for
@@ -209,12 +211,15 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
 
     report.input = {"path": str(options.input), "factory": options.factory,
                     "factory_kwargs": options.factory_kwargs or None}
-    check_output_path(options.output, force=options.force, inputs=(options.input,))
+    check_output_path(options.output, force=options.force,
+                      inputs=tuple(p for p in (options.input, options.example_inputs) if p is not None))
+    remove_stale_temp_files(options.output)  # what a run killed with SIGKILL left beside it
     for wanted, what in ((options.min_speedup is not None, "a minimum speedup"), (options.autotune, "autotune")):
         if wanted and options.example_inputs is None and options.input_shape is None:
             raise UsageError(f"{what} needs inputs to time: pass --example-inputs or --input-shape")
 
     with step("load"):
+        imported_before = set(sys.modules)
         loaded = load_model(options.input, factory=options.factory, factory_kwargs=options.factory_kwargs,
                             trust=options.trust, state_dict_key=options.state_dict_key,
                             strip_prefix=options.strip_prefix)
@@ -249,6 +254,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
         "torch": report.environment["torch"], "format": options.format, "dtype": options.dtype,
         "source": dict(report.input), "modules": report.modules, "created": _now(),
         "options": options.to_dict(), "options_sha256": options.fingerprint(),
+        "user_code": user_code(imported_before, options.factory),
         # A bare LSTM is scripted behind an entry module, so its modules gain a prefix in the archive.
         "module_prefix": "lstm." if options.format == "torchscript" and isinstance(
             loaded.model, torch.nn.LSTM) else "",
@@ -294,6 +300,44 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                                        f"{options.min_speedup:g}x (geometric mean over {len(bench.cases)} inputs)")
         report.output = {"path": str(options.output), "format": options.format, "sha256": sha256_file(tmp),
                          "bytes": tmp.stat().st_size}
+
+
+def user_code(imported_before: set, factory: Optional[str] = None) -> dict:
+    """SHA-256 of each source file of the user's code the model came from: modules imported while loading
+    it (a factory's module and what it imports, a pickled model's classes), and the factory's module
+    itself, from outside the Python installation and lstmopt. A batch output made with other code is
+    out of date (``code_changed``)."""
+    from .files import sha256_file
+
+    installed = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
+    own = os.path.dirname(os.path.realpath(__file__)) + os.sep
+    names = set(sys.modules) - imported_before
+    if factory:
+        module = factory.partition(":")[0]
+        names |= {".".join(module.split(".")[:i + 1]) for i in range(module.count(".") + 1)}
+    found = {}
+    for name in names:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if not file:
+            continue
+        real = os.path.realpath(file)
+        if real.startswith(installed) or real.startswith(own) or not os.path.isfile(real):
+            continue
+        found[real] = sha256_file(Path(real))
+    return dict(sorted(found.items()))
+
+
+def code_changed(recorded: dict) -> bool:
+    """Whether any file ``user_code`` recorded is gone or holds other bytes now."""
+    from .files import sha256_file
+
+    for path, digest in recorded.items():
+        try:
+            if sha256_file(Path(path)) != digest:
+                return True
+        except OSError:
+            return True
+    return False
 
 
 # Equal paths time within a few percent of each other on a shared machine.

@@ -19,6 +19,10 @@ __all__ = ["Sample", "describe", "load_samples", "parse_shape", "samples_for", "
 
 Sample = tuple  # positional arguments of one forward call
 
+# Generated inputs are made whole in memory, twice over (the model runs on them in two processes): a
+# shape beyond this many values is a typo or a model lstmopt cannot check here, not a test input.
+MAX_SHAPE_VALUES = 1 << 28  # 1 GiB of float32
+
 
 def parse_shape(text: str) -> tuple[int, int, int]:
     """``"B,T,F"`` -> (B, T, F), all positive."""
@@ -29,7 +33,16 @@ def parse_shape(text: str) -> tuple[int, int, int]:
         dims = ()
     if len(dims) != 3 or min(dims) < 1:
         raise UsageError(f"--input-shape must be three positive integers B,T,F (batch, time, features), got {text!r}")
+    check_shape_size(dims, f"--input-shape {text}")
     return dims  # type: ignore[return-value]
+
+
+def check_shape_size(dims: Sequence[int], what: str) -> None:
+    values = dims[0] * dims[1] * dims[2]
+    if values > MAX_SHAPE_VALUES:
+        raise UsageError(f"{what} asks for inputs of {values:.3g} values ({values * 4 / 2**30:.3g} GiB of float32), "
+                         f"over the {MAX_SHAPE_VALUES * 4 >> 30} GiB lstmopt generates; give a smaller batch or "
+                         "length (the LSTMs are checked at other sizes anyway), or pass --example-inputs")
 
 
 def shape_grid(shape: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -53,7 +66,12 @@ def samples_for(example_inputs: Optional[Path], input_shape: Optional[Sequence[i
     if example_inputs is not None:
         return load_samples(example_inputs)
     if input_shape is not None:
-        return samples_from_shape(input_shape)
+        check_shape_size(tuple(input_shape), f"the input shape {','.join(map(str, input_shape))}")
+        try:
+            return samples_from_shape(input_shape)
+        except (RuntimeError, MemoryError) as exc:  # within the cap, but more than this machine has
+            raise UsageError(f"cannot allocate inputs of shape {','.join(map(str, input_shape))} here "
+                             f"({' '.join(str(exc).split())[:120]}); give a smaller batch or length") from exc
     return []
 
 

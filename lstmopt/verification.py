@@ -11,16 +11,20 @@ oneDNN split over another number of threads sums in another order): the child ap
 A TorchScript artifact whose LSTMs run the native kernel gets the native library, by path, in the child
 (which cannot import lstmopt), as a deployment would with ``lstmopt.native.LOAD_LINE``.
 
+The child starts isolated (``python -I``): nothing from the working directory or ``PYTHONPATH`` runs
+in it. Only a pickle artifact, whose classes live in the user's code, gets the user's import paths, and
+after the installed packages. It dies with its parent (``PR_SET_PDEATHSIG``).
+
 A check passes when ``|optimized - original| <= atol + rtol * |original|`` everywhere (NaNs must match);
 the fp32 default tolerance is zero (bit-identical), the bf16 default is ``BF16_TOLERANCE``.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,7 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from . import verify_child
+from .children import isolated_python, preexec
 from .errors import UsageError, VerificationError
+from .files import private_temp_dir, write_bytes
 from .samples import Sample, describe
 
 __all__ = ["APPROX_TOLERANCE", "BF16_TOLERANCE", "Check", "Verification", "default_tolerance", "verify_artifact"]
@@ -233,22 +239,26 @@ def _native_library() -> str:
 
 def _run_child(artifact: Path, format: str, samples: list, lstm_payload: list, numerics: dict,
                native_library: Optional[str], timeout: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="lstmopt-verify-") as tmp:
-        payload, result = Path(tmp) / "payload.pt", Path(tmp) / "result.pt"
+    with private_temp_dir("lstmopt-verify-") as tmp:
+        payload, result = tmp / "payload.pt", tmp / "result.pt"
+        buffer = io.BytesIO()
+        # A pickle artifact's classes are the user's: the child imports them from where this process did.
         torch.save({"samples": samples, "lstms": lstm_payload, "numerics": numerics,
-                    "native_library": native_library}, payload)
-        # The child imports the user's model code from where this process found it.
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(_user_paths())
-        env.setdefault("PYTHONWARNINGS", "ignore")
+                    "native_library": native_library,
+                    "import_paths": _user_paths() if format == "pickle" else []}, buffer)
+        write_bytes(payload, buffer.getbuffer(), what=f"the verification inputs ({payload})")
         try:
             proc = subprocess.run(
-                [sys.executable, verify_child.__file__, str(artifact), format, str(payload), str(result)],
-                capture_output=True, text=True, timeout=timeout, env=env,
+                isolated_python(verify_child.__file__, str(artifact), format, str(payload), str(result)),
+                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=preexec(),
             )
         except subprocess.TimeoutExpired as exc:
             raise VerificationError(f"reloading the artifact in a fresh process took over {timeout:.0f} s") from exc
         if proc.returncode != 0 or not result.exists():
+            for what, path in (("temporary directory", tmp), ("artifact", artifact)):
+                if not path.exists():
+                    raise UsageError(f"lstmopt's {what} {path} was removed while the artifact was being verified "
+                                     "(by another process, or a cleaner of temporary files); run again")
             lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
             last = lines[-1] if lines else f"exit status {proc.returncode}"
             raise VerificationError(f"the artifact does not load and run in a fresh process: {last}")

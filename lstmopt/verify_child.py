@@ -1,10 +1,10 @@
 """The fresh-process half of verification: load an artifact, run the given inputs, save the outputs.
 
-``lstmopt.verification`` runs this file by path in a new interpreter. For a TorchScript artifact it first
-makes ``lstmopt`` unimportable, which proves the archive loads where lstmopt is not installed. Only
-torch and the standard library are used here.
+``lstmopt.verification`` runs this file by path in a new, isolated interpreter. For a TorchScript artifact
+it first makes ``lstmopt`` unimportable, which proves the archive loads where lstmopt is not installed.
+Only torch and the standard library are used here.
 
-    python verify_child.py ARTIFACT FORMAT PAYLOAD RESULT
+    python -I verify_child.py ARTIFACT FORMAT PAYLOAD RESULT
 """
 
 import sys
@@ -92,6 +92,7 @@ def main(artifact, fmt, payload_path, result_path):
     import torch
 
     payload = torch.load(payload_path, weights_only=True)
+    sys.path.extend(p for p in payload["import_paths"] if p not in sys.path)  # after the installed packages
     if fmt == "torchscript":
         if payload["native_library"]:  # the one thing the archive needs beyond torch (lstmopt.native.LOAD_LINE)
             torch.ops.load_library(payload["native_library"])

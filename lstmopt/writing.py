@@ -11,10 +11,13 @@ lstmopt's native library registered before ``torch.jit.load`` (``lstmopt.native.
 metadata and the returned record name those LSTMs (``native_kernel``).
 
 Both are zip archives; the metadata is the record ``<archive>/extra/lstmopt.json`` (TorchScript's
-``_extra_files``), so ``read_metadata`` never unpickles anything. Writes go to a temporary file in the
-target directory that is renamed over the output only once complete.
+``_extra_files``), so ``read_metadata`` never unpickles anything (see ``lstmopt.metadata``). An artifact is
+serialized in memory and then written by Python to a temporary file in the target directory, renamed over
+the output only once complete: a full disk is a one-line error (``torch.jit.save`` to a path aborts the
+process when a write fails).
 """
 
+import io
 import json
 import os
 import re
@@ -27,13 +30,11 @@ from torch import Tensor, nn
 
 from .choices import FORMATS
 from .errors import UsageError
-from .files import atomic_path, check_output_path
+from .files import atomic_path, check_output_path, write_bytes
+from .metadata import METADATA_NAME, read_metadata
 
 __all__ = ["FORMATS", "METADATA_NAME", "native_lstms", "read_metadata", "save_artifact", "script", "to_torchscript",
            "write_artifact"]
-
-METADATA_NAME = "lstmopt.json"
-
 
 def write_artifact(model, output: os.PathLike | str, *, format: str, metadata: dict, force: bool = False,
                    inputs: Tuple[Path, ...] = (), samples: Sequence[tuple] = ()) -> Path:
@@ -54,17 +55,20 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
     if format not in FORMATS:
         raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     metadata = {**metadata, "native_kernel": native_lstms(model)}
+    buffer = io.BytesIO()
     if format == "torchscript":
         scripted, how = to_torchscript(model, samples)
         how["native_kernel"] = metadata["native_kernel"]
         metadata = {**metadata, "torchscript": how}
-        torch.jit.save(scripted, str(path), _extra_files={METADATA_NAME: _json(metadata)})
-        return how
-    torch.save(prepare_for_inference(model), path)
-    with zipfile.ZipFile(path, "a") as archive:
-        prefix = archive.namelist()[0].split("/", 1)[0]
-        archive.writestr(f"{prefix}/extra/{METADATA_NAME}", _json(metadata))
-    return {"method": "pickled", "reason": "--format pickle", "native_kernel": metadata["native_kernel"]}
+        torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: _json(metadata)})
+    else:
+        torch.save(prepare_for_inference(model), buffer)
+        with zipfile.ZipFile(buffer, "a") as archive:
+            prefix = archive.namelist()[0].split("/", 1)[0]
+            archive.writestr(f"{prefix}/extra/{METADATA_NAME}", _json(metadata))
+        how = {"method": "pickled", "reason": "--format pickle", "native_kernel": metadata["native_kernel"]}
+    write_bytes(path, buffer.getbuffer(), what="the artifact")
+    return how
 
 
 def native_kernel_note(lstms: Sequence[str], format: str) -> str:
@@ -154,18 +158,3 @@ def _script_error(exc: BaseException) -> str:
             culprit, number = "", int(where.group(2))
         headline += f" (at {Path(where.group(1)).name}:{number}" + (f": {culprit}" if culprit else "") + ")"
     return headline if len(headline) <= 400 else headline[:397] + "..."
-
-
-def read_metadata(path: os.PathLike | str) -> dict:
-    """The metadata lstmopt stored in an artifact, read without loading the model."""
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith(f"/extra/{METADATA_NAME}")]
-            if not names:
-                raise UsageError(f"{path} has no lstmopt metadata; it was not written by lstmopt")
-            return json.loads(archive.read(names[0]))
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise UsageError(f"cannot read {path} as an lstmopt artifact ({exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} has corrupt lstmopt metadata ({exc})") from exc

@@ -1,5 +1,6 @@
 """Batch runs from YAML configs: validation, isolation of failures, resume, parallelism, interruption."""
 
+import fcntl
 import json
 import os
 import signal
@@ -188,10 +189,17 @@ def test_a_rerun_removes_what_a_killed_run_left_beside_its_outputs(tmp_path, mod
     (tmp_path / "out").mkdir()
     leftover = tmp_path / "out" / ".tagger.pt.lstmopt-tmp-abc123"  # as atomic_path names it
     leftover.write_bytes(b"half a model")
+    os.utime(leftover, (time.time() - 60, time.time() - 60))  # a temporary file nobody holds, and not new
+    live = tmp_path / "out" / ".tagger.pt.lstmopt-tmp-live"  # a concurrent run's: locked, so kept
+    live.write_bytes(b"being written")
+    os.utime(live, (time.time() - 60, time.time() - 60))
+    holder = open(live, "rb")
+    fcntl.flock(holder, fcntl.LOCK_EX)
     unrelated = tmp_path / "out" / ".keep-me"
     unrelated.write_bytes(b"not ours")
     assert run_batch(load_config(path)).exit_code == 0
-    assert not leftover.exists() and unrelated.exists()
+    assert not leftover.exists() and unrelated.exists() and live.exists()
+    holder.close()
 
 
 def test_a_foreign_file_at_an_output_is_only_replaced_with_force(tmp_path, models):
@@ -242,3 +250,45 @@ def test_interrupting_a_batch_keeps_finished_outputs_and_leaves_no_partial_files
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["forecaster.pt"]
     report = json.loads((tmp_path / "r.json").read_text())
     assert [j["status"] for j in report["jobs"]] == ["ok", "interrupted"] and report["status"] == "interrupted"
+
+
+def test_two_runs_of_one_config_at_once_both_succeed_and_write_each_output_once(tmp_path, models):
+    path = config(tmp_path, GOOD)
+    runs = [subprocess.Popen([sys.executable, "-m", "lstmopt", "batch", str(path), "--json"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    reports = [json.loads(run.communicate(timeout=600)[0]) for run in runs]
+    assert all(r["exit_code"] == 0 for r in reports), reports
+    statuses = sorted(j["status"] for r in reports for j in r["jobs"])
+    assert statuses == ["ok", "ok", "skipped", "skipped"]  # one wrote each output, the other found it done
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["forecaster.pt", "tagger.pt"]
+
+
+def test_a_job_whose_factory_code_changed_is_not_up_to_date(tmp_path, models):
+    (tmp_path / "mine.py").write_text("from models import build_tagger\ndef build():\n    return build_tagger()\n")
+    jobs = "- {name: tagger, input: tagger.pt, output: out/tagger.pt, factory: mine:build}\n"
+    path = config(tmp_path, jobs)
+    path.write_text(path.read_text().replace(f"pythonpath: [{TESTS}]", f"pythonpath: [{TESTS}, {tmp_path}]"))
+    assert [r["status"] for r in run_batch(load_config(path)).reports] == ["ok"]
+    assert [r["status"] for r in run_batch(load_config(path)).reports] == ["skipped"]
+    (tmp_path / "mine.py").write_text((tmp_path / "mine.py").read_text() + "# the model changed\n")
+    assert [r["status"] for r in run_batch(load_config(path)).reports] == ["ok"]
+
+
+def test_an_output_whose_forged_metadata_claims_up_to_date_is_redone_not_trusted(tmp_path, models):
+    import zipfile
+
+    path = config(tmp_path, GOOD)
+    assert run_batch(load_config(path)).exit_code == 0
+    output = tmp_path / "out" / "tagger.pt"
+    with zipfile.ZipFile(output) as real:
+        records = {i.filename: real.read(i) for i in real.infolist()}
+    name = next(n for n in records if n.endswith("/extra/lstmopt.json"))
+    meta = json.loads(records[name])
+    meta["source"] = "forged"  # what the skip check reads, in a shape lstmopt never writes
+    records[name] = json.dumps(meta).encode()
+    with zipfile.ZipFile(output, "w") as forged:
+        for n, data in records.items():
+            forged.writestr(n, data)
+    result = run_batch(load_config(path))
+    assert result.exit_code == 2 and result.reports[1]["status"] == "error"
+    assert "pass --force" in result.reports[1]["error"]  # not an lstmopt artifact: kept, not replaced

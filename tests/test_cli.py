@@ -200,13 +200,13 @@ def test_inspect_shows_the_tree_and_decisions(work):
 def test_verify_passes_for_the_source_and_exits_5_for_another_model(work):
     assert invoke(*OPTIMIZE, "--quiet").exit_code == 0
     result = invoke("verify", "tagger.pt", "out.pt", "--factory", "models:build_tagger",
-                    "--example-inputs", "inputs.pt")
+                    "--example-inputs", "inputs.pt", "--trust")
     assert result.exit_code == 0 and "passed" in result.stdout
     torch.manual_seed(5)
     from models import Tagger
     torch.save(Tagger().state_dict(), "other.pt")
     result = invoke("verify", "other.pt", "out.pt", "--factory", "models:Tagger", "--example-inputs", "inputs.pt",
-                    "--json")
+                    "--trust", "--json")
     assert result.exit_code == 5 and "made from a different file" in result.stderr
     assert json.loads(result.stdout)["ok"] is False
 
@@ -380,6 +380,6 @@ def test_verify_refuses_to_unpickle_an_artifact_without_trust_whatever_its_metad
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and "forged.pt is a pickled module" in line and "--trust" in line
     assert not marker.exists()
-    # The real pickle artifact verifies once trusted; TorchScript artifacts need no trust (see above).
+    # The real pickle artifact verifies once trusted.
     assert invoke("verify", "tagger.pt", "real.pt", "--factory", "models:build_tagger", "--example-inputs",
                   "inputs.pt", "--trust").exit_code == 0

@@ -21,8 +21,8 @@ from .ui import UI
 def verify(
     original: Annotated[Path, typer.Argument(help="The saved original model.", show_default=False)],
     optimized: Annotated[Path, typer.Argument(
-        help="The artifact lstmopt wrote. A pickle-format artifact runs code named by the file when loaded: "
-             "it needs --trust, like a pickled original.", show_default=False)],
+        help="The artifact lstmopt wrote. Loading it runs code from the file (a TorchScript archive's methods, "
+             "a pickle's classes): it needs --trust, like a pickled original.", show_default=False)],
     factory: FactoryOpt = None,
     factory_kwargs: FactoryKwargsOpt = None,
     trust: TrustOpt = False,
@@ -39,12 +39,12 @@ def verify(
     """Reload OPTIMIZED in a fresh process and compare it with ORIGINAL (exit 5 above the tolerance)."""
     from ..display import verification_summary
     from ..loading import artifact_format
+    from ..metadata import calls_lstmopt_ops, read_metadata
     from ..verification import default_tolerance, verify_artifact
-    from ..writing import read_metadata
 
     ui = UI(quiet=quiet, json_mode=json_out)
-    meta = read_metadata(optimized)
     artifact_kind = artifact_format(optimized, trust=trust)  # by content: the metadata is not proof of origin
+    meta = read_metadata(optimized)
     loaded = options.load(ui, original, factory, factory_kwargs, trust, state_dict_key, strip_prefix)
     source = meta.get("source", {}).get("sha256")
     if source and source != loaded.sha256:
@@ -66,7 +66,8 @@ def verify(
                                  atol=default_atol if atol is None else atol,
                                  rtol=default_rtol if rtol is None else rtol,
                                  artifact_prefix=meta.get("module_prefix", ""),
-                                 native_kernel=bool(meta.get("native_kernel")))
+                                 # what the archive's own code calls, not what its metadata claims
+                                 native_kernel=artifact_kind == "torchscript" and calls_lstmopt_ops(optimized))
     ui.emit_json(result.to_dict())
     ui.show(verification_summary(result.to_dict()))
     if not samples:

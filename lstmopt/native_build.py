@@ -1,0 +1,171 @@
+"""Where the native library comes from: compiled by lstmopt into a private cache, loaded only if it is
+the very file lstmopt compiled.
+
+Loading a shared library runs its constructors, so a cache another user (or a forged artifact that
+writes files) could plant a file in is code execution. A cached library is loaded only when
+
+- the cache directory and the library's directory are owned by this user, are real directories (not
+  symlinks) and are not writable by group or others, and every directory above them is owned by root or
+  this user and writable by nobody else unless sticky (``/tmp``);
+- the library is a regular file owned by this user, and its SHA-256 is the one recorded in
+  ``manifest.json`` when lstmopt compiled it.
+
+A library that fails the content check (truncated, corrupt, replaced) is rebuilt; an insecure directory
+is refused with one line (``InsecureCacheError``), since rebuilding there would be as unsafe. A build runs
+in a fresh temporary directory and is renamed into place complete; concurrent builders queue on an
+``flock``, which a killed build releases with its process (no stale lock can block anyone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+__all__ = ["InsecureCacheError", "LOCK_TIMEOUT_S", "compile_library", "trusted_library"]
+
+MANIFEST = "manifest.json"
+LOCK_TIMEOUT_S = 900.0  # a build takes about 30 s; a holder alive this long is stuck, not building
+
+
+class InsecureCacheError(RuntimeError):
+    """The cache could hold a file someone else put there: lstmopt neither loads nor builds there."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_owned_private(path: Path, what: str) -> None:
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise InsecureCacheError(f"{what} {path} is a symbolic link")
+    if info.st_uid != os.getuid():
+        raise InsecureCacheError(f"{what} {path} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & 0o022:
+        raise InsecureCacheError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})")
+
+
+def _check_ancestors(path: Path) -> None:
+    """Nobody but root and this user can rename or replace anything on the way to ``path``."""
+    trusted = {0, os.getuid()}
+    walked = Path(path.anchor)
+    for part in path.parts[1:]:  # the path as given: a symlink on the way must be trusted too
+        walked = walked / part
+        with contextlib.suppress(FileNotFoundError):
+            info = os.lstat(walked)
+            if stat.S_ISLNK(info.st_mode) and info.st_uid not in trusted:
+                raise InsecureCacheError(f"the cache path goes through {walked}, a symbolic link of another user")
+    for parent in reversed(Path(os.path.realpath(path)).parents):
+        info = os.stat(parent)
+        if info.st_uid not in trusted:
+            raise InsecureCacheError(f"the cache is inside {parent}, which belongs to another user (uid {info.st_uid})")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise InsecureCacheError(f"the cache is inside {parent}, which other users can write to")
+
+
+def _private_dir(path: Path, what: str) -> None:
+    _check_ancestors(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_owned_private(path, what)
+
+
+def _verified(library: Path) -> bool:
+    """``library`` is the file lstmopt compiled: owned, regular, and its hash matches the manifest."""
+    manifest = library.parent / MANIFEST
+    try:
+        info = os.lstat(library)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return False
+        if os.lstat(manifest).st_uid != os.getuid():
+            return False
+        with open(manifest, encoding="utf-8") as f:
+            recorded = json.loads(f.read(4096))
+        return isinstance(recorded, dict) and recorded.get("sha256") == _sha256(library)
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path, timeout: float) -> Iterator[None]:
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has held {path} for over {timeout:.0f} s") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
+def trusted_library(root: Path, name: str, build, *, lock_timeout: float = LOCK_TIMEOUT_S) -> Path:
+    """The path of ``root/name/name.so``, verified as described above; built with ``build(path)`` (which
+    writes the library to ``path``) when missing or failing the content check."""
+    _private_dir(root, "the cache directory")
+    directory = root / name
+    library = directory / f"{name}.so"
+    if directory.exists():
+        _check_owned_private(directory, "the cache directory")
+        if _verified(library):
+            return library
+    with _build_lock(root / f".{name}.lock", lock_timeout):
+        _private_dir(directory, "the cache directory")
+        if _verified(library):  # another process built it while this one waited
+            return library
+        print("lstmopt: building the native kernel for this CPU (once, about 30 s)", file=sys.stderr)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=root))
+        try:
+            built = scratch / library.name
+            build(built)
+            digest = _sha256(built)
+            os.chmod(built, 0o755)
+            os.replace(built, library)
+            (scratch / MANIFEST).write_text(json.dumps({"sha256": digest, "name": name}), encoding="utf-8")
+            os.replace(scratch / MANIFEST, directory / MANIFEST)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if not _verified(library):
+        raise InsecureCacheError(f"{library} changed while it was being installed")
+    return library
+
+
+def compile_library(source: Path, output: Path, *, module_name: str, flags: Sequence[str]) -> None:
+    """Compile ``source`` into the torch extension module ``module_name`` at ``output`` (what
+    ``torch.utils.cpp_extension`` does, without its shared build directory, baton and module import)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler}) found")
+    includes = [*cpp_extension.include_paths(), sysconfig.get_path("include", scheme="posix_prefix")]
+    command = [compiler, "-shared", "-fPIC", "-std=c++20", *flags,
+               f"-DTORCH_EXTENSION_NAME={module_name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *[f"-isystem{path}" for path in includes], str(source), "-o", str(output),
+               *[f"-L{path}" for path in cpp_extension.library_paths()],
+               "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Error building the native kernel:\n{proc.stderr}")
