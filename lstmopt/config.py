@@ -12,6 +12,10 @@
         factory: encoders:build
         min_speedup: 1.1
 
+A config is code: its factories are imported and called, and ``pythonpath`` decides where from; run
+only configs you trust. ``${VAR}`` values are kept out of reports and summaries (written back as
+``${VAR}``) unless ``lstmopt batch --show-variables``.
+
 Job keys: name, input, output, format, dtype, factory, factory_kwargs, trust, state_dict_key, strip_prefix,
 example_inputs, input_shape, atol, rtol, benchmark, autotune, approx, min_speedup, require_lstm. Unknown keys are errors. Validation (pydantic) runs on
 the whole file before any job starts.
@@ -21,9 +25,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
@@ -101,6 +105,27 @@ class BatchConfig:
     path: Path
     pythonpath: tuple[Path, ...]
     jobs: tuple[BatchJob, ...]
+    variables: Mapping[str, str] = field(default_factory=dict)  # ${VAR}s expanded: kept out of reports
+
+    def redact(self, data: Any) -> Any:
+        """``data`` (a report) with every expanded variable's value written back as ``${NAME}``. Values under
+        4 characters are left alone: replacing them would garble numbers and words, and they hide nothing."""
+        values = sorted(((v, k) for k, v in self.variables.items() if len(v) >= 4), key=lambda vk: -len(vk[0]))
+        if not values:
+            return data
+
+        def walk(value: Any) -> Any:
+            if isinstance(value, str):
+                for secret, name in values:
+                    value = value.replace(secret, "${" + name + "}")
+                return value
+            if isinstance(value, dict):
+                return {walk(k): walk(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [walk(v) for v in value]
+            return value
+
+        return walk(data)
 
 
 class _Problems:
@@ -151,12 +176,63 @@ class _Problems:
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+# A config is a page of YAML: these bound what a hostile or broken one can cost (an alias bomb of 1 kB
+# expands to billions of values; deep nesting exhausts the parser's recursion).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_VALUES = 100_000
+MAX_DEPTH = 50
 
-def _expand(value: Any, loc: tuple, problems: _Problems) -> Any:
+
+class _Budget:
+    def __init__(self, path: Path):
+        self.path, self.left = path, MAX_VALUES
+        self.variables: dict[str, str] = {}  # the environment variables expanded, by name
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise UsageError(f"{self.path}: the config expands to over {MAX_VALUES:,} values (YAML aliases "
+                             "repeating one another?); write the jobs out")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); a second one would "
+                    "silently replace the first", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_depth(text: str, path: Path) -> None:
+    """Nesting deeper than MAX_DEPTH, found by the scanner (iterative, unlike the parser)."""
+    opening = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+               yaml.FlowSequenceStartToken)
+    closing = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, opening):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise UsageError(f"{path}:{token.start_mark.line + 1}: nested over {MAX_DEPTH} levels deep; "
+                                 "a batch config needs a few")
+        elif isinstance(token, closing):
+            depth -= 1
+
+
+def _expand(value: Any, loc: tuple, problems: _Problems, budget: _Budget) -> Any:
+    budget.spend()
     if isinstance(value, str):
         def substitute(match: re.Match) -> str:
             name, default = match.group(1), match.group(2)
             if name in os.environ:
+                budget.variables[name] = os.environ[name]
                 return os.environ[name]
             if default is not None:
                 return default
@@ -164,9 +240,9 @@ def _expand(value: Any, loc: tuple, problems: _Problems) -> Any:
             return match.group(0)
         return _VAR.sub(substitute, value)
     if isinstance(value, dict):
-        return {k: _expand(v, loc + (k,), problems) for k, v in value.items()}
+        return {k: _expand(v, loc + (k,), problems, budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, loc + (i,), problems) for i, v in enumerate(value)]
+        return [_expand(v, loc + (i,), problems, budget) for i, v in enumerate(value)]
     return value
 
 
@@ -174,14 +250,23 @@ def load_config(path: os.PathLike | str) -> BatchConfig:
     """Read and validate a batch config; a UsageError names the first problem's file, line and field."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UsageError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MB; a batch config is a page of YAML")
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the config as UTF-8") from None
+    try:
+        _check_depth(text, path)
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -191,7 +276,8 @@ def load_config(path: os.PathLike | str) -> BatchConfig:
     if not isinstance(data, dict):
         raise UsageError(f"{path}:1: the config must be a mapping with a 'jobs' list, got "
                          f"{'an empty file' if data is None else type(data).__name__}")
-    data = _expand(data, (), problems)
+    budget = _Budget(path)
+    data = _expand(data, (), problems, budget)
     try:
         config = _File.model_validate(data)
     except ValidationError as exc:
@@ -244,4 +330,5 @@ def load_config(path: os.PathLike | str) -> BatchConfig:
         jobs.append(BatchJob(name, OptimizeOptions(input=resolve(job.input), output=output, **settings),
                              problems.line(("jobs", i))))
     problems.raise_if_any()
-    return BatchConfig(path=path, pythonpath=tuple(resolve(p) for p in config.pythonpath), jobs=tuple(jobs))
+    return BatchConfig(path=path, pythonpath=tuple(resolve(p) for p in config.pythonpath), jobs=tuple(jobs),
+                       variables=budget.variables)

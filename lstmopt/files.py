@@ -65,9 +65,11 @@ def check_output_path(output: Path, *, force: bool, inputs: Tuple[Path, ...] = (
     return output
 
 
-def check_paths(reads: Mapping[str, Optional[Path]], writes: Mapping[str, Optional[Path]]) -> None:
+def check_paths(reads: Mapping[str, Optional[Path]], writes: Mapping[str, Optional[Path]], *,
+                create_dirs: bool = False) -> None:
     """Before any work: no path written is a path read or another path written (through links too),
-    and every path written can be created. Keys name the paths in messages ("the report", "the input")."""
+    and every path written can be created (``create_dirs``: in directories yet to be made, as a batch
+    config's tree is). Keys name the paths in messages ("the report", "the input")."""
     reads = {what: Path(p) for what, p in reads.items() if p is not None}
     writes = {what: Path(p) for what, p in writes.items() if p is not None}
     seen: list[tuple[str, Path]] = []
@@ -79,7 +81,7 @@ def check_paths(reads: Mapping[str, Optional[Path]], writes: Mapping[str, Option
             if _same_file(path, earlier):
                 raise UsageError(f"{what} {path} and {other} {earlier} are the same file; give each its own path")
         seen.append((what, path))
-        check_writable(path, what)
+        check_writable(path, what, create_dirs=create_dirs)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -88,14 +90,17 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_writable(path: Path, what: str) -> None:
-    """``path`` can be written: not a directory, in an existing directory that takes a new file."""
+def check_writable(path: Path, what: str, *, create_dirs: bool = False) -> None:
+    """``path`` can be written: not a directory, in an existing directory that takes a new file (or, with
+    ``create_dirs``, below the nearest existing one, which must take a new directory)."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"cannot write {what} {path}: it is a directory; give a file name")
     parent = path.parent if str(path.parent) else Path(".")
+    while create_dirs and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"cannot write {what} {path}: directory {parent} does not exist")
+        raise UsageError(f"cannot write {what} {path}: {parent} does not exist or is not a directory")
     try:  # os.access says yes to root on a read-only file system: try it
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}probe-", dir=parent)
     except OSError as exc:
@@ -131,17 +136,16 @@ def atomic_path(output: Path) -> Iterator[Path]:
         os.close(fd)
 
 
-def write_bytes(path: Path, data: bytes, *, what: str = "") -> None:
-    """Write ``data`` to ``path`` (a temporary file of ``atomic_path``): a full disk is a UsageError."""
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with Python's own I/O, so a full disk is an ``OSError`` (saying how much was
+    needed) that ``atomic_path`` turns into a one-line error, never a crash inside a C++ writer."""
     try:
-        with open(path, "r+b" if Path(path).exists() else "wb") as f:
-            f.truncate(0)
+        with open(path, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        label = what or str(path)
-        raise UsageError(f"cannot write {label}: {exc.strerror or exc} ({len(data) / 1e6:.1f} MB needed)") from exc
+        raise OSError(exc.errno, f"{exc.strerror or exc} ({len(data) / 1e6:.1f} MB needed)") from exc
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -246,7 +246,10 @@ def _run_child(artifact: Path, format: str, samples: list, lstm_payload: list, n
         torch.save({"samples": samples, "lstms": lstm_payload, "numerics": numerics,
                     "native_library": native_library,
                     "import_paths": _user_paths() if format == "pickle" else []}, buffer)
-        write_bytes(payload, buffer.getbuffer(), what=f"the verification inputs ({payload})")
+        try:
+            write_bytes(payload, buffer.getbuffer())
+        except OSError as exc:
+            raise UsageError(f"cannot write the verification inputs to {tmp}: {exc.strerror}") from exc
         try:
             proc = subprocess.run(
                 isolated_python(verify_child.__file__, str(artifact), format, str(payload), str(result)),

@@ -67,7 +67,7 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
             prefix = archive.namelist()[0].split("/", 1)[0]
             archive.writestr(f"{prefix}/extra/{METADATA_NAME}", _json(metadata))
         how = {"method": "pickled", "reason": "--format pickle", "native_kernel": metadata["native_kernel"]}
-    write_bytes(path, buffer.getbuffer(), what="the artifact")
+    write_bytes(path, buffer.getbuffer())
     return how
 
 

@@ -119,6 +119,33 @@ def test_config_errors_name_the_file_line_and_field(tmp_path, text, message):
     assert f"{path}{message}" in str(info.value) and "\n" not in str(info.value)
 
 
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(8)) + \
+    "jobs:\n  - {input: a.pt, output: b.pt, factory_kwargs: {bomb: *i}}\n"
+
+
+@pytest.mark.parametrize("raw, message", [
+    (BOMB.encode(), ": the config expands to over 100,000 values"),
+    (b"jobs:\n  - {input: a.pt, output: b.pt}\njobs:\n  - {input: c.pt, output: d.pt}\n",
+     ":3:1: not valid YAML: duplicate key 'jobs' (first at line 1)"),
+    (b"jobs:\n  - input: a.pt\n    output: b.pt\n    output: c.pt\n", ":4:5: not valid YAML: duplicate key 'output'"),
+    (b"jobs:\n  - input: a.pt\n    output: b.pt\n    factory_kwargs: " + b"[" * 5000 + b"]" * 5000 + b"\n",
+     ":4: nested over 50 levels deep"),
+    (b"jobs:\n  - input: a.pt\n    output: b\xff.pt\n", ":3: not UTF-8 text (byte 0xff)"),
+    (b"# " + b"x" * (1 << 20) + b"\n", " is over 1 MB"),
+])
+def test_a_hostile_config_fails_fast_with_a_line_and_exit_2(tmp_path, raw, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(raw)
+    start = time.perf_counter()
+    with pytest.raises(UsageError) as info:
+        load_config(path)
+    assert f"{path}{message}" in str(info.value) and "\n" not in str(info.value)
+    assert time.perf_counter() - start < 10  # bounded: the bomb alone would expand to 10^9 values
+    result = runner.invoke(app, ["batch", str(path)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_several_config_errors_are_counted_and_nothing_runs(tmp_path, models):
     path = config(tmp_path, GOOD + "- {input: x.pt, output: y.pt, fromat: pickle}\n- {input: x.pt}\n")
     result = runner.invoke(app, ["batch", str(path)])
@@ -292,3 +319,19 @@ def test_an_output_whose_forged_metadata_claims_up_to_date_is_redone_not_trusted
     result = run_batch(load_config(path))
     assert result.exit_code == 2 and result.reports[1]["status"] == "error"
     assert "pass --force" in result.reports[1]["error"]  # not an lstmopt artifact: kept, not replaced
+
+
+def test_variables_expanded_into_a_config_stay_out_of_reports_unless_asked(tmp_path, models, monkeypatch):
+    monkeypatch.setenv("LSTMOPT_TEST_TOKEN", "s3cr3t-t0ken")
+    monkeypatch.setenv("LSTMOPT_TEST_OUT", str(tmp_path / "private-build-dir"))
+    jobs = ("- {name: tagger, input: tagger.pt, output: '${LSTMOPT_TEST_OUT}/tagger.pt', factory: models:build_tagger,\n"
+            "   factory_kwargs: {token: '${LSTMOPT_TEST_TOKEN}'}}\n")
+    path = config(tmp_path, jobs)
+    result = runner.invoke(app, ["batch", str(path), "--json", "--report", str(tmp_path / "r.json"),
+                                 "--summary", str(tmp_path / "s.md")])
+    assert result.exit_code == 2  # build_tagger takes no token: the error names the kwargs
+    shown = result.stdout + result.stderr + (tmp_path / "r.json").read_text() + (tmp_path / "s.md").read_text()
+    assert "s3cr3t-t0ken" not in shown and "private-build-dir" not in shown
+    assert "${LSTMOPT_TEST_TOKEN}" in shown
+    result = runner.invoke(app, ["batch", str(path), "--json", "--show-variables"])
+    assert "s3cr3t-t0ken" in result.stdout

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import jsonschema
@@ -80,10 +81,22 @@ def test_quiet_mode_prints_nothing_on_success(work):
     (["optimize", "tagger.pt", "-o", "o.pt", "--format", "onnx"], 2, "Invalid value for '--format'"),
     (["optimize", "tagger.pt", "-o", "o.pt", "--input-shape", "1,2"], 2, "--input-shape must be three"),
     (["optimize", "tagger.pt", "-o", "o.pt", "--factory", "models:build_tagger", "--report", "no/dir/r.json"], 2,
-     "directory no/dir does not exist"),
+     "no/dir does not exist"),
+    (["optimize", "tagger.pt", "-o", "o.pt", "--factory", "models:build_tagger", "--report", "tagger.pt/r.json"], 2,
+     "tagger.pt does not exist or is not a directory"),
+    (["optimize", "tagger.pt", "-o", "o.pt", "--factory", "models:build_tagger", "--report", "tagger.pt"], 2,
+     "the report tagger.pt is the input tagger.pt; lstmopt never writes a file it reads"),
+    (["optimize", "tagger.pt", "-o", "o.pt", "--factory", "models:build_tagger", "--summary", "./inputs.pt",
+      "--example-inputs", "inputs.pt"], 2, "the summary inputs.pt is the example inputs inputs.pt"),
+    (["optimize", "tagger.pt", "-o", "o.pt", "--factory", "models:build_tagger", "--report", "o.pt"], 2,
+     "the report o.pt and the output o.pt are the same file"),
+    (["optimize", "tagger.pt", "-o", "inputs.pt", "--factory", "models:build_tagger", "--example-inputs", "inputs.pt",
+      "--force"], 2, "the output inputs.pt is the example inputs inputs.pt"),
+    (["optimize", "tagger.pt", "-o", "o.pt", "--factory", "models:build_tagger", "--input-shape", "100000,100000,100000"],
+     2, "--input-shape 100000,100000,100000 asks for inputs of 1e+15 values"),
     (["optimize", "tagger_full.pt", "-o", "o.pt"], 3, "is a pickled module: loading it runs code"),
     (["optimize", "tagger.pt", "-o", "tagger.pt", "--factory", "models:build_tagger", "--force"], 2,
-     "is the input file"),
+     "the output tagger.pt is the input tagger.pt"),
     (["frobnicate"], 2, "No such command 'frobnicate'"),
 ])
 def test_errors_are_one_line_with_a_documented_exit_code(work, args, code, message):
@@ -95,6 +108,39 @@ def test_errors_are_one_line_with_a_documented_exit_code(work, args, code, messa
     assert "Traceback" not in result.output
     assert (work / "tagger.pt").read_bytes() == before
     assert not (work / "o.pt").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["inputs.pt", "tagger.pt", "tagger_full.pt"]
+
+
+@pytest.mark.skipif(os.getuid() == 0, reason="root writes to read-only directories")
+def test_a_read_only_report_directory_fails_before_any_work(work):
+    (work / "ro").mkdir()
+    (work / "ro").chmod(0o555)
+    result = invoke(*OPTIMIZE, "--report", "ro/r.json")
+    assert result.exit_code == 2 and "cannot write the report ro/r.json" in result.stderr
+    assert not (work / "out.pt").exists()
+
+
+def test_the_report_is_written_when_the_artifact_does_not_fit_on_the_disk(work):
+    # RLIMIT_FSIZE stands in for a full disk: a write past it fails (EFBIG) as one past a full disk does
+    # (ENOSPC), where torch.jit.save to a path would abort the process.
+    torch.save(build_tagger(hidden=256).state_dict(), "big.pt")  # a 4 MB artifact
+    args = ["optimize", "big.pt", "-o", "out.pt", "--factory", "models:build_tagger", "--factory-kwargs",
+            '{"hidden": 256}', "--report", "r.json", "--quiet"]
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+        from lstmopt.cli.app import main
+        sys.exit(main({args!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT / "tests")))
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == "error: cannot write out.pt: File too large (8.7 MB needed)", line
+    report = json.loads((work / "r.json").read_text())
+    assert report["status"] == "error" and report["exit_code"] == 2
+    assert sorted(p.name for p in work.iterdir()) == ["big.pt", "inputs.pt", "r.json", "tagger.pt", "tagger_full.pt"]
 
 
 def test_debug_shows_the_traceback(work):
@@ -291,6 +337,18 @@ def test_demo_runs_under_a_minute(tmp_path):
     assert {p.name for p in (tmp_path / "demo").iterdir()} == {
         "keyword_spotter.pt", "keyword_spotter.torchscript.pt", "report.json", "summary.md"}
     assert elapsed < 60
+
+
+def test_the_demo_never_writes_through_a_symlink_in_its_output_directory(tmp_path):
+    precious = tmp_path / "precious.pt"
+    precious.write_bytes(b"the user's own file")
+    (tmp_path / "demo").mkdir()
+    for name in ("keyword_spotter.pt", "report.json"):
+        (tmp_path / "demo" / name).symlink_to(precious)
+    result = invoke("demo", "--output-dir", tmp_path / "demo", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert precious.read_bytes() == b"the user's own file"
+    assert not any(p.is_symlink() for p in (tmp_path / "demo").iterdir())
 
 
 def test_python_dash_m_is_the_same_command():

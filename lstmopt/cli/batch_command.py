@@ -29,6 +29,10 @@ def batch(
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed job.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo jobs whose outputs are up to date, and replace "
                                                         "outputs lstmopt did not write.")] = False,
+    show_variables: Annotated[bool, typer.Option(
+        "--show-variables", rich_help_panel=OUTPUT,
+        help="Show the values of the config's ${VAR}s in reports, summaries and messages (by default they "
+             "are written back as ${VAR}: they may hold tokens or private paths).")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -39,20 +43,29 @@ def batch(
     from ..batch import run_batch
     from ..config import load_config
     from ..display import batch_table
-    from ..files import atomic_write_text
+    from ..files import atomic_write_text, check_paths
     from ..report import batch_markdown, write_json
 
     ui = UI(quiet=quiet, json_mode=json_out)
-    options.check_writable(report, "report")
-    options.check_writable(summary, "summary")
     loaded = load_config(config)
+    reads: dict = {"the config": config}
+    writes: dict = {"the report": report, "the summary": summary}
+    for job in loaded.jobs:
+        reads[f"the input of job {job.name!r}"] = job.options.input
+        reads[f"the example inputs of job {job.name!r}"] = job.options.example_inputs
+        writes[f"the output of job {job.name!r}"] = job.options.output
+    check_paths(reads, writes, create_dirs=True)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=ui.err, disable=not ui.chatty)
     overall = progress.add_task(f"{config.name}", total=len(loaded.jobs))
     tasks: dict[int, Any] = {}
 
+    redact = (lambda data: data) if show_variables else loaded.redact
+
     def on_event(kind: str, index: int, payload: Any) -> None:
-        name = loaded.jobs[index].name
+        name = redact(loaded.jobs[index].name)
+        if kind == "done":
+            payload = redact(payload)
         if kind == "start":
             tasks[index] = progress.add_task(f"  {name}: starting", total=None)
         elif kind == "step":
@@ -66,7 +79,7 @@ def batch(
                                            f": {payload['error']}" if payload.get("error") else ""), soft_wrap=True)
 
     def write_outputs(result) -> None:
-        data = result.to_dict()
+        data = redact(result.to_dict())
         if report is not None:
             write_json(data, report)
         if summary is not None:
@@ -85,7 +98,7 @@ def batch(
     write_outputs(result)
     counts = result.counts()
     if result.exit_code != 0:
-        failed = next(r for r in result.to_dict()["jobs"] if r["exit_code"] != 0)
+        failed = next(r for r in redact(result.to_dict())["jobs"] if r["exit_code"] != 0)
         raise Failed(f"{counts['failed']} of {counts['total']} jobs failed; first: {failed['job']}: "
                       f"{failed['error']}", result.exit_code)
     ui.show(f"[green]{counts['ok']} optimized, {counts['skipped']} up to date[/] ({counts['total']} jobs)")

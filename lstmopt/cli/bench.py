@@ -60,7 +60,9 @@ def bench(
     """Time the original model against its optimized version at several sequence lengths and batch sizes."""
     ui = UI(quiet=quiet, json_mode=json_out)
     if plot is not None:
-        options.check_writable(plot, "plot")
+        from ..files import check_paths
+
+        check_paths({"the model": input, "the example inputs": example_inputs}, {"the plot": plot})
         try:
             import matplotlib  # noqa: F401
         except ImportError:

@@ -22,14 +22,24 @@ def demo(
     debug: DebugOpt = False,
 ) -> None:
     """Build the bundled keyword-spotter model, then optimize, verify and benchmark it (under a minute)."""
+    import io
+
     import torch
 
     from ..demo import INPUT_SHAPE, build_keyword_spotter
+    from ..errors import UsageError
+    from ..files import atomic_path, write_bytes
 
     ui = UI(quiet=quiet, json_mode=json_out)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {output_dir}: {exc.strerror or exc}") from exc
     source = output_dir / "keyword_spotter.pt"
-    torch.save(build_keyword_spotter().state_dict(), source)
+    weights = io.BytesIO()
+    torch.save(build_keyword_spotter().state_dict(), weights)
+    with atomic_path(source) as tmp:  # a rename: a symlink left at this path is replaced, never written through
+        write_bytes(tmp, weights.getbuffer())
     target = output_dir / f"keyword_spotter.{format.value}.pt"
     ui.show(f"Saved the demo model's weights to {source}. Optimizing them, as this command would:")
     if ui.chatty:

@@ -70,11 +70,11 @@ def optimize(
     from ..display import benchmark_table, modules_table, verification_summary
     from ..pipeline import OptimizeOptions, optimize_file
     from ..report import report_markdown, write_json
-    from ..files import atomic_write_text
+    from ..files import atomic_write_text, check_paths
 
     ui = UI(quiet=quiet, json_mode=json_out)
-    options.check_writable(report, "report")
-    options.check_writable(summary, "summary")
+    check_paths({"the input": input, "the example inputs": example_inputs},
+                {"the output": output, "the report": report, "the summary": summary})
     job = OptimizeOptions(
         input=input, output=output, format=format.value, dtype=dtype.value, factory=factory,
         factory_kwargs=options.parse_kwargs(factory_kwargs), trust=trust, state_dict_key=state_dict_key,

@@ -82,11 +82,6 @@ def load_samples(example_inputs: Optional[Path], input_shape: Optional[str]) -> 
     return samples_for(example_inputs, parse_shape(input_shape))
 
 
-def check_writable(path: Optional[Path], what: str) -> None:
-    if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
-        raise UsageError(f"cannot write the {what} {path}: directory {path.parent} does not exist")
-
-
 def load(ui: UI, input: Path, factory: Optional[str], factory_kwargs: Optional[str], trust: bool,
          state_dict_key: Optional[str] = None, strip_prefix: Optional[str] = None):
     """The model a command's options name (see ``lstmopt.loading.load_model``)."""
