@@ -133,7 +133,6 @@ def trusted_library(root: Path, name: str, build, *, lock_timeout: float = LOCK_
         _private_dir(directory, "the cache directory")
         if _verified(library):  # another process built it while this one waited
             return library
-        print("lstmopt: building the native kernel for this CPU (once, about 30 s)", file=sys.stderr)
         scratch = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=root))
         try:
             built = scratch / library.name
@@ -159,6 +158,7 @@ def compile_library(source: Path, output: Path, *, module_name: str, flags: Sequ
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler}) found")
+    print("lstmopt: building the native kernel for this CPU (once, about 30 s)", file=sys.stderr)
     includes = [*cpp_extension.include_paths(), sysconfig.get_path("include", scheme="posix_prefix")]
     command = [compiler, "-shared", "-fPIC", "-std=c++20", *flags,
                f"-DTORCH_EXTENSION_NAME={module_name}", "-DTORCH_API_INCLUDE_EXTENSION_H",

@@ -44,6 +44,7 @@ _autocast_enabled = torch._C._is_any_autocast_enabled
 _mkldnn_enabled = torch._C._get_mkldnn_enabled
 _grad_enabled = torch.is_grad_enabled
 _dynamo_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 KERNELS = ("onednn", "cell", "native", "stock")
 SEQUENCE_KERNELS = ("stock", "onednn", "native")
@@ -67,7 +68,7 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
 
     # Python-only bookkeeping: a scripted module cannot hold locks, Python tuples or object identities.
     __jit_ignored_attributes__ = ["_packed_from", "_pack_lock", "_zeros", "_kernel_args", "_native", "autotune_ms",
-                                  "sequence_autotune_ms", "_eager_in_compiled_code"]
+                                  "sequence_autotune_ms", "_eager_in_compiled_code", "_loads", "_loading_thread"]
     __jit_unused_properties__ = ["packed_layers", "uses_native_kernel", *nn.LSTM.__jit_unused_properties__]
 
     kernel: str
@@ -125,6 +126,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         self.autotune_ms: Optional[dict] = None  # what autotune measured per kernel, for tensor calls
         self.sequence_autotune_ms: Optional[dict] = None  # and for PackedSequence calls
         self._pack_lock = threading.RLock()
+        self._loads = 0  # odd while load_state_dict writes the weights (see _dispatch)
+        self._loading_thread = None
         directions = 2 if self.bidirectional else 1
         self.packed_layers = nn.ModuleList(
             PackedLayer(self.input_size if layer == 0 else self.hidden_size * directions, self.hidden_size,
@@ -269,14 +272,21 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         return result
 
     def _load_from_state_dict(self, *args, **kwargs):
-        # Held throughout, so a concurrent call that notices the copy in progress waits for the new packs.
+        # Held throughout, so a concurrent call that notices the copy in progress waits for the new packs;
+        # a call computing on the parameters themselves meanwhile is redone (see _dispatch).
         with self._pack_lock:
-            self._loading = True  # load_state_dict(assign=True) sets each parameter: pack once, at the end
+            self._loads += 1
+            self._loading_thread = threading.get_ident()
             try:
-                super()._load_from_state_dict(*args, **kwargs)
+                self._loading = True  # load_state_dict(assign=True) sets each parameter: pack once, at the end
+                try:
+                    super()._load_from_state_dict(*args, **kwargs)
+                finally:
+                    self._loading = False
+                self.repack()
             finally:
-                self._loading = False
-            self.repack()
+                self._loading_thread = None
+                self._loads += 1
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -293,6 +303,7 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._pack_lock = threading.RLock()
+        self._loads, self._loading_thread = 0, None
         self._native = None
         self._repack(force=False)  # the unpickled LayerPacks have packed already, from the same storage
 
@@ -342,12 +353,27 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         return self._dispatch(input, hx)
 
     def _dispatch(self, input, hx):
+        # The stock and cell paths compute on the parameters themselves, which load_state_dict overwrites
+        # in place one by one: a call that overlapped a load (the count moved, or is odd: a load is
+        # writing) is redone after it, so every call sees the old weights or the new ones, whole (a
+        # seqlock; calls served from packs are whole anyway, and pay two attribute reads).
+        while True:
+            loads = self._loads
+            if loads & 1 and self._loading_thread != threading.get_ident():
+                with self._pack_lock:  # wait for the load to finish
+                    continue
+            result = self._dispatch_once(input, hx)
+            if self._loads == loads or self._loading_thread == threading.get_ident():
+                return result
+
+    def _dispatch_once(self, input, hx):
         # A tracer must record the stock op, not opaque constants; autocast would try to cast the packs;
         # with mkldnn disabled, eager runs its native kernel. With autograd on, eager runs oneDNN's training
         # primitive, whose last bits differ from the inference primitive's on some CPUs (AVX2): only
-        # nn.LSTM's own path gives its exact results then.
+        # nn.LSTM's own path gives its exact results then. Under a dispatch mode (FakeTensorMode, a
+        # functionalization or profiling mode) tensors may hold no data for the kernels to read.
         if (_tracing() or _autocast_enabled() or not _mkldnn_enabled() or _grad_enabled() or self.training
-                or not _plain_state(hx)):
+                or _dispatch_modes() or not _plain_state(hx)):
             return super().forward(input, hx)
         kind = type(input)
         if kind is Tensor:

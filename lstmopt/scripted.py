@@ -14,21 +14,10 @@ import torch
 from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["MAX_SCRIPTED_LAYERS", "ScriptedPaths", "dtype_str"]
+__all__ = ["MAX_SCRIPTED_LAYERS", "ScriptedPaths"]
 
 MAX_SCRIPTED_LAYERS = 32
 """Layers whose parameters ``_weights_by_name`` can read (its source is unrolled, one name at a time)."""
-
-
-def dtype_str(dtype: torch.dtype) -> str:
-    # TorchScript formats a dtype as its enum number; spell the common ones out.
-    names = [(torch.float32, "torch.float32"), (torch.float64, "torch.float64"), (torch.bfloat16, "torch.bfloat16"),
-             (torch.float16, "torch.float16"), (torch.int64, "torch.int64"), (torch.int32, "torch.int32"),
-             (torch.int8, "torch.int8"), (torch.uint8, "torch.uint8"), (torch.bool, "torch.bool")]
-    for candidate, name in names:
-        if dtype == candidate:
-            return name
-    return f"{dtype}"
 
 
 def _weights_by_name_source() -> str:
@@ -89,14 +78,9 @@ class ScriptedPaths:
                         f"For unbatched 2-D input, hx and cx should also be 2-D but got "
                         f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        # nn.LSTM.check_input skips its dtype check when scripted; the op would fail obscurely without it.
-        weight_dtype = weights[0].dtype
-        if input.dtype != weight_dtype and not torch.is_autocast_cpu_enabled():
-            given = dtype_str(input.dtype)
-            wanted = dtype_str(weight_dtype)
-            raise ValueError(
-                f"RNN input dtype ({given}) does not match weight dtype ({wanted}). "
-                f"Convert input: input.to({wanted}), or convert model: model.to({given})")
+        # Scripted nn.LSTM skips check_input's dtype check: an input of another dtype reaches the op, which
+        # raises its own RuntimeError (it takes every dtype without crashing). So does this path, so callers
+        # of a scripted model catch what they would catch with scripted nn.LSTM.
         self.check_forward_args(input, hx, None)
         result = _VF.lstm(input, hx, weights, self.bias, self.num_layers, self.dropout,
                           self.training, self.bidirectional, self.batch_first)

@@ -5,6 +5,7 @@ Run as a script in its own process (tests/test_errors.py does): the raw op would
 several of these inputs, so a crash must not take pytest down with it.
 """
 
+import copy
 import json
 import sys
 import warnings
@@ -43,6 +44,7 @@ CASES = {
     # input dtype, layout and memory
     "float64_input": lambda: (randn(5, 3, I, dtype=torch.float64), None),
     "int_input": lambda: (torch.ones(5, 3, I, dtype=torch.int64), None),
+    "bool_input": lambda: (torch.ones(5, 3, I, dtype=torch.bool), None),
     "bf16_input_into_fp32": lambda: (randn(5, 3, I, dtype=torch.bfloat16), None),
     "transposed_input": lambda: (randn(3, 5, I).transpose(0, 1), None),
     "strided_input": lambda: (randn(5, 3, 2 * I)[:, :, ::2], None),
@@ -147,6 +149,8 @@ def main():
     ref = nn.LSTM(I, H, num_layers=L, bidirectional=True).eval()
     packed = PackedLSTM.from_lstm(ref).eval()
     scripted = torch.jit.script(Call(PackedLSTM.from_lstm(ref).eval()))
+    scripted_ref = torch.jit.script(Call(copy.deepcopy(ref)))  # what scripted code is held to
+    scripted_ref_sequences = torch.jit.script(CallWithSequence(copy.deepcopy(ref)))
     cell = PackedLSTM.from_lstm(ref).eval()
     cell.use_kernel("cell")
     sequences = PackedLSTM.from_lstm(ref).eval()
@@ -167,8 +171,10 @@ def main():
         if name in SEQUENCE_CASES:
             report[name]["sequences"] = outcome(sequences, x, hx)
             report[name]["scripted"] = outcome(scripted_sequences, x, hx)
+            report[name]["scripted_ref"] = outcome(scripted_ref_sequences, x, hx)
         elif name in SCRIPTABLE:
             report[name]["scripted"] = outcome(scripted, x, hx)
+            report[name]["scripted_ref"] = outcome(scripted_ref, x, hx)
         if on_native is not None:
             report[name]["native"] = outcome(on_native, x, hx)
             if name in SCRIPTABLE:

@@ -226,3 +226,29 @@ def test_bf16_is_refused_without_native_support(monkeypatch):
     # a module that already is bf16 stays stock rather than running emulated bf16
     packed.bfloat16()
     assert packed.packed_dtype is None
+
+
+@pytest.mark.parametrize("kernel, sequence_kernel", [("onednn", "onednn"), ("cell", "stock"), ("native", "native"),
+                                                     ("stock", "stock")])
+def test_under_fake_tensor_mode_every_kernel_does_what_nn_lstm_does(kernel, sequence_kernel):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.utils.rnn import pack_sequence
+
+    from conftest import NATIVE
+
+    if kernel == "native" and not NATIVE:
+        pytest.skip("native kernel unavailable")
+    ref, packed = lstm_pair(input_size=8, hidden_size=16, num_layers=2)
+    packed.use_kernel(kernel, sequence_kernel=sequence_kernel)
+    sequence = pack_sequence([torch.randn(3, 8), torch.randn(2, 8)])
+
+    def outcome(module, make):
+        try:
+            with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+                out, (h, c) = module(*make())
+            return [tuple(t.shape) for t in (out if isinstance(out, torch.Tensor) else out.data, h, c)]
+        except Exception as exc:  # nn.LSTM cannot run a PackedSequence on fake tensors either
+            return type(exc).__name__
+
+    for make in (lambda: (torch.randn(1, 2, 8),), lambda: (torch.randn(1, 8),), lambda: (sequence,)):
+        assert outcome(packed, make) == outcome(ref, make)

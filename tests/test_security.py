@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 import zipfile
+from pathlib import Path
 from typing import Tuple
 
 import pytest
@@ -31,9 +32,14 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-class Planted(torch.nn.Module):
-    """A TorchScript archive whose __setstate__, run by torch.jit.load, creates a file: code from the file."""
+PLANTED = """
+import json, sys
+from typing import Tuple
+import torch
 
+
+class Planted(torch.nn.Module):
+    # Its __setstate__, run by torch.jit.load, creates a file: code from the archive runs.
     def __init__(self, marker: str):
         super().__init__()
         self.marker = marker
@@ -53,6 +59,11 @@ class Planted(torch.nn.Module):
         self.data = torch.from_file(state[0], shared=True, size=4)
 
 
+path, marker, metadata = sys.argv[1:4]
+torch.jit.save(torch.jit.script(Planted(marker)), path, _extra_files={"lstmopt.json": metadata})
+"""
+
+
 @pytest.fixture
 def work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -61,7 +72,12 @@ def work(tmp_path, monkeypatch):
 
 
 def _forged_torchscript(path, marker, metadata):
-    torch.jit.save(torch.jit.script(Planted(str(marker))), str(path), _extra_files={"lstmopt.json": json.dumps(metadata)})
+    """A TorchScript archive that creates ``marker`` when loaded (scripted in a fresh interpreter: a class
+    compiled in this one stays compiled)."""
+    script = path.parent / "planted_source.py"
+    script.write_text(PLANTED)
+    subprocess.run([sys.executable, str(script), str(path), str(marker), json.dumps(metadata)], check=True)
+    script.unlink()
 
 
 def test_verify_refuses_a_torchscript_artifact_without_trust_and_runs_none_of_its_code(work):
@@ -302,3 +318,65 @@ def test_a_build_lock_held_by_a_killed_process_does_not_block_the_next_build(tmp
     holder.wait()
     built = trusted_library(tmp_path, "lib", lambda path: path.write_bytes(b"built"), lock_timeout=5)
     assert built.read_bytes() == b"built"
+
+
+# --- temporary files: a killed run's are removed, a live run's never ------------------------------------
+
+def _aged(path, seconds=60):
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+
+def test_optimize_removes_what_a_killed_run_left_beside_the_output_but_not_a_live_runs_file(work):
+    import fcntl
+
+    dead = work / ".out.pt.lstmopt-tmp-dead"
+    live = work / ".out.pt.lstmopt-tmp-live"
+    fresh = work / ".out.pt.lstmopt-tmp-fresh"  # just created by a run that has not locked it yet
+    for path in (dead, live, fresh):
+        path.write_bytes(b"partial")
+    _aged(dead)
+    _aged(live)
+    holder = open(live, "rb")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    result = invoke("optimize", "tagger.pt", "-o", "out.pt", "--factory", "models:build_tagger", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert not dead.exists() and live.exists() and fresh.exists()
+    holder.close()
+
+
+def test_verification_directories_left_in_tmpdir_by_killed_runs_are_removed(tmp_path, monkeypatch):
+    import fcntl
+    import tempfile
+
+    from lstmopt.files import private_temp_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead, live = tmp_path / "lstmopt-verify-dead", tmp_path / "lstmopt-verify-live"
+    for path in (dead, live):
+        path.mkdir()
+        (path / ".lock").touch()
+        _aged(path)
+    holder = open(live / ".lock", "rb")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    with private_temp_dir("lstmopt-verify-") as mine:
+        assert mine.is_dir() and not dead.exists() and live.exists()
+    assert not mine.exists()
+    holder.close()
+
+
+def test_a_temporary_directory_removed_during_verification_is_said_so_not_blamed_on_the_artifact(tmp_path, monkeypatch):
+    from lstmopt import optimize
+    from lstmopt import verification
+    from lstmopt.writing import write_artifact
+
+    model = build_tagger()
+    write_artifact(optimize(model), tmp_path / "a.pt", format="torchscript", metadata={})
+    real_run = subprocess.run
+
+    def run_after_a_cleaner(command, **kwargs):  # a tmp cleaner strikes while the child starts
+        shutil.rmtree(Path(command[-1]).parent)
+        return real_run([sys.executable, "-c", "raise SystemExit(1)"], **kwargs)
+
+    monkeypatch.setattr(verification.subprocess, "run", run_after_a_cleaner)
+    with pytest.raises(UsageError, match="was removed while the artifact was being verified"):
+        verification.verify_artifact(model, tmp_path / "a.pt", format="torchscript", samples=[], lstm_names=["lstm"])

@@ -216,3 +216,54 @@ def test_weights_replaced_with_other_shapes_never_reach_a_kernel(kernel):
     # Every kernel is off: calls take nn.LSTM's own path, with whatever it makes of such weights.
     assert packed.packed_dtype is None and packed.kernel_dtype is None and packed.sequence_dtype is None
     assert not packed._valid(x, None) and not packed.uses_native_kernel
+
+
+RELOAD_KERNELS = [(k, None) for k in KERNELS] + [(None, s) for s in ("stock", "onednn", "native")]
+
+
+@pytest.mark.parametrize("kernel, sequence_kernel", RELOAD_KERNELS,
+                         ids=[k or f"sequences-{s}" for k, s in RELOAD_KERNELS])
+def test_a_call_during_load_state_dict_sees_the_old_or_the_new_weights_whole(kernel, sequence_kernel):
+    from conftest import NATIVE
+    from torch.nn.utils.rnn import pack_sequence
+
+    if "native" in (kernel, sequence_kernel) and not NATIVE:
+        pytest.skip("native kernel unavailable")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one intra-op thread: every call is deterministic, whatever runs beside it
+    try:
+        _, packed = lstm_pair(input_size=64, hidden_size=256, num_layers=2)
+        packed.use_kernel(kernel, sequence_kernel=sequence_kernel)
+        old = {k: v.clone() for k, v in packed.state_dict().items()}
+        new = {k: torch.randn_like(v) for k, v in old.items()}
+        if sequence_kernel is None:
+            x = torch.randn(1 if kernel == "cell" else 3, 2, 64)
+        else:
+            x = pack_sequence([torch.randn(4, 64), torch.randn(2, 64)])
+        outputs = {}
+        for name, weights in (("old", old), ("new", new)):
+            packed.load_state_dict(weights)
+            with torch.no_grad():
+                outputs[name] = packed(x)[1][1]  # the last cell state depends on every weight
+        packed.load_state_dict(old)
+        mixed, done = [], threading.Event()
+
+        def call():
+            torch.set_num_threads(1)  # OpenMP's thread count is per thread
+            with torch.no_grad():
+                while not done.is_set():
+                    c = packed(x)[1][1]
+                    if not (torch.equal(c, outputs["old"]) or torch.equal(c, outputs["new"])):
+                        mixed.append(c)
+
+        callers = [threading.Thread(target=call) for _ in range(4)]
+        for t in callers:
+            t.start()
+        for i in range(300):
+            packed.load_state_dict(new if i % 2 == 0 else old)
+        done.set()
+        for t in callers:
+            t.join()
+        assert not mixed, f"{len(mixed)} calls saw a mix of old and new weights"
+    finally:
+        torch.set_num_threads(threads_before)
