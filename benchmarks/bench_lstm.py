@@ -42,9 +42,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lstmopt import PackedLSTM, native, optimize
-from lstmopt.packing import bf16_supported
-from lstmopt.timing import interleaved_medians
-from lstmopt.writing import save_artifact
+from lstmopt.modules.packs import bf16_supported
+from lstmopt.rewrite.timing import interleaved_medians
+from lstmopt.artifacts.writing import save_artifact
 
 # (input_size, hidden_size, layers, bidirectional, batch, steps)
 CONFIGS = [

@@ -6,12 +6,12 @@ __version__ = "0.1.0"
 
 # torch takes seconds to import; load the API on first use so `lstmopt --help` stays fast.
 _EXPORTS = {
-    "PackedLSTM": "lstmopt.packed",
-    "packing_obstacle": "lstmopt.packing",
-    "Decision": "lstmopt.rewrite",
-    "optimize": "lstmopt.rewrite",
-    "plan": "lstmopt.rewrite",
-    "autotune": "lstmopt.autotune",
+    "PackedLSTM": "lstmopt.modules.lstm",
+    "packing_obstacle": "lstmopt.modules.packs",
+    "Decision": "lstmopt.rewrite.swap",
+    "optimize": "lstmopt.rewrite.swap",
+    "plan": "lstmopt.rewrite.swap",
+    "autotune": "lstmopt.rewrite.autotune",
     "LstmoptError": "lstmopt.errors",
     "UnsupportedError": "lstmopt.errors",
 }

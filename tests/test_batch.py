@@ -15,11 +15,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import ROOT
-from lstmopt.batch import run_batch
+from lstmopt.job.batch import run_batch
 from lstmopt.cli import app
-from lstmopt.config import load_config
+from lstmopt.job.config import load_config
 from lstmopt.errors import UsageError
-from lstmopt.report import schema
+from lstmopt.reporting.report import schema
 from models import Tagger, build_forecaster, build_tagger
 
 runner = CliRunner(env={"COLUMNS": "200"})

@@ -8,10 +8,10 @@ import torch
 from typer.testing import CliRunner
 
 from lstmopt.cli import app
-from lstmopt.config import load_config
+from lstmopt.job.config import load_config
 from lstmopt.errors import UntrustedPickleError, UsageError
-from lstmopt.loading import load_model
-from lstmopt.pipeline import OptimizeOptions, optimize_file
+from lstmopt.artifacts.loading import load_model
+from lstmopt.job.pipeline import OptimizeOptions, optimize_file
 from models import build_tagger
 
 FACTORY = "models:build_tagger"

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from conftest import ROOT, run_python
 from lstmopt import native
 from lstmopt.cli import app
-from lstmopt.report import schema
+from lstmopt.reporting.report import schema
 from models import build_tagger
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that no table cell wraps
@@ -149,7 +149,7 @@ def test_debug_shows_the_traceback(work):
 
 
 def test_an_internal_error_is_one_line_with_exit_1_and_a_traceback_only_with_debug(work, monkeypatch):
-    import lstmopt.pipeline
+    import lstmopt.job.pipeline
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
@@ -387,7 +387,7 @@ def test_the_lstms_table_never_breaks_a_name_or_a_word_of_the_reason(width, firs
 
     from rich.console import Console
 
-    from lstmopt.display import modules_table
+    from lstmopt.reporting.display import modules_table
 
     buffer = io.StringIO()
     Console(file=buffer, width=width).print(modules_table([first, dict(LONG, name="dec", reason="kept: proj_size>0 "

@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from conftest import APPROX_EXTRA, assert_same_result, lstm_pair, needs_native
 from lstmopt import optimize, plan
-from lstmopt.autotune import autotune
+from lstmopt.rewrite.autotune import autotune
 from models import Encoder, build_forecaster, build_tagger
 
 CELL_TOLERANCE = dict(atol=1e-6, rtol=1e-6)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lstmopt.errors import UntrustedPickleError, UsageError
-from lstmopt.files import sha256_file
-from lstmopt.loading import detect_format, load_model
+from lstmopt.artifacts.files import sha256_file
+from lstmopt.artifacts.loading import detect_format, load_model
 from models import Tagger, build_tagger
 
 FACTORY = "models:build_tagger"

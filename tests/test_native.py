@@ -14,8 +14,8 @@ from torch.nn.utils.rnn import pack_sequence
 
 from conftest import NATIVE, lstm_pair, needs_native, run_python, run_python_json
 from lstmopt import PackedLSTM, native, optimize
-from lstmopt.verification import verify_artifact
-from lstmopt.writing import read_metadata, write_artifact
+from lstmopt.job.verification import verify_artifact
+from lstmopt.artifacts.writing import read_metadata, write_artifact
 from models import build_forecaster
 
 TOLERANCE = dict(atol=1e-6, rtol=1e-6)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import APPROX_EXTRA, ROOT, needs_bf16, run_python_json
-from lstmopt.pipeline import OptimizeOptions, optimize_file
-from lstmopt.verification import Verification, verify_artifact
-from lstmopt.writing import read_metadata, write_artifact
+from lstmopt.job.pipeline import OptimizeOptions, optimize_file
+from lstmopt.job.verification import Verification, verify_artifact
+from lstmopt.artifacts.writing import read_metadata, write_artifact
 from lstmopt import native, optimize
 from models import Encoder, build_forecaster, build_speech_encoder, build_tagger
 
@@ -87,8 +87,8 @@ def test_verification_computes_both_sides_at_the_callers_thread_count(tmp_path):
     result = run_python_json(f"""
         import json, torch
         from lstmopt import optimize
-        from lstmopt.verification import verify_artifact
-        from lstmopt.writing import write_artifact
+        from lstmopt.job.verification import verify_artifact
+        from lstmopt.artifacts.writing import write_artifact
         from models import build_tagger
         wanted = 1 if torch.get_num_threads() > 1 else 2
         model = build_tagger().eval()
@@ -237,8 +237,8 @@ def test_autotune_needs_inputs_and_approx_needs_autotune(tmp_path):
 
 def test_a_benchmark_that_shows_the_artifact_slower_says_so_and_names_the_lstms(tmp_path, monkeypatch):
     import lstmopt.benchmarking as benchmarking
-    from lstmopt.benchmarking import Benchmark, LatencyCase
-    from lstmopt.report import report_markdown
+    from lstmopt.job.benchmarking import Benchmark, LatencyCase
+    from lstmopt.reporting.report import report_markdown
 
     monkeypatch.chdir(tmp_path)
     tagger_inputs(tmp_path / "inputs.pt")
@@ -260,9 +260,9 @@ def test_a_benchmark_that_shows_the_artifact_slower_says_so_and_names_the_lstms(
 
 
 def test_the_slower_warning_blames_lstms_and_says_when_it_is_within_noise():
-    from lstmopt.benchmarking import LatencyCase, LstmLatency
-    from lstmopt.pipeline import _slower_warning
-    from lstmopt.rewrite import plan
+    from lstmopt.job.benchmarking import LatencyCase, LstmLatency
+    from lstmopt.job.pipeline import _slower_warning
+    from lstmopt.rewrite.swap import plan
 
     decisions = plan(build_tagger())
     text = _slower_warning([LatencyCase("x", 1.0, 1.02)], 4, [LstmLatency("lstm", "PackedSequences", 1.0, 1.25)],

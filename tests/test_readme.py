@@ -6,7 +6,7 @@ import sys
 
 from conftest import ROOT
 from lstmopt import errors
-from lstmopt.config import _Job
+from lstmopt.job.config import _Job
 
 README = (ROOT / "README.md").read_text()
 

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from conftest import ROOT
 from lstmopt.cli import app
 from lstmopt.errors import UsageError
-from lstmopt.loading import detect_format
-from lstmopt.metadata import MAX_METADATA_BYTES, read_metadata
+from lstmopt.artifacts.loading import detect_format
+from lstmopt.artifacts.metadata import MAX_METADATA_BYTES, read_metadata
 from models import build_tagger
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -107,7 +107,7 @@ def test_the_metadata_does_not_decide_that_verify_loads_the_native_library(work,
     from lstmopt import native
 
     from lstmopt import optimize
-    from lstmopt.writing import write_artifact
+    from lstmopt.artifacts.writing import write_artifact
 
     write_artifact(optimize(build_tagger()), work / "out.pt", format="torchscript",
                    metadata={"source": {}, "modules": [{"name": "lstm", "packed": True}], "native_kernel": ["lstm"]})
@@ -177,7 +177,7 @@ def test_nothing_in_the_working_directory_runs_in_the_verification_child(tmp_pat
 def test_the_verification_child_dies_with_its_parent(tmp_path):
     code = textwrap.dedent("""
         import subprocess, sys
-        from lstmopt.children import die_with_parent
+        from lstmopt.job.children import die_with_parent
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=die_with_parent)
         print(child.pid, flush=True)
     """)
@@ -301,7 +301,7 @@ def test_a_library_of_another_user_is_not_loaded_even_by_root(tmp_path):
 
 
 def test_a_build_lock_held_by_a_killed_process_does_not_block_the_next_build(tmp_path):
-    from lstmopt.native_build import trusted_library
+    from lstmopt.kernels.build import trusted_library
 
     lock = tmp_path / ".lib.lock"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -348,7 +348,7 @@ def test_verification_directories_left_in_tmpdir_by_killed_runs_are_removed(tmp_
     import fcntl
     import tempfile
 
-    from lstmopt.files import private_temp_dir
+    from lstmopt.artifacts.files import private_temp_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead, live = tmp_path / "lstmopt-verify-dead", tmp_path / "lstmopt-verify-live"
@@ -367,7 +367,7 @@ def test_verification_directories_left_in_tmpdir_by_killed_runs_are_removed(tmp_
 def test_a_temporary_directory_removed_during_verification_is_said_so_not_blamed_on_the_artifact(tmp_path, monkeypatch):
     from lstmopt import optimize
     from lstmopt import verification
-    from lstmopt.writing import write_artifact
+    from lstmopt.artifacts.writing import write_artifact
 
     model = build_tagger()
     write_artifact(optimize(model), tmp_path / "a.pt", format="torchscript", metadata={})

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import assert_same_result, lstm_pair, needs_bf16, run_python_json
 from lstmopt import PackedLSTM
-from lstmopt.packed import KERNELS
+from lstmopt.modules.lstm import KERNELS
 
 CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(num_layers=3, bias=False, batch_first=True)]
 

@@ -7,8 +7,8 @@ import torch
 from conftest import run_python_json
 from lstmopt import optimize
 from lstmopt.errors import UsageError
-from lstmopt.pipeline import OptimizeOptions, optimize_file
-from lstmopt.writing import read_metadata, write_artifact
+from lstmopt.job.pipeline import OptimizeOptions, optimize_file
+from lstmopt.artifacts.writing import read_metadata, write_artifact
 from models import UnscriptableForecaster, build_unscriptable_forecaster, build_unscriptable_tagger
 
 

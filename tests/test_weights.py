@@ -11,7 +11,7 @@ from torch.nn.utils import parameters_to_vector
 
 from conftest import assert_same_result, lstm_pair, needs_native, run_python_json
 from lstmopt import PackedLSTM, optimize
-from lstmopt.writing import write_artifact
+from lstmopt.artifacts.writing import write_artifact
 from models import build_speech_encoder
 
 

@@ -6,8 +6,8 @@ import torch
 from conftest import run_python_json
 from lstmopt import optimize
 from lstmopt.errors import UsageError
-from lstmopt.files import stale_temp_files
-from lstmopt.writing import read_metadata, write_artifact
+from lstmopt.artifacts.files import stale_temp_files
+from lstmopt.artifacts.writing import read_metadata, write_artifact
 from models import Encoder, Unscriptable, build_speech_encoder
 
 METADATA = {"schema": "lstmopt.artifact/1", "dtype": "float32", "source": {"sha256": "ab" * 32}}

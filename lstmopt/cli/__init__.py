@@ -10,7 +10,7 @@ traceback appears only with ``--debug``.
 - one module per command (``batch_command`` for batch runs).
 """
 
-from .app import app, main
-from . import optimize, inspection, verify, bench, demo, batch_command  # noqa: F401  (each registers its command)
+from lstmopt.cli.app import app, main
+from lstmopt.cli import optimize, inspection, verify, bench, demo, batch_command  # noqa: F401  (each registers its command)
 
 __all__ = ["app", "main"]

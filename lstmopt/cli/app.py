@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
-from .. import __version__
-from ..environment import hide_numpy_warning
-from ..errors import LstmoptError
+from lstmopt import __version__
+from lstmopt.environment import hide_numpy_warning
+from lstmopt.errors import LstmoptError
 
 hide_numpy_warning()
 

@@ -8,10 +8,10 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.text import Text
 
-from . import options
-from .app import Failed, app
-from .options import DebugOpt, JsonOpt, OUTPUT, QuietOpt
-from .ui import UI
+from lstmopt.cli import options
+from lstmopt.cli.app import Failed, app
+from lstmopt.cli.options import DebugOpt, JsonOpt, OUTPUT, QuietOpt
+from lstmopt.cli.ui import UI
 
 
 @app.command(epilog="Example: `OUT_DIR=build lstmopt batch configs/examples.yaml --jobs 2 --report batch.json "
@@ -40,11 +40,11 @@ def batch(
     """Optimize every model of a YAML config; up-to-date outputs are skipped, failures do not stop the others."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from ..batch import run_batch
-    from ..config import load_config
-    from ..display import batch_table
-    from ..files import atomic_write_text, check_paths
-    from ..report import batch_markdown, write_json
+    from lstmopt.job.batch import run_batch
+    from lstmopt.job.config import load_config
+    from lstmopt.reporting.display import batch_table
+    from lstmopt.artifacts.files import atomic_write_text, check_paths
+    from lstmopt.reporting.report import batch_markdown, write_json
 
     ui = UI(quiet=quiet, json_mode=json_out)
     loaded = load_config(config)

@@ -7,13 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UsageError
-from . import options
-from .app import app
-from .options import (CHECKS, DebugOpt, Dtype, DtypeOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
+from lstmopt.errors import UsageError
+from lstmopt.cli import options
+from lstmopt.cli.app import app
+from lstmopt.cli.options import (CHECKS, DebugOpt, Dtype, DtypeOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
                       InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
-from .ui import UI
+from lstmopt.cli.ui import UI
 
 
 def _sweep(values: Optional[str], default: list[int], what: str) -> list[int]:
@@ -60,7 +60,7 @@ def bench(
     """Time the original model against its optimized version at several sequence lengths and batch sizes."""
     ui = UI(quiet=quiet, json_mode=json_out)
     if plot is not None:
-        from ..files import check_paths
+        from lstmopt.artifacts.files import check_paths
 
         check_paths({"the model": input, "the example inputs": example_inputs}, {"the plot": plot})
         try:
@@ -72,9 +72,9 @@ def bench(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..benchmarking import compare_latency
-    from ..display import benchmark_table
-    from ..rewrite import optimize as optimize_model
+    from lstmopt.job.benchmarking import compare_latency
+    from lstmopt.reporting.display import benchmark_table
+    from lstmopt.rewrite.swap import optimize as optimize_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -115,7 +115,7 @@ def _plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..files import atomic_path
+    from lstmopt.artifacts.files import atomic_path
 
     fig, (latency, speedup) = plt.subplots(1, 2, figsize=(11, 4))
     for batch in sorted({c["batch"] for c in data["cases"]}):

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from .app import app
-from .optimize import optimize
-from .options import DebugOpt, Dtype, Format, JsonOpt, QuietOpt
-from .ui import UI
+from lstmopt.cli.app import app
+from lstmopt.cli.optimize import optimize
+from lstmopt.cli.options import DebugOpt, Dtype, Format, JsonOpt, QuietOpt
+from lstmopt.cli.ui import UI
 
 
 @app.command(epilog="Example: `lstmopt demo --output-dir /tmp/lstmopt-demo`")
@@ -26,9 +26,9 @@ def demo(
 
     import torch
 
-    from ..demo import INPUT_SHAPE, build_keyword_spotter
-    from ..errors import UsageError
-    from ..files import atomic_path, write_bytes
+    from lstmopt.demo import INPUT_SHAPE, build_keyword_spotter
+    from lstmopt.errors import UsageError
+    from lstmopt.artifacts.files import atomic_path, write_bytes
 
     ui = UI(quiet=quiet, json_mode=json_out)
     try:

@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from . import options
-from .app import app
-from .options import (DebugOpt, Dtype, DtypeOpt, FactoryKwargsOpt, FactoryOpt,
+from lstmopt.cli import options
+from lstmopt.cli.app import app
+from lstmopt.cli.options import (DebugOpt, Dtype, DtypeOpt, FactoryKwargsOpt, FactoryOpt,
                       JsonOpt, QuietOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
-from .ui import UI
+from lstmopt.cli.ui import UI
 
 
 @app.command(epilog="Example: `lstmopt inspect encoder.pt --factory mymodels:build_encoder`")
@@ -31,8 +31,8 @@ def inspect(
     """Show the model as a tree: each LSTM, whether lstmopt can pack it and why, parameter counts. Writes nothing."""
     import torch
 
-    from ..display import model_tree, modules_table
-    from ..rewrite import plan
+    from lstmopt.reporting.display import model_tree, modules_table
+    from lstmopt.rewrite.swap import plan
 
     ui = UI(quiet=quiet, json_mode=json_out)
     loaded = options.load(ui, input, factory, factory_kwargs, trust, state_dict_key, strip_prefix)

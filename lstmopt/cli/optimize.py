@@ -7,12 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import options
-from .app import Failed, app
-from .options import (AtolOpt, CHECKS, DebugOpt, Dtype, DtypeOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
+from lstmopt.cli import options
+from lstmopt.cli.app import Failed, app
+from lstmopt.cli.options import (AtolOpt, CHECKS, DebugOpt, Dtype, DtypeOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
                       Format, InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, RtolOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
-from .ui import UI
+from lstmopt.cli.ui import UI
 
 
 @app.command(epilog="Example: `lstmopt optimize tagger.pt -o tagger.opt.pt --factory mymodels:build_tagger "
@@ -67,10 +67,10 @@ def optimize(
     The output appears only once it has been verified (and, with --min-speedup, timed); a failed or
     interrupted run leaves no output, and the input is never written.
     """
-    from ..display import benchmark_table, modules_table, verification_summary
-    from ..pipeline import OptimizeOptions, optimize_file
-    from ..report import report_markdown, write_json
-    from ..files import atomic_write_text, check_paths
+    from lstmopt.reporting.display import benchmark_table, modules_table, verification_summary
+    from lstmopt.job.pipeline import OptimizeOptions, optimize_file
+    from lstmopt.reporting.report import report_markdown, write_json
+    from lstmopt.artifacts.files import atomic_write_text, check_paths
 
     ui = UI(quiet=quiet, json_mode=json_out)
     check_paths({"the input": input, "the example inputs": example_inputs},

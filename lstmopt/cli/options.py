@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..choices import DTYPES, FORMATS
-from ..errors import UsageError
-from .ui import UI
+from lstmopt.choices import DTYPES, FORMATS
+from lstmopt.errors import UsageError
+from lstmopt.cli.ui import UI
 
 Format = Enum("Format", {f: f for f in FORMATS}, type=str)  # type: ignore[misc]
 Dtype = Enum("Dtype", {d: d for d in DTYPES}, type=str)  # type: ignore[misc]
@@ -71,21 +71,21 @@ def parse_kwargs(text: Optional[str]) -> dict:
 
 def parse_shape(text: Optional[str]):
     """--input-shape B,T,F, or None."""
-    from ..samples import parse_shape as parse
+    from lstmopt.job.samples import parse_shape as parse
 
     return parse(text) if text else None
 
 
 def load_samples(example_inputs: Optional[Path], input_shape: Optional[str]) -> list:
-    from ..samples import samples_for
+    from lstmopt.job.samples import samples_for
 
     return samples_for(example_inputs, parse_shape(input_shape))
 
 
 def load(ui: UI, input: Path, factory: Optional[str], factory_kwargs: Optional[str], trust: bool,
          state_dict_key: Optional[str] = None, strip_prefix: Optional[str] = None):
-    """The model a command's options name (see ``lstmopt.loading.load_model``)."""
-    from ..loading import load_model
+    """The model a command's options name (see ``lstmopt.artifacts.loading.load_model``)."""
+    from lstmopt.artifacts.loading import load_model
 
     with ui.status(f"loading {input}"):
         loaded = load_model(input, factory=factory, factory_kwargs=parse_kwargs(factory_kwargs), trust=trust,

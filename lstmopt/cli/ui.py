@@ -46,7 +46,7 @@ class UI:
 
     def emit_json(self, data: dict) -> None:
         if self.json_mode:
-            from ..report import report_json
+            from lstmopt.reporting.report import report_json
 
             sys.stdout.write(report_json(data))
             sys.stdout.flush()

@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
-from . import options
-from .app import app
-from .options import (AtolOpt, DebugOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
+from lstmopt.errors import UsageError
+from lstmopt.cli import options
+from lstmopt.cli.app import app
+from lstmopt.cli.options import (AtolOpt, DebugOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
                       InputShapeOpt, JsonOpt, QuietOpt, RtolOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
-from .ui import UI
+from lstmopt.cli.ui import UI
 
 
 @app.command(epilog="Example: `lstmopt verify encoder.pt encoder.opt.pt --factory mymodels:build_encoder "
@@ -37,10 +37,10 @@ def verify(
     debug: DebugOpt = False,
 ) -> None:
     """Reload OPTIMIZED in a fresh process and compare it with ORIGINAL (exit 5 above the tolerance)."""
-    from ..display import verification_summary
-    from ..loading import artifact_format
-    from ..metadata import calls_lstmopt_ops, read_metadata
-    from ..verification import default_tolerance, verify_artifact
+    from lstmopt.reporting.display import verification_summary
+    from lstmopt.artifacts.loading import artifact_format
+    from lstmopt.artifacts.metadata import calls_lstmopt_ops, read_metadata
+    from lstmopt.job.verification import default_tolerance, verify_artifact
 
     ui = UI(quiet=quiet, json_mode=json_out)
     artifact_kind = artifact_format(optimized, trust=trust)  # by content: the metadata is not proof of origin

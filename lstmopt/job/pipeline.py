@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import __version__
-from .errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError, VerificationError
-from .choices import DTYPES, FORMATS
+from lstmopt import __version__
+from lstmopt.errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError, VerificationError
+from lstmopt.choices import DTYPES, FORMATS
 
 __all__ = ["OptimizeOptions", "Report", "code_changed", "optimize_file", "user_code", "SCHEMA"]
 
@@ -42,7 +42,7 @@ class OptimizeOptions:
     factory: Optional[str] = None
     factory_kwargs: dict = field(default_factory=dict)
     trust: bool = False
-    state_dict_key: Optional[str] = None  # where the weights are in a training checkpoint (see lstmopt.checkpoints)
+    state_dict_key: Optional[str] = None  # where the weights are in a training checkpoint (see lstmopt.artifacts.checkpoints)
     strip_prefix: Optional[str] = None  # removed from every key of the checkpoint's state dict
     example_inputs: Optional[Path] = None
     input_shape: Optional[tuple[int, int, int]] = None
@@ -81,8 +81,8 @@ class OptimizeOptions:
         import hashlib
         import json
 
-        from .environment import describe
-        from .files import sha256_file
+        from lstmopt.environment import describe
+        from lstmopt.artifacts.files import sha256_file
 
         settings = self.to_dict()
         settings.pop("trust")
@@ -140,7 +140,7 @@ class Report:
     def raise_for_status(self) -> None:
         """Raise the recorded failure (for Python callers that prefer exceptions)."""
         if not self.ok:
-            from . import errors
+            from lstmopt import errors
 
             if self.exception is not None:
                 raise self.exception
@@ -183,7 +183,7 @@ class _Steps:
 
 def optimize_file(options: OptimizeOptions, *, on_step: Optional[Callable[[str], None]] = None) -> Report:
     """Run one optimization job; see the module docstring."""
-    from .environment import describe
+    from lstmopt.environment import describe
 
     report = Report(options=options, started=_now(), environment=describe())
     try:
@@ -199,15 +199,15 @@ def optimize_file(options: OptimizeOptions, *, on_step: Optional[Callable[[str],
 def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     import torch
 
-    from .autotune import autotune
-    from .benchmarking import compare_latency, per_lstm_latency
-    from .files import atomic_path, check_output_path, remove_stale_temp_files, sha256_file
-    from .loading import load_model
-    from .rewrite import optimize, plan, with_kernels
-    from .samples import samples_for
-    from .verification import default_tolerance, verify_artifact
-    from .tracing import TRACING_CAVEAT
-    from .writing import native_kernel_note, save_artifact
+    from lstmopt.rewrite.autotune import autotune
+    from lstmopt.job.benchmarking import compare_latency, per_lstm_latency
+    from lstmopt.artifacts.files import atomic_path, check_output_path, remove_stale_temp_files, sha256_file
+    from lstmopt.artifacts.loading import load_model
+    from lstmopt.rewrite.swap import optimize, plan, with_kernels
+    from lstmopt.job.samples import samples_for
+    from lstmopt.job.verification import default_tolerance, verify_artifact
+    from lstmopt.artifacts.tracing import TRACING_CAVEAT
+    from lstmopt.artifacts.writing import native_kernel_note, save_artifact
 
     report.input = {"path": str(options.input), "factory": options.factory,
                     "factory_kwargs": options.factory_kwargs or None}
@@ -307,10 +307,10 @@ def user_code(imported_before: set, factory: Optional[str] = None) -> dict:
     it (a factory's module and what it imports, a pickled model's classes), and the factory's module
     itself, from outside the Python installation and lstmopt. A batch output made with other code is
     out of date (``code_changed``)."""
-    from .files import sha256_file
+    from lstmopt.artifacts.files import sha256_file
 
     installed = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
-    own = os.path.dirname(os.path.realpath(__file__)) + os.sep
+    own = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep  # the lstmopt package
     names = set(sys.modules) - imported_before
     if factory:
         module = factory.partition(":")[0]
@@ -329,7 +329,7 @@ def user_code(imported_before: set, factory: Optional[str] = None) -> dict:
 
 def code_changed(recorded: dict) -> bool:
     """Whether any file ``user_code`` recorded is gone or holds other bytes now."""
-    from .files import sha256_file
+    from lstmopt.artifacts.files import sha256_file
 
     for path, digest in recorded.items():
         try:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import native
-from .packed import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
-from .packing import tracked_copy
-from .timing import interleaved_medians
+from lstmopt.kernels import native
+from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
+from lstmopt.modules.packs import tracked_copy
+from lstmopt.rewrite.timing import interleaved_medians
 
 __all__ = ["KernelChoice", "autotune"]
 

@@ -8,9 +8,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import UnsupportedError
-from .packed import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
-from .packing import PACKABLE_DTYPES, bf16_supported, packing_obstacle, tracked_copy
+from lstmopt.errors import UnsupportedError
+from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
+from lstmopt.modules.packs import PACKABLE_DTYPES, bf16_supported, packing_obstacle, tracked_copy
 
 __all__ = ["Decision", "FilterFn", "optimize", "plan", "with_kernels"]
 
@@ -140,7 +140,7 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         if decision.packed:
             PackedLSTM.convert_(model.get_submodule(decision.name), dtype)
     if autotune is not None:
-        from .autotune import autotune as tune
+        from lstmopt.rewrite.autotune import autotune as tune
 
         tune(model, autotune, exact=exact)
     return model

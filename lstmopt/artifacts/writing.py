@@ -2,7 +2,7 @@
 
 - TorchScript: loads with plain ``torch.jit.load`` where lstmopt is not installed; the LSTMs' packs store
   dense weights and pack them again when loaded (packed layouts depend on the loading CPU). The model is
-  scripted, or, when its code is not scriptable, traced with every LSTM scripted (``lstmopt.tracing``).
+  scripted, or, when its code is not scriptable, traced with every LSTM scripted (``lstmopt.artifacts.tracing``).
 - Pickle (``torch.save`` of the module): loads with lstmopt and the model's own classes importable, and
   repacks on load the same way.
 
@@ -11,7 +11,7 @@ lstmopt's native library registered before ``torch.jit.load`` (``lstmopt.native.
 metadata and the returned record name those LSTMs (``native_kernel``).
 
 Both are zip archives; the metadata is the record ``<archive>/extra/lstmopt.json`` (TorchScript's
-``_extra_files``), so ``read_metadata`` never unpickles anything (see ``lstmopt.metadata``). An artifact is
+``_extra_files``), so ``read_metadata`` never unpickles anything (see ``lstmopt.artifacts.metadata``). An artifact is
 serialized in memory and then written by Python to a temporary file in the target directory, renamed over
 the output only once complete: a full disk is a one-line error (``torch.jit.save`` to a path aborts the
 process when a write fails).
@@ -28,10 +28,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .choices import FORMATS
-from .errors import UsageError
-from .files import atomic_path, check_output_path, write_bytes
-from .metadata import METADATA_NAME, read_metadata
+from lstmopt.choices import FORMATS
+from lstmopt.errors import UsageError
+from lstmopt.artifacts.files import atomic_path, check_output_path, write_bytes
+from lstmopt.artifacts.metadata import METADATA_NAME, read_metadata
 
 __all__ = ["FORMATS", "METADATA_NAME", "native_lstms", "read_metadata", "save_artifact", "script", "to_torchscript",
            "write_artifact"]
@@ -73,7 +73,7 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
 
 def native_kernel_note(lstms: Sequence[str], format: str) -> str:
     """What loading an artifact whose ``lstms`` run the native kernel takes, in one sentence."""
-    from .native import LOAD_LINE
+    from lstmopt.kernels.native import LOAD_LINE
 
     names = ", ".join(name or "<model>" for name in lstms)
     if format == "torchscript":
@@ -85,7 +85,7 @@ def native_kernel_note(lstms: Sequence[str], format: str) -> str:
 
 def native_lstms(model) -> list:
     """The names of the LSTMs in ``model`` that run the native kernel."""
-    from .packed import PackedLSTM
+    from lstmopt.modules.lstm import PackedLSTM
 
     return [name for name, m in model.named_modules() if isinstance(m, PackedLSTM) and m.uses_native_kernel]
 
@@ -116,9 +116,9 @@ class LSTMEntry(nn.Module):
 
 def to_torchscript(model, samples: Sequence[tuple] = ()) -> Tuple[torch.jit.ScriptModule, dict]:
     """The model as TorchScript: scripted when its code allows, else traced on ``samples[0]`` with every
-    LSTM scripted (see ``lstmopt.tracing``); and how, ``{"method": "scripted" | "traced", "reason"}`` (a
+    LSTM scripted (see ``lstmopt.artifacts.tracing``); and how, ``{"method": "scripted" | "traced", "reason"}`` (a
     trace also lists ``lstms_traced_as_ops``: those fed PackedSequences, recorded as nn.LSTM's own op)."""
-    from .tracing import trace_with_scripted_lstms
+    from lstmopt.artifacts.tracing import trace_with_scripted_lstms
 
     model = prepare_for_inference(model)
     try:

@@ -32,9 +32,9 @@ from typing import Annotated, Any, Literal, Mapping, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
 
-from .choices import DTYPES, FORMATS
-from .errors import UsageError
-from .pipeline import OptimizeOptions
+from lstmopt.choices import DTYPES, FORMATS
+from lstmopt.errors import UsageError
+from lstmopt.job.pipeline import OptimizeOptions
 
 __all__ = ["BatchConfig", "BatchJob", "load_config"]
 

@@ -36,7 +36,7 @@ def _weights_by_name_source() -> str:
 def _compile_weights_by_name():
     # TorchScript compiles from source (inspect.getsource): register the generated text with linecache.
     source = _weights_by_name_source()
-    filename = "<lstmopt.scripted._weights_by_name>"
+    filename = "<lstmopt.modules.scripted._weights_by_name>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {"List": List, "Tensor": Tensor}
     exec(compile(source, filename, "exec"), namespace)

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from .report import format_error
+from lstmopt.reporting.report import format_error
 
 __all__ = ["batch_table", "benchmark_table", "model_tree", "modules_table", "verification_summary"]
 

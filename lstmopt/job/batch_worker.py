@@ -1,6 +1,6 @@
 """One batch job in its own isolated interpreter: ``python -I -m lstmopt.batch_worker FD``.
 
-``lstmopt.batch`` starts this module with ``-I`` (nothing from the working directory or ``PYTHONPATH``
+``lstmopt.job.batch`` starts this module with ``-I`` (nothing from the working directory or ``PYTHONPATH``
 runs), writes the job to its stdin (a pickle: parent to child, both lstmopt), and reads events back as
 JSON lines on file descriptor FD: ``["step", name]`` while it runs, ``["done", report]`` at the end. The
 config's ``pythonpath`` comes after the installed packages, so model code cannot shadow what lstmopt
@@ -38,14 +38,14 @@ def main(fd: int) -> None:
         events.write(json.dumps([kind, payload], default=str) + "\n")
 
     sys.path.extend(p for p in map(str, job["pythonpath"]) if p not in sys.path)
-    from .environment import hide_numpy_warning
+    from lstmopt.environment import hide_numpy_warning
 
     hide_numpy_warning()
     import torch
 
-    from .batch import up_to_date
-    from .files import output_lock
-    from .pipeline import optimize_file
+    from lstmopt.job.batch import up_to_date
+    from lstmopt.artifacts.files import output_lock
+    from lstmopt.job.pipeline import optimize_file
 
     torch.set_num_threads(job["threads"])
     batch_job = job["job"]

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .errors import UsageError
-from .packed import PackedLSTM
-from .packing import tracked_copy
+from lstmopt.errors import UsageError
+from lstmopt.modules.lstm import PackedLSTM
+from lstmopt.modules.packs import tracked_copy
 
 __all__ = ["TRACING_CAVEAT", "TracedLSTM", "trace_with_scripted_lstms"]
 

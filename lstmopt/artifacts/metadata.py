@@ -16,8 +16,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
 
-from .choices import DTYPES
-from .errors import UsageError
+from lstmopt.choices import DTYPES
+from lstmopt.errors import UsageError
 
 __all__ = ["METADATA_NAME", "MAX_METADATA_BYTES", "calls_lstmopt_ops", "read_metadata"]
 

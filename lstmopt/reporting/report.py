@@ -12,11 +12,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-from .files import atomic_write_text
+from lstmopt.artifacts.files import atomic_write_text
+from lstmopt.job.batch import BATCH_SCHEMA
 
 __all__ = ["BATCH_SCHEMA", "batch_markdown", "format_error", "report_json", "report_markdown", "schema", "write_json"]
 
-BATCH_SCHEMA = "lstmopt.batch-report/1"
 
 _STATUS_MARK = {"ok": "✅", "skipped": "⏭️"}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from .errors import UsageError
+from lstmopt.errors import UsageError
 
 __all__ = ["StateDictChoice", "find_state_dict"]
 

@@ -8,8 +8,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .samples import Sample, describe
-from .timing import interleaved_medians
+from lstmopt.job.samples import Sample, describe
+from lstmopt.rewrite.timing import interleaved_medians
 
 __all__ = ["Benchmark", "LatencyCase", "compare_latency"]
 

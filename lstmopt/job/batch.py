@@ -1,6 +1,6 @@
 """Batch runs: every job of a config, each in its own process, resumable, interruptible.
 
-- Each job runs ``pipeline.optimize_file`` in a fresh, isolated interpreter (``lstmopt.batch_worker``), so
+- Each job runs ``pipeline.optimize_file`` in a fresh, isolated interpreter (``lstmopt.job.batch_worker``), so
   a job that crashes the interpreter fails alone; ``parallel`` jobs run at once, each with its share of
   the CPU threads. Workers die with the batch.
 - A job whose output was written by lstmopt from the same input bytes, with the same options and the same
@@ -27,14 +27,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-from .children import isolated_python, preexec
-from .config import BatchConfig, BatchJob
-from .pipeline import Report, code_changed
-from .report import BATCH_SCHEMA
+from lstmopt.job.children import isolated_python, preexec
+from lstmopt.job.config import BatchConfig, BatchJob
+from lstmopt.job.pipeline import Report, code_changed
 
 __all__ = ["BatchResult", "run_batch", "up_to_date"]
 
 EXIT_INTERRUPTED = 130
+BATCH_SCHEMA = "lstmopt.batch-report/1"  # each job a lstmopt.report/1 (``pipeline.SCHEMA``)
 
 Event = Callable[[str, int, object], None]  # (kind, job index, payload): start, step, done
 
@@ -80,7 +80,7 @@ def _now() -> str:
 
 def _report(job: BatchJob, status: str, *, error: Optional[str] = None, exit_code: int = 0,
             warnings: tuple = ()) -> dict:
-    from .environment import describe
+    from lstmopt.environment import describe
 
     report = Report(options=job.options, status=status, exit_code=exit_code, error=error, warnings=list(warnings),
                     input={"path": str(job.options.input)}, environment=describe(), started=_now(), finished=_now())
@@ -89,9 +89,9 @@ def _report(job: BatchJob, status: str, *, error: Optional[str] = None, exit_cod
 
 def up_to_date(job: BatchJob) -> Optional[dict]:
     """The skipped-job report if ``job``'s output already reflects its input and options, else None."""
-    from .errors import LstmoptError
-    from .files import sha256_file
-    from .writing import read_metadata
+    from lstmopt.errors import LstmoptError
+    from lstmopt.artifacts.files import sha256_file
+    from lstmopt.artifacts.writing import read_metadata
 
     options = job.options
     if not options.output.is_file() or not options.input.is_file():
@@ -115,8 +115,8 @@ def up_to_date(job: BatchJob) -> Optional[dict]:
 
 
 def _owned_by_lstmopt(job: BatchJob) -> bool:
-    from .errors import LstmoptError
-    from .writing import read_metadata
+    from lstmopt.errors import LstmoptError
+    from lstmopt.artifacts.writing import read_metadata
 
     try:
         read_metadata(job.options.output)
@@ -126,13 +126,13 @@ def _owned_by_lstmopt(job: BatchJob) -> bool:
 
 
 class _Worker:
-    """A job's process (``lstmopt.batch_worker``) and the events it sends back."""
+    """A job's process (``lstmopt.job.batch_worker``) and the events it sends back."""
 
     def __init__(self, index: int, job: BatchJob, payload: dict):
         self.index, self.job = index, job
         read, write = os.pipe()
         try:
-            self.process = subprocess.Popen(isolated_python("-m", "lstmopt.batch_worker", str(write)),
+            self.process = subprocess.Popen(isolated_python("-m", "lstmopt.job.batch_worker", str(write)),
                                             stdin=subprocess.PIPE, pass_fds=(write,), preexec_fn=preexec())
         finally:
             os.close(write)
@@ -169,7 +169,7 @@ def run_batch(config: BatchConfig, *, parallel: int = 1, fail_fast: bool = False
               on_event: Optional[Event] = None) -> BatchResult:
     """Run every job of ``config``; see the module docstring. On Ctrl-C/SIGTERM the workers are stopped, the
     interrupted jobs are reported as such, and the KeyboardInterrupt is re-raised with ``.batch_result``."""
-    from .environment import describe
+    from lstmopt.environment import describe
 
     notify = on_event or (lambda kind, index, payload: None)
     result = BatchResult(config, [None] * len(config.jobs), started=_now(), parallel=parallel, fail_fast=fail_fast,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Tuple
 
-from .errors import UsageError
+from lstmopt.errors import UsageError
 
 __all__ = ["atomic_path", "atomic_write_text", "check_output_path", "check_paths", "private_temp_dir",
            "output_lock", "remove_stale_temp_files", "sha256_file", "stale_temp_files", "write_bytes", "TEMP_MARK"]

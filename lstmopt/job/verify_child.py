@@ -1,6 +1,6 @@
 """The fresh-process half of verification: load an artifact, run the given inputs, save the outputs.
 
-``lstmopt.verification`` runs this file by path in a new, isolated interpreter. For a TorchScript artifact
+``lstmopt.job.verification`` runs this file by path in a new, isolated interpreter. For a TorchScript artifact
 it first makes ``lstmopt`` unimportable, which proves the archive loads where lstmopt is not installed.
 Only torch and the standard library are used here.
 

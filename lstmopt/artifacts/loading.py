@@ -3,7 +3,7 @@
 Formats are recognised by content, not by file extension:
 
 - a ``torch.save`` zip archive holding a state dict or a training checkpoint that contains one (loaded
-  with ``weights_only=True``; see ``lstmopt.checkpoints``), rebuilt by a user-named factory
+  with ``weights_only=True``; see ``lstmopt.artifacts.checkpoints``), rebuilt by a user-named factory
   ``package.module:callable``;
 - a ``.safetensors`` file (needs the ``safetensors`` package), rebuilt the same way;
 - a ``torch.save`` archive (or legacy pickle) holding a whole module: unpickling runs code named by the
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .checkpoints import find_state_dict
-from .errors import UntrustedPickleError, UsageError
-from .files import sha256_file
+from lstmopt.artifacts.checkpoints import find_state_dict
+from lstmopt.errors import UntrustedPickleError, UsageError
+from lstmopt.artifacts.files import sha256_file
 
 __all__ = ["LoadedModel", "artifact_format", "detect_format", "load_model", "load_factory"]
 
@@ -161,7 +161,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _read_checkpoint(path: Path, kind: str, trust: bool) -> Any:
-    """The file's content: a state dict, or a training checkpoint holding one (see ``lstmopt.checkpoints``).
+    """The file's content: a state dict, or a training checkpoint holding one (see ``lstmopt.artifacts.checkpoints``).
     Tensors, dicts and lists only, unless ``trust`` (a checkpoint may also hold other Python objects, such
     as a LightningModule's hyperparameters, which only unpickling can rebuild)."""
     import torch
@@ -253,7 +253,7 @@ def load_model(
     """Load the model saved at ``path`` (on CPU, in eval mode), never running code from the file unless
     ``trust=True``. With a state dict or a training checkpoint, ``factory`` builds the architecture the
     weights are loaded into; ``state_dict_key`` and ``strip_prefix`` settle where the weights are in the
-    checkpoint and what prefix their keys carry, when ``lstmopt.checkpoints`` cannot tell by itself."""
+    checkpoint and what prefix their keys carry, when ``lstmopt.artifacts.checkpoints`` cannot tell by itself."""
     path = Path(path)
     kind = detect_format(path)
     if kind == "torchscript":

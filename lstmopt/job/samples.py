@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from lstmopt.errors import UsageError
 
 __all__ = ["Sample", "describe", "load_samples", "parse_shape", "samples_for", "samples_from_shape", "shape_grid"]
 

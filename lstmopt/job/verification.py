@@ -32,11 +32,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import verify_child
-from .children import isolated_python, preexec
-from .errors import UsageError, VerificationError
-from .files import private_temp_dir, write_bytes
-from .samples import Sample, describe
+from lstmopt.job import verify_child
+from lstmopt.job.children import isolated_python, preexec
+from lstmopt.errors import UsageError, VerificationError
+from lstmopt.artifacts.files import private_temp_dir, write_bytes
+from lstmopt.job.samples import Sample, describe
 
 __all__ = ["APPROX_TOLERANCE", "BF16_TOLERANCE", "Check", "Verification", "default_tolerance", "verify_artifact"]
 
@@ -229,7 +229,7 @@ def _user_paths() -> list[str]:
 
 
 def _native_library() -> str:
-    from . import native
+    from lstmopt.kernels import native
 
     if not native.load(quiet=True):
         raise UsageError("the artifact runs lstmopt's native kernel, which cannot be built here "

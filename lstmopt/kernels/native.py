@@ -1,0 +1,198 @@
+"""lstmopt's native LSTM kernel (``lstmopt/csrc/lstm.cpp``): built on first use, cached, optional.
+
+The kernel runs a whole LSTM call (every layer, direction and step) in one native call, for tensors and
+PackedSequences: at one step or a short chunk, where per-call costs are the latency, it is several times
+faster than the oneDNN op. Its results are within ~1e-6 of nn.LSTM, not bit-identical, so it is only
+chosen where approximate kernels are allowed (``autotune(..., exact=False)``, ``--autotune --approx``).
+
+``load()`` compiles the kernel for this CPU (``-march=native``) the first time, into a private cache keyed
+by the source, the CPU, torch and Python, imports it and registers ``torch.ops.lstmopt.lstm``; a cached
+library is loaded only if it is the file lstmopt compiled (``lstmopt.kernels.build``). Where that is
+impossible (no C++ compiler, a failed build), it says so once, in one line, and lstmopt keeps to its other
+kernels. A TorchScript artifact whose LSTMs use this kernel needs the op registered before
+``torch.jit.load``: ``LOAD_LINE``.
+"""
+
+# No "from __future__ import annotations": TorchScript needs real annotations on NativePacks.
+import hashlib
+import importlib.util
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lstmopt.environment import cpuinfo
+from lstmopt.kernels.tensor_versions import sources_of, unchanged_since
+
+__all__ = ["LOAD_LINE", "NativePacks", "available", "library_path", "load", "module", "run_native",
+           "unavailable_reason"]
+
+LOAD_LINE = "import lstmopt.native; lstmopt.native.load()"
+SOURCE = Path(__file__).parent / "csrc" / "lstm.cpp"
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+
+_lock = threading.Lock()
+_state: dict = {}  # "module" once loaded, "error" once it failed
+
+
+def _cpu_flags() -> str:
+    return cpuinfo("flags") or platform.processor()
+
+
+def _build_name() -> str:
+    """The kernel is compiled for this CPU, torch and Python: a build serves only where all are the same."""
+    key = "|".join([SOURCE.read_text(), " ".join(FLAGS), _cpu_flags(), torch.__version__, sys.version])
+    return "lstmopt_native_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where the build for this machine lives: ``$LSTMOPT_CACHE``, else ``~/.cache/lstmopt``."""
+    root = os.environ.get("LSTMOPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lstmopt")
+    return Path(root) / _build_name()
+
+
+def module():
+    """The loaded extension module (``Packs``), or None where ``load()`` has not succeeded."""
+    return _state.get("module")
+
+
+def library_path() -> Optional[str]:
+    """The file of the loaded kernel (``torch.ops.load_library`` registers its op where lstmopt is not
+    installed), or None where ``load()`` has not succeeded."""
+    loaded = _state.get("module")
+    return loaded.__file__ if loaded is not None else None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why ``load()`` failed in this process, or None."""
+    return _state.get("error")
+
+
+def load(*, quiet: bool = False) -> bool:
+    """Build (the first time on this machine) and load the native kernel; False, after a one-line notice
+    on stderr (unless ``quiet``), where that is impossible."""
+    with _lock:
+        if "module" in _state:
+            return True
+        if "error" in _state:
+            return False
+        if os.environ.get("LSTMOPT_NO_NATIVE"):
+            _state["error"] = "LSTMOPT_NO_NATIVE is set"
+            return False
+        try:
+            _state["module"] = _import_or_build()
+            _register_fake()
+            return True
+        except Exception as exc:  # no compiler, a failed build: lstmopt works without this kernel
+            reason = _first_error(str(exc))
+            _state["error"] = reason
+            if not quiet:
+                print(f"lstmopt: native kernel unavailable ({reason}); using the other kernels", file=sys.stderr)
+            return False
+
+
+def _first_error(text: str) -> str:
+    """The line of a failed build that says what went wrong (a compiler's first error), else the start."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and not line.startswith("[")]
+    return " ".join((errors[1] if len(errors) > 1 and errors[0].startswith("Error building") else
+                     (errors or lines or ["unknown error"])[0]).split())[:300]
+
+
+def available() -> bool:
+    """Whether the native kernel can run here (builds it the first time, quietly)."""
+    return load(quiet=True)
+
+
+def _import_or_build():
+    from lstmopt.kernels.build import compile_library, trusted_library
+
+    name = _build_name()
+    library = trusted_library(cache_dir().parent, name, lambda path: compile_library(
+        SOURCE, path, module_name=name, flags=[*FLAGS, "-fopenmp"]))
+    spec = importlib.util.spec_from_file_location(name, library)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def _register_fake() -> None:
+    """Shapes for torch.compile and torch.export, which trace with fake tensors."""
+
+    @torch.library.register_fake("lstmopt::lstm")
+    def _(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first):
+        width = (2 if bidirectional else 1) * hidden_size
+        states = len(biases)
+        if batch_sizes is not None:  # a PackedSequence's rows (N, I)
+            batch = hx.size(1) if hx is not None else torch.library.get_ctx().new_dynamic_size()
+            state = input.new_empty(states, batch, hidden_size)
+            return input.new_empty(input.size(0), width), state, state.clone()
+        if input.dim() == 2:  # unbatched (T, I)
+            state = input.new_empty(states, hidden_size)
+            return input.new_empty(input.size(0), width), state, state.clone()
+        steps, batch = (input.size(1), input.size(0)) if batch_first else (input.size(0), input.size(1))
+        output = input.new_empty(steps, batch, width)  # computed time-major; batch_first gets a transposed view
+        output = output.transpose(0, 1) if batch_first else output
+        state = input.new_empty(states, batch, hidden_size)
+        return output, state, state.clone()
+
+
+class NativePacks:
+    """One LSTM's weights in the native kernel's layout (``torch.ops.lstmopt.pack``, see csrc/lstm.cpp),
+    per layer and direction: the input then the recurrent weights in blocks of 16 hidden units, and the
+    summed biases.
+
+    A TorchScript class (compiled when a scripted module holds one). Like ``LayerPacks`` it stores the
+    dense weights it came from, not the laid-out copy, and lays them out again when loaded: the layout
+    follows the vector width of the machine's build. ``sources``: data pointer and version of each dense
+    tensor when packed.
+    """
+
+    def __init__(self, dense: List[Tensor], hidden_size: int, num_layers: int, bidirectional: bool,
+                 has_biases: bool):
+        self.dense = dense
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bidirectional = bidirectional
+        self.has_biases = has_biases
+        weights, biases = torch.ops.lstmopt.pack(dense, hidden_size, has_biases)
+        self.weights = weights
+        self.biases = biases
+        self.sources = sources_of(dense)
+
+    def is_current(self, dense: List[Tensor]) -> bool:
+        """Whether these packs were made from these very tensors, unchanged since (in TorchScript, which
+        cannot read data pointers, only in-place changes are seen)."""
+        return unchanged_since(self.sources, dense)
+
+    def __getstate__(self) -> Tuple[List[Tensor], int, int, bool, bool]:
+        return (self.dense, self.hidden_size, self.num_layers, self.bidirectional, self.has_biases)
+
+    def __setstate__(self, state: Tuple[List[Tensor], int, int, bool, bool]) -> None:
+        weights, biases = torch.ops.lstmopt.pack(state[0], state[1], state[4])
+        self.dense = state[0]
+        self.hidden_size = state[1]
+        self.num_layers = state[2]
+        self.bidirectional = state[3]
+        self.has_biases = state[4]
+        self.weights = weights
+        self.biases = biases
+        self.sources = sources_of(state[0])
+
+
+def run_native(packs: NativePacks, input: Tensor, batch_sizes: Optional[Tensor], hx: Optional[Tuple[Tensor, Tensor]],
+               batch_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The kernel through the dispatcher, for TorchScript (the Python path calls the module's ``Packs``
+    directly, which skips the dispatcher's microseconds). Arguments as ``Packs.forward`` takes them."""
+    h0: Optional[Tensor] = None
+    c0: Optional[Tensor] = None
+    if hx is not None:
+        h0, c0 = hx[0], hx[1]
+    return torch.ops.lstmopt.lstm(input, batch_sizes, h0, c0, packs.weights, packs.biases, packs.hidden_size,
+                                  packs.bidirectional, batch_first)

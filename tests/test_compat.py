@@ -1,0 +1,57 @@
+"""Artifacts written before the package layout changed still load and compute what they did.
+
+``tests/data/forecaster-main-78d9f1b.*`` were written by lstmopt at commit 78d9f1b (flat modules:
+``lstmopt.packed.PackedLSTM``, ``lstmopt.packing.PackedLayer``, ``lstmopt.native``); a pickle names those
+paths, so they must keep resolving, to the very classes lstmopt uses now.
+"""
+
+import pickletools
+import zipfile
+
+import pytest
+import torch
+
+from conftest import ROOT, needs_native
+
+DATA = ROOT / "tests" / "data"
+EXPECTED = torch.load(DATA / "forecaster-main-78d9f1b.expected.pt", weights_only=True)
+
+
+def _globals(path):
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    return {arg for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+
+
+@pytest.mark.parametrize("name", ["pickle", pytest.param("native.pickle", marks=needs_native)])
+def test_a_pickled_artifact_of_the_flat_layout_loads_and_computes_the_same(name):
+    from lstmopt.modules.lstm import PackedLSTM
+
+    path = DATA / f"forecaster-main-78d9f1b.{name}.pt"
+    assert {"lstmopt.packed PackedLSTM", "lstmopt.packing PackedLayer"} <= _globals(path)  # the old paths it names
+    model = torch.load(path, weights_only=False)
+    assert all(type(m) is PackedLSTM for m in (model.encoder, model.decoder))
+    with torch.no_grad():
+        output = model(EXPECTED["input"])
+    tolerance = dict(atol=0, rtol=0) if name == "pickle" else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output, EXPECTED["output"], **tolerance)
+    if name == "native.pickle":
+        assert model.encoder.kernel == "native"  # and it runs the kernel it was written with
+
+
+def test_a_torchscript_artifact_of_the_flat_layout_loads_with_torch_alone():
+    model = torch.jit.load(str(DATA / "forecaster-main-78d9f1b.torchscript.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(EXPECTED["input"]), EXPECTED["output"], atol=0, rtol=0)
+
+
+def test_the_old_import_paths_and_load_line_are_the_new_modules():
+    import lstmopt.kernels.native
+    import lstmopt.modules.lstm
+    import lstmopt.modules.packs
+    from lstmopt import native, packed, packing
+    from lstmopt.native import LOAD_LINE
+
+    assert (packed, packing, native) == (lstmopt.modules.lstm, lstmopt.modules.packs, lstmopt.kernels.native)
+    assert LOAD_LINE == "import lstmopt.native; lstmopt.native.load()"
+    exec(LOAD_LINE, {})
