@@ -1,7 +1,7 @@
 """lstmopt's numbers, every one measured side by side in one process and reported as ratios.
 
     python benchmarks/bench_lstm.py [--rounds 21] [--runs 3] [--threads N] [--onnxruntime] [--compile]
-                                    [--markdown] [--update-readme README.md]
+                                    [--markdown] [--update-readme docs/performance.md]
 
 1. Latency, fp32: eager nn.LSTM; lstmopt's default, bit-identical kernel (PackedLSTM, "onednn"); the bare op
    on the same packed weights (``torch.mkldnn_rnn_layer``, nothing checked: the floor for that kernel);
@@ -382,7 +382,7 @@ def main(argv=None):
     parser.add_argument("--onnxruntime", action="store_true", help="compare with ONNX Runtime (pip install onnxruntime)")
     parser.add_argument("--compile", action="store_true", help="time torch.compile and AOTInductor (minutes)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
-    parser.add_argument("--update-readme", type=Path, metavar="README",
+    parser.add_argument("--update-readme", type=Path, metavar="FILE",
                         help="replace the block between <!-- bench:start --> and <!-- bench:end --> with the tables")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""The README cannot drift from the code: its CLI reference, commands, exit codes, keys and examples."""
+"""The README and docs/ cannot drift from the code: the CLI reference, commands, exit codes, keys, examples."""
 
 import re
 import subprocess
@@ -9,10 +9,24 @@ from lstmopt import errors
 from lstmopt.job.config import _Job
 
 README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+
+
+def doc(name):
+    return (DOCS / name).read_text()
+
+
+def test_the_readme_is_short_and_every_doc_it_links_exists():
+    assert len(README.splitlines()) <= 250
+    for link in re.findall(r"\]\((docs/[\w.-]+)\)", README):
+        assert (ROOT / link).is_file(), link
+    for path in DOCS.glob("*.md"):
+        for link in re.findall(r"\]\(([\w.-]+\.md)\)", path.read_text()):
+            assert (DOCS / link).is_file(), f"{path.name} links {link}"
 
 
 def test_cli_reference_matches_every_commands_help():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "cli_reference.py"), "--check", str(ROOT / "README.md")],
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "cli_reference.py"), "--check", str(DOCS / "cli.md")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -25,23 +39,23 @@ def test_setup_is_two_commands_and_ci_runs_the_second():
 
 
 def test_benchmark_table_was_generated():
-    block = README.split("<!-- bench:start -->")[1].split("<!-- bench:end -->")[0]
+    block = doc("performance.md").split("<!-- bench:start -->")[1].split("<!-- bench:end -->")[0]
     assert "| 40,128,1,uni,1,1 |" in block and "bfloat16" in block and "resident memory" in block
 
 
 def test_every_exit_code_is_documented():
     codes = {cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and hasattr(cls, "exit_code")}
-    table = README.split("| exit code | meaning |")[1].split("\n\n")[0]
+    table = doc("ci.md").split("| exit code | meaning |")[1].split("\n\n")[0]
     documented = {int(c) for c in re.findall(r"^\| ([\d /]+) \|", table, re.M) for c in c.split("/")}
     assert codes | {0, 130, 143} <= documented
 
 
 def test_batch_job_keys_are_documented():
-    listed = set(re.findall(r"`(\w+)`", README.split("Job keys:")[1].split(".")[0]))
+    listed = set(re.findall(r"`(\w+)`", doc("batch.md").split("Job keys:")[1].split(".")[0]))
     assert listed == set(_Job.model_fields)
 
 
 def test_every_example_script_is_listed():
     scripts = {p.name for p in (ROOT / "examples").glob("*.py") if p.name != "common.py"}
-    listed = set(re.findall(r"^\| `(\w+\.py)` \|", README, re.M))
+    listed = set(re.findall(r"^\| `(\w+\.py)` \|", doc("usage.md"), re.M))
     assert scripts == listed

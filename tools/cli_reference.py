@@ -1,7 +1,7 @@
-"""Regenerate (or check) the README's CLI reference from the commands' own --help output.
+"""Regenerate (or check) the CLI reference (docs/cli.md) from the commands' own --help output.
 
-    python tools/cli_reference.py --write README.md   # after changing an option or its help
-    python tools/cli_reference.py --check README.md   # what tests/test_readme.py runs
+    python tools/cli_reference.py --write docs/cli.md   # after changing an option or its help
+    python tools/cli_reference.py --check docs/cli.md   # what tests/test_readme.py runs
 """
 
 import argparse
@@ -34,8 +34,8 @@ def render() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--write", type=Path, metavar="README")
-    action.add_argument("--check", type=Path, metavar="README")
+    action.add_argument("--write", type=Path, metavar="FILE")
+    action.add_argument("--check", type=Path, metavar="FILE")
     args = parser.parse_args(argv)
     path = args.write or args.check
     readme = path.read_text()
