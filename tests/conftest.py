@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import subprocess
@@ -50,3 +51,64 @@ def run_python_json(code: str, **kwargs):
     proc = run_python(code, **kwargs)
     assert proc.returncode == 0, f"subprocess died with {proc.returncode}:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class KernelCalls(dict):
+    """How many times each fast path served a call while counting: ``onednn`` (one per layer and
+    direction, on packed weights), ``cell``, ``native``, ``onednn_sequence``, ``native_sequence``, and
+    ``repack`` (packs made again). A test that claims a kernel ran or a repack happened asserts it here:
+    every fallback is nn.LSTM and gives the same results, so outputs alone cannot tell."""
+
+    def __missing__(self, key):
+        return 0
+
+
+@contextlib.contextmanager
+def counting_kernels():
+    """``with counting_kernels() as calls: ...``, then ``calls["onednn"]`` and so on (see ``KernelCalls``)."""
+    from lstmopt.modules import lstm as module
+
+    calls = KernelCalls()
+    op, run_cells, run_sequence = torch.mkldnn_rnn_layer, module.run_cells, module.run_onednn_sequence
+    run_native, repack, run_seq_method = PackedLSTM._run_native, PackedLSTM._repack, PackedLSTM._run_sequence
+
+    def onednn(*args):
+        assert args[1].is_mkldnn  # always on packed weights
+        calls["onednn"] += 1
+        return op(*args)
+
+    def cells(*args, **kwargs):
+        calls["cell"] += 1
+        return run_cells(*args, **kwargs)
+
+    def sequence(*args, **kwargs):
+        calls["onednn_sequence"] += 1
+        return run_sequence(*args, **kwargs)
+
+    def native_call(self, *args):
+        result = run_native(self, *args)
+        calls["native"] += result is not None
+        return result
+
+    def sequence_call(self, *args):
+        calls["native_sequence"] += self.sequence_kernel == "native"
+        return run_seq_method(self, *args)
+
+    def repacked(self, *args, **kwargs):
+        calls["repack"] += 1
+        return repack(self, *args, **kwargs)
+
+    torch.mkldnn_rnn_layer, module.run_cells, module.run_onednn_sequence = onednn, cells, sequence
+    PackedLSTM._run_native, PackedLSTM._repack, PackedLSTM._run_sequence = native_call, repacked, sequence_call
+    try:
+        yield calls
+    finally:
+        torch.mkldnn_rnn_layer, module.run_cells, module.run_onednn_sequence = op, run_cells, run_sequence
+        PackedLSTM._run_native, PackedLSTM._repack, PackedLSTM._run_sequence = run_native, repack, run_seq_method
+
+
+@pytest.fixture
+def kernel_calls():
+    """The calls each fast path served during the test (``counting_kernels``)."""
+    with counting_kernels() as calls:
+        yield calls

@@ -111,10 +111,23 @@ def test_errors_are_one_line_with_a_documented_exit_code(work, args, code, messa
     assert sorted(p.name for p in work.iterdir()) == ["inputs.pt", "tagger.pt", "tagger_full.pt"]
 
 
-@pytest.mark.skipif(os.getuid() == 0, reason="root writes to read-only directories")
-def test_a_read_only_report_directory_fails_before_any_work(work):
-    (work / "ro").mkdir()
-    (work / "ro").chmod(0o555)
+@pytest.fixture
+def read_only_dir(work):
+    """A directory nobody can create files in: mode 0555, and immutable where root runs the tests (root
+    ignores modes; chattr +i binds it too)."""
+    path = work / "ro"
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = os.getuid() == 0
+    if immutable and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root, and this file system has no immutable flag")
+    yield path
+    if immutable:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.chmod(0o755)
+
+
+def test_a_read_only_report_directory_fails_before_any_work(work, read_only_dir):
     result = invoke(*OPTIMIZE, "--report", "ro/r.json")
     assert result.exit_code == 2 and "cannot write the report ro/r.json" in result.stderr
     assert not (work / "out.pt").exists()
@@ -154,7 +167,7 @@ def test_an_internal_error_is_one_line_with_exit_1_and_a_traceback_only_with_deb
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(lstmopt.pipeline, "optimize_file", broken)
+    monkeypatch.setattr(lstmopt.job.pipeline, "optimize_file", broken)
     result = invoke(*OPTIMIZE)
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("error: internal error: ZeroDivisionError: a bug "

@@ -1,6 +1,7 @@
 """Every example script runs as a user would run it, and writes what it promises."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,8 @@ def test_example_runs(tmp_path, script):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert set(PRODUCES[script]) <= {p.name for p in tmp_path.iterdir()}
     if script == "streaming.py":
-        assert "every chunk's output identical" in proc.stdout and "faster" in proc.stdout
+        assert "every chunk's output identical" in proc.stdout
+        # the measured ratio, whatever it is on this machine (speed is the benchmark's business)
+        assert re.search(r"nn.LSTM \d+\.\d+ ms, lstmopt \d+\.\d+ ms -> \d+\.\d+x nn.LSTM's speed", proc.stdout)
     elif script != "save_models.py":
         assert "passed" in proc.stdout and "wrote" in proc.stdout

@@ -140,7 +140,7 @@ def test_a_wrong_lstm_is_caught_by_its_own_synthetic_inputs(tmp_path):
 def test_verification_failure_leaves_no_output(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(build_forecaster().state_dict(), "model.pt")
-    import lstmopt.verification as verification
+    import lstmopt.job.verification as verification
 
     real = verification.compare
     monkeypatch.setattr(verification, "compare", lambda name, e, a, atol, rtol: real(name, e, a + 1.0, atol, rtol))
@@ -236,7 +236,7 @@ def test_autotune_needs_inputs_and_approx_needs_autotune(tmp_path):
 
 
 def test_a_benchmark_that_shows_the_artifact_slower_says_so_and_names_the_lstms(tmp_path, monkeypatch):
-    import lstmopt.benchmarking as benchmarking
+    import lstmopt.job.benchmarking as benchmarking
     from lstmopt.job.benchmarking import Benchmark, LatencyCase
     from lstmopt.reporting.report import report_markdown
 

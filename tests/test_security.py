@@ -200,7 +200,7 @@ def test_the_verification_child_dies_with_its_parent(tmp_path):
 # --- the native library: loaded only if it is the file lstmopt compiled ---------------------------------
 
 from conftest import needs_native, run_python  # noqa: E402
-from lstmopt import native, native_build  # noqa: E402,F401
+from lstmopt.kernels import build as native_build, native  # noqa: E402
 
 LOAD = """
     import json
@@ -366,7 +366,7 @@ def test_verification_directories_left_in_tmpdir_by_killed_runs_are_removed(tmp_
 
 def test_a_temporary_directory_removed_during_verification_is_said_so_not_blamed_on_the_artifact(tmp_path, monkeypatch):
     from lstmopt import optimize
-    from lstmopt import verification
+    from lstmopt.job import verification
     from lstmopt.artifacts.writing import write_artifact
 
     model = build_tagger()

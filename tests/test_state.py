@@ -9,18 +9,22 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_same_result, lstm_pair, needs_bf16, run_python_json
+from conftest import assert_same_result, counting_kernels, lstm_pair, needs_bf16, run_python_json
 from lstmopt import PackedLSTM
 from lstmopt.modules.lstm import KERNELS
 
 CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(num_layers=3, bias=False, batch_first=True)]
 
 
-def check_equal(ref, packed, *, batch_first=False):
+def check_equal(ref, packed, *, batch_first=False, packed_kernel=True):
+    """``packed`` gives ``ref``'s exact result, served by the packed kernel (unless ``packed_kernel=False``);
+    returns what each fast path did (see ``conftest.KernelCalls``), repacks included."""
     dtype = ref.weight_ih_l0.dtype
     x = torch.randn(3, 6, ref.input_size, dtype=dtype) if batch_first else torch.randn(6, 3, ref.input_size, dtype=dtype)
-    with torch.no_grad():
+    with torch.no_grad(), counting_kernels() as calls:
         assert_same_result(ref(x), packed(x))
+    assert calls["onednn"] == (len(packed.packed_layers) if packed_kernel else 0), dict(calls)
+    return calls
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -45,14 +49,18 @@ def test_checkpoints_load_both_ways(config):
 def test_load_state_dict_repacks():
     ref, packed = lstm_pair(num_layers=2)
     other, _ = lstm_pair(num_layers=2, seed=7)
-    packed.load_state_dict(other.state_dict())
-    check_equal(other, packed)
+    with counting_kernels() as calls:
+        packed.load_state_dict(other.state_dict())
+    assert calls["repack"] == 1
+    assert check_equal(other, packed)["repack"] == 0  # packed already: the call finds them current
 
 
 def test_load_state_dict_with_assign_repacks():
     _, packed = lstm_pair(num_layers=2)
     other, _ = lstm_pair(num_layers=2, seed=7)
-    packed.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
+    with counting_kernels() as calls:
+        packed.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
+    assert calls["repack"] == 1  # once, at the end, not once per assigned parameter
     check_equal(other, packed)
     assert all(w is getattr(packed, n) for w, n in zip(packed._flat_weights, packed._flat_weights_names))
 
@@ -63,7 +71,7 @@ def test_in_place_edit_of_a_weight_takes_effect():
         for m in (ref, packed):
             m.weight_hh_l0_reverse.mul_(1.5)
             m.bias_ih_l0[:5] = 0.25
-    check_equal(ref, packed)
+    assert check_equal(ref, packed)["repack"] == 1  # noticed by the call, which packed again first
 
 
 def test_data_assignment_takes_effect():
@@ -71,15 +79,16 @@ def test_data_assignment_takes_effect():
     new = torch.randn_like(ref.weight_ih_l0)
     ref.weight_ih_l0.data = new.clone()
     packed.weight_ih_l0.data = new.clone()
-    check_equal(ref, packed)
+    assert check_equal(ref, packed)["repack"] == 1  # .data = moves the data without a version bump
 
 
 def test_reassigning_a_parameter_takes_effect_and_keeps_flat_weights_coherent():
     ref, packed = lstm_pair()
     new = torch.randn_like(ref.weight_hh_l0)
     ref.weight_hh_l0 = nn.Parameter(new.clone())
-    packed.weight_hh_l0 = nn.Parameter(new.clone())
-    assert packed._flat_weights[1] is packed.weight_hh_l0
+    with counting_kernels() as calls:
+        packed.weight_hh_l0 = nn.Parameter(new.clone())
+    assert calls["repack"] == 1 and packed._flat_weights[1] is packed.weight_hh_l0
     check_equal(ref, packed)
 
 
@@ -97,7 +106,7 @@ def test_to_float64_and_back_repacks():
     ref, packed = lstm_pair(num_layers=2)
     packed.double()
     assert packed.packed_dtype is None
-    check_equal(ref.double(), packed)
+    check_equal(ref.double(), packed, packed_kernel=False)
     packed.float()
     assert packed.packed_dtype == torch.float32
     check_equal(ref.float(), packed)
@@ -131,7 +140,7 @@ def test_an_optimizer_step_is_seen_by_the_next_call():
     packed.eval()
     trained = torch.nn.LSTM(12, 20).eval()
     trained.load_state_dict(packed.state_dict())
-    check_equal(trained, packed)
+    assert check_equal(trained, packed)["repack"] == 1
     assert not torch.equal(trained.weight_ih_l0, ref.weight_ih_l0)
 
 
