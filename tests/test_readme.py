@@ -59,3 +59,11 @@ def test_every_example_script_is_listed():
     scripts = {p.name for p in (ROOT / "examples").glob("*.py") if p.name != "common.py"}
     listed = set(re.findall(r"^\| `(\w+\.py)` \|", doc("usage.md"), re.M))
     assert scripts == listed
+
+
+def test_the_kernel_table_in_the_design_doc_is_the_one_in_the_code():
+    from lstmopt.kernels.table import markdown
+
+    block = re.search(r"<!-- kernel-table:start[^\n]*-->\n(.*?)<!-- kernel-table:end -->", doc("design.md"), re.S)
+    assert block and block.group(1) == markdown(), (
+        "docs/design.md's kernel table is out of date: paste lstmopt.kernels.table.markdown() between its markers")

@@ -13,6 +13,7 @@ from lstmopt.cli.options import (AtolOpt, CHECKS, DebugOpt, Dtype, DtypeOpt, Exa
                       Format, InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, RtolOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
 from lstmopt.cli.ui import UI
+from lstmopt.kernels.table import approximate_kernels_text
 
 
 @app.command(epilog="Example: `lstmopt optimize tagger.pt -o tagger.opt.pt --factory mymodels:build_tagger "
@@ -43,9 +44,8 @@ def optimize(
              "example inputs, and keep the fastest per LSTM.")] = False,
     approx: Annotated[bool, typer.Option(
         "--approx", rich_help_panel=CHECKS,
-        help="With --autotune, also consider the kernels within 1e-6 of nn.LSTM, not bit-identical: the "
-             "single-step cell kernel, lstmopt's native kernel (built on first use) and the PackedSequence "
-             "kernels. The default tolerance becomes 1e-6.")] = False,
+        help="With --autotune, also consider the kernels within 1e-6 of nn.LSTM, not bit-identical: "
+             f"{approximate_kernels_text()}. The default tolerance becomes 1e-6.")] = False,
     min_speedup: Annotated[Optional[float], typer.Option(
         "--min-speedup", metavar="X", rich_help_panel=CHECKS,
         help="Fail (exit 6) below this speedup: geometric mean over the inputs; implies --bench.")] = None,

@@ -30,9 +30,10 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmopt.kernels import native
+from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.guards import valid_for_kernel, valid_sequence
 from lstmopt.kernels.aten import LayerArgs, run_cells, run_onednn, run_onednn_sequence
-from lstmopt.kernels.native import NativePacks, run_native
+from lstmopt.kernels.native import NativePacks
 from lstmopt.kernels.tensor_versions import version_of
 from lstmopt.modules.packs import PackedLayer, packing_obstacle, tracked_copy, weights_obstacle
 from lstmopt.modules.scripted import ScriptedPaths
@@ -47,10 +48,11 @@ _grad_enabled = torch.is_grad_enabled
 _dynamo_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
-KERNELS = ("onednn", "cell", "native", "stock")
-SEQUENCE_KERNELS = ("stock", "onednn", "native")
-EXACT_KERNELS = ("onednn", "stock")  # for tensors
-EXACT_SEQUENCE_KERNELS = ("stock",)
+# Names from the kernel table (lstmopt.kernels.table), which says what each serves and needs.
+KERNELS = kernel_table.names(kernel_table.TENSOR)
+SEQUENCE_KERNELS = kernel_table.names(kernel_table.SEQUENCE)
+EXACT_KERNELS = kernel_table.names(kernel_table.TENSOR, exact_only=True)
+EXACT_SEQUENCE_KERNELS = kernel_table.names(kernel_table.SEQUENCE, exact_only=True)
 
 
 class PackedLSTM(ScriptedPaths, nn.LSTM):
@@ -120,8 +122,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
 
     def _init_packing(self, io_dtype: Optional[torch.dtype]) -> None:
         self.io_dtype = io_dtype
-        self.kernel = "onednn"
-        self.sequence_kernel = "stock"
+        self.kernel = kernel_table.default(kernel_table.TENSOR)
+        self.sequence_kernel = kernel_table.default(kernel_table.SEQUENCE)
         self.packed_dtype = None
         self.kernel_dtype = None
         self.sequence_dtype = None
@@ -188,7 +190,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
                 self.kernel = "onednn" if self.kernel == "native" else self.kernel
                 self.sequence_kernel = "onednn" if self.sequence_kernel == "native" else self.sequence_kernel
             shapes_ok = [tuple(w.shape) for w in weights] == self._expected_shapes()  # else out-of-bounds reads
-            reads_packs = self.kernel == "onednn" or self.sequence_kernel == "onednn"
+            reads_packs = (kernel_table.find(self.kernel, kernel_table.TENSOR).reads_packs
+                           or kernel_table.find(self.sequence_kernel, kernel_table.SEQUENCE).reads_packs)
             obstacle = weights_obstacle(weights) if reads_packs else "no kernel in use reads packs"
             if obstacle is None and not shapes_ok:
                 obstacle = "weights were replaced by tensors of other shapes"
@@ -503,102 +506,6 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
             return False
         return dtype == io_dtype and io_dtype != weight_dtype
 
-    # The scripted forward reads the parameters by name, never through _flat_weights: torch.jit.freeze
-    # refuses a module whose forward reads two attributes that share memory.
-
-    def _scripted_tensor(
-        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]
-    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        weights = self._weights_by_name()
-        weight_dtype = weights[0].dtype
-        if self._casts_at_boundary(input.dtype, weight_dtype):
-            output, hidden = self._scripted_forward_tensor(input.to(weight_dtype), _cast_hidden(hx, weight_dtype),
-                                                           weights)
-            return output.to(input.dtype), (hidden[0].to(input.dtype), hidden[1].to(input.dtype))
-        return self._scripted_forward_tensor(input, hx, weights)
-
-    def _scripted_sequence(
-        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]
-    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
-        weights = self._weights_by_name()
-        weight_dtype = weights[0].dtype
-        data = input.data
-        if self._casts_at_boundary(data.dtype, weight_dtype):
-            cast = PackedSequence(data.to(weight_dtype), input.batch_sizes, input.sorted_indices,
-                                  input.unsorted_indices)
-            out, hidden = self._scripted_forward_sequence(cast, _cast_hidden(hx, weight_dtype), weights)
-            out = PackedSequence(out.data.to(data.dtype), out.batch_sizes, out.sorted_indices,
-                                 out.unsorted_indices)
-            return out, (hidden[0].to(data.dtype), hidden[1].to(data.dtype))
-        return self._scripted_forward_sequence(input, hx, weights)
-
-    def _scripted_forward_sequence(
-        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
-    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
-        if (
-            self.sequence_dtype is not None
-            and not self.training
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_cpu_enabled()
-            and valid_sequence(input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx,
-                               self.sequence_dtype, self.input_size, self.hidden_size,
-                               self.num_layers * (2 if self.bidirectional else 1))
-        ):
-            sorted_hx = hx
-            if hx is not None:
-                sorted_hx = self.permute_hidden(hx, input.sorted_indices)
-            if hasattr(self, "native_packs"):
-                if self.sequence_kernel == "native" and self.native_packs.is_current(weights):
-                    output, h_n, c_n = run_native(self.native_packs, input.data, input.batch_sizes, sorted_hx, False)
-                    return self._sequence_result(input, output, h_n, c_n)
-            if self.sequence_kernel == "onednn" and self._scripted_packs_current(weights):
-                output, h_n, c_n = run_onednn_sequence(input.data, input.batch_sizes, sorted_hx,
-                                                       self._scripted_layers(), self.hidden_size, self.bidirectional,
-                                                       self.bias)
-                return self._sequence_result(input, output, h_n, c_n)
-        return self._stock_packed_sequence(input, hx, weights)
-
-    def _scripted_layers(self) -> List[LayerArgs]:
-        layers: List[LayerArgs] = []
-        for layer in self.packed_layers:
-            packs = layer.packs
-            assert packs is not None  # _scripted_packs_current checked it
-            layers.append((packs.packed_ih, packs.packed_hh, packs.bias_ih, packs.bias_hh, layer.reverse))
-        return layers
-
-    def _scripted_bias(self, weights: List[Tensor], index: int) -> Tensor:
-        return weights[index].detach() if self.bias else torch.empty(0, dtype=weights[0].dtype)
-
-    def _scripted_packs_current(self, weights: List[Tensor]) -> bool:
-        per_layer = len(weights) // len(self.packed_layers)
-        for i, layer in enumerate(self.packed_layers):
-            first = i * per_layer
-            if not layer.is_current([weights[first], weights[first + 1], self._scripted_bias(weights, first + 2),
-                                     self._scripted_bias(weights, first + 3)]):
-                return False
-        return True
-
-    def _scripted_forward_tensor(
-        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
-    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        if (
-            not self.training
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_cpu_enabled()
-            and self._valid(input, hx)
-        ):
-            if hasattr(self, "native_packs"):
-                if self.kernel == "native" and self.native_packs.is_current(weights):
-                    output, h_n, c_n = run_native(self.native_packs, input, None, hx, self.batch_first)
-                    return output, (h_n, c_n)
-            if self.kernel == "onednn" and self._scripted_packs_current(weights):
-                return run_onednn(input, hx, self._scripted_layers(), self.hidden_size, self.bidirectional,
-                                  self.batch_first, self.bias)
-            if self.kernel == "cell":
-                return run_cells(input, hx, weights, self.input_size, self.hidden_size, self.num_layers,
-                                 self.bidirectional, self.batch_first, self.bias)
-        return self._stock_tensor(input, hx, weights)
-
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", kernel={self.kernel}"
         if self.sequence_kernel != "stock":
@@ -621,11 +528,3 @@ def _dtype_of(input) -> Optional[torch.dtype]:
     if isinstance(input, PackedSequence):
         return input.data.dtype
     return None
-
-
-def _cast_hidden(
-    hx: Optional[Tuple[Tensor, Tensor]], dtype: torch.dtype
-) -> Optional[Tuple[Tensor, Tensor]]:
-    if hx is None:
-        return None
-    return (hx[0].to(dtype), hx[1].to(dtype))

@@ -1,8 +1,9 @@
-"""What a scripted ``PackedLSTM`` runs where Python code would do something TorchScript cannot.
+"""The TorchScript mirror of ``PackedLSTM``'s dispatch: what a scripted (or loaded) ``PackedLSTM`` runs.
 
-TorchScript cannot call ``super().forward`` (nn.LSTM's own path), nor read an attribute by a computed name.
-``ScriptedPaths`` supplies both: the two branches of nn.LSTM.forward (tensor and PackedSequence) on given
-weights, and ``_weights_by_name``, which reads the parameters by their literal names. That matters after
+The Python dispatch (``modules/lstm.py``) cannot be scripted: it reads data pointers, holds a lock and calls
+``super().forward``. ``ScriptedPaths`` is its scripted counterpart: the same guard and kernels
+(``_scripted_tensor``, ``_scripted_sequence``), the two branches of nn.LSTM.forward on given weights as the
+fallback, and ``_weights_by_name``, which reads the parameters by their literal names. That matters after
 ``torch.jit.load``: a loaded archive gives each reference to a tensor its own version counter, so only the
 parameters themselves see the in-place copy of a ``load_state_dict``.
 """
@@ -13,6 +14,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence
+
+from lstmopt.kernels.aten import LayerArgs, run_cells, run_onednn, run_onednn_sequence
+from lstmopt.kernels.native import run_native
+from lstmopt.modules.guards import valid_sequence
 
 __all__ = ["MAX_SCRIPTED_LAYERS", "ScriptedPaths"]
 
@@ -49,6 +54,102 @@ class ScriptedPaths:
     """Mixed into ``PackedLSTM``; only its scripted forward calls these."""
 
     _weights_by_name = _compile_weights_by_name()
+
+    # The scripted forward reads the parameters by name, never through _flat_weights: torch.jit.freeze
+    # refuses a module whose forward reads two attributes that share memory.
+
+    def _scripted_tensor(
+        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        weights = self._weights_by_name()
+        weight_dtype = weights[0].dtype
+        if self._casts_at_boundary(input.dtype, weight_dtype):
+            output, hidden = self._scripted_forward_tensor(input.to(weight_dtype), _cast_hidden(hx, weight_dtype),
+                                                           weights)
+            return output.to(input.dtype), (hidden[0].to(input.dtype), hidden[1].to(input.dtype))
+        return self._scripted_forward_tensor(input, hx, weights)
+
+    def _scripted_sequence(
+        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]
+    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        weights = self._weights_by_name()
+        weight_dtype = weights[0].dtype
+        data = input.data
+        if self._casts_at_boundary(data.dtype, weight_dtype):
+            cast = PackedSequence(data.to(weight_dtype), input.batch_sizes, input.sorted_indices,
+                                  input.unsorted_indices)
+            out, hidden = self._scripted_forward_sequence(cast, _cast_hidden(hx, weight_dtype), weights)
+            out = PackedSequence(out.data.to(data.dtype), out.batch_sizes, out.sorted_indices,
+                                 out.unsorted_indices)
+            return out, (hidden[0].to(data.dtype), hidden[1].to(data.dtype))
+        return self._scripted_forward_sequence(input, hx, weights)
+
+    def _scripted_forward_sequence(
+        self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
+    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        if (
+            self.sequence_dtype is not None
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_cpu_enabled()
+            and valid_sequence(input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx,
+                               self.sequence_dtype, self.input_size, self.hidden_size,
+                               self.num_layers * (2 if self.bidirectional else 1))
+        ):
+            sorted_hx = hx
+            if hx is not None:
+                sorted_hx = self.permute_hidden(hx, input.sorted_indices)
+            if hasattr(self, "native_packs"):
+                if self.sequence_kernel == "native" and self.native_packs.is_current(weights):
+                    output, h_n, c_n = run_native(self.native_packs, input.data, input.batch_sizes, sorted_hx, False)
+                    return self._sequence_result(input, output, h_n, c_n)
+            if self.sequence_kernel == "onednn" and self._scripted_packs_current(weights):
+                output, h_n, c_n = run_onednn_sequence(input.data, input.batch_sizes, sorted_hx,
+                                                       self._scripted_layers(), self.hidden_size, self.bidirectional,
+                                                       self.bias)
+                return self._sequence_result(input, output, h_n, c_n)
+        return self._stock_packed_sequence(input, hx, weights)
+
+    def _scripted_layers(self) -> List[LayerArgs]:
+        layers: List[LayerArgs] = []
+        for layer in self.packed_layers:
+            packs = layer.packs
+            assert packs is not None  # _scripted_packs_current checked it
+            layers.append((packs.packed_ih, packs.packed_hh, packs.bias_ih, packs.bias_hh, layer.reverse))
+        return layers
+
+    def _scripted_bias(self, weights: List[Tensor], index: int) -> Tensor:
+        return weights[index].detach() if self.bias else torch.empty(0, dtype=weights[0].dtype)
+
+    def _scripted_packs_current(self, weights: List[Tensor]) -> bool:
+        per_layer = len(weights) // len(self.packed_layers)
+        for i, layer in enumerate(self.packed_layers):
+            first = i * per_layer
+            if not layer.is_current([weights[first], weights[first + 1], self._scripted_bias(weights, first + 2),
+                                     self._scripted_bias(weights, first + 3)]):
+                return False
+        return True
+
+    def _scripted_forward_tensor(
+        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        if (
+            not self.training
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_cpu_enabled()
+            and self._valid(input, hx)
+        ):
+            if hasattr(self, "native_packs"):
+                if self.kernel == "native" and self.native_packs.is_current(weights):
+                    output, h_n, c_n = run_native(self.native_packs, input, None, hx, self.batch_first)
+                    return output, (h_n, c_n)
+            if self.kernel == "onednn" and self._scripted_packs_current(weights):
+                return run_onednn(input, hx, self._scripted_layers(), self.hidden_size, self.bidirectional,
+                                  self.batch_first, self.bias)
+            if self.kernel == "cell":
+                return run_cells(input, hx, weights, self.input_size, self.hidden_size, self.num_layers,
+                                 self.bidirectional, self.batch_first, self.bias)
+        return self._stock_tensor(input, hx, weights)
 
     def _stock_tensor(
         self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
@@ -108,3 +209,11 @@ class ScriptedPaths:
                           self.dropout, self.training, self.bidirectional)
         output = PackedSequence(result[0], batch_sizes, input.sorted_indices, input.unsorted_indices)
         return output, self.permute_hidden((result[1], result[2]), input.unsorted_indices)
+
+
+def _cast_hidden(
+    hx: Optional[Tuple[Tensor, Tensor]], dtype: torch.dtype
+) -> Optional[Tuple[Tensor, Tensor]]:
+    if hx is None:
+        return None
+    return (hx[0].to(dtype), hx[1].to(dtype))

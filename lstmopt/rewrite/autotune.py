@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmopt.kernels import native
+from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import tracked_copy
 from lstmopt.rewrite.timing import interleaved_medians
@@ -141,11 +142,13 @@ def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool
         def switch(variant, kernel):
             variant.use_kernel(sequence_kernel=kernel)
         allowed_exact = EXACT_SEQUENCE_KERNELS
+    kind = kernel_table.TENSOR if inputs == "tensor" else kernel_table.SEQUENCE
+    facts = {name: kernel_table.find(name, kind) for name in candidates}
     if weights_dtype != torch.float32:
-        candidates = [k for k in candidates if k not in ("cell", "native")]  # fp32 only
-    if "native" in candidates and not native.load():
-        candidates.remove("native")  # no compiler here: load() said so
-    if not packable and "onednn" in candidates:
-        candidates.remove("onednn")  # nothing to pack (a dtype or device the op does not take)
+        candidates = [k for k in candidates if not facts[k].fp32_only]
+    if any(facts[k].native for k in candidates) and not native.load():
+        candidates = [k for k in candidates if not facts[k].native]  # no compiler here: load() said so
+    if not packable:
+        candidates = [k for k in candidates if not facts[k].reads_packs]  # nothing to pack (dtype, device)
     best, totals = _fastest(module, calls, candidates, switch, rounds, round_s)
     return KernelChoice(name, inputs, best, best in allowed_exact, totals, sum(count for _, count in calls))

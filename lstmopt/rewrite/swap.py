@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lstmopt.errors import UnsupportedError
+from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import PACKABLE_DTYPES, bf16_supported, packing_obstacle, tracked_copy
 
@@ -95,8 +96,8 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
         batch_first=lstm.batch_first, proj_size=lstm.proj_size, dtype=_dtype_name(found),
         packed=packed, packed_dtype=_dtype_name(target) if packed else None,
         exact=not packed or (target == found and kernels_are_exact(kernel, sequence_kernel)), reason=reason,
-        kernel=(kernel or "onednn") if packed else None, autotune_ms=autotune_ms,
-        sequence_kernel=(sequence_kernel or "stock") if packed else None, sequence_autotune_ms=sequence_autotune_ms,
+        kernel=(kernel or kernel_table.default(kernel_table.TENSOR)) if packed else None, autotune_ms=autotune_ms,
+        sequence_kernel=(sequence_kernel or kernel_table.default(kernel_table.SEQUENCE)) if packed else None, sequence_autotune_ms=sequence_autotune_ms,
     )
 
 
@@ -157,23 +158,17 @@ def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[De
                                sequence_kernel=module.sequence_kernel,
                                sequence_autotune_ms=module.sequence_autotune_ms,
                                exact=decision.exact and kernels_are_exact(module.kernel, module.sequence_kernel))
-            notes = [_KERNEL_NOTES[module.kernel]] if module.kernel in _KERNEL_NOTES else []
-            if module.sequence_kernel in _SEQUENCE_KERNEL_NOTES:
-                notes.append(_SEQUENCE_KERNEL_NOTES[module.sequence_kernel])
+            notes = [_note(kernel_table.find(module.kernel, kernel_table.TENSOR)),
+                     _note(kernel_table.find(module.sequence_kernel, kernel_table.SEQUENCE))]
+            notes = [note for note in notes if note]
             if notes:
                 decision = replace(decision, reason="autotune: " + "; ".join(notes))
         updated.append(decision)
     return updated
 
 
-_KERNEL_NOTES = {
-    "cell": "single steps through aten.lstm_cell measured fastest; within 1e-6 of nn.LSTM, not bit-identical",
-    "native": "lstmopt's native kernel measured fastest; within 1e-6 of nn.LSTM, not bit-identical",
-    "stock": "nn.LSTM itself measured fastest on these inputs",
-}
-_SEQUENCE_KERNEL_NOTES = {
-    "onednn": "PackedSequences through the oneDNN op on padded runs measured fastest; within 1e-6 of nn.LSTM, "
-              "not bit-identical",
-    "native": "PackedSequences through lstmopt's native kernel measured fastest; within 1e-6 of nn.LSTM, "
-              "not bit-identical",
-}
+def _note(kernel: kernel_table.Kernel) -> Optional[str]:
+    """Why autotune picked ``kernel`` over the default, in the words of the LSTMs table; None for the default."""
+    if kernel.default or not kernel.chosen_because:
+        return None
+    return kernel.chosen_because + ("" if kernel.exact else "; within 1e-6 of nn.LSTM, not bit-identical")

@@ -1,0 +1,84 @@
+"""Every kernel a ``PackedLSTM`` can run, declared once.
+
+Dispatch (which kernels read packs or need the native library), autotune (the candidates, exact or not),
+the rewrite's reasons, the reports, the CLI help and ``docs/design.md`` (``tools/kernel_table.py``) all
+read this table. A new kernel is one entry here plus its code in ``kernels/`` and its branch in the
+module's dispatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["Kernel", "SEQUENCE", "TENSOR", "TABLE", "approximate_kernels_text", "default", "find", "markdown", "names"]
+
+TENSOR, SEQUENCE = "tensors", "PackedSequences"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    inputs: str  # TENSOR or SEQUENCE
+    exact: bool  # bit-identical to nn.LSTM (else within the approximate-kernel tolerance)
+    default: bool  # what a PackedLSTM runs until autotune says otherwise
+    fp32_only: bool  # else also the packed dtype (bf16)
+    reads_packs: bool  # the oneDNN packs must be kept while it is in use
+    native: bool  # needs lstmopt's native library
+    what: str  # one line for docs and help
+    chosen_because: Optional[str] = None  # autotune's reason when it picks this kernel over the default
+
+
+TABLE = (
+    Kernel("onednn", TENSOR, exact=True, default=True, fp32_only=False, reads_packs=True, native=False,
+           what="the packed oneDNN op, one aten.mkldnn_rnn_layer per layer and direction"),
+    Kernel("cell", TENSOR, exact=False, default=False, fp32_only=True, reads_packs=False, native=False,
+           what="one aten.lstm_cell per layer, for single-step calls",
+           chosen_because="single steps through aten.lstm_cell measured fastest"),
+    Kernel("native", TENSOR, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
+           what="lstmopt's native kernel: the whole call in one native call",
+           chosen_because="lstmopt's native kernel measured fastest"),
+    Kernel("stock", TENSOR, exact=True, default=False, fp32_only=False, reads_packs=False, native=False,
+           what="nn.LSTM itself", chosen_because="nn.LSTM itself measured fastest on these inputs"),
+    Kernel("stock", SEQUENCE, exact=True, default=True, fp32_only=False, reads_packs=False, native=False,
+           what="nn.LSTM's own path, as eager runs PackedSequences"),
+    Kernel("onednn", SEQUENCE, exact=False, default=False, fp32_only=False, reads_packs=True, native=False,
+           what="the packed oneDNN op on each run of equal-length steps",
+           chosen_because="PackedSequences through the oneDNN op on padded runs measured fastest"),
+    Kernel("native", SEQUENCE, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
+           what="lstmopt's native kernel on the packed rows",
+           chosen_because="PackedSequences through lstmopt's native kernel measured fastest"),
+)
+
+
+def names(inputs: str, *, exact_only: bool = False) -> tuple[str, ...]:
+    """The kernels for ``inputs`` (``TENSOR`` or ``SEQUENCE``), in autotune's order."""
+    return tuple(k.name for k in TABLE if k.inputs == inputs and (k.exact or not exact_only))
+
+
+def find(name: str, inputs: str) -> Kernel:
+    for kernel in TABLE:
+        if kernel.name == name and kernel.inputs == inputs:
+            return kernel
+    raise KeyError(f"no kernel {name!r} for {inputs}")
+
+
+def default(inputs: str) -> str:
+    return next(k.name for k in TABLE if k.inputs == inputs and k.default)
+
+
+def approximate_kernels_text() -> str:
+    """The approximate kernels in words, for the CLI help: "the cell kernel (for tensors), ..."."""
+    return ", ".join(f"{k.name} ({k.inputs})" for k in TABLE if not k.exact)
+
+
+def markdown() -> str:
+    """The table as docs/design.md shows it (between its kernel-table markers)."""
+    rows = ["| kernel | for | chosen | results | what it is |", "|---|---|---|---|---|"]
+    for k in TABLE:
+        chosen = "by default" if k.default else ("by autotune" if k.exact else "by autotune with `--approx`")
+        needs = ", fp32" if k.fp32_only else ""
+        needs += ", needs the native library" if k.native else ""
+        results = "bit-identical to `nn.LSTM`" if k.exact else "within 1e-6 of `nn.LSTM`"
+        rows.append(f"| `{k.name}` | {k.inputs}{needs} | {chosen} | {results} | {k.what} |")
+    return "\n".join(rows) + "\n"
