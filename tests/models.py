@@ -166,3 +166,68 @@ class BranchesOnLength(nn.Module):
 def build_branches_on_length() -> BranchesOnLength:
     torch.manual_seed(0)
     return BranchesOnLength()
+
+
+class RolledDecoder(nn.Module):
+    """An encoder LSTM, then a decoder LSTM rolled in a Python loop with its state carried; unscriptable
+    (``_`` is a tensor, then a loop counter). Scripting it compiles the LSTMs before it fails."""
+
+    def __init__(self, features: int = 7, hidden: int = 16, horizon: int = 5):
+        super().__init__()
+        self.encoder = nn.LSTM(features, hidden, batch_first=True)
+        self.decoder = nn.LSTM(1, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+        self.horizon = horizon
+
+    def forward(self, x):
+        _, state = self.encoder(x)
+        y = x[:, -1:, :1]
+        outputs = []
+        for _ in range(self.horizon):
+            out, state = self.decoder(y, state)
+            y = self.head(out)
+            outputs.append(y)
+        return torch.cat(outputs, 1)
+
+
+class FlatteningWrapper(nn.Module):
+    """As speechbrain's and asteroid's LSTM wrappers do: ``flatten_parameters()`` in forward, here in code
+    that cannot be scripted (``**kwargs``), so it is traced around a scripted LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(7, 16, batch_first=True)
+
+    def forward(self, x, **kwargs):
+        self.rnn.flatten_parameters()
+        out, _ = self.rnn(x)
+        return out
+
+
+def build_rolled_decoder() -> RolledDecoder:
+    torch.manual_seed(0)
+    return RolledDecoder()
+
+
+def build_flattening_wrapper() -> FlatteningWrapper:
+    torch.manual_seed(0)
+    return FlatteningWrapper()
+
+
+def build_lightning_forecaster():
+    """A LightningModule, as pyannote's and neuralforecast's models are: its ``trainer`` raises when
+    read outside a Trainer, which TorchScript and the tracer do."""
+    import lightning
+
+    class LitForecaster(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(7, 16, batch_first=True)
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    return LitForecaster()

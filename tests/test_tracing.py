@@ -105,3 +105,39 @@ def test_the_cli_says_the_artifact_was_traced_and_why(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "(torchscript, traced," in result.stdout and "traced because the model's code is not scriptable" in result.stdout
     assert "frozen as they were on the example inputs" in result.stderr
+
+
+@pytest.mark.parametrize("factory, method", [("models:build_rolled_decoder", "traced"),
+                                             ("models:build_flattening_wrapper", "traced"),
+                                             ("models:build_lightning_forecaster", "scripted")])
+def test_real_world_model_code_gets_a_verified_torchscript_artifact(tmp_path, factory, method):
+    import importlib
+
+    module, _, name = factory.partition(":")
+    torch.save(getattr(importlib.import_module(module), name)().state_dict(), tmp_path / "m.pt")
+    report = optimize_file(OptimizeOptions(input=tmp_path / "m.pt", output=tmp_path / "m.ts.pt", factory=factory,
+                                           input_shape=(4, 30, 7)))
+    assert report.ok, report.error
+    assert report.artifact["method"] == method and report.verification["ok"]
+
+
+def test_a_scripted_packed_lstm_takes_flatten_parameters():
+    scripted = torch.jit.script(optimize(torch.nn.LSTM(3, 4)))
+    scripted.flatten_parameters()  # a no-op, as nn.LSTM's is on CPU
+
+
+def test_when_scripting_and_tracing_both_fail_the_error_keeps_both_reasons_and_suggests_pickle(tmp_path):
+    class Untraceable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(3, 4)
+
+        def forward(self, x, **kwargs):
+            out, _ = self.lstm(x)
+            return {"out": out, "note": object()}  # a trace cannot return a Python object
+
+    with pytest.raises(UsageError) as caught:
+        write_artifact(optimize(Untraceable()), tmp_path / "m.pt", format="torchscript", metadata={},
+                       samples=[(torch.randn(5, 2, 3),)])
+    message = str(caught.value)
+    assert "not scriptable" in message and "tracing it failed too" in message and "--format pickle" in message

@@ -38,6 +38,12 @@ class TracedLSTM(PackedLSTM):
             return PackedLSTM.forward(self, input, hx)
         return self._scripted_tensor(input, hx)
 
+    @torch.jit.export
+    def flatten_parameters(self) -> Tensor:  # type: ignore[override]
+        """A no-op, as on CPU; it returns an empty tensor because a trace records the call and a traced
+        call must return tensors (many wrappers call it in their forward, which is then traced)."""
+        return torch.empty(0)
+
 
 def _scripted_lstm(lstm: PackedLSTM) -> torch.jit.ScriptModule:
     entry = tracked_copy(lstm)
@@ -64,7 +70,7 @@ def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torc
             traced = torch.jit.trace(copy.eval(), tuple(example), check_trace=False, strict=False)
     except Exception as exc:
         message = " ".join(str(exc).split())
-        raise UsageError(f"tracing the model failed too: {type(exc).__name__}: {message[:300]}") from exc
+        raise UsageError(f"tracing it failed too ({type(exc).__name__}: {message[:300]})") from exc
     recorded = [name for name, module in model.named_modules() if id(copy.get_submodule(name)) in takes_sequences]
     return traced, recorded
 

@@ -17,6 +17,7 @@ the output only once complete: a full disk is a one-line error (``torch.jit.save
 process when a write fails).
 """
 
+import contextlib
 import io
 import json
 import os
@@ -32,6 +33,7 @@ from lstmopt.choices import FORMATS
 from lstmopt.errors import UsageError
 from lstmopt.artifacts.files import atomic_path, check_output_path, write_bytes
 from lstmopt.artifacts.metadata import METADATA_NAME, read_metadata
+from lstmopt.modules.packs import tracked_copy
 
 __all__ = ["FORMATS", "METADATA_NAME", "native_lstms", "read_metadata", "save_artifact", "script", "to_torchscript",
            "write_artifact"]
@@ -118,17 +120,43 @@ def to_torchscript(model, samples: Sequence[tuple] = ()) -> Tuple[torch.jit.Scri
     """The model as TorchScript: scripted when its code allows, else traced on ``samples[0]`` with every
     LSTM scripted (see ``lstmopt.artifacts.tracing``); and how, ``{"method": "scripted" | "traced", "reason"}`` (a
     trace also lists ``lstms_traced_as_ops``: those fed PackedSequences, recorded as nn.LSTM's own op)."""
+    model = prepare_for_inference(model)
+    with _scripting_flags(model):
+        return _script_or_trace(model, samples)
+
+
+@contextlib.contextmanager
+def _scripting_flags(model):
+    """Tell modules that guard attributes while not scripted that they are being scripted: a
+    LightningModule's ``trainer`` (which TorchScript and the tracer read) raises "not attached to a
+    Trainer" unless ``_jit_is_scripting`` is set, as Lightning's own ``to_torchscript`` sets it."""
+    owners = {cls for m in model.modules() for cls in type(m).__mro__ if "_jit_is_scripting" in vars(cls)}
+    saved = {cls: vars(cls)["_jit_is_scripting"] for cls in owners}
+    for cls in owners:
+        cls._jit_is_scripting = True
+    try:
+        yield
+    finally:
+        for cls, value in saved.items():
+            cls._jit_is_scripting = value
+
+
+def _script_or_trace(model, samples: Sequence[tuple]) -> Tuple[torch.jit.ScriptModule, dict]:
     from lstmopt.artifacts.tracing import trace_with_scripted_lstms
 
-    model = prepare_for_inference(model)
     try:
-        return script(model), {"method": "scripted", "reason": "the model's code is scriptable"}
+        # On a copy: a failed torch.jit.script leaves marks on the modules it compiled (``__overloads__``),
+        # which would make the trace below compile their scripted LSTMs without a forward.
+        return script(tracked_copy(model)), {"method": "scripted", "reason": "the model's code is scriptable"}
     except UsageError as exc:
         why = str(exc)
     if not samples:
         raise UsageError(f"{why}; to trace it instead, pass inputs to run it on (--example-inputs FILE or "
                          "--input-shape B,T,F), or write it with --format pickle")
-    traced, recorded = trace_with_scripted_lstms(model, samples[0])
+    try:
+        traced, recorded = trace_with_scripted_lstms(model, samples[0])
+    except UsageError as exc:
+        raise UsageError(f"{why}; {exc}; write it with --format pickle, which needs neither") from exc
     return traced, {"method": "traced", "reason": why, "lstms_traced_as_ops": recorded}
 
 

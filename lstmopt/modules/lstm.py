@@ -260,6 +260,13 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
             shapes += [(gates,), (gates,)] if self.bias else []
         return shapes
 
+    @torch.jit.export
+    def flatten_parameters(self) -> None:
+        """nn.LSTM's, a no-op on CPU (it compacts cuDNN's weight buffer). Exported, so that a scripted or
+        traced PackedLSTM takes the call many wrappers make in their forward."""
+        if not torch.jit.is_scripting():
+            nn.LSTM.flatten_parameters(self)
+
     def use_kernel(self, kernel: Optional[str] = None, *, sequence_kernel: Optional[str] = None) -> None:
         """Switch the kernel for tensors (``KERNELS``) and/or for PackedSequences (``SEQUENCE_KERNELS``); the
         packs are kept only while a kernel in use reads them."""
