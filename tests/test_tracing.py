@@ -141,3 +141,25 @@ def test_when_scripting_and_tracing_both_fail_the_error_keeps_both_reasons_and_s
                        samples=[(torch.randn(5, 2, 3),)])
     message = str(caught.value)
     assert "not scriptable" in message and "tracing it failed too" in message and "--format pickle" in message
+
+
+@pytest.mark.skipif(not __import__("conftest").NATIVE, reason="native kernel unavailable")
+def test_a_traced_lstm_fed_packed_sequences_is_reported_as_what_the_artifact_runs(tmp_path):
+    from lstmopt.artifacts.metadata import calls_lstmopt_ops
+
+    g = torch.Generator().manual_seed(0)
+    torch.save(build_unscriptable_tagger().state_dict(), tmp_path / "tagger.pt")
+    torch.save([(torch.randint(0, 50, (4, 11), generator=g), torch.tensor([11, 3, 7, 1]))], tmp_path / "in.pt")
+    report = optimize_file(OptimizeOptions(input=tmp_path / "tagger.pt", output=tmp_path / "t.ts.pt",
+                                           factory="models:build_unscriptable_tagger",
+                                           example_inputs=tmp_path / "in.pt", autotune=True, approx=True))
+    assert report.ok, report.error
+    assert report.artifact["lstms_traced_as_ops"] == ["lstm"]
+    (row,) = report.modules
+    assert (row["kernel"], row["sequence_kernel"], row["exact"]) == ("stock", "stock", True)
+    assert "traced as nn.LSTM's own op" in row["reason"]
+    assert report.verification["atol"] == 0  # it runs nn.LSTM's op: held to bit-identity
+    meta = read_metadata(tmp_path / "t.ts.pt")
+    assert meta["native_kernel"] == [] and meta["modules"][0]["sequence_kernel"] == "stock"
+    assert not calls_lstmopt_ops(tmp_path / "t.ts.pt")  # and it needs no library it does not use
+    assert not any("native kernel" in w for w in report.warnings)

@@ -60,7 +60,12 @@ def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torc
     takes_sequences = _lstms_given_packed_sequences(copy, example)
     scripted: dict[int, torch.jit.ScriptModule] = {}
     for name, module in list(copy.named_modules(remove_duplicate=False)):
-        if not isinstance(module, PackedLSTM) or not name or id(module) in takes_sequences:
+        if isinstance(module, PackedLSTM) and id(module) in takes_sequences:
+            # The trace records nn.LSTM's op for it: packs would be dead weight in the archive (and native
+            # ones would make it need lstmopt's library to load).
+            module.use_kernel("stock", sequence_kernel="stock")
+            continue
+        if not isinstance(module, PackedLSTM) or not name:
             continue
         parent_name, _, child = name.rpartition(".")
         replacement = scripted.setdefault(id(module), _scripted_lstm(module))  # shared LSTMs stay shared

@@ -60,6 +60,11 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
     buffer = io.BytesIO()
     if format == "torchscript":
         scripted, how = to_torchscript(model, samples)
+        ops = set(how.get("lstms_traced_as_ops", ()))
+        # What the archive runs: an LSTM a trace recorded as nn.LSTM's op uses none of its kernels.
+        metadata["native_kernel"] = [name for name in metadata["native_kernel"] if name not in ops]
+        if ops and "modules" in metadata:
+            metadata["modules"] = [dict(m, **TRACED_AS_OP) if m.get("name") in ops else m for m in metadata["modules"]]
         how["native_kernel"] = metadata["native_kernel"]
         metadata = {**metadata, "torchscript": how}
         torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: _json(metadata)})
@@ -71,6 +76,11 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
         how = {"method": "pickled", "reason": "--format pickle", "native_kernel": metadata["native_kernel"]}
     write_bytes(path, buffer.getbuffer())
     return how
+
+
+# How the LSTMs table and the report describe an LSTM that a trace recorded as nn.LSTM's own op.
+TRACED_AS_OP = {"kernel": "stock", "sequence_kernel": "stock", "exact": True,
+                "reason": "traced as nn.LSTM's own op: a trace cannot hand a PackedSequence to a scripted LSTM"}
 
 
 def native_kernel_note(lstms: Sequence[str], format: str) -> str:

@@ -13,7 +13,7 @@ import datetime as _dt
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -207,7 +207,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     from lstmopt.job.samples import samples_for
     from lstmopt.job.verification import default_tolerance, verify_artifact
     from lstmopt.artifacts.tracing import TRACING_CAVEAT
-    from lstmopt.artifacts.writing import native_kernel_note, save_artifact
+    from lstmopt.artifacts.writing import TRACED_AS_OP, native_kernel_note, save_artifact
 
     report.input = {"path": str(options.input), "factory": options.factory,
                     "factory_kwargs": options.factory_kwargs or None}
@@ -267,8 +267,13 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                 report.warnings.append(TRACING_CAVEAT)
             if how["native_kernel"]:
                 report.warnings.append(native_kernel_note(how["native_kernel"], options.format))
-            # An LSTM a trace recorded as nn.LSTM's op is no longer a module of its own in the archive.
-            lstms = [name for name in packed if name not in how.get("lstms_traced_as_ops", ())]
+            # An LSTM a trace recorded as nn.LSTM's op is no longer a module of its own in the archive, and
+            # runs none of lstmopt's kernels: the table and the report say so.
+            ops = set(how.get("lstms_traced_as_ops", ()))
+            lstms = [name for name in packed if name not in ops]
+            if ops:
+                decisions = [replace(d, **TRACED_AS_OP) if d.name in ops else d for d in decisions]
+                report.modules = [d.to_dict() for d in decisions]
         if options.verify:
             with step("verify"):
                 atol, rtol = default_tolerance(options.dtype, exact=all(d.exact for d in decisions))
