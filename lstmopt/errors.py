@@ -18,7 +18,7 @@ class UsageError(LstmoptError):
 
 
 class UntrustedPickleError(LstmoptError):
-    """The input is a pickled module, and loading it would run code from the file without ``--trust``."""
+    """Loading the file would run code from it (a pickled module, a TorchScript archive) without ``--trust``."""
 
     exit_code = 3
 

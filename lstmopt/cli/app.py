@@ -32,7 +32,7 @@ app = typer.Typer(
     name="lstmopt",
     help="Rewrite saved PyTorch models so their nn.LSTM layers run on weights packed once for oneDNN (CPU).",
     epilog="Example: `lstmopt demo`   |   Docs: README.md. Exit codes: 0 ok, 1 internal error, "
-           "2 bad usage or input, 3 untrusted pickle refused, 4 nothing to optimize (--require-lstm), "
+           "2 bad usage or input, 3 untrusted pickle or TorchScript refused (no --trust), 4 nothing to optimize (--require-lstm), "
            "5 verification failed, 6 speedup below --min-speedup, 130 interrupted (143 on SIGTERM).",
     no_args_is_help=True,
     add_completion=False,
