@@ -9,7 +9,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "lstmopt"
 # Lowest first: a module may import its own layer and the layers before it, never one after it.
 LAYERS = ["base", "kernels", "modules", "rewrite", "artifacts", "job", "reporting", "cli"]
-BASE = {"lstmopt", "lstmopt.errors", "lstmopt.choices", "lstmopt.environment", "lstmopt.demo"}
+BASE = {"lstmopt", "lstmopt.errors", "lstmopt.choices", "lstmopt.environment", "lstmopt.demo", "lstmopt.digest"}
 ALIASES = {"lstmopt.packed": "lstmopt.modules.lstm", "lstmopt.packing": "lstmopt.modules.packs",
            "lstmopt.native": "lstmopt.kernels.native"}
 

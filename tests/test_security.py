@@ -267,7 +267,7 @@ def test_a_cache_other_users_could_write_is_refused_in_one_line(tmp_path, attack
     root, library = _cache_copy(tmp_path)
     marker = tmp_path / "planted-ran"
     _planted_library(library, marker)
-    (library.parent / "manifest.json").write_text(json.dumps({"sha256": native_build._sha256(library)}))
+    (library.parent / "manifest.json").write_text(json.dumps({"sha256": native_build.sha256_file(library)}))
     given = root
     if attack == "group-writable cache":
         root.chmod(0o770)
@@ -293,7 +293,7 @@ def test_a_library_of_another_user_is_not_loaded_even_by_root(tmp_path):
     root, library = _cache_copy(tmp_path)
     marker = tmp_path / "planted-ran"
     _planted_library(library, marker)
-    (library.parent / "manifest.json").write_text(json.dumps({"sha256": native_build._sha256(library)}))
+    (library.parent / "manifest.json").write_text(json.dumps({"sha256": native_build.sha256_file(library)}))
     for path in (library, library.parent / "manifest.json"):
         os.chown(path, 65534, 65534)
     result = _load_with(root, compiler=False)

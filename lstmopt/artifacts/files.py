@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Tuple
 
+from lstmopt.digest import sha256_file
 from lstmopt.errors import UsageError
 
 __all__ = ["atomic_path", "atomic_write_text", "check_output_path", "check_paths", "private_temp_dir",
@@ -37,14 +37,6 @@ STALE_AFTER_S = 10.0
 # mkstemp creates files readable by the owner only; outputs get the permissions open() would give them.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_output_path(output: Path, *, force: bool, inputs: Tuple[Path, ...] = ()) -> Path:

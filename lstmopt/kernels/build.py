@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from lstmopt.digest import sha256_file
+
 __all__ = ["InsecureCacheError", "LOCK_TIMEOUT_S", "compile_library", "trusted_library"]
 
 MANIFEST = "manifest.json"
@@ -41,14 +42,6 @@ LOCK_TIMEOUT_S = 900.0  # a build takes about 30 s; a holder alive this long is 
 
 class InsecureCacheError(RuntimeError):
     """The cache could hold a file someone else put there: lstmopt neither loads nor builds there."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_owned_private(path: Path, what: str) -> None:
@@ -96,7 +89,7 @@ def _verified(library: Path) -> bool:
             return False
         with open(manifest, encoding="utf-8") as f:
             recorded = json.loads(f.read(4096))
-        return isinstance(recorded, dict) and recorded.get("sha256") == _sha256(library)
+        return isinstance(recorded, dict) and recorded.get("sha256") == sha256_file(library)
     except (OSError, ValueError):
         return False
 
@@ -137,7 +130,7 @@ def trusted_library(root: Path, name: str, build, *, lock_timeout: float = LOCK_
         try:
             built = scratch / library.name
             build(built)
-            digest = _sha256(built)
+            digest = sha256_file(built)
             os.chmod(built, 0o755)
             os.replace(built, library)
             (scratch / MANIFEST).write_text(json.dumps({"sha256": digest, "name": name}), encoding="utf-8")
