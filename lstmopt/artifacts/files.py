@@ -6,7 +6,8 @@
   held under an advisory lock (``flock``) while its run lives, so ``remove_stale_temp_files`` deletes only
   what a killed run left, never a concurrent run's file. ``private_temp_dir`` does the same for the
   directories under ``$TMPDIR``.
-- ``write_bytes``: a full disk or a vanished directory is a one-line ``UsageError``, never a crash.
+- ``write_bytes`` writes with Python's own I/O, so a full disk is an ``OSError`` that ``atomic_path`` turns
+  into a one-line ``UsageError``, never a crash inside a C++ writer.
 
 Nothing here imports torch, so the CLI can write reports without paying for it.
 """
@@ -45,15 +46,9 @@ def check_output_path(output: Path, *, force: bool, inputs: Tuple[Path, ...] = (
     for source in inputs:
         if source.exists() and output.exists() and os.path.samefile(source, output):
             raise UsageError(f"the output {output} is the input file; lstmopt never modifies its input")
-    if output.is_dir():
-        raise UsageError(f"the output {output} is a directory; give a file name")
-    if output.exists() and not force:
+    if output.exists() and not output.is_dir() and not force:
         raise UsageError(f"{output} exists; pass --force to replace it")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"cannot write {output}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write {output}: directory {parent} is not writable")
+    check_writable(output)
     return output
 
 
@@ -82,21 +77,22 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_writable(path: Path, what: str, *, create_dirs: bool = False) -> None:
+def check_writable(path: Path, what: str = "", *, create_dirs: bool = False) -> None:
     """``path`` can be written: not a directory, in an existing directory that takes a new file (or, with
     ``create_dirs``, below the nearest existing one, which must take a new directory)."""
     path = Path(path)
+    label = f"{what} {path}" if what else str(path)
     if path.is_dir():
-        raise UsageError(f"cannot write {what} {path}: it is a directory; give a file name")
+        raise UsageError(f"cannot write {label}: it is a directory; give a file name")
     parent = path.parent if str(path.parent) else Path(".")
     while create_dirs and not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"cannot write {what} {path}: {parent} does not exist or is not a directory")
+        raise UsageError(f"cannot write {label}: {parent} does not exist or is not a directory")
     try:  # os.access says yes to root on a read-only file system: try it
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}probe-", dir=parent)
     except OSError as exc:
-        raise UsageError(f"cannot write {what} {path}: directory {parent}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write {label}: directory {parent}: {exc.strerror or exc}") from None
     os.close(fd)
     os.unlink(probe)
 

@@ -18,8 +18,6 @@ import pickle
 import signal
 import sys
 
-EXIT_INTERRUPTED = 130
-
 
 class _Stop(KeyboardInterrupt):
     pass
@@ -43,7 +41,7 @@ def main(fd: int) -> None:
     hide_numpy_warning()
     import torch
 
-    from lstmopt.job.batch import up_to_date
+    from lstmopt.job.batch import EXIT_INTERRUPTED, up_to_date
     from lstmopt.artifacts.files import output_lock
     from lstmopt.job.pipeline import optimize_file
 

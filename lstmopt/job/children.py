@@ -9,11 +9,12 @@ the installed packages.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Callable, Optional
 
-__all__ = ["die_with_parent", "isolated_python", "preexec"]
+__all__ = ["die_with_parent", "in_installation", "isolated_python", "preexec"]
 
 
 def isolated_python(*args: str) -> list[str]:
@@ -32,3 +33,11 @@ def die_with_parent() -> None:
 def preexec() -> Optional[Callable[[], None]]:
     """``preexec_fn`` for ``subprocess``: ``die_with_parent`` where the kernel offers it (Linux)."""
     return die_with_parent if sys.platform.startswith("linux") else None
+
+
+def in_installation(path: str) -> bool:
+    """Whether ``path`` lies inside this Python installation (its prefixes: the standard library and the
+    installed packages), as opposed to the user's own code."""
+    real = os.path.realpath(path)
+    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    return any(real == root or real.startswith(root + os.sep) for root in roots)

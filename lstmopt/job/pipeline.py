@@ -313,8 +313,8 @@ def user_code(imported_before: set, factory: Optional[str] = None) -> dict:
     itself, from outside the Python installation and lstmopt. A batch output made with other code is
     out of date (``code_changed``)."""
     from lstmopt.artifacts.files import sha256_file
+    from lstmopt.job.children import in_installation
 
-    installed = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
     own = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep  # the lstmopt package
     names = set(sys.modules) - imported_before
     if factory:
@@ -326,7 +326,7 @@ def user_code(imported_before: set, factory: Optional[str] = None) -> dict:
         if not file:
             continue
         real = os.path.realpath(file)
-        if real.startswith(installed) or real.startswith(own) or not os.path.isfile(real):
+        if in_installation(real) or real.startswith(own) or not os.path.isfile(real):
             continue
         found[real] = sha256_file(Path(real))
     return dict(sorted(found.items()))

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lstmopt.job import verify_child
-from lstmopt.job.children import isolated_python, preexec
+from lstmopt.job.children import in_installation, isolated_python, preexec
 from lstmopt.errors import UsageError, VerificationError
 from lstmopt.artifacts.files import private_temp_dir, write_bytes
 from lstmopt.job.samples import Sample, describe
@@ -219,11 +219,10 @@ def verify_artifact(
 
 def _user_paths() -> list[str]:
     """The current directory and the import paths added to this interpreter beyond its installation."""
-    installed = {sys.prefix, sys.base_prefix, sys.exec_prefix}
     paths = [os.getcwd()]
     for entry in sys.path:
         entry = os.path.abspath(entry or ".")
-        if entry not in paths and not any(entry.startswith(root) for root in installed) and os.path.isdir(entry):
+        if entry not in paths and not in_installation(entry) and os.path.isdir(entry):
             paths.append(entry)
     return paths
 
