@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -380,3 +381,11 @@ def test_a_temporary_directory_removed_during_verification_is_said_so_not_blamed
     monkeypatch.setattr(verification.subprocess, "run", run_after_a_cleaner)
     with pytest.raises(UsageError, match="was removed while the artifact was being verified"):
         verification.verify_artifact(model, tmp_path / "a.pt", format="torchscript", samples=[], lstm_names=["lstm"])
+
+
+def test_a_cache_whose_parents_do_not_exist_yet_is_made_private_and_used(tmp_path):
+    # A fresh machine may have no ~/.cache at all.
+    root = tmp_path / "home" / ".cache" / "lstmopt"
+    library = native_build.trusted_library(root, "lib", lambda path: path.write_bytes(b"\x7fELF built"))
+    assert library.read_bytes() == b"\x7fELF built" and native_build._verified(library)
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700

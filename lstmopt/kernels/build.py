@@ -65,7 +65,10 @@ def _check_ancestors(path: Path) -> None:
             if stat.S_ISLNK(info.st_mode) and info.st_uid not in trusted:
                 raise InsecureCacheError(f"the cache path goes through {walked}, a symbolic link of another user")
     for parent in reversed(Path(os.path.realpath(path)).parents):
-        info = os.stat(parent)
+        try:
+            info = os.stat(parent)
+        except FileNotFoundError:  # made by mkdir next, inside a parent that passed this check
+            break
         if info.st_uid not in trusted:
             raise InsecureCacheError(f"the cache is inside {parent}, which belongs to another user (uid {info.st_uid})")
         if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
@@ -75,6 +78,7 @@ def _check_ancestors(path: Path) -> None:
 def _private_dir(path: Path, what: str) -> None:
     _check_ancestors(path)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_ancestors(path)
     _check_owned_private(path, what)
 
 
