@@ -25,12 +25,9 @@ timed block and a warm-up inside it, so that no variant is timed while another's
 """
 
 import argparse
-import io
-import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,12 +36,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lstmopt import PackedLSTM, native, optimize
 from lstmopt.modules.packs import bf16_supported
 from lstmopt.rewrite.timing import interleaved_medians
-from lstmopt.artifacts.writing import save_artifact
+from bench_support import (BIG, SPINNING_PEER, Streamer, Tagger, artifact, fastest, kernels, median,
+                           memory_and_conversion, ms, ort_session, table, us)
 
 # (input_size, hidden_size, layers, bidirectional, batch, steps)
 CONFIGS = [
@@ -61,10 +58,6 @@ STREAMING = [
     ("16 streams, one step", 80, 256, 2, 16, 1),
     ("16-step chunk", 80, 256, 2, 1, 16),
 ]
-BIG = dict(input_size=512, hidden_size=1024, num_layers=3, bidirectional=True)
-# ONNX Runtime's idle threads spin for ~50 ms after a call (measured): a pause of twice that before each
-# timed block, then a warm-up inside it; see the module docstring.
-SPINNING_PEER = dict(settle_s=0.1, warm_s=0.02)
 
 
 def name(config) -> str:
@@ -72,20 +65,10 @@ def name(config) -> str:
     return f"{I},{H},{layers},{'bi' if bidirectional else 'uni'},{B},{T}"
 
 
-def fastest(module: nn.Module, args: tuple) -> nn.Module:
-    """lstmopt's fastest kernels for these calls, approximation allowed (what --autotune --approx does)."""
-    return optimize(module, autotune=[args], exact=False)
-
-
-def kernels(model: nn.Module) -> str:
-    chosen = {m.kernel for m in model.modules() if isinstance(m, PackedLSTM)}
-    return "/".join(sorted(chosen))
-
-
 def bare_op(packed: PackedLSTM, x: torch.Tensor):
     """The floor of the default kernel: the op per layer and direction, no checks, states preallocated."""
     zeros = torch.zeros(x.size(1), packed.hidden_size)
-    args = list(packed._kernel_args)
+    args = list(packed._state.kernel_args)
     H, bias, bidirectional = packed.hidden_size, packed.bias, packed.bidirectional
     op = torch.mkldnn_rnn_layer
 
@@ -121,32 +104,6 @@ def latency(config, rounds):
 
 # --- 2. streaming against ONNX Runtime ----------------------------------------------------------------
 
-class WithState(nn.Module):
-    """What a streaming model runs per chunk: the LSTM with the state carried in and out."""
-
-    def __init__(self, lstm):
-        super().__init__()
-        self.lstm = lstm
-
-    def forward(self, x, h, c):
-        y, (h, c) = self.lstm(x, (h, c))
-        return y, h, c
-
-
-def ort_session(lstm: nn.Module, x, h, c):
-    """ONNX Runtime on the exported LSTM, default session options but for the intra-op thread count."""
-    import onnxruntime as ort
-
-    buf = io.BytesIO()
-    torch.onnx.export(WithState(lstm), (x, h, c), buf, input_names=["x", "h0", "c0"], output_names=["y", "h", "c"],
-                      dynamo=False, dynamic_axes={"x": {0: "T", 1: "B"}, "h0": {1: "B"}, "c0": {1: "B"}})
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-    feed = {"x": x.numpy(), "h0": h.numpy(), "c0": c.numpy()}
-    y = session.run(None, feed)[0]
-    return (lambda: session.run(None, feed)), torch.from_numpy(y)
-
 
 def streaming(rounds, runs):
     setups = []
@@ -178,38 +135,7 @@ def streaming(rounds, runs):
     return rows
 
 
-def median(times, key):
-    return statistics.median(t[key] for t in times)
-
-
-def us(seconds):
-    return f"{seconds * 1e6:.0f}"
-
-
-def ms(seconds):
-    return f"{seconds * 1e3:.3f}"
-
-
 # --- 3. variable-length batches -----------------------------------------------------------------------
-
-class Tagger(nn.Module):
-    def __init__(self, vocab=5000, dim=128, hidden=256, tags=20):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.lstm = nn.LSTM(dim, hidden, num_layers=2, bidirectional=True, batch_first=True)
-        self.out = nn.Linear(2 * hidden, tags)
-
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
-        hidden, _ = self.lstm(packed)
-        padded, _ = pad_packed_sequence(hidden, batch_first=True, total_length=tokens.size(1))
-        return self.out(padded)
-
-
-def artifact(model, fmt, directory):
-    path = Path(directory) / f"tagger.{fmt}.pt"
-    save_artifact(model, path, format=fmt, metadata={})
-    return torch.jit.load(str(path)) if fmt == "torchscript" else torch.load(path, weights_only=False)
 
 
 def sequences(rounds):
@@ -250,19 +176,6 @@ def sequences(rounds):
 
 
 # --- 4. torch.compile and AOTInductor -----------------------------------------------------------------
-
-class Streamer(nn.Module):
-    """A streaming model around an LSTM: a projection in, the LSTM, a classifier out."""
-
-    def __init__(self, features, hidden, layers):
-        super().__init__()
-        self.front = nn.Linear(features, features)
-        self.lstm = nn.LSTM(features, hidden, num_layers=layers, batch_first=True)
-        self.head = nn.Linear(hidden, 12)
-
-    def forward(self, x):
-        y, _ = self.lstm(torch.relu(self.front(x)))
-        return self.head(y)
 
 
 def compiled(rounds):
@@ -325,53 +238,6 @@ def bf16_row(config, rounds):
         error = (fast(x)[0] - eager(x)[0]).abs().max().item()
         times = interleaved_medians({"eager fp32": lambda: eager(x), "bf16": lambda: fast(x)}, rounds=rounds)
     return times, error
-
-
-MEMORY_PROBE = """
-import json, sys, time, torch
-from torch import nn
-def rss_mb():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
-torch.manual_seed(0)
-x = torch.randn(50, 4, 512)
-base = rss_mb()
-model = nn.LSTM(**json.loads(sys.argv[2])).eval()
-seconds = 0.0
-if sys.argv[1] == "optimized":
-    from lstmopt import optimize
-    start = time.perf_counter()
-    model = optimize(model, inplace=True)
-    seconds = time.perf_counter() - start
-with torch.inference_mode():
-    for _ in range(3):
-        model(x)
-print(json.dumps({"mb": rss_mb() - base, "convert_s": seconds}))
-"""
-
-
-def memory_and_conversion():
-    rows = {}
-    for mode in ("original", "optimized"):
-        proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, mode, json.dumps(BIG)], capture_output=True,
-                              text=True, check=True)
-        rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    torch.manual_seed(0)
-    lstm = nn.LSTM(**BIG).eval()
-    start = time.perf_counter()
-    optimize(lstm)  # with the copy of the model optimize makes by default
-    copy_s = time.perf_counter() - start
-    return rows, copy_s
-
-
-def table(header, rows, markdown):
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-    else:
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-        lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
-    return "\n".join(lines)
 
 
 def main(argv=None):

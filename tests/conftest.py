@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,19 @@ needs_bf16 = pytest.mark.skipif(not BF16, reason="this CPU has no native bf16 su
 # present and the build fails, so these skips only ever mean "no compiler here".
 NATIVE = native.available()
 needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernel unavailable: {native.unavailable_reason()}")
+SCRIPT = shutil.which("lstmopt") or pytest.fail("the lstmopt console script is not installed")
+
+
+def invoke(*args):
+    """The lstmopt command line run in this process (typer's CliRunner), wide enough that no table cell
+    wraps; ``result.exit_code``, ``.stdout``, ``.stderr``."""
+    from typer.testing import CliRunner
+
+    from lstmopt.cli import app
+
+    return CliRunner(env={"COLUMNS": "200"}).invoke(app, [str(a) for a in args])
+
+
 # What autotune times besides the stock and oneDNN kernels, with exact=False
 APPROX_EXTRA = {"native"} if NATIVE else set()
 
@@ -66,11 +80,14 @@ class KernelCalls(dict):
 @contextlib.contextmanager
 def counting_kernels():
     """``with counting_kernels() as calls: ...``, then ``calls["onednn"]`` and so on (see ``KernelCalls``)."""
-    from lstmopt.modules import lstm as module
+    from lstmopt.modules import dispatch
+    from lstmopt.modules.pack_state import PackState
 
     calls = KernelCalls()
-    op, run_cells, run_sequence = torch.mkldnn_rnn_layer, module.run_cells, module.run_onednn_sequence
-    run_native, repack, run_seq_method = PackedLSTM._run_native, PackedLSTM._repack, PackedLSTM._run_sequence
+    op = torch.mkldnn_rnn_layer
+    originals = {name: getattr(dispatch, name) for name in ("run_cells", "run_onednn_sequence", "run_native",
+                                                            "run_sequence")}
+    refresh = PackState.refresh
 
     def onednn(*args):
         assert args[1].is_mkldnn  # always on packed weights
@@ -79,32 +96,35 @@ def counting_kernels():
 
     def cells(*args, **kwargs):
         calls["cell"] += 1
-        return run_cells(*args, **kwargs)
+        return originals["run_cells"](*args, **kwargs)
 
     def sequence(*args, **kwargs):
         calls["onednn_sequence"] += 1
-        return run_sequence(*args, **kwargs)
+        return originals["run_onednn_sequence"](*args, **kwargs)
 
-    def native_call(self, *args):
-        result = run_native(self, *args)
+    def native_call(*args):
+        result = originals["run_native"](*args)
         calls["native"] += result is not None
         return result
 
-    def sequence_call(self, *args):
-        calls["native_sequence"] += self.sequence_kernel == "native"
-        return run_seq_method(self, *args)
+    def sequence_call(module, *args):
+        calls["native_sequence"] += module.sequence_kernel == "native"
+        return originals["run_sequence"](module, *args)
 
-    def repacked(self, *args, **kwargs):
+    def refreshed(self, *args, **kwargs):
         calls["repack"] += 1
-        return repack(self, *args, **kwargs)
+        return refresh(self, *args, **kwargs)
 
-    torch.mkldnn_rnn_layer, module.run_cells, module.run_onednn_sequence = onednn, cells, sequence
-    PackedLSTM._run_native, PackedLSTM._repack, PackedLSTM._run_sequence = native_call, repacked, sequence_call
+    torch.mkldnn_rnn_layer, PackState.refresh = onednn, refreshed
+    for name, counted in (("run_cells", cells), ("run_onednn_sequence", sequence), ("run_native", native_call),
+                          ("run_sequence", sequence_call)):
+        setattr(dispatch, name, counted)
     try:
         yield calls
     finally:
-        torch.mkldnn_rnn_layer, module.run_cells, module.run_onednn_sequence = op, run_cells, run_sequence
-        PackedLSTM._run_native, PackedLSTM._repack, PackedLSTM._run_sequence = run_native, repack, run_seq_method
+        torch.mkldnn_rnn_layer, PackState.refresh = op, refresh
+        for name, original in originals.items():
+            setattr(dispatch, name, original)
 
 
 @pytest.fixture

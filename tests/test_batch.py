@@ -12,17 +12,14 @@ import time
 import jsonschema
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import ROOT
+from conftest import ROOT, invoke
 from lstmopt.job.batch import run_batch
-from lstmopt.cli import app
 from lstmopt.job.config import load_config
 from lstmopt.errors import UsageError
 from lstmopt.reporting.report import schema
 from models import Tagger, build_forecaster, build_tagger
 
-runner = CliRunner(env={"COLUMNS": "200"})
 TESTS = str(ROOT / "tests")
 
 
@@ -142,13 +139,13 @@ def test_a_hostile_config_fails_fast_with_a_line_and_exit_2(tmp_path, raw, messa
         load_config(path)
     assert f"{path}{message}" in str(info.value) and "\n" not in str(info.value)
     assert time.perf_counter() - start < 10  # bounded: the bomb alone would expand to 10^9 values
-    result = runner.invoke(app, ["batch", str(path)])
+    result = invoke("batch", str(path))
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_several_config_errors_are_counted_and_nothing_runs(tmp_path, models):
     path = config(tmp_path, GOOD + "- {input: x.pt, output: y.pt, fromat: pickle}\n- {input: x.pt}\n")
-    result = runner.invoke(app, ["batch", str(path)])
+    result = invoke("batch", str(path))
     assert result.exit_code == 2
     assert "batch.yaml:15: jobs[2].fromat: unknown key" in result.stderr
     assert "(and 1 more: line 16 jobs[3].output)" in result.stderr
@@ -172,7 +169,7 @@ def test_paths_and_variables_resolve_relative_to_the_config(tmp_path, monkeypatc
 
 def test_a_failing_job_does_not_stop_or_lose_the_others(tmp_path, models):
     path = config(tmp_path, "- {name: missing, input: absent.pt, output: out/absent.pt}\n" + GOOD)
-    result = runner.invoke(app, ["batch", str(path), "--report", str(tmp_path / "r.json")])
+    result = invoke("batch", str(path), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 2, result.output
     assert "1 of 3 jobs failed; first: missing: " in result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
@@ -182,7 +179,7 @@ def test_a_failing_job_does_not_stop_or_lose_the_others(tmp_path, models):
 
 def test_fail_fast_cancels_the_rest(tmp_path, models):
     path = config(tmp_path, "- {name: missing, input: absent.pt, output: out/absent.pt}\n" + GOOD)
-    result = runner.invoke(app, ["batch", str(path), "--fail-fast", "--json"])
+    result = invoke("batch", str(path), "--fail-fast", "--json")
     assert result.exit_code == 2
     report = json.loads(result.stdout)
     assert [j["status"] for j in report["jobs"]] == ["error", "cancelled", "cancelled"]
@@ -192,11 +189,11 @@ def test_fail_fast_cancels_the_rest(tmp_path, models):
 
 def test_resume_skips_up_to_date_jobs_and_redoes_changed_ones(tmp_path, models):
     path = config(tmp_path, GOOD)
-    first = json.loads(runner.invoke(app, ["batch", str(path), "--json"]).stdout)
+    first = json.loads(invoke("batch", str(path), "--json").stdout)
     assert [j["status"] for j in first["jobs"]] == ["ok", "ok"]
     stamp = (tmp_path / "out" / "tagger.pt").stat().st_mtime_ns
 
-    second = json.loads(runner.invoke(app, ["batch", str(path), "--json"]).stdout)
+    second = json.loads(invoke("batch", str(path), "--json").stdout)
     assert [j["status"] for j in second["jobs"]] == ["skipped", "skipped"]
     assert (tmp_path / "out" / "tagger.pt").stat().st_mtime_ns == stamp
     jsonschema.validate(second["jobs"][0], schema())
@@ -204,10 +201,10 @@ def test_resume_skips_up_to_date_jobs_and_redoes_changed_ones(tmp_path, models):
     torch.manual_seed(3)
     torch.save(Tagger().state_dict(), tmp_path / "tagger.pt")  # same shapes, other weights
     path.write_text(path.read_text().replace("input_shape: [2, 8, 3]", "input_shape: [3, 8, 3]"))
-    third = json.loads(runner.invoke(app, ["batch", str(path), "--json"]).stdout)
+    third = json.loads(invoke("batch", str(path), "--json").stdout)
     assert [j["status"] for j in third["jobs"]] == ["ok", "ok"]  # new input bytes; new options
 
-    forced = json.loads(runner.invoke(app, ["batch", str(path), "--json", "--force"]).stdout)
+    forced = json.loads(invoke("batch", str(path), "--json", "--force").stdout)
     assert [j["status"] for j in forced["jobs"]] == ["ok", "ok"]
 
 
@@ -233,10 +230,10 @@ def test_a_foreign_file_at_an_output_is_only_replaced_with_force(tmp_path, model
     path = config(tmp_path, GOOD)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "tagger.pt").write_bytes(b"someone else's file")
-    report = json.loads(runner.invoke(app, ["batch", str(path), "--json"]).stdout)
+    report = json.loads(invoke("batch", str(path), "--json").stdout)
     assert [j["status"] for j in report["jobs"]] == ["ok", "error"] and "pass --force" in report["jobs"][1]["error"]
     assert (tmp_path / "out" / "tagger.pt").read_bytes() == b"someone else's file"
-    report = json.loads(runner.invoke(app, ["batch", str(path), "--json", "--force"]).stdout)
+    report = json.loads(invoke("batch", str(path), "--json", "--force").stdout)
     assert report["jobs"][1]["status"] == "ok"
 
 
@@ -327,11 +324,11 @@ def test_variables_expanded_into_a_config_stay_out_of_reports_unless_asked(tmp_p
     jobs = ("- {name: tagger, input: tagger.pt, output: '${LSTMOPT_TEST_OUT}/tagger.pt', factory: models:build_tagger,\n"
             "   factory_kwargs: {token: '${LSTMOPT_TEST_TOKEN}'}}\n")
     path = config(tmp_path, jobs)
-    result = runner.invoke(app, ["batch", str(path), "--json", "--report", str(tmp_path / "r.json"),
-                                 "--summary", str(tmp_path / "s.md")])
+    result = invoke("batch", str(path), "--json", "--report", str(tmp_path / "r.json"),
+                                 "--summary", str(tmp_path / "s.md"))
     assert result.exit_code == 2  # build_tagger takes no token: the error names the kwargs
     shown = result.stdout + result.stderr + (tmp_path / "r.json").read_text() + (tmp_path / "s.md").read_text()
     assert "s3cr3t-t0ken" not in shown and "private-build-dir" not in shown
     assert "${LSTMOPT_TEST_TOKEN}" in shown
-    result = runner.invoke(app, ["batch", str(path), "--json", "--show-variables"])
+    result = invoke("batch", str(path), "--json", "--show-variables")
     assert "s3cr3t-t0ken" in result.stdout

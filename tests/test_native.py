@@ -64,7 +64,7 @@ def test_native_kernel_is_within_1e6_of_nn_lstm(case):
     hx = tuple(torch.randn(state_shape, generator=g) for _ in range(2)) if with_state else None
     _assert_close(*_call(ref, packed, x, hx))
     with torch.no_grad():  # and it was the kernel that served the call, not nn.LSTM's path
-        assert packed._native.try_forward(x, hx, config["batch_first"], packed._parameters) is not None
+        assert packed._state.native.try_forward(x, hx, config["batch_first"], packed._parameters) is not None
 
 
 # Calls big enough to split between threads, to project their inputs with a GEMM, or both; the last holds

@@ -1,7 +1,6 @@
 """Files a user hands in are untrusted: nothing they hold runs without --trust, nothing from the working
 directory runs in lstmopt's child processes, and an artifact's metadata decides no code."""
 
-import io
 import json
 import os
 import shutil
@@ -12,25 +11,17 @@ import textwrap
 import time
 import zipfile
 from pathlib import Path
-from typing import Tuple
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import ROOT
-from lstmopt.cli import app
+from conftest import ROOT, SCRIPT, invoke
 from lstmopt.errors import UsageError
 from lstmopt.artifacts.loading import detect_format
 from lstmopt.artifacts.metadata import MAX_METADATA_BYTES, read_metadata
 from models import build_tagger
 
-runner = CliRunner(env={"COLUMNS": "200"})
-SCRIPT = shutil.which("lstmopt") or pytest.fail("the lstmopt console script is not installed")
 
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 PLANTED = """

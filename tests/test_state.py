@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import assert_same_result, counting_kernels, lstm_pair, needs_bf16, run_python_json
 from lstmopt import PackedLSTM
+from lstmopt.modules.guards import kernel_accepts
 from lstmopt.modules.lstm import KERNELS
 
 CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(num_layers=3, bias=False, batch_first=True)]
@@ -221,10 +222,10 @@ def test_weights_replaced_with_other_shapes_never_reach_a_kernel(kernel):
     packed.weight_hh_l0.data = torch.randn(80, 7)  # a kernel would read out of bounds
     x = torch.randn(3 if kernel != "cell" else 1, 2, 12)
     with torch.no_grad():
-        packed._packs_ready(lambda: True)  # what the next call does: notice the change, repack
+        packed._state.ready(packed, lambda: True)  # what the next call does: notice the change, repack
     # Every kernel is off: calls take nn.LSTM's own path, with whatever it makes of such weights.
     assert packed.packed_dtype is None and packed.kernel_dtype is None and packed.sequence_dtype is None
-    assert not packed._valid(x, None) and not packed.uses_native_kernel
+    assert not kernel_accepts(packed, x, None, packed.kernel_dtype) and not packed.uses_native_kernel
 
 
 RELOAD_KERNELS = [(k, None) for k in KERNELS] + [(None, s) for s in ("stock", "onednn", "native")]

@@ -76,7 +76,12 @@ def unavailable_reason() -> Optional[str]:
 
 def load(*, quiet: bool = False) -> bool:
     """Build (the first time on this machine) and load the native kernel; False, after a one-line notice
-    on stderr (unless ``quiet``), where that is impossible."""
+    on stderr (unless ``quiet``), where that is impossible.
+
+    Example:
+        >>> import lstmopt.native; lstmopt.native.load()  # before torch.jit.load of a native-kernel artifact
+        True
+    """
     with _lock:
         if "module" in _state:
             return True

@@ -10,8 +10,9 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["valid_for_kernel", "valid_sequence"]
+__all__ = ["kernel_accepts", "plain_state", "valid_for_kernel", "valid_sequence"]
 
 
 def _plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
@@ -80,3 +81,43 @@ def valid_sequence(
             if not _plain_cpu(state, dtype) or list(state.shape) != [states, batch, hidden_size]:
                 return False
     return True
+
+
+def plain_state(hx, exact_types: bool = True) -> bool:
+    """None, or a pair of tensors (``exact_types``: plain ``Tensor``s, no subclass) as the kernels take
+    them; anything else is nn.LSTM's to judge. Python only."""
+    if hx is None:
+        return True
+    return isinstance(hx, (tuple, list)) and len(hx) == 2 and _is_tensor(hx[0], exact_types) and _is_tensor(
+        hx[1], exact_types)
+
+
+def kernel_accepts(module, input, hx, dtype: Optional[torch.dtype], *, single_step_only: bool = False,
+                   exact_types: bool = True) -> bool:
+    """The one check between a ``PackedLSTM`` call and a fast kernel (Python; the scripted mirror runs its
+    two halves, ``valid_for_kernel`` and ``valid_sequence``).
+
+    Args:
+        module: the ``PackedLSTM`` whose sizes the input must match.
+        input: a tensor or a ``PackedSequence``; hx: None or the (h_0, c_0) pair.
+        dtype: what the kernel computes in (None: no fast kernel can run).
+        single_step_only: the kernel serves one time step per call (``cell``).
+        exact_types: refuse tensor subclasses (eager calls; torch.export passes fake tensors).
+
+    Example:
+        >>> kernel_accepts(lstm, torch.randn(5, 2, lstm.input_size), None, torch.float32)
+        True
+    """
+    if not plain_state(hx, exact_types):
+        return False
+    states = module.num_layers * (2 if module.bidirectional else 1)
+    if isinstance(input, PackedSequence):
+        return _is_tensor(input.data, exact_types) and valid_sequence(
+            input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx, dtype,
+            module.input_size, module.hidden_size, states)
+    return _is_tensor(input, exact_types) and valid_for_kernel(
+        input, hx, dtype, module.input_size, module.hidden_size, states, module.batch_first, single_step_only)
+
+
+def _is_tensor(t, exact: bool) -> bool:
+    return type(t) is Tensor if exact else isinstance(t, Tensor)

@@ -50,7 +50,12 @@ def weights_obstacle(weights: List[Tensor], dtype: Optional[torch.dtype] = None)
 
 
 def packing_obstacle(lstm: nn.Module, dtype: Optional[torch.dtype] = None) -> Optional[str]:
-    """Why ``lstm`` (converted to ``dtype`` if given) cannot become a ``PackedLSTM``, or None if it can."""
+    """Why ``lstm`` (converted to ``dtype`` if given) cannot become a ``PackedLSTM``, or None if it can.
+
+    Example:
+        >>> packing_obstacle(nn.LSTM(40, 128, proj_size=64))
+        'proj_size>0 is not supported by oneDNN'
+    """
 
     if not isinstance(lstm, nn.LSTM):
         return f"{type(lstm).__name__} is not an nn.LSTM"

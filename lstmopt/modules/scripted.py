@@ -16,8 +16,8 @@ from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmopt.kernels.aten import LayerArgs, run_cells, run_onednn, run_onednn_sequence
-from lstmopt.kernels.native import run_native
-from lstmopt.modules.guards import valid_sequence
+from lstmopt.kernels.native import NativePacks, run_native
+from lstmopt.modules.guards import valid_for_kernel, valid_sequence
 
 __all__ = ["MAX_SCRIPTED_LAYERS", "ScriptedPaths"]
 
@@ -57,6 +57,31 @@ class ScriptedPaths:
 
     # The scripted forward reads the parameters by name, never through _flat_weights: torch.jit.freeze
     # refuses a module whose forward reads two attributes that share memory.
+
+    def _scripted_repack(self) -> None:
+        weights = self._weights_by_name()
+        per_layer = len(weights) // len(self.packed_layers)
+        for i, layer in enumerate(self.packed_layers):
+            if layer.packs is not None:
+                layer.pack(weights[i * per_layer].detach(), weights[i * per_layer + 1].detach(),
+                           self._scripted_bias(weights, i * per_layer + 2), self._scripted_bias(weights, i * per_layer + 3))
+        if hasattr(self, "native_packs"):
+            self.native_packs = NativePacks([w.detach() for w in weights], self.hidden_size, self.num_layers,
+                                            self.bidirectional, self.bias)
+
+    def _casts_at_boundary(self, dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+        """Whether a call in ``dtype`` is cast to the weights' dtype and back (``io_dtype``, eager too)."""
+        io_dtype = self.io_dtype
+        if io_dtype is None:
+            return False
+        return dtype == io_dtype and io_dtype != weight_dtype
+
+    def _sequence_result(self, input: PackedSequence, output: Tensor, h_n: Tensor, c_n: Tensor
+                         ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        """A sequence kernel's result as nn.LSTM gives it: output rows packed as the input's, states in the
+        caller's order (eager too)."""
+        return (PackedSequence(output, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
+                self.permute_hidden((h_n, c_n), input.unsorted_indices))
 
     def _scripted_tensor(
         self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]
@@ -137,7 +162,9 @@ class ScriptedPaths:
             not self.training
             and not torch.is_grad_enabled()
             and not torch.is_autocast_cpu_enabled()
-            and self._valid(input, hx)
+            and valid_for_kernel(input, hx, self.kernel_dtype, self.input_size, self.hidden_size,
+                                 self.num_layers * (2 if self.bidirectional else 1), self.batch_first,
+                                 self.kernel == "cell")
         ):
             if hasattr(self, "native_packs"):
                 if self.kernel == "native" and self.native_packs.is_current(weights):

@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 from lstmopt.kernels import native
 from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
-from lstmopt.modules.packs import tracked_copy
+from lstmopt.modules.packs import tracked_copy, weights_obstacle
 from lstmopt.rewrite.timing import interleaved_medians
 
 __all__ = ["KernelChoice", "autotune"]
@@ -100,7 +100,20 @@ def _fastest(module: PackedLSTM, calls: list, candidates: list[str], switch, rou
 
 def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, rounds: int = 9,
              round_s: float = 0.01) -> list[KernelChoice]:
-    """Switch every PackedLSTM of ``model`` to its fastest kernels on ``samples`` (tuples of forward args)."""
+    """Switch every PackedLSTM of ``model`` to its fastest kernels on ``samples``.
+
+    Args:
+        model: a model whose LSTMs ``optimize`` packed.
+        samples: tuples of forward arguments, run once to record what each LSTM receives.
+        exact: False also times the approximate kernels of the kernel table.
+        rounds, round_s: interleaved timing rounds per kernel and the length of each.
+
+    Returns:
+        One ``KernelChoice`` per LSTM and input kind (tensors, PackedSequences) it received.
+
+    Example:
+        >>> choices = autotune(lstmopt.optimize(model), [(torch.randn(1, 1, 40),)], exact=False)
+    """
     modules = {name: m for name, m in model.named_modules() if isinstance(m, PackedLSTM)}
     if not modules or not samples:
         return []
@@ -129,7 +142,7 @@ def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool
     if not calls:
         return None  # the samples never give this LSTM such inputs: keep its kernel
     weights_dtype = module._flat_weights[0].dtype
-    packable = module.packed_dtype is not None or module._packable()
+    packable = module.packed_dtype is not None or weights_obstacle(module._flat_weights) is None
     if inputs == "tensor":
         candidates = [k for k in KERNELS if not exact or k in EXACT_KERNELS]
 

@@ -103,7 +103,16 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
 
 def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
          filter_fn: Optional[FilterFn] = None) -> list[Decision]:
-    """One ``Decision`` per distinct ``nn.LSTM`` in ``model`` (in module order); changes nothing."""
+    """One ``Decision`` per distinct ``nn.LSTM`` in ``model`` (in module order); changes nothing.
+
+    Args:
+        model: any module; its LSTMs are found by walking ``named_modules``.
+        dtype, filter_fn: as for ``optimize``, whose decisions this predicts.
+
+    Example:
+        >>> for decision in lstmopt.plan(model):
+        ...     print(decision.name, decision.packed, decision.reason)
+    """
     _check_request(model, dtype)
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -121,15 +130,19 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              autotune: Optional[Sequence[tuple]] = None, exact: bool = True) -> nn.Module:
     """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM``.
 
-    ``dtype``: None keeps each LSTM's dtype (bit-identical results); ``torch.bfloat16`` packs in bf16 and
-    casts at the LSTM's boundary, which changes numerics. ``filter_fn(module, name)`` returning False keeps
-    that LSTM. The input model is copied first unless ``inplace=True``.
+    Args:
+        model: the model to optimize; copied first unless ``inplace=True``.
+        dtype: None keeps each LSTM's dtype (bit-identical results); ``torch.bfloat16`` packs in bf16 and
+            casts at the LSTM's boundary, which changes numerics.
+        filter_fn: ``filter_fn(module, name)`` returning False keeps that LSTM as it is.
+        inplace: swap the LSTMs of ``model`` itself (each keeps its identity, see ``PackedLSTM.convert_``).
+        autotune: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
+            every kernel on the calls it receives and keeps the fastest (``lstmopt.rewrite.autotune``).
+        exact: False also admits the approximate kernels of the kernel table (``lstmopt.kernels.table``).
 
-    ``autotune``: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
-    every kernel on the calls it receives and keeps the fastest (``exact=False`` also admits kernels within
-    1e-6 of nn.LSTM: "cell" for single steps, "native" (lstmopt's own kernel, built on first use) for
-    tensors and PackedSequences, "onednn" for PackedSequences). ``plan(result)`` lists every LSTM with its
-    decision and kernels.
+    Example:
+        >>> fast = lstmopt.optimize(model, autotune=[(example,)], exact=False)
+        >>> lstmopt.plan(fast)  # every LSTM with its decision and kernels
     """
     decisions = plan(model, dtype=dtype, filter_fn=filter_fn)
     if not inplace:

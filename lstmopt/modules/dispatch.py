@@ -1,0 +1,168 @@
+"""How a ``PackedLSTM`` call in Python reaches a kernel (the scripted counterpart is ``modules/scripted.py``).
+
+``forward`` picks the route: torch.export records the op on the dense parameters (``exported``), code
+inside ``torch.compile`` runs the eager route out of dynamo's sight, and eager calls go through
+``dispatch``: a seqlock against a concurrent ``load_state_dict``, then ``dispatch_once``, which sends the
+call to the kernel in use if ``guards.kernel_accepts`` lets it and the packs are current, and to
+nn.LSTM's own path otherwise. The kernels themselves are in ``lstmopt/kernels``.
+"""
+
+import threading
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from lstmopt.kernels.aten import run_cells, run_onednn, run_onednn_sequence
+from lstmopt.modules.guards import kernel_accepts, plain_state
+from lstmopt.modules.packs import weights_obstacle
+
+__all__ = ["dispatch", "exported", "forward"]
+
+# Looked up once: a one-step call spends ~25 us in the op, and each attribute lookup on torch._C adds up.
+_tracing = torch._C._get_tracing_state
+_autocast_enabled = torch._C._is_any_autocast_enabled
+_mkldnn_enabled = torch._C._get_mkldnn_enabled
+_grad_enabled = torch.is_grad_enabled
+_dynamo_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_stock = nn.LSTM.forward
+
+
+def forward(module, input, hx):
+    """``PackedLSTM.forward`` outside TorchScript."""
+    if torch.compiler.is_exporting():
+        return with_io_casts(module, exported, input, hx)
+    # Inside a torch.compile'd model: traced (torch._dynamo.config.allow_rnn) or run by its fallback
+    if torch.compiler.is_compiling() or _dynamo_callback() is not None:
+        return _eager_in_compiled_code(module, input, hx)
+    return _eager(module, input, hx)
+
+
+def _eager(module, input, hx):
+    if module.io_dtype is not None:
+        return with_io_casts(module, dispatch, input, hx)
+    return dispatch(module, input, hx)
+
+
+# Dynamo does not trace nn.LSTM modules (it falls back to eager for the frame that calls one), but it
+# would try to compile every function this one calls, packs included: keep it out, so the packed path
+# runs at its eager speed and new sequence lengths compile nothing.
+_eager_in_compiled_code = torch.compiler.disable(_eager, recursive=True)
+
+
+def with_io_casts(module, run, input, hx):
+    """``run(module, input, hx)``, with inputs in ``io_dtype`` cast to the weights' dtype and results back."""
+    weight_dtype = module._flat_weights[0].dtype
+    data = input.data if isinstance(input, PackedSequence) else input
+    if not isinstance(data, Tensor) or not module._casts_at_boundary(data.dtype, weight_dtype):
+        return run(module, input, hx)
+    if hx is not None:
+        hx = (hx[0].to(weight_dtype), hx[1].to(weight_dtype))
+    output, (h, c) = run(module, input.to(weight_dtype), hx)
+    return output.to(module.io_dtype), (h.to(module.io_dtype), c.to(module.io_dtype))
+
+
+def dispatch(module, input, hx):
+    """One eager call. The stock and cell paths compute on the parameters themselves, which
+    load_state_dict overwrites in place one by one: a call that overlapped a load (the count moved, or is
+    odd: a load is writing) is redone after it, so every call sees the old weights or the new ones, whole
+    (a seqlock; calls served from packs are whole anyway, and pay two attribute reads)."""
+    state = module._state
+    me = threading.get_ident()
+    while True:
+        loads = state.loads
+        if loads & 1 and state.loading_thread != me:
+            with state.lock:  # wait for the load to finish
+                continue
+        result = dispatch_once(module, state, input, hx)
+        if state.loads == loads or state.loading_thread == me:
+            return result
+
+
+def dispatch_once(module, state, input, hx):
+    # A tracer must record the stock op, not opaque constants; autocast would try to cast the packs;
+    # with mkldnn disabled, eager runs its native kernel. With autograd on, eager runs oneDNN's training
+    # primitive, whose last bits differ from the inference primitive's on some CPUs (AVX2): only
+    # nn.LSTM's own path gives its exact results then. Under a dispatch mode (FakeTensorMode, a
+    # functionalization or profiling mode) tensors may hold no data for the kernels to read.
+    if (_tracing() or _autocast_enabled() or not _mkldnn_enabled() or _grad_enabled() or module.training
+            or _dispatch_modes() or not plain_state(hx)):
+        return _stock(module, input, hx)
+    kind = type(input)
+    if kind is Tensor:
+        kernel = module.kernel
+        if kernel == "native":
+            result = run_native(module, state, input, hx)
+            if result is not None:
+                return result
+        elif kernel == "onednn" and _accepted(module, state, input, hx, module.kernel_dtype):
+            return run_onednn(input, hx, state.kernel_args, module.hidden_size, module.bidirectional,
+                              module.batch_first, module.bias,
+                              state.zero_state(input, 3, module.batch_first, module.hidden_size))
+        elif kernel == "cell" and kernel_accepts(module, input, hx, module.kernel_dtype, single_step_only=True):
+            return run_cells(input, hx, module._flat_weights, module.input_size, module.hidden_size,
+                             module.num_layers, module.bidirectional, module.batch_first, module.bias,
+                             state.zero_state(input, 2, module.batch_first, module.hidden_size))
+    elif kind is PackedSequence and _accepted(module, state, input, hx, module.sequence_dtype):
+        return run_sequence(module, state, input, hx)
+    return _stock(module, input, hx)
+
+
+def _accepted(module, state, input, hx, dtype) -> bool:
+    """The guard, then the packs: an in-place edit is repacked first, after which the call is judged
+    again (the new weights may be ones the kernel cannot take)."""
+    return (kernel_accepts(module, input, hx, dtype)
+            and state.ready(module, lambda: kernel_accepts(module, input, hx, module.kernel_dtype
+                                                           if type(input) is Tensor else module.sequence_dtype)))
+
+
+def run_native(module, state, input: Tensor, hx):
+    """The native kernel's result, or None where nn.LSTM's path must serve the call. The kernel's own
+    checks (input, states, weights unchanged since packing) take nanoseconds; only when they refuse does
+    Python look closer: packs made stale by an edit are remade, and the call tried again."""
+    packs = state.native
+    if packs is None:
+        return None
+    result = packs.try_forward(input, hx, module.batch_first, module._parameters)
+    if result is None and _accepted(module, state, input, hx, module.kernel_dtype):
+        packs = state.native  # packs just made: they serve this call even if the weights change again
+        if packs is not None:
+            h, c = (None, None) if hx is None else hx
+            output, h_n, c_n = packs.forward(input, None, h, c, module.batch_first)
+            return output, (h_n, c_n)
+    return result
+
+
+def run_sequence(module, state, input: PackedSequence, hx):
+    data, batch_sizes, sorted_indices, _ = input
+    if hx is not None:
+        hx = module.permute_hidden(hx, sorted_indices)  # as nn.LSTM: the caller's order -> longest first
+    if module.sequence_kernel == "native":
+        h, c = (None, None) if hx is None else hx
+        output, h_n, c_n = state.native.forward(data, batch_sizes, h, c, False)
+    else:
+        output, h_n, c_n = run_onednn_sequence(data, batch_sizes, hx, list(state.kernel_args), module.hidden_size,
+                                               module.bidirectional, module.bias)
+    return module._sequence_result(input, output, h_n, c_n)
+
+
+def exported(module, input, hx):
+    """What torch.export records: one aten.mkldnn_rnn_layer per layer and direction on the dense
+    parameters (the op lays them out itself, as eager does), which does not depend on the sequence
+    length. An exported program holds no packs: it computes at eager speed, bit-identical to eager."""
+    # Export traces with fake tensors (tensor subclasses) and with mkldnn switched off; the op itself
+    # runs whatever that flag says, so only what the op accepts is checked here.
+    weights = module._flat_weights
+    dtype = weights[0].dtype
+    if (isinstance(input, PackedSequence) or module.training or _autocast_enabled()
+            or weights_obstacle(weights, dtype) is not None
+            or not kernel_accepts(module, input, hx, dtype, exact_types=False)):
+        return _stock(module, input, hx)
+    per_layer = len(weights) // len(module.packed_layers)
+    layers = []
+    for i, layer in enumerate(module.packed_layers):
+        w = weights[i * per_layer:(i + 1) * per_layer]
+        empty = w[0].new_empty(0)
+        layers.append((w[0], w[1], w[2] if module.bias else empty, w[3] if module.bias else empty, layer.reverse))
+    return run_onednn(input, hx, layers, module.hidden_size, module.bidirectional, module.batch_first, module.bias)
