@@ -231,3 +231,46 @@ def build_lightning_forecaster():
 
     torch.manual_seed(0)
     return LitForecaster()
+
+
+class SamplingForecaster(nn.Module):
+    """A DeepAR-style forecaster: the LSTM's outputs parametrize a Normal its forecasts are sampled from, in
+    eval mode too. Input (batch, time, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 16, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, _ = self.lstm(x)
+        mu, log_sigma = self.head(y).unbind(-1)
+        return torch.normal(mu, log_sigma.exp())
+
+
+class PrenetDecoder(nn.Module):
+    """Tacotron2's prenet keeps dropout on at inference (``F.dropout(training=True)``) in front of its LSTM.
+    Input (batch, time, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.prenet = nn.Linear(8, 16)
+        self.lstm = nn.LSTM(16, 24, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.dropout(torch.relu(self.prenet(x)), 0.5, training=True)
+        return self.lstm(x)[0]
+
+
+class ClockNoise(nn.Module):
+    """Randomness no seed reaches: a generator of its own, seeded from the clock."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 8, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        import time
+
+        generator = torch.Generator().manual_seed(time.perf_counter_ns())
+        return self.lstm(x + torch.rand(x.shape, generator=generator))[0]

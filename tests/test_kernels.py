@@ -9,10 +9,19 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from conftest import APPROX_EXTRA, assert_same_result, lstm_pair, needs_native
 from lstmopt import optimize, plan
-from lstmopt.rewrite.autotune import autotune
+from lstmopt.rewrite import autotune as autotuning
+from lstmopt.rewrite.autotune import MARGIN, autotune
+from lstmopt.rewrite.swap import with_kernels
+from lstmopt.rewrite.timing import Comparison, Ratio
 from models import Encoder, build_forecaster, build_tagger
 
 CELL_TOLERANCE = dict(atol=1e-6, rtol=1e-6)
+
+
+def chosen_by_the_rule(choice):
+    """The kernel autotune must keep: the fastest of those faster than the default beyond the noise."""
+    winners = {k: r for k, r in choice.ratios.items() if r.high < 1 - MARGIN}
+    return min(winners, key=lambda k: winners[k].median) if winners else choice.baseline
 
 
 @st.composite
@@ -101,7 +110,7 @@ def test_autotune_measures_every_candidate_on_the_calls_each_lstm_receives():
     assert choices["encoder"].calls == 1 and choices["decoder"].calls == 6  # one step per horizon step
     for name, choice in choices.items():
         assert set(choice.ms_per_forward) == {"onednn", "stock"}  # exact kernels only by default
-        assert choice.kernel == min(choice.ms_per_forward, key=choice.ms_per_forward.get)
+        assert choice.baseline == "onednn" and choice.kernel == chosen_by_the_rule(choice)
         assert fast.get_submodule(name).kernel == choice.kernel and choice.exact
     x = torch.randn(2, 11, 3)
     with torch.no_grad():
@@ -118,6 +127,37 @@ def test_autotune_with_approx_also_times_the_cell_kernel_and_plan_reports_it():
     assert decisions["decoder"].kernel == decoder.kernel
     assert decisions["decoder"].exact == (decoder.kernel in ("onednn", "stock"))
     assert decisions["decoder"].autotune_ms == decoder.autotune_ms
+
+
+def test_autotune_never_times_a_kernel_that_would_not_serve_the_recorded_calls():
+    torch.manual_seed(0)
+    fast = optimize(build_forecaster().eval())
+    choices = {c.name: c for c in autotune(fast, [(torch.randn(2, 30, 3),)], exact=False, rounds=3)}
+    encoder = choices["encoder"]  # 30 steps per call: the single-step cell kernel would hand them to nn.LSTM
+    assert encoder.not_serving == ("cell",) and "cell" not in encoder.ms_per_forward
+    assert fast.encoder.kernel != "cell" and "cell" in choices["decoder"].ms_per_forward
+
+
+@pytest.mark.parametrize("stock, chosen", [
+    (Ratio(0.98, 0.95, 1.01), "onednn"),  # faster within the noise: not a reason to leave the default
+    (Ratio(0.985, 0.98, 0.99), "onednn"),  # consistently faster, by less than the margin
+    (Ratio(0.50, 0.45, 0.55), "stock"),  # faster beyond the noise
+])
+def test_autotune_leaves_the_default_only_for_a_kernel_faster_beyond_the_noise(monkeypatch, stock, chosen):
+    def measured(fns, baseline, **kwargs):
+        return Comparison({name: 1e-3 for name in fns}, {"stock": stock}, 9, True)
+
+    monkeypatch.setattr(autotuning, "compare", measured)
+    model = Encoder().eval()
+    fast = optimize(model)
+    (choice,) = autotune(fast, [(torch.randn(2, 5, 16),)])
+    assert choice.kernel == chosen and fast.lstm.kernel == chosen
+    (decision,) = with_kernels(plan(model), fast)  # what the report and the LSTMs table say
+    if chosen == "onednn":
+        assert choice.note == "kept onednn: no kernel was faster beyond the timing noise"
+        assert decision.reason == "bit-identical to eager; autotune " + choice.note
+    else:
+        assert "stock took 0.50x the time of onednn (95% interval 0.45-0.55x)" in decision.reason
 
 
 def test_autotune_ignores_lstms_the_samples_do_not_reach():

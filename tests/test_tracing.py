@@ -4,11 +4,12 @@ scripted, so the packed op and a free batch size and sequence length survive in 
 import pytest
 import torch
 
-from conftest import run_python_json
+from conftest import invoke, run_python_json
 from lstmopt import optimize
 from lstmopt.errors import UsageError
 from lstmopt.job.pipeline import OptimizeOptions, optimize_file
 from lstmopt.artifacts.writing import read_metadata, write_artifact
+import models
 from models import UnscriptableForecaster, build_unscriptable_forecaster, build_unscriptable_tagger
 
 
@@ -163,3 +164,32 @@ def test_a_traced_lstm_fed_packed_sequences_is_reported_as_what_the_artifact_run
     assert meta["native_kernel"] == [] and meta["modules"][0]["sequence_kernel"] == "stock"
     assert not calls_lstmopt_ops(tmp_path / "t.ts.pt")  # and it needs no library it does not use
     assert not any("native kernel" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("model", ["SamplingForecaster", "PrenetDecoder"])
+@pytest.mark.parametrize("format", ["torchscript", "pickle"])
+def test_a_model_that_samples_is_named_as_the_cause_and_verifies_with_a_seed(tmp_path, monkeypatch, model, format):
+    monkeypatch.chdir(tmp_path)
+    torch.save(getattr(models, model)().state_dict(), "model.pt")
+    options = dict(input="model.pt", factory=f"models:{model}", input_shape=(2, 7, 3 if model != "PrenetDecoder" else 8),
+                   format=format)
+    report = optimize_file(OptimizeOptions(output="out.pt", **options))
+    assert report.exit_code == 5 and not (tmp_path / "out.pt").exists()
+    assert report.error.startswith("the model is not deterministic in eval mode: two runs of the original")
+    assert "--seed N" in report.error and "traced" not in report.error
+    report = optimize_file(OptimizeOptions(output="seeded.pt", seed=0, **options))
+    assert report.ok, report.error
+    assert report.verification["max_abs_error"] == 0 and report.to_dict()["options"]["seed"] == 0
+    shape = ",".join(map(str, options["input_shape"]))
+    verify = ["verify", "model.pt", "seeded.pt", "--factory", options["factory"], "--input-shape", shape, "--trust"]
+    assert invoke(*verify, "--seed", "0").exit_code == 0
+    unseeded = invoke(*verify)
+    assert unseeded.exit_code == 5 and "not deterministic in eval mode" in unseeded.stderr
+
+
+def test_randomness_no_seed_reaches_is_said_to_come_from_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(models.ClockNoise().state_dict(), "model.pt")
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:ClockNoise",
+                                           input_shape=(2, 7, 3), seed=3))
+    assert report.exit_code == 5 and "not deterministic even when its random generators are seeded with 3" in report.error

@@ -10,7 +10,7 @@ import typer
 from lstmopt.cli import options
 from lstmopt.cli.app import Failed, app
 from lstmopt.cli.options import (AtolOpt, CHECKS, DebugOpt, Dtype, DtypeOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
-                      Format, InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, RtolOpt, StateDictKeyOpt,
+                      Format, InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, RtolOpt, SeedOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
 from lstmopt.cli.ui import UI
 from lstmopt.kernels.table import approximate_kernels_text
@@ -36,6 +36,7 @@ def optimize(
     input_shape: InputShapeOpt = None,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
+    seed: SeedOpt = None,
     bench: Annotated[bool, typer.Option("--bench", rich_help_panel=CHECKS,
                                         help="Also time the original against the optimized model.")] = False,
     autotune: Annotated[bool, typer.Option(
@@ -48,7 +49,8 @@ def optimize(
              f"{approximate_kernels_text()}. The default tolerance becomes 1e-6.")] = False,
     min_speedup: Annotated[Optional[float], typer.Option(
         "--min-speedup", metavar="X", rich_help_panel=CHECKS,
-        help="Fail (exit 6) below this speedup: geometric mean over the inputs; implies --bench.")] = None,
+        help="Fail (exit 6) below this speedup (geometric mean over the inputs) when the timing noise allows no "
+             "doubt: its whole 95% interval lies below X; implies --bench.")] = None,
     require_lstm: Annotated[bool, typer.Option(
         "--require-lstm", help="Fail (exit 4) if no LSTM can be optimized, instead of warning.")] = False,
     report: Annotated[Optional[Path], typer.Option(
@@ -80,7 +82,7 @@ def optimize(
         factory_kwargs=options.parse_kwargs(factory_kwargs), trust=trust, state_dict_key=state_dict_key,
         strip_prefix=strip_prefix, example_inputs=example_inputs,
         input_shape=options.parse_shape(input_shape), atol=atol, rtol=rtol, benchmark=bench, min_speedup=min_speedup,
-        require_lstm=require_lstm, force=force, autotune=autotune, approx=approx,
+        require_lstm=require_lstm, force=force, autotune=autotune, approx=approx, seed=seed,
     )
     steps = {"load": "loading", "optimize": "packing LSTMs", "autotune": "timing kernels per LSTM",
              "write": f"writing {format.value}",

@@ -54,6 +54,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUT,
                                         help="Print nothing but errors.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", rich_help_panel=OUTPUT,
                                         help="Show tracebacks for errors.")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", metavar="N", rich_help_panel=CHECKS,
+    help="Seed the random generators (torch, Python, NumPy) with N before each compared call, on both sides: "
+         "for models that sample or keep dropout on in eval mode, which otherwise cannot be verified.")]
 
 
 def parse_kwargs(text: Optional[str]) -> dict:

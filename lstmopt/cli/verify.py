@@ -11,7 +11,7 @@ from lstmopt.errors import UsageError
 from lstmopt.cli import options
 from lstmopt.cli.app import app
 from lstmopt.cli.options import (AtolOpt, DebugOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
-                      InputShapeOpt, JsonOpt, QuietOpt, RtolOpt, StateDictKeyOpt,
+                      InputShapeOpt, JsonOpt, QuietOpt, RtolOpt, SeedOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
 from lstmopt.cli.ui import UI
 
@@ -32,6 +32,7 @@ def verify(
     input_shape: InputShapeOpt = None,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
+    seed: SeedOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -40,7 +41,7 @@ def verify(
     from lstmopt.reporting.display import verification_summary
     from lstmopt.artifacts.loading import artifact_format
     from lstmopt.artifacts.metadata import calls_lstmopt_ops, read_metadata
-    from lstmopt.job.verification import default_tolerance, verify_artifact
+    from lstmopt.job.verification import check_deterministic, default_tolerance, verify_artifact
 
     ui = UI(quiet=quiet, json_mode=json_out)
     artifact_kind = artifact_format(optimized, trust=trust)  # by content: the metadata is not proof of origin
@@ -61,13 +62,15 @@ def verify(
     default_atol, default_rtol = default_tolerance(meta.get("dtype", "float32"),
                                                    exact=all(m.get("exact", True) for m in meta.get("modules", [])))
     samples = options.load_samples(example_inputs, input_shape)
+    check_deterministic(loaded.model.eval(), samples, seed)
     with ui.status("verifying in a fresh process"):
         result = verify_artifact(loaded.model, optimized, format=artifact_kind, samples=samples, lstm_names=names,
                                  atol=default_atol if atol is None else atol,
                                  rtol=default_rtol if rtol is None else rtol,
                                  artifact_prefix=meta.get("module_prefix", ""),
                                  # what the archive's own code calls, not what its metadata claims
-                                 native_kernel=artifact_kind == "torchscript" and calls_lstmopt_ops(optimized))
+                                 native_kernel=artifact_kind == "torchscript" and calls_lstmopt_ops(optimized),
+                                 seed=seed)
     ui.emit_json(result.to_dict())
     ui.show(verification_summary(result.to_dict()))
     if not samples:

@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from lstmopt.job.samples import Sample, describe
-from lstmopt.rewrite.timing import interleaved_medians
+from lstmopt.rewrite.timing import compare, interleaved_medians
 
 __all__ = ["Benchmark", "LatencyCase", "compare_latency"]
 
@@ -30,6 +30,15 @@ class LatencyCase(_OriginalAgainstOptimized):
     input: str
     original_ms: float
     optimized_ms: float
+    # The ~95% interval of the median of per-round speedups (the two models timed side by side each round)
+    speedup_low: float = float("nan")
+    speedup_high: float = float("nan")
+    rounds: int = 0
+
+
+def _geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
 @dataclass
@@ -37,16 +46,22 @@ class Benchmark:
     rounds: int
     threads: int
     cases: list[LatencyCase] = field(default_factory=list)
+    stable: bool = True  # every case's interval got narrower than the target within the round budget
 
     @property
     def speedup(self) -> float:
         """Geometric mean of the per-input speedups."""
-        if not self.cases:
-            return float("nan")
-        return math.exp(sum(math.log(c.speedup) for c in self.cases) / len(self.cases))
+        return _geomean(c.speedup for c in self.cases)
+
+    @property
+    def speedup_range(self) -> tuple[float, float]:
+        """The geometric means of the cases' interval ends: the speedup the noise allows at worst and best."""
+        return _geomean(c.speedup_low for c in self.cases), _geomean(c.speedup_high for c in self.cases)
 
     def to_dict(self) -> dict:
+        low, high = self.speedup_range
         return {"rounds": self.rounds, "threads": self.threads, "speedup": round(self.speedup, 4),
+                "speedup_low": round(low, 4), "speedup_high": round(high, 4), "stable": self.stable,
                 "cases": [c.to_dict() for c in self.cases]}
 
 
@@ -59,16 +74,18 @@ def compare_latency(
     round_s: float = 0.02,
     on_case: Optional[Callable[[int, LatencyCase], None]] = None,
 ) -> Benchmark:
-    """Median latency per call of both models on each sample, timed side by side under ``no_grad``."""
+    """Median latency per call of both models on each sample, timed side by side under ``no_grad``, with
+    rounds added (up to 4 x ``rounds``) until each speedup's interval is within 10% of it."""
     result = Benchmark(rounds=rounds, threads=torch.get_num_threads())
     with torch.no_grad():
         for i, args in enumerate(samples):
-            medians = interleaved_medians(
-                {"original": lambda: original(*args), "optimized": lambda: optimized(*args)},
-                rounds=rounds, round_s=round_s,
-            )
-            case = LatencyCase(describe(args), medians["original"] * 1e3, medians["optimized"] * 1e3)
+            measured = compare({"original": lambda: original(*args), "optimized": lambda: optimized(*args)},
+                               baseline="optimized", rounds=rounds, round_s=round_s)
+            speedup = measured.ratios["original"]  # original's time over optimized's, round by round
+            case = LatencyCase(describe(args), measured.medians["original"] * 1e3,
+                               measured.medians["optimized"] * 1e3, speedup.low, speedup.high, measured.rounds)
             result.cases.append(case)
+            result.stable = result.stable and measured.stable
             if on_case is not None:
                 on_case(i, case)
     return result

@@ -17,7 +17,8 @@ only configs you trust. ``${VAR}`` values are kept out of reports and summaries 
 ``${VAR}``) unless ``lstmopt batch --show-variables``.
 
 Job keys: name, input, output, format, dtype, factory, factory_kwargs, trust, state_dict_key, strip_prefix,
-example_inputs, input_shape, atol, rtol, benchmark, autotune, approx, min_speedup, require_lstm. Unknown keys are errors. Validation (pydantic) runs on
+example_inputs, input_shape, atol, rtol, benchmark, autotune, approx, min_speedup, require_lstm, seed. Unknown keys
+are errors. Validation (pydantic) runs on
 the whole file before any job starts.
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
 from lstmopt.choices import DTYPES, FORMATS
 from lstmopt.errors import UsageError
@@ -65,6 +66,7 @@ class _Settings(BaseModel):
     approx: Optional[StrictBool] = None
     min_speedup: Optional[Annotated[float, Field(gt=0)]] = None
     require_lstm: Optional[StrictBool] = None
+    seed: Optional[StrictInt] = None
 
 
 class _Job(_Settings):

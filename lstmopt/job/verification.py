@@ -38,7 +38,8 @@ from lstmopt.errors import UsageError, VerificationError
 from lstmopt.artifacts.files import private_temp_dir, write_bytes
 from lstmopt.job.samples import Sample, describe
 
-__all__ = ["APPROX_TOLERANCE", "BF16_TOLERANCE", "Check", "Verification", "default_tolerance", "verify_artifact"]
+__all__ = ["APPROX_TOLERANCE", "BF16_TOLERANCE", "Check", "Verification", "check_deterministic", "default_tolerance",
+           "verify_artifact"]
 
 # bf16 keeps 8 significant bits. On the test models (speech encoder, tagger, forecaster, up to 100
 # steps, random initial states) the largest error against fp32 was 4e-3; the default leaves 5x headroom.
@@ -166,11 +167,13 @@ def verify_artifact(
     rtol: float = 0.0,
     artifact_prefix: str = "",
     native_kernel: bool = False,
+    seed: Optional[int] = None,
     timeout: float = 900.0,
 ) -> Verification:
     """Load ``artifact`` in a fresh interpreter and compare it with ``original`` on ``samples`` and, for
     each name in ``lstm_names`` (modules of ``original``), on that LSTM's own synthetic inputs.
-    ``native_kernel``: the artifact's LSTMs run the native kernel (its metadata says so)."""
+    ``native_kernel``: the artifact's LSTMs run the native kernel (its metadata says so). ``seed``: the
+    random generators are seeded with it before each compared model call, on both sides."""
     original = original.eval()
     native_library = _native_library() if native_kernel else None
     # The child computes with these very settings: results depend on the thread count in their last bits.
@@ -179,6 +182,7 @@ def verify_artifact(
     expected_samples = []
     with torch.no_grad():
         for i, args in enumerate(samples):
+            verify_child.seed_generators(seed)
             try:
                 expected_samples.append(verify_child.flatten(original(*args)))
             except Exception as exc:
@@ -192,7 +196,8 @@ def verify_artifact(
                 expected_lstms.append((f"{name or '<model>'} case {j} {describe(args)}",
                                        verify_child.flatten(lstm(*args))))
 
-    outputs = _run_child(Path(artifact), format, list(samples), lstm_payload, numerics, native_library, timeout)
+    outputs = _run_child(Path(artifact), format, list(samples), lstm_payload, numerics, native_library, seed,
+                         timeout)
     if outputs["numerics"] != numerics:
         raise VerificationError(f"the fresh process computed with other settings ({outputs['numerics']}) than the "
                                 f"reference ({numerics}), so an exact comparison would mean nothing")
@@ -217,6 +222,37 @@ def verify_artifact(
     return result
 
 
+def check_deterministic(model: nn.Module, samples: Sequence[Sample], seed: Optional[int]) -> None:
+    """Raise ``VerificationError`` when two runs of ``model`` on its first sample (each preceded by seeding
+    with ``seed``, when given) differ: no artifact can be verified against a model that disagrees with
+    itself, and the cause is the model's, not the artifact's."""
+    if not samples:
+        return
+    runs = []
+    with torch.no_grad():
+        for _ in range(2):
+            verify_child.seed_generators(seed)
+            try:
+                runs.append(verify_child.flatten(model(*samples[0])))
+            except Exception:
+                return  # verification reports the failure with its context
+    differing = [compare(name, e, a, 0.0, 0.0) for (name, e), (_, a) in zip(*runs)]
+    differing = [c for c in differing if not c.ok]
+    if not differing and len(runs[0]) == len(runs[1]):
+        return
+    worst = max(differing, key=lambda c: c.max_abs_error) if differing else None
+    detail = f" ({worst.name}: max abs difference {worst.max_abs_error:.3g})" if worst else ""
+    if seed is None:
+        raise VerificationError(
+            f"the model is not deterministic in eval mode: two runs of the original on example input 0 differ{detail} "
+            "(sampling, or dropout left on), so no artifact can be verified against it; if the randomness is "
+            "intended, pass --seed N to seed the random generators with N before each compared call")
+    raise VerificationError(
+        f"the model is not deterministic even when its random generators are seeded with {seed} before each call: "
+        f"two runs of the original on example input 0 differ{detail}; its randomness comes from elsewhere "
+        "(another generator, threads, the clock)")
+
+
 def _user_paths() -> list[str]:
     """The current directory and the import paths added to this interpreter beyond its installation."""
     paths = [os.getcwd()]
@@ -237,13 +273,13 @@ def _native_library() -> str:
 
 
 def _run_child(artifact: Path, format: str, samples: list, lstm_payload: list, numerics: dict,
-               native_library: Optional[str], timeout: float) -> dict:
+               native_library: Optional[str], seed: Optional[int], timeout: float) -> dict:
     with private_temp_dir("lstmopt-verify-") as tmp:
         payload, result = tmp / "payload.pt", tmp / "result.pt"
         buffer = io.BytesIO()
         # A pickle artifact's classes are the user's: the child imports them from where this process did.
         torch.save({"samples": samples, "lstms": lstm_payload, "numerics": numerics,
-                    "native_library": native_library,
+                    "native_library": native_library, "seed": seed,
                     "import_paths": _user_paths() if format == "pickle" else []}, buffer)
         try:
             write_bytes(payload, buffer.getbuffer())

@@ -56,6 +56,23 @@ def apply_numerics_settings(settings):
                 setattr(owner, name, value)
 
 
+def seed_generators(seed):
+    """Seed every random generator a model may draw from (torch's CPU generator, Python's, NumPy's if it is
+    loaded), before each compared call when ``--seed`` is given: a model that samples or keeps dropout on
+    in eval mode then draws the same numbers on both sides. None: leave them alone."""
+    if seed is None:
+        return
+    import random
+
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed)
+
+
 def flatten(obj):
     """The tensors of a (possibly nested) model output, in a fixed order, with a name for each."""
     import torch
@@ -103,6 +120,7 @@ def main(artifact, fmt, payload_path, result_path):
     result = {"samples": [], "lstms": [], "numerics": numerics_settings()}
     with torch.no_grad():
         for args in payload["samples"]:
+            seed_generators(payload["seed"])
             try:
                 result["samples"].append([t for _, t in flatten(model(*args))])
             except Exception as exc:  # report it: the parent decides what it means

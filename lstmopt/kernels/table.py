@@ -27,6 +27,7 @@ class Kernel:
     native: bool  # needs lstmopt's native library
     what: str  # one line for docs and help
     chosen_because: Optional[str] = None  # autotune's reason when it picks this kernel over the default
+    single_step: bool = False  # serves only calls of one time step (others take nn.LSTM's path)
 
 
 TABLE = (
@@ -34,7 +35,7 @@ TABLE = (
            what="the packed oneDNN op, one aten.mkldnn_rnn_layer per layer and direction"),
     Kernel("cell", TENSOR, exact=False, default=False, fp32_only=True, reads_packs=False, native=False,
            what="one aten.lstm_cell per layer, for single-step calls",
-           chosen_because="single steps through aten.lstm_cell measured fastest"),
+           chosen_because="single steps through aten.lstm_cell measured fastest", single_step=True),
     Kernel("native", TENSOR, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
            what="lstmopt's native kernel: the whole call in one native call",
            chosen_because="lstmopt's native kernel measured fastest"),

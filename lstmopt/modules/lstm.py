@@ -64,7 +64,7 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
     """
 
     # Python-only: a scripted module cannot hold locks, Python tuples or object identities.
-    __jit_ignored_attributes__ = ["_state", "autotune_ms", "sequence_autotune_ms", "_is_packed_lstm"]
+    __jit_ignored_attributes__ = ["_state", "autotune_ms", "sequence_autotune_ms", "autotune_notes", "_is_packed_lstm"]
     __jit_unused_properties__ = ["packed_layers", "uses_native_kernel", *nn.LSTM.__jit_unused_properties__]
 
     _is_packed_lstm = True  # packing_obstacle: this very class, not a subclass
@@ -121,6 +121,7 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         self.packed_dtype = self.kernel_dtype = self.sequence_dtype = None
         self.autotune_ms: Optional[dict] = None  # what autotune measured per kernel, for tensor calls
         self.sequence_autotune_ms: Optional[dict] = None  # and for PackedSequence calls
+        self.autotune_notes: dict = {}  # autotune's verdict in words, per kind of input
         self._state = PackState()
         directions = 2 if self.bidirectional else 1
         self.packed_layers = nn.ModuleList(

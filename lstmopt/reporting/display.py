@@ -120,16 +120,24 @@ def _worst(checks: list[dict], limit: int) -> list[dict]:
     return sorted(checks, key=lambda c: -(c["max_abs_error"] or 0.0))[:limit]
 
 
+def _interval(case: dict) -> str:
+    low, high = case.get("speedup_low"), case.get("speedup_high")
+    return "—" if low is None or high is None else f"{low:.2f}-{high:.2f}x"
+
+
 def benchmark_table(benchmark: dict, *, title: Optional[str] = None) -> Table:
     title = title or (f"Latency (median of {benchmark['rounds']} interleaved rounds, {benchmark['threads']} threads)"
                       f": speedup {benchmark['speedup']:.2f}x")
     table = Table(title=title, title_justify="left")
-    for column in ("input", "original ms", "optimized ms", "speedup"):
+    for column in ("input", "original ms", "optimized ms", "speedup", "95% interval"):
         table.add_column(column, justify="left" if column == "input" else "right")
     for case in benchmark["cases"]:
         style = "green" if case["speedup"] >= 1 else "red"
+        if case.get("speedup_high") is not None and case.get("speedup_low") is not None:
+            # A verdict only where the whole interval gives it.
+            style = "green" if case["speedup_low"] > 1 else "red" if case["speedup_high"] < 1 else "default"
         table.add_row(case["input"], f"{case['original_ms']:.3f}", f"{case['optimized_ms']:.3f}",
-                      Text(f"{case['speedup']:.2f}x", style=style))
+                      Text(f"{case['speedup']:.2f}x", style=style), _interval(case))
     return table
 
 

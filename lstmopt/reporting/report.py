@@ -111,10 +111,13 @@ def report_markdown(data: dict, *, heading: str = "##") -> str:
     bench = data.get("benchmark")
     if bench:
         lines += [f"**Speedup** {bench['speedup']:.2f}× (geometric mean, median of {bench['rounds']} interleaved "
-                  "rounds)", "", "| input | original ms | optimized ms | speedup |", "|---|---|---|---|"]
+                  "rounds)", "", "| input | original ms | optimized ms | speedup | 95% interval |",
+                  "|---|---|---|---|---|"]
         for case in bench["cases"]:
+            low, high = case.get("speedup_low"), case.get("speedup_high")
+            interval = "—" if low is None or high is None else f"{low:.2f}-{high:.2f}×"
             lines.append(f"| {case['input']} | {case['original_ms']:.3f} | {case['optimized_ms']:.3f} | "
-                         f"{case['speedup']:.2f}× |")
+                         f"{case['speedup']:.2f}× | {interval} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,18 +1,16 @@
 """Per-module autotune: time each PackedLSTM's kernels on the inputs it really sees, keep the fastest.
 
 ``autotune(model, samples)`` runs the model on the sample inputs while recording what every PackedLSTM
-receives, then, for each module, times the candidate kernels on those recorded calls (medians of
-interleaved rounds, weighted by how often each input shape occurred) and switches the module to the
-fastest. Tensor calls choose ``PackedLSTM.kernel``: ``"onednn"`` (packed, bit-identical), ``"stock"``
-(nn.LSTM itself) and, with ``exact=False``, ``"cell"`` (single steps through aten.lstm_cell) and
-``"native"`` (lstmopt's own kernel, where it can be built), both within 1e-6 of nn.LSTM. PackedSequence
-calls choose ``PackedLSTM.sequence_kernel``: ``"stock"`` and, with ``exact=False``, ``"onednn"`` (the
-packed op on padded runs) and ``"native"``, within 1e-6.
+receives, then, for each module and kind of input (tensors, PackedSequences), times every kernel of the
+kernel table (``lstmopt.kernels.table``) that serves all the recorded calls against the default kernel,
+side by side, on one pass over those calls (``timing.compare``). A kernel replaces the default only where
+it is faster beyond the timing noise: the whole 95% interval of its time over the default's lies below
+``1 - MARGIN``. Otherwise the default stays, and the module's ``autotune_notes`` say so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -23,25 +21,37 @@ from lstmopt.kernels import native
 from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import tracked_copy, weights_obstacle
-from lstmopt.rewrite.timing import interleaved_medians
+from lstmopt.modules.guards import kernel_accepts
+from lstmopt.rewrite.timing import Ratio, compare
 
-__all__ = ["KernelChoice", "autotune"]
+__all__ = ["MARGIN", "KernelChoice", "autotune"]
+
+MARGIN = 0.03
+"""A kernel must take at most 97% of the default's time, the whole interval of it, to replace the default:
+differences smaller than that are not worth leaving the default (bit-identical, or nn.LSTM's own) for."""
+MAX_CALLS_PER_PASS = 64  # a recorded pass is replayed with counts scaled down to about this many calls
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """What autotune chose for one module, for one kind of input ("tensor" or "sequence")."""
+    """What autotune chose for one module, for one kind of input ("tensor" or "sequence"), and why."""
 
     name: str
     inputs: str
     kernel: str
     exact: bool
-    ms_per_forward: dict  # kernel -> total ms over the recorded calls of one pass over the samples
+    ms_per_forward: dict  # kernel -> ms over the recorded calls of one pass over the samples
     calls: int  # recorded calls per pass over the samples
+    baseline: str = ""  # the default kernel the others were timed against
+    ratios: dict = field(default_factory=dict)  # kernel -> Ratio of its time to the baseline's
+    not_serving: tuple = ()  # kernels left out: some recorded call would have taken nn.LSTM's path
+    note: str = ""  # the verdict in words, for reports
 
     def to_dict(self) -> dict:
         return {"name": self.name, "inputs": self.inputs, "kernel": self.kernel, "exact": self.exact,
-                "calls": self.calls, "ms_per_forward": {k: round(v, 4) for k, v in self.ms_per_forward.items()}}
+                "calls": self.calls, "ms_per_forward": {k: round(v, 4) for k, v in self.ms_per_forward.items()},
+                "baseline": self.baseline, "ratios": {k: r.to_dict() for k, r in self.ratios.items()},
+                "not_serving": list(self.not_serving), "note": self.note}
 
 
 def _signature(input, hx) -> tuple:
@@ -77,25 +87,66 @@ def _record(model: nn.Module, modules: dict, samples: Sequence[tuple]) -> dict:
     return seen
 
 
-def _fastest(module: PackedLSTM, calls: list, candidates: list[str], switch, rounds: int,
-             round_s: float) -> tuple[str, dict]:
-    """Time ``module`` switched (``switch(copy, kernel)``) to each candidate on ``calls``; the fastest and all
-    totals (ms per pass over the samples)."""
-    variants = {}
+def _serves(variant: PackedLSTM, kernel: str, inputs: str, calls: list) -> bool:
+    """Whether ``kernel`` (already switched on ``variant``) takes every recorded call itself."""
+    facts = kernel_table.find(kernel, inputs)
+    if kernel == "stock":
+        return True
+    dtype = variant.kernel_dtype if inputs == kernel_table.TENSOR else variant.sequence_dtype
+    weight_dtype = variant._flat_weights[0].dtype
+    for (input, hx), _ in calls:
+        data = input.data if isinstance(input, PackedSequence) else input
+        if variant.io_dtype is not None and data.dtype == variant.io_dtype:  # cast at the boundary first
+            input = input.to(weight_dtype)
+            hx = None if hx is None else tuple(h.to(weight_dtype) for h in hx)
+        if not kernel_accepts(variant, input, hx, dtype, single_step_only=facts.single_step):
+            return False
+    return True
+
+
+def _one_pass(variant: PackedLSTM, calls: list, scale: float):
+    """A function replaying the recorded calls on ``variant``, each as often as recorded times ``scale``."""
+    replay = [(args, max(1, round(count * scale))) for args, count in calls]
+
+    def run():
+        for args, count in replay:
+            for _ in range(count):
+                variant(*args)
+    return run
+
+
+def _fastest(module: PackedLSTM, inputs: str, calls: list, candidates: list[str], baseline: str, switch,
+             rounds: int, round_s: float) -> tuple[str, dict, dict, tuple]:
+    """Time ``module`` switched (``switch(copy, kernel)``) to each candidate serving ``calls`` against
+    ``baseline``; the kernel chosen, ms per pass over the samples, each Ratio, and the kernels left out."""
+    variants, not_serving = {}, []
     for kernel in candidates:
         variant = tracked_copy(module)
         switch(variant, kernel)
-        variants[kernel] = variant
-    totals = {kernel: 0.0 for kernel in variants}
+        if kernel == baseline or _serves(variant, kernel, inputs, calls):
+            variants[kernel] = variant
+        else:
+            not_serving.append(kernel)
+    total = sum(count for _, count in calls)
+    scale = min(1.0, MAX_CALLS_PER_PASS / total)
+    passes = {kernel: _one_pass(variant, calls, scale) for kernel, variant in variants.items()}
     with torch.no_grad():
-        for args, count in calls:
-            medians = interleaved_medians(
-                {kernel: (lambda v=variant, a=args: v(*a)) for kernel, variant in variants.items()},
-                rounds=rounds, round_s=round_s,
-            )
-            for kernel, seconds in medians.items():
-                totals[kernel] += seconds * count * 1e3
-    return min(totals, key=totals.get), totals
+        measured = compare(passes, baseline=baseline, rounds=rounds, round_s=round_s)
+    replayed = sum(max(1, round(count * scale)) for _, count in calls)
+    ms = {kernel: seconds * 1e3 * total / replayed for kernel, seconds in measured.medians.items()}
+    winners = [k for k, ratio in measured.ratios.items() if ratio.high < 1 - MARGIN]
+    best = min(winners, key=lambda k: measured.ratios[k].median) if winners else baseline
+    return best, ms, measured.ratios, tuple(not_serving)
+
+
+def _note(kernel: str, baseline: str, ratios: dict[str, Ratio], not_serving: tuple) -> str:
+    if kernel != baseline:
+        r = ratios[kernel]
+        return f"{kernel} took {r.median:.2f}x the time of {baseline} (95% interval {r.low:.2f}-{r.high:.2f}x)"
+    note = f"kept {baseline}: no kernel was faster beyond the timing noise"
+    if not_serving:
+        note += f" ({', '.join(not_serving)} would not serve every call)"
+    return note
 
 
 def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, rounds: int = 9,
@@ -133,6 +184,7 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
             module.autotune_ms = tensor_choice.ms_per_forward
         if sequence_choice:
             module.sequence_autotune_ms = sequence_choice.ms_per_forward
+        module.autotune_notes = {c.inputs: c.note for c in (tensor_choice, sequence_choice) if c is not None}
         choices += [c for c in (tensor_choice, sequence_choice) if c is not None]
     return choices
 
@@ -163,5 +215,8 @@ def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool
         candidates = [k for k in candidates if not facts[k].native]  # no compiler here: load() said so
     if not packable:
         candidates = [k for k in candidates if not facts[k].reads_packs]  # nothing to pack (dtype, device)
-    best, totals = _fastest(module, calls, candidates, switch, rounds, round_s)
-    return KernelChoice(name, inputs, best, best in allowed_exact, totals, sum(count for _, count in calls))
+    default = kernel_table.default(kind)
+    baseline = default if default in candidates else "stock"
+    best, ms, ratios, not_serving = _fastest(module, kind, calls, candidates, baseline, switch, rounds, round_s)
+    return KernelChoice(name, inputs, best, best in allowed_exact, ms, sum(count for _, count in calls), baseline,
+                        ratios, not_serving, _note(best, baseline, ratios, not_serving))

@@ -171,17 +171,22 @@ def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[De
                                sequence_kernel=module.sequence_kernel,
                                sequence_autotune_ms=module.sequence_autotune_ms,
                                exact=decision.exact and kernels_are_exact(module.kernel, module.sequence_kernel))
-            notes = [_note(kernel_table.find(module.kernel, kernel_table.TENSOR)),
-                     _note(kernel_table.find(module.sequence_kernel, kernel_table.SEQUENCE))]
+            measured = getattr(module, "autotune_notes", {})
+            notes = [_note(kernel_table.find(module.kernel, kernel_table.TENSOR), measured.get("tensor")),
+                     _note(kernel_table.find(module.sequence_kernel, kernel_table.SEQUENCE), measured.get("sequence"))]
             notes = [note for note in notes if note]
             if notes:
                 decision = replace(decision, reason="autotune: " + "; ".join(notes))
+            elif measured:
+                decision = replace(decision, reason=f"{decision.reason}; autotune {'; '.join(measured.values())}")
         updated.append(decision)
     return updated
 
 
-def _note(kernel: kernel_table.Kernel) -> Optional[str]:
-    """Why autotune picked ``kernel`` over the default, in the words of the LSTMs table; None for the default."""
+def _note(kernel: kernel_table.Kernel, measured: Optional[str]) -> Optional[str]:
+    """Why autotune picked ``kernel`` over the default, in the words of the LSTMs table (with what it
+    measured, ``autotune_notes``); None for the default."""
     if kernel.default or not kernel.chosen_because:
         return None
-    return kernel.chosen_because + ("" if kernel.exact else "; within 1e-6 of nn.LSTM, not bit-identical")
+    text = kernel.chosen_because + (f" ({measured})" if measured and not measured.startswith("kept") else "")
+    return text + ("" if kernel.exact else "; within 1e-6 of nn.LSTM, not bit-identical")
