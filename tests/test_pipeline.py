@@ -224,6 +224,7 @@ def test_autotune_job_records_each_choice_and_verifies_at_the_matching_tolerance
     assert any(native.LOAD_LINE in w for w in report.warnings) == bool(on_native)
     exact = all(m["exact"] for m in modules.values())
     assert (report.verification["atol"], report.verification["rtol"]) == ((0.0, 0.0) if exact else (1e-6, 1e-6))
+    assert report.verification["criterion"] == ("tolerance" if exact else "float64")
     assert read_metadata(tmp_path / "out.pt")["modules"] == json.loads(json.dumps(report.modules))
     assert "autotune_s" in report.timings
 

@@ -13,6 +13,7 @@ from lstmopt.cli.options import (AtolOpt, CHECKS, DebugOpt, Dtype, DtypeOpt, Exa
                       Format, InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, RtolOpt, SeedOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
 from lstmopt.cli.ui import UI
+from lstmopt.kernels.accuracy import CONTRACT
 from lstmopt.kernels.table import approximate_kernels_text
 
 
@@ -45,8 +46,9 @@ def optimize(
              "example inputs, and keep the fastest per LSTM.")] = False,
     approx: Annotated[bool, typer.Option(
         "--approx", rich_help_panel=CHECKS,
-        help="With --autotune, also consider the kernels within 1e-6 of nn.LSTM, not bit-identical: "
-             f"{approximate_kernels_text()}. The default tolerance becomes 1e-6.")] = False,
+        help="With --autotune, also consider the approximate kernels, not bit-identical: "
+             f"{approximate_kernels_text()}. Verification then holds them to their contract, {CONTRACT} "
+             "(--atol/--rtol set a tolerance instead).")] = False,
     min_speedup: Annotated[Optional[float], typer.Option(
         "--min-speedup", metavar="X", rich_help_panel=CHECKS,
         help="Fail (exit 6) below this speedup (geometric mean over the inputs) when the timing noise allows no "

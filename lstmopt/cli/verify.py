@@ -59,8 +59,8 @@ def verify(
         except AttributeError:
             raise UsageError(f"{original} has no module {name!r}, which {optimized} optimized; was it made from "
                              "this model?") from None
-    default_atol, default_rtol = default_tolerance(meta.get("dtype", "float32"),
-                                                   exact=all(m.get("exact", True) for m in meta.get("modules", [])))
+    exact = all(m.get("exact", True) for m in meta.get("modules", []))
+    default_atol, default_rtol = default_tolerance(meta.get("dtype", "float32"), exact=exact)
     samples = options.load_samples(example_inputs, input_shape)
     check_deterministic(loaded.model.eval(), samples, seed)
     with ui.status("verifying in a fresh process"):
@@ -70,7 +70,8 @@ def verify(
                                  artifact_prefix=meta.get("module_prefix", ""),
                                  # what the archive's own code calls, not what its metadata claims
                                  native_kernel=artifact_kind == "torchscript" and calls_lstmopt_ops(optimized),
-                                 seed=seed)
+                                 seed=seed, float64_reference=(not exact and meta.get("dtype", "float32") == "float32"
+                                                               and atol is None and rtol is None))
     ui.emit_json(result.to_dict())
     ui.show(verification_summary(result.to_dict()))
     if not samples:

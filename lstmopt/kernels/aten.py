@@ -4,7 +4,7 @@
   (PR #103071). On packed weights it is the fast kernel (bit-identical to nn.LSTM); on dense weights it
   is the graph ``torch.export`` records (the op reorders them itself, as eager does).
 - ``run_cells``: a single time step as one ``aten.lstm_cell`` per layer and direction: no primitive to
-  set up, so at one step it beats the op's fixed cost; within 1e-6 of nn.LSTM, not bit-identical.
+  set up, so at one step it beats the op's fixed cost; not bit-identical (the approximate-kernel contract, kernels/accuracy.py).
 
 Both trust their arguments completely: callers check them first (see ``lstmopt.checks``).
 """
@@ -125,7 +125,7 @@ def run_onednn_sequence(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """nn.LSTM's computation on a PackedSequence's ``data`` and ``batch_sizes`` (sequences sorted longest
     first; ``hx`` in that order), through the oneDNN op instead of ATen's cell loop. Returns the output's
-    packed data, h_n and c_n (sorted order). Within 1e-6 of nn.LSTM, not bit-identical (eager runs packed
+    packed data, h_n and c_n (sorted order). Not bit-identical (kernels/accuracy.py) (eager runs packed
     sequences through another kernel).
 
     Each direction runs on a padded copy of the batch, one op call per run of steps over which the same

@@ -2,7 +2,7 @@
 
 The kernel runs a whole LSTM call (every layer, direction and step) in one native call, for tensors and
 PackedSequences: at one step or a short chunk, where per-call costs are the latency, it is several times
-faster than the oneDNN op. Its results are within ~1e-6 of nn.LSTM, not bit-identical, so it is only
+faster than the oneDNN op. Its results are not bit-identical (kernels/accuracy.py), so it is only
 chosen where approximate kernels are allowed (``autotune(..., exact=False)``, ``--autotune --approx``).
 
 ``load()`` compiles the kernel for this CPU (``-march=native``) the first time, into a private cache keyed

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from lstmopt.kernels.accuracy import CONTRACT
+
 __all__ = ["Kernel", "SEQUENCE", "TENSOR", "TABLE", "approximate_kernels_text", "default", "find", "markdown", "names"]
 
 TENSOR, SEQUENCE = "tensors", "PackedSequences"
@@ -20,7 +22,7 @@ TENSOR, SEQUENCE = "tensors", "PackedSequences"
 class Kernel:
     name: str
     inputs: str  # TENSOR or SEQUENCE
-    exact: bool  # bit-identical to nn.LSTM (else within the approximate-kernel tolerance)
+    exact: bool  # bit-identical to nn.LSTM (else held to the approximate-kernel contract, kernels/accuracy.py)
     default: bool  # what a PackedLSTM runs until autotune says otherwise
     fp32_only: bool  # else also the packed dtype (bf16)
     reads_packs: bool  # the oneDNN packs must be kept while it is in use
@@ -80,6 +82,6 @@ def markdown() -> str:
         chosen = "by default" if k.default else ("by autotune" if k.exact else "by autotune with `--approx`")
         needs = ", fp32" if k.fp32_only else ""
         needs += ", needs the native library" if k.native else ""
-        results = "bit-identical to `nn.LSTM`" if k.exact else "within 1e-6 of `nn.LSTM`"
+        results = "bit-identical to `nn.LSTM`" if k.exact else CONTRACT
         rows.append(f"| `{k.name}` | {k.inputs}{needs} | {chosen} | {results} | {k.what} |")
     return "\n".join(rows) + "\n"

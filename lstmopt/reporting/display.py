@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from lstmopt.reporting.report import format_error
+from lstmopt.reporting.report import criterion_text, format_error
 
 __all__ = ["batch_table", "benchmark_table", "model_tree", "modules_table", "verification_summary"]
 
@@ -101,13 +101,15 @@ def verification_summary(verification: dict, *, limit: int = 6) -> Table:
     failed = [c for c in checks if not c["ok"]]
     verdict = "[green]passed[/]" if verification["ok"] else f"[red]failed ({len(failed)} of {len(checks)})[/]"
     threads = f", {verification['threads']} threads" if verification.get("threads") else ""
-    table = Table(title=f"Verification in a fresh process: {verdict}  (atol {verification['atol']:g}, "
-                        f"rtol {verification['rtol']:g}{threads})", title_justify="left")
+    table = Table(title=f"Verification in a fresh process: {verdict}  ({criterion_text(verification)}{threads})",
+                  title_justify="left")
     for column in ("output", "shape", "max abs error", "max rel error", "result"):
         table.add_column(column, justify="right" if "error" in column else "left")
     shown = failed[:limit] if failed else _worst(checks, limit)
     for c in shown:
         result = Text("ok", style="green") if c["ok"] else Text(c.get("error") or "above tolerance", style="red")
+        if c.get("vs_float64") is not None:  # the approximate-kernel contract judged it
+            result.append(f" ({format_error(c['vs_float64'])} vs float64, bound {format_error(c['bound'])})")
         table.add_row(c["name"], "x".join(str(d) for d in c["shape"]), format_error(c["max_abs_error"]),
                       format_error(c["max_rel_error"]), result)
     hidden = len(failed if failed else checks) - len(shown)

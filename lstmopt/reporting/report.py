@@ -45,6 +45,13 @@ def write_json(data: dict, path: Path) -> None:
     atomic_write_text(Path(path), report_json(data))
 
 
+def criterion_text(verification: dict) -> str:
+    """What a verification judged by: its tolerance, or the approximate-kernel contract."""
+    if verification.get("criterion") == "float64":
+        return f"errors against the float64 original within {verification['factor']:g}x the fp32 original's own"
+    return f"atol {verification['atol']:g}, rtol {verification['rtol']:g}"
+
+
 def format_error(value: Any) -> str:
     """An error for people: "0" when exact, "n/a" when it could not be measured."""
     if value is None or value != value or value == float("inf"):
@@ -104,8 +111,8 @@ def report_markdown(data: dict, *, heading: str = "##") -> str:
         verdict = "passed" if verification["ok"] else "**failed**"
         lines += [f"**Verification** {verdict} in a fresh process: max abs error "
                   f"{format_error(verification['max_abs_error'])}, max rel error "
-                  f"{format_error(verification['max_rel_error'])} (atol {verification['atol']:g}, "
-                  f"rtol {verification['rtol']:g}; both sides at {verification.get('threads')} threads; "
+                  f"{format_error(verification['max_rel_error'])} ({criterion_text(verification)}; "
+                  f"both sides at {verification.get('threads')} threads; "
                   f"{len(verification['model_outputs'])} model outputs, "
                   f"{len(verification['lstm_outputs'])} LSTM outputs).", ""]
     bench = data.get("benchmark")

@@ -142,7 +142,7 @@ def _fastest(module: PackedLSTM, inputs: str, calls: list, candidates: list[str]
 def _note(kernel: str, baseline: str, ratios: dict[str, Ratio], not_serving: tuple) -> str:
     if kernel != baseline:
         r = ratios[kernel]
-        return f"{kernel} took {r.median:.2f}x the time of {baseline} (95% interval {r.low:.2f}-{r.high:.2f}x)"
+        return f"{r.median:.2f}x {baseline}'s time, 95% interval {r.low:.2f}-{r.high:.2f}x"
     note = f"kept {baseline}: no kernel was faster beyond the timing noise"
     if not_serving:
         note += f" ({', '.join(not_serving)} would not serve every call)"

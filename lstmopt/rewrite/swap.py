@@ -10,6 +10,7 @@ from torch import nn
 
 from lstmopt.errors import UnsupportedError
 from lstmopt.kernels import table as kernel_table
+from lstmopt.kernels.accuracy import CONTRACT
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import PACKABLE_DTYPES, bf16_supported, packing_obstacle, tracked_copy
 
@@ -189,4 +190,4 @@ def _note(kernel: kernel_table.Kernel, measured: Optional[str]) -> Optional[str]
     if kernel.default or not kernel.chosen_because:
         return None
     text = kernel.chosen_because + (f" ({measured})" if measured and not measured.startswith("kept") else "")
-    return text + ("" if kernel.exact else "; within 1e-6 of nn.LSTM, not bit-identical")
+    return text + ("" if kernel.exact else f"; {CONTRACT}, not bit-identical")
