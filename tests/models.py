@@ -274,3 +274,29 @@ class ClockNoise(nn.Module):
 
         generator = torch.Generator().manual_seed(time.perf_counter_ns())
         return self.lstm(x + torch.rand(x.shape, generator=generator))[0]
+
+
+class WaveformDetector(nn.Module):
+    """Raw audio in (batch, channel, samples): a strided conv front end, then an LSTM over the frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.frontend = nn.Conv1d(1, 16, kernel_size=40, stride=20)
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+
+    def forward(self, audio: Tensor) -> Tensor:
+        frames = torch.relu(self.frontend(audio)).transpose(1, 2)
+        return self.lstm(frames)[0]
+
+
+class UnscriptableScaler(nn.Module):
+    """No LSTM, and code TorchScript cannot compile (a loop variable named `_`, then reused): traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, **options):
+        for _ in range(2):
+            x = self.linear(x)
+        return x * options.get("scale", 1.0)

@@ -332,3 +332,46 @@ def test_variables_expanded_into_a_config_stay_out_of_reports_unless_asked(tmp_p
     assert "${LSTMOPT_TEST_TOKEN}" in shown
     result = invoke("batch", str(path), "--json", "--show-variables")
     assert "s3cr3t-t0ken" in result.stdout
+
+
+def test_shards_split_a_config_deterministically_into_balanced_disjoint_slices(tmp_path, models):
+    jobs = "".join(f"- name: job{i}\n  input: forecaster.pt\n  output: out/f{i}.pt\n  factory: models:build_forecaster\n"
+                   for i in range(7))
+    loaded = load_config(config(tmp_path, jobs))
+    slices = [[job.name for job in loaded.sharded(i, 3).jobs] for i in (1, 2, 3)]
+    assert slices == [["job0", "job3", "job6"], ["job1", "job4"], ["job2", "job5"]]
+    assert slices == [[job.name for job in load_config(tmp_path / "batch.yaml").sharded(i, 3).jobs] for i in (1, 2, 3)]
+    with pytest.raises(UsageError, match="1 <= I <= N"):
+        loaded.sharded(4, 3)
+
+
+def test_shard_reports_merge_into_the_report_of_the_whole_config(tmp_path, models):
+    path = config(tmp_path, GOOD)
+    for i in (1, 2):
+        result = invoke("batch", str(path), "--shard", f"{i}/2", "--report", str(tmp_path / f"shard-{i}.json"), "--quiet")
+        assert result.exit_code == 0, result.output
+    shard = json.loads((tmp_path / "shard-2.json").read_text())
+    assert shard["shard"] == {"index": 2, "count": 2, "jobs": [1], "config_jobs": 2} and len(shard["jobs"]) == 1
+    merged_path = tmp_path / "batch.json"
+    result = invoke("merge-reports", str(tmp_path / "shard-2.json"), str(tmp_path / "shard-1.json"),
+                    "--report", str(merged_path), "--summary", str(tmp_path / "batch.md"))
+    assert result.exit_code == 0, result.output
+    merged = json.loads(merged_path.read_text())
+    assert [job["job"] for job in merged["jobs"]] == ["forecaster", "tagger"]  # config order
+    assert merged["summary"]["ok"] == merged["summary"]["total"] == 2 and merged["merged_shards"] == 2
+    assert len(merged["environments"]) == 2 and "tagger" in (tmp_path / "batch.md").read_text()
+    for job in merged["jobs"]:
+        jsonschema.validate(job, schema())
+
+    # A failure in any shard is the merged run's exit code; missing, doubled or foreign shards are refused.
+    shard["jobs"][0].update(status="verification_failed", exit_code=5, error="worse than the tolerance")
+    (tmp_path / "failed-2.json").write_text(json.dumps(shard))
+    failed = invoke("merge-reports", str(tmp_path / "shard-1.json"), str(tmp_path / "failed-2.json"))
+    assert failed.exit_code == 5 and "first: tagger: worse than the tolerance" in failed.stderr
+    missing = invoke("merge-reports", str(tmp_path / "shard-1.json"))
+    assert missing.exit_code == 2 and "missing 2/2" in missing.stderr
+    twice = invoke("merge-reports", str(tmp_path / "shard-1.json"), str(tmp_path / "shard-1.json"))
+    assert twice.exit_code == 2 and "twice 1/2" in twice.stderr
+    (tmp_path / "other-2.json").write_text(json.dumps(dict(shard, config_sha256="0" * 64)))
+    foreign = invoke("merge-reports", str(tmp_path / "shard-1.json"), str(tmp_path / "other-2.json"))
+    assert foreign.exit_code == 2 and "different configs" in foreign.stderr

@@ -89,6 +89,20 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
         load_model(path, factory=FACTORY)
 
 
+def test_weights_of_a_wrapped_module_name_the_factory_to_use(tmp_path, monkeypatch):
+    # The factory wraps the model the checkpoint was saved from: its keys gain a prefix.
+    module = tmp_path / "wrapping.py"
+    module.write_text("import torch\nfrom models import build_tagger\n\n"
+                      "class Wrapper(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                      "        self.net = build_tagger()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "inner.pt"
+    torch.save(build_tagger().state_dict(), path)
+    with pytest.raises(UsageError, match=r"the model's keys all start with 'net\.'.*a factory that returns that "
+                                         r"module \(the wrapper's \.net\) instead"):
+        load_model(path, factory="wrapping:Wrapper")
+
+
 def test_shape_mismatch_is_reported(tmp_path):
     path = tmp_path / "other.pt"
     torch.save(build_tagger(hidden=8).state_dict(), path)
@@ -159,8 +173,8 @@ def test_legacy_pickled_module_is_refused(tmp_path):
 
 def test_torchscript_archive_is_refused_with_what_to_provide(tmp_path):
     path = tmp_path / "scripted.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
-    with pytest.raises(UsageError, match=r"TorchScript archive.*provide the original model"):
+    torch.jit.save(torch.jit.script(torch.nn.LSTMCell(2, 2)), str(path))  # a module, not an "LSTM"
+    with pytest.raises(UsageError, match=r"TorchScript archive: its modules are compiled.*provide the original model"):
         load_model(path, factory=FACTORY)
 
 

@@ -20,7 +20,7 @@ ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*(3[0-9]|9[0-7]|38;)[0-9;]*m")
 
 
 def test_every_command_has_help_with_an_example():
-    for command in ("optimize", "inspect", "verify", "bench", "demo"):
+    for command in ("optimize", "inspect", "verify", "bench", "demo", "batch", "merge-reports"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Example:" in result.stdout and "--json" in result.stdout
 

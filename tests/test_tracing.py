@@ -193,3 +193,45 @@ def test_randomness_no_seed_reaches_is_said_to_come_from_elsewhere(tmp_path, mon
     report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:ClockNoise",
                                            input_shape=(2, 7, 3), seed=3))
     assert report.exit_code == 5 and "not deterministic even when its random generators are seeded with 3" in report.error
+
+
+def test_the_tracing_warning_mentions_lstms_only_where_there_are_some(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(models.UnscriptableScaler().state_dict(), "plain.pt")
+    report = optimize_file(OptimizeOptions(input="plain.pt", output="plain.ts.pt", factory="models:UnscriptableScaler",
+                                           input_shape=(2, 3, 4)))
+    assert report.ok and report.artifact["method"] == "traced", report.error
+    (caveat,) = [w for w in report.warnings if w.startswith("the artifact was traced")]
+    assert "LSTM" not in caveat
+    torch.save(build_unscriptable_forecaster().state_dict(), "forecaster.pt")
+    report = optimize_file(OptimizeOptions(input="forecaster.pt", output="f.ts.pt",
+                                           factory="models:build_unscriptable_forecaster", input_shape=(2, 8, 3)))
+    (caveat,) = [w for w in report.warnings if w.startswith("the artifact was traced")]
+    assert caveat.endswith("(each of its 2 LSTMs is scripted and stays free)")
+
+
+def test_an_input_shape_the_model_does_not_take_suggests_example_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(models.WaveformDetector().state_dict(), "vad.pt")
+    report = optimize_file(OptimizeOptions(input="vad.pt", output="out.pt", factory="models:WaveformDetector",
+                                           input_shape=(2, 400, 1)))  # (batch, time, features): not what it takes
+    assert report.exit_code == 2 and not (tmp_path / "out.pt").exists()
+    assert "the original model fails on example input 0" in report.error and "--example-inputs" in report.error
+
+
+def test_a_factory_class_defined_inside_a_function_cannot_be_pickled_and_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "local_factory.py").write_text(
+        "from torch import nn\n\ndef build():\n    class Net(nn.Module):\n        def __init__(self):\n"
+        "            super().__init__()\n            self.lstm = nn.LSTM(4, 8, batch_first=True)\n\n"
+        "        def forward(self, x):\n            return self.lstm(x)[0]\n    return Net()\n")
+    import local_factory
+
+    torch.save(local_factory.build().state_dict(), "m.pt")
+    report = optimize_file(OptimizeOptions(input="m.pt", output="out.pt", factory="local_factory:build",
+                                           input_shape=(2, 5, 4), format="pickle"))
+    assert report.exit_code == 2 and not (tmp_path / "out.pt").exists()
+    assert "cannot write the model as a pickle" in report.error and "--format torchscript" in report.error
+    assert optimize_file(OptimizeOptions(input="m.pt", output="out.ts.pt", factory="local_factory:build",
+                                         input_shape=(2, 5, 4))).ok  # TorchScript takes such classes

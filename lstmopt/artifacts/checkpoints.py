@@ -135,8 +135,24 @@ def _misfit(path: str, state: Mapping[str, Any], expected: set[str], prefix: Opt
         parts.append(f"unexpected keys: {_first(unexpected)}")
     where = f" (closest of {count} candidates: {path or 'the file itself'})" if count > 1 else (
         f" (at {path!r})" if path else "")
-    hint = "" if prefix else "; if its keys carry a prefix, strip it with --strip-prefix PREFIX"
-    return UsageError(f"its weights do not fit the model{where}: " + "; ".join(parts) + hint)
+    return UsageError(f"its weights do not fit the model{where}: " + "; ".join(parts) + _prefix_hint(given, expected,
+                                                                                                   prefix))
+
+
+def _prefix_hint(given: set[str], expected: set[str], prefix: Optional[str]) -> str:
+    """What would make the keys fit, where a prefix is the difference."""
+    for shared in _shared_prefixes(expected):  # the model's keys carry a prefix the checkpoint's lack
+        if {key[len(shared):] for key in expected} == given:
+            inner = shared.rstrip(".")
+            return (f"; the model's keys all start with {shared!r}, which the checkpoint's lack: the factory builds a "
+                    f"wrapper around the module these weights belong to; pass a factory that returns that module "
+                    f"(the wrapper's .{inner}) instead")
+    if prefix:
+        return ""
+    shared = _shared_prefixes(given)
+    if shared:
+        return f"; its keys all start with {shared[0]!r}: if that is not part of the model's names, pass --strip-prefix"
+    return "; if its keys carry a prefix, strip it with --strip-prefix PREFIX"
 
 
 def _first(keys: list[str], limit: int = 8) -> str:

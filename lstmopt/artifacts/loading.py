@@ -8,7 +8,7 @@ Formats are recognised by content, not by file extension:
 - a ``.safetensors`` file (needs the ``safetensors`` package), rebuilt the same way;
 - a ``torch.save`` archive (or legacy pickle) holding a whole module: unpickling runs code named by the
   file, so it is refused unless the caller trusts the file;
-- a TorchScript archive: refused, since its LSTMs are compiled code that cannot be swapped (and loading it
+- a TorchScript archive: refused, since its modules are compiled code that cannot be swapped (and loading it
   runs the code it holds: ``artifact_format`` lets one in only with trust).
 
 Every failure is a ``UsageError`` (or ``UntrustedPickleError``) with a one-line message.
@@ -257,7 +257,7 @@ def load_model(
     path = Path(path)
     kind = detect_format(path)
     if kind == "torchscript":
-        raise UsageError(f"{path} is a TorchScript archive: its LSTMs are compiled code lstmopt cannot swap; "
+        raise UsageError(f"{path} is a TorchScript archive: its modules are compiled code lstmopt cannot swap; "
                          f"{_PROVIDE}")
     digest = sha256_file(path)
     if kind == "legacy_pickle":

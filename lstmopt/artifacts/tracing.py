@@ -22,10 +22,16 @@ from lstmopt.errors import UsageError
 from lstmopt.modules.lstm import PackedLSTM
 from lstmopt.modules.packs import tracked_copy
 
-__all__ = ["TRACING_CAVEAT", "TracedLSTM", "trace_with_scripted_lstms"]
+__all__ = ["TracedLSTM", "trace_with_scripted_lstms", "tracing_caveat"]
 
-TRACING_CAVEAT = ("the artifact was traced: Python control flow and non-tensor values in the model's own code "
-                  "are frozen as they were on the example inputs (each LSTM is scripted and stays free)")
+
+def tracing_caveat(scripted_lstms: int) -> str:
+    """What a traced artifact freezes, and (when there are any) that its LSTMs stay free."""
+    text = ("the artifact was traced: Python control flow and non-tensor values in the model's own code are frozen "
+            "as they were on the example inputs")
+    if scripted_lstms:
+        text += f" ({'its LSTM is' if scripted_lstms == 1 else f'each of its {scripted_lstms} LSTMs is'} scripted and stays free)"
+    return text
 
 
 class TracedLSTM(PackedLSTM):

@@ -69,13 +69,29 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
         metadata = {**metadata, "torchscript": how}
         torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: _json(metadata)})
     else:
-        torch.save(prepare_for_inference(model), buffer)
+        _pickle(prepare_for_inference(model), buffer)
         with zipfile.ZipFile(buffer, "a") as archive:
             prefix = archive.namelist()[0].split("/", 1)[0]
             archive.writestr(f"{prefix}/extra/{METADATA_NAME}", _json(metadata))
         how = {"method": "pickled", "reason": "--format pickle", "native_kernel": metadata["native_kernel"]}
     write_bytes(path, buffer.getbuffer())
     return how
+
+
+def _pickle(model, buffer) -> None:
+    """``torch.save`` of the whole model; a class pickle cannot name (defined inside a function, or a lambda
+    held by the model) is the user's to fix, and says how."""
+    import pickle
+
+    try:
+        torch.save(model, buffer)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        message = " ".join(str(exc).split())
+        if "pickle" not in message.lower():
+            raise
+        raise UsageError(f"cannot write the model as a pickle ({message}): a pickle names each class by its import "
+                         "path, so classes and functions defined inside a function cannot be saved; define them at "
+                         "module level, or use --format torchscript") from exc
 
 
 # How the LSTMs table and the report describe an LSTM that a trace recorded as nn.LSTM's own op.

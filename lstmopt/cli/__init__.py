@@ -1,4 +1,4 @@
-"""The ``lstmopt`` command line: optimize, inspect, verify, bench, demo and batch.
+"""The ``lstmopt`` command line: optimize, inspect, verify, bench, demo, batch and merge-reports.
 
 torch is imported inside the commands, so ``lstmopt --help`` answers at once. Every error a user can act
 on is one line on stderr and a documented exit code (see ``lstmopt.errors`` and the README); a

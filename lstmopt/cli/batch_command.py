@@ -29,6 +29,10 @@ def batch(
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed job.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo jobs whose outputs are up to date, and replace "
                                                         "outputs lstmopt did not write.")] = False,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", metavar="I/N",
+        help="Run slice I of N of the jobs (those at positions I-1, I-1+N, ... of the config), e.g. one per "
+             "machine of a CI matrix; join the slices' --report files with `lstmopt merge-reports`.")] = None,
     show_variables: Annotated[bool, typer.Option(
         "--show-variables", rich_help_panel=OUTPUT,
         help="Show the values of the config's ${VAR}s in reports, summaries and messages (by default they "
@@ -47,7 +51,10 @@ def batch(
     from lstmopt.reporting.report import batch_markdown, write_json
 
     ui = UI(quiet=quiet, json_mode=json_out)
+    slice_ = options.parse_shard(shard)
     loaded = load_config(config)
+    if slice_ is not None:
+        loaded = loaded.sharded(*slice_)
     reads: dict = {"the config": config}
     writes: dict = {"the report": report, "the summary": summary}
     for job in loaded.jobs:
@@ -102,6 +109,53 @@ def batch(
         raise Failed(f"{counts['failed']} of {counts['total']} jobs failed; first: {failed['job']}: "
                       f"{failed['error']}", result.exit_code)
     ui.show(f"[green]{counts['ok']} optimized, {counts['skipped']} up to date[/] ({counts['total']} jobs)")
+
+
+@app.command("merge-reports", epilog="Example: `lstmopt merge-reports shard-*.json --report batch.json --summary "
+                                     "$GITHUB_STEP_SUMMARY`")
+def merge_reports(
+    reports: Annotated[list[Path], typer.Argument(
+        help="The --report files of `lstmopt batch CONFIG --shard I/N`, one per slice I of N.", show_default=False)],
+    report: Annotated[Optional[Path], typer.Option(
+        "--report", metavar="FILE", rich_help_panel=OUTPUT,
+        help="Write the merged JSON batch report (as one unsharded run writes it).")] = None,
+    summary: Annotated[Optional[Path], typer.Option(
+        "--summary", metavar="FILE", rich_help_panel=OUTPUT, help="Write a Markdown summary.")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Join the reports of a sharded batch run into one; the exit code is the whole run's (0, or the first
+    failed job's in config order)."""
+    import json
+
+    from lstmopt.artifacts.files import atomic_write_text, check_paths
+    from lstmopt.errors import UsageError
+    from lstmopt.job.batch import merge_reports as merge
+    from lstmopt.reporting.display import batch_table
+    from lstmopt.reporting.report import batch_markdown, write_json
+
+    ui = UI(quiet=quiet, json_mode=json_out)
+    check_paths({f"report {path}": path for path in reports}, {"the report": report, "the summary": summary})
+    loaded = []
+    for path in reports:
+        try:
+            loaded.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UsageError(f"cannot read the batch report {path}: {exc}") from exc
+    data = merge(loaded)
+    if report is not None:
+        write_json(data, report)
+    if summary is not None:
+        atomic_write_text(summary, batch_markdown(data["config"], data["jobs"]))
+    ui.emit_json(data)
+    ui.show(batch_table(data))
+    if data["exit_code"] != 0:
+        failed = next((j for j in data["jobs"] if j["exit_code"] != 0), None)
+        raise Failed(f"{data['summary']['failed']} of {data['summary']['total']} jobs failed" +
+                     (f"; first: {failed['job']}: {failed['error']}" if failed else ""), data["exit_code"])
+    ui.show(f"[green]{data['summary']['ok']} optimized, {data['summary']['skipped']} up to date[/] "
+            f"({data['summary']['total']} jobs in {data['merged_shards']} shards)")
 
 
 def _status_text(status: str) -> Text:

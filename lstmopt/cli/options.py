@@ -80,6 +80,16 @@ def parse_shape(text: Optional[str]):
     return parse(text) if text else None
 
 
+def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """--shard I/N, or None."""
+    if text is None:
+        return None
+    index, slash, count = text.partition("/")
+    if not slash or not index.strip().isdigit() or not count.strip().isdigit() or not 1 <= int(index) <= int(count):
+        raise UsageError(f"--shard must be I/N with 1 <= I <= N (this machine runs slice I of N), got {text!r}")
+    return int(index), int(count)
+
+
 def load_samples(example_inputs: Optional[Path], input_shape: Optional[str]) -> list:
     from lstmopt.job.samples import samples_for
 

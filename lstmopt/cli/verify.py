@@ -62,7 +62,7 @@ def verify(
     exact = all(m.get("exact", True) for m in meta.get("modules", []))
     default_atol, default_rtol = default_tolerance(meta.get("dtype", "float32"), exact=exact)
     samples = options.load_samples(example_inputs, input_shape)
-    check_deterministic(loaded.model.eval(), samples, seed)
+    check_deterministic(loaded.model.eval(), samples, seed, from_shape=input_shape is not None)
     with ui.status("verifying in a fresh process"):
         result = verify_artifact(loaded.model, optimized, format=artifact_kind, samples=samples, lstm_names=names,
                                  atol=default_atol if atol is None else atol,

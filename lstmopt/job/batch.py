@@ -9,6 +9,8 @@
   take turns on each output (``files.output_lock``).
 - One failing job never stops the others unless ``fail_fast``; then running jobs are stopped and the
   rest are reported as cancelled.
+- ``--shard I/N`` runs a deterministic slice of the jobs (``BatchConfig.sharded``); ``merge_reports``
+  joins the shards' reports into the report one unsharded run would have written.
 - Ctrl-C or SIGTERM stops the workers, which remove their temporary files on the way out: finished
   outputs stay, unfinished ones never appear. What a SIGKILL leaves (a hidden temporary file beside an
   output) is removed when the job runs again.
@@ -31,7 +33,7 @@ from lstmopt.job.children import isolated_python, preexec
 from lstmopt.job.config import BatchConfig, BatchJob
 from lstmopt.job.pipeline import Report, code_changed
 
-__all__ = ["BatchResult", "run_batch", "up_to_date"]
+__all__ = ["BatchResult", "merge_reports", "run_batch", "up_to_date"]
 
 EXIT_INTERRUPTED = 130
 BATCH_SCHEMA = "lstmopt.batch-report/1"  # each job a lstmopt.report/1 (``pipeline.SCHEMA``)
@@ -68,10 +70,66 @@ class BatchResult:
 
     def to_dict(self) -> dict:
         status = "interrupted" if self.interrupted else ("ok" if self.exit_code == 0 else "failed")
-        return {"schema": BATCH_SCHEMA, "config": str(self.config.path), "status": status,
+        return {"schema": BATCH_SCHEMA, "config": str(self.config.path), "config_sha256": self.config.sha256,
+                "shard": self.config.shard, "status": status,
                 "exit_code": self.exit_code, "parallel": self.parallel, "fail_fast": self.fail_fast,
                 "summary": self.counts(), "environment": self.environment, "started": self.started,
-                "finished": self.finished, "jobs": [r for r in self.reports if r is not None]}
+                "finished": self.finished, "jobs": self._job_reports()}
+
+    def _job_reports(self) -> list[dict]:
+        """The reports of the jobs that ran; in a shard, each with its position in the whole config."""
+        if self.config.shard is None:
+            return [r for r in self.reports if r is not None]
+        return [dict(r, config_index=i) for r, i in zip(self.reports, self.config.shard["jobs"]) if r is not None]
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """The batch report of a whole config from its shards' reports (``lstmopt batch --shard I/N`` each):
+    jobs in config order, counts and exit code recomputed, each shard's environment kept. UsageError unless
+    the reports are the N shards of one config, each once.
+
+    Example:
+        >>> merged = merge_reports([json.load(open(f"shard-{i}.json")) for i in (1, 2, 3)])
+    """
+    from lstmopt.errors import UsageError
+
+    if not reports:
+        raise UsageError("no reports to merge")
+    for report in reports:
+        if not isinstance(report, dict) or report.get("schema") != BATCH_SCHEMA:
+            raise UsageError(f"not a batch report (schema {BATCH_SCHEMA})")
+        if not isinstance(report.get("shard"), dict):
+            raise UsageError("a report of an unsharded run cannot be merged: it covers the whole config already")
+    first = reports[0]
+    if any(r.get("config_sha256") != first.get("config_sha256") for r in reports):
+        raise UsageError("the reports come from different configs (or versions of one): merge the shards of one run")
+    counts = {r["shard"]["count"] for r in reports}
+    if len(counts) != 1:
+        raise UsageError(f"the reports split the config in different numbers of shards ({sorted(counts)})")
+    count = counts.pop()
+    seen = sorted(r["shard"]["index"] for r in reports)
+    if seen != list(range(1, count + 1)):
+        missing = sorted(set(range(1, count + 1)) - set(seen))
+        twice = sorted({i for i in seen if seen.count(i) > 1})
+        raise UsageError(f"the shards of {count} are not all here once: " + "; ".join(
+            part for part in (f"missing {', '.join(f'{i}/{count}' for i in missing)}" if missing else "",
+                              f"twice {', '.join(f'{i}/{count}' for i in twice)}" if twice else "") if part))
+    jobs = sorted((job for report in reports for job in report["jobs"]), key=lambda job: job["config_index"])
+    statuses = [job["status"] for job in jobs]
+    summary = {"total": first["shard"]["config_jobs"], "ok": statuses.count("ok"), "skipped": statuses.count("skipped"),
+               "cancelled": statuses.count("cancelled"), "interrupted": statuses.count("interrupted"),
+               "failed": sum(s not in ("ok", "skipped", "cancelled", "interrupted") for s in statuses)}
+    interrupted = any(r["status"] == "interrupted" for r in reports)
+    exit_code = EXIT_INTERRUPTED if interrupted else next((j["exit_code"] for j in jobs if j["exit_code"] != 0), 0)
+    by_shard = sorted(reports, key=lambda r: r["shard"]["index"])
+    return {"schema": BATCH_SCHEMA, "config": first["config"], "config_sha256": first.get("config_sha256"),
+            "shard": None, "merged_shards": count,
+            "status": "interrupted" if interrupted else ("ok" if exit_code == 0 else "failed"),
+            "exit_code": exit_code, "parallel": first.get("parallel"), "fail_fast": first.get("fail_fast"),
+            "summary": summary, "environment": first.get("environment"),
+            "environments": [r.get("environment") for r in by_shard],
+            "started": min(r["started"] for r in reports), "finished": max(r["finished"] for r in reports),
+            "jobs": jobs}
 
 
 def _now() -> str:

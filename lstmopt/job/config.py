@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Optional
 
@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
 from lstmopt.choices import DTYPES, FORMATS
+from lstmopt.digest import sha256_file
 from lstmopt.errors import UsageError
 from lstmopt.job.pipeline import OptimizeOptions
 
@@ -108,6 +109,21 @@ class BatchConfig:
     pythonpath: tuple[Path, ...]
     jobs: tuple[BatchJob, ...]
     variables: Mapping[str, str] = field(default_factory=dict)  # ${VAR}s expanded: kept out of reports
+    sha256: str = ""  # of the config file: shard reports of one config merge, others do not
+    shard: Optional[dict] = None  # {"index": I, "count": N, "jobs": config indices of the jobs kept}
+
+    def sharded(self, index: int, count: int) -> "BatchConfig":
+        """The ``index``-th of ``count`` slices (1-based): the jobs whose position in the config is
+        ``index - 1`` modulo ``count``. Deterministic for a given config, and balanced to within one job.
+
+        Example:
+            >>> load_config("ci.yaml").sharded(2, 3).jobs  # jobs 1, 4, 7, ... of the config (0-based)
+        """
+        if not 1 <= index <= count:
+            raise UsageError(f"--shard I/N needs 1 <= I <= N, got {index}/{count}")
+        kept = [i for i in range(len(self.jobs)) if i % count == index - 1]
+        return replace(self, jobs=tuple(self.jobs[i] for i in kept),
+                       shard={"index": index, "count": count, "jobs": kept, "config_jobs": len(self.jobs)})
 
     def redact(self, data: Any) -> Any:
         """``data`` (a report) with every expanded variable's value written back as ``${NAME}``. Values under
@@ -333,4 +349,4 @@ def load_config(path: os.PathLike | str) -> BatchConfig:
                              problems.line(("jobs", i))))
     problems.raise_if_any()
     return BatchConfig(path=path, pythonpath=tuple(resolve(p) for p in config.pythonpath), jobs=tuple(jobs),
-                       variables=budget.variables)
+                       variables=budget.variables, sha256=sha256_file(path))

@@ -207,7 +207,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     from lstmopt.rewrite.swap import optimize, plan, with_kernels
     from lstmopt.job.samples import samples_for
     from lstmopt.job.verification import check_deterministic, default_tolerance, verify_artifact
-    from lstmopt.artifacts.tracing import TRACING_CAVEAT
+    from lstmopt.artifacts.tracing import tracing_caveat
     from lstmopt.artifacts.writing import TRACED_AS_OP, native_kernel_note, save_artifact
 
     report.input = {"path": str(options.input), "factory": options.factory,
@@ -228,7 +228,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                             stripped_prefix=loaded.stripped_prefix)
         samples = samples_for(options.example_inputs, options.input_shape)
         if options.verify:
-            check_deterministic(loaded.model.eval(), samples, options.seed)
+            check_deterministic(loaded.model.eval(), samples, options.seed, from_shape=options.input_shape is not None)
 
     with step("optimize"):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.dtype]
@@ -267,7 +267,8 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
             how = save_artifact(optimized, tmp, format=options.format, metadata=metadata, samples=samples)
             report.artifact = how
             if how["method"] == "traced":
-                report.warnings.append(TRACING_CAVEAT)
+                recorded = set(how.get("lstms_traced_as_ops", ()))
+                report.warnings.append(tracing_caveat(len([name for name in packed if name not in recorded])))
             if how["native_kernel"]:
                 report.warnings.append(native_kernel_note(how["native_kernel"], options.format))
             # An LSTM a trace recorded as nn.LSTM's op is no longer a module of its own in the archive, and

@@ -302,10 +302,16 @@ def _reference_outputs(reference: Optional[nn.Module], args, seed: Optional[int]
         return None
 
 
-def check_deterministic(model: nn.Module, samples: Sequence[Sample], seed: Optional[int]) -> None:
-    """Raise ``VerificationError`` when two runs of ``model`` on its first sample (each preceded by seeding
-    with ``seed``, when given) differ: no artifact can be verified against a model that disagrees with
-    itself, and the cause is the model's, not the artifact's."""
+SHAPE_HINT = ("--input-shape B,T,F makes (batch, time, features) tensors for a model taking one; for other inputs, "
+              "torch.save a list of argument tuples and pass --example-inputs")
+
+
+def check_deterministic(model: nn.Module, samples: Sequence[Sample], seed: Optional[int], *,
+                        from_shape: bool = False) -> None:
+    """Run ``model`` twice on its first sample (each run preceded by seeding with ``seed``, when given).
+    Raise ``UsageError`` when it fails on it (``from_shape``: the samples came from ``--input-shape``, which
+    may not be what the model takes: say what to do), ``VerificationError`` when the runs differ: no artifact
+    can be verified against a model that disagrees with itself, and the cause is the model's."""
     if not samples:
         return
     runs = []
@@ -314,8 +320,10 @@ def check_deterministic(model: nn.Module, samples: Sequence[Sample], seed: Optio
             verify_child.seed_generators(seed)
             try:
                 runs.append(verify_child.flatten(model(*samples[0])))
-            except Exception:
-                return  # verification reports the failure with its context
+            except Exception as exc:
+                hint = f"; {SHAPE_HINT}" if from_shape else ""
+                raise UsageError(f"the original model fails on example input 0 ({describe(samples[0])}): "
+                                 f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}{hint}") from exc
     differing = [compare(name, e, a, 0.0, 0.0) for (name, e), (_, a) in zip(*runs)]
     differing = [c for c in differing if not c.ok]
     if not differing and len(runs[0]) == len(runs[1]):
