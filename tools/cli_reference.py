@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lstmopt.cli import app
 
-COMMANDS = ["optimize", "inspect", "verify", "bench", "batch", "demo"]
+COMMANDS = ["optimize", "inspect", "verify", "bench", "batch", "merge-reports", "demo"]
 BLOCK = re.compile(r"(<!-- cli-reference:start -->\n).*?(<!-- cli-reference:end -->)", re.S)
 
 
