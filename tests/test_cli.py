@@ -182,11 +182,13 @@ def test_nothing_to_optimize_warns_or_exits_4(work):
 
 
 def test_verification_failure_exits_5_and_reports_the_errors(work):
+    # Deterministic, but its output depends on the class of its LSTM, which the artifact changes.
     (work / "noisy.py").write_text(
         "import torch\n"
         "class Noisy(torch.nn.Module):\n"
         "    def __init__(self):\n        super().__init__()\n        self.lstm = torch.nn.LSTM(4, 8)\n"
-        "    def forward(self, x):\n        return self.lstm(x)[0] + 1e-3 * torch.randn(1)\n")
+        "    def forward(self, x):\n"
+        "        return self.lstm(x)[0] + (0.0 if type(self.lstm).__name__ == 'LSTM' else 1e-3)\n")
     sys.path.insert(0, str(work))
     try:
         import noisy
