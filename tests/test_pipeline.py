@@ -296,3 +296,20 @@ def test_the_slower_warning_blames_lstms():
     text = _slower_warning([LatencyCase("x", 1.0, 1.5, 0.6, 0.7, 9)], 1, [LstmLatency("lstm", "tensors", 1.0, 0.9)],
                            decisions)
     assert "no LSTM is slower on its own (lstm 1.11x): the difference lies elsewhere" in text
+
+
+def test_lazy_modules_the_model_code_leaves_in_sys_modules_are_never_imported(tmp_path, monkeypatch):
+    # speechbrain registers lazy modules whose first attribute access imports an optional dependency.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lazy_factory.py").write_text(
+        "import sys, types\nfrom models import Encoder\n\n"
+        "class Lazy(types.ModuleType):\n    def __getattr__(self, name):\n"
+        "        raise ImportError(f'Lazy import of {self.__name__} failed')\n\n"
+        "sys.modules['optional_integration'] = Lazy('optional_integration')\n\n"
+        "def build():\n    return Encoder()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(Encoder().state_dict(), "model.pt")
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="lazy_factory:build",
+                                           input_shape=(1, 4, 16)))
+    assert report.ok, report.error
+    assert any(path.endswith("lazy_factory.py") for path in read_metadata(tmp_path / "out.pt")["user_code"])

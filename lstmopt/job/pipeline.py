@@ -338,7 +338,7 @@ def user_code(imported_before: set, factory: Optional[str] = None) -> dict:
         names |= {".".join(module.split(".")[:i + 1]) for i in range(module.count(".") + 1)}
     found = {}
     for name in names:
-        file = getattr(sys.modules.get(name), "__file__", None)
+        file = _module_file(sys.modules.get(name))
         if not file:
             continue
         real = os.path.realpath(file)
@@ -346,6 +346,16 @@ def user_code(imported_before: set, factory: Optional[str] = None) -> dict:
             continue
         found[real] = sha256_file(Path(real))
     return dict(sorted(found.items()))
+
+
+def _module_file(module) -> Optional[str]:
+    """A module's ``__file__`` read from its own namespace: lazy modules (speechbrain's, SciPy's, ...) import
+    their target on attribute access, which can fail or run code; one that never loaded has no file."""
+    try:
+        file = vars(module).get("__file__")
+    except TypeError:  # not a module: sys.modules may hold any object
+        return None
+    return file if isinstance(file, str) else None
 
 
 def code_changed(recorded: dict) -> bool:

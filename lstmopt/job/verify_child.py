@@ -69,7 +69,7 @@ def seed_generators(seed):
     torch.manual_seed(seed)
     random.seed(seed)
     numpy = sys.modules.get("numpy")
-    if numpy is not None:
+    if numpy is not None and hasattr(numpy, "random"):
         numpy.random.seed(seed)
 
 

@@ -1,0 +1,143 @@
+"""Run lstmopt as a user would on models built from the classes of public packages; print what each got.
+
+    pip install -c <(echo torch==2.13.0) speechbrain asteroid neuralforecast pyannote.audio torchaudio
+    python tools/real_models.py [--workdir DIR] [--markdown]
+
+Each model is built by a factory module written into the work directory from its package's own classes,
+saved as a state dict with example inputs, and given to the installed ``lstmopt optimize`` (TorchScript,
+the default format, ``--bench``), then once more with ``--autotune --approx``. A model whose package does
+not import here is listed as such. The README's table of real models comes from this script. (torchaudio
+wheels are built for one torch version; with another, remove its ``lib/*.so`` files and its pure-Python
+model classes import, as in a pex deployment.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+# (name, package, factory source defining build(), inputs source defining inputs(), extra optimize args)
+MODELS = [
+    ("speechbrain CRDNN (LSTM wrapper)", "speechbrain", """
+        import speechbrain as sb
+        from speechbrain.lobes.models.CRDNN import CRDNN
+
+        def build():
+            return CRDNN(input_shape=[None, None, 40], cnn_blocks=1, cnn_channels=(16,), rnn_class=sb.nnet.RNN.LSTM,
+                         rnn_layers=2, rnn_neurons=64, dnn_blocks=1, dnn_neurons=64, time_pooling=False,
+                         using_2d_pooling=False)
+    """, "[(torch.randn(2, 50, 40),), (torch.randn(1, 20, 40),)]", []),
+    ("asteroid DPRNN-TasNet", "asteroid", """
+        from asteroid.models import DPRNNTasNet
+
+        def build():
+            return DPRNNTasNet(n_src=2, n_repeats=2, bn_chan=32, hid_size=32, chunk_size=20, n_filters=32)
+    """, "[(torch.randn(1, 1600),), (torch.randn(2, 800),)]", []),
+    ("neuralforecast LSTM (LightningModule)", "neuralforecast", """
+        from neuralforecast.models import LSTM
+
+        def build():
+            return LSTM(h=4, input_size=12, encoder_hidden_size=32, decoder_hidden_size=32, max_steps=1)
+    """, """[({"insample_y": torch.randn(b, 12, 1), "futr_exog": torch.empty(b, 16, 0),
+              "hist_exog": torch.empty(b, 12, 0), "stat_exog": torch.empty(b, 0)},) for b in (1, 8)]""", []),
+    ("pyannote PyanNet (LightningModule)", "pyannote.audio", """
+        from pyannote.audio.core.task import Problem, Resolution, Specifications
+        from pyannote.audio.models.segmentation import PyanNet
+
+        def build():
+            model = PyanNet(sincnet={"stride": 10}, lstm={"hidden_size": 64, "num_layers": 2, "bidirectional": True})
+            model.specifications = Specifications(problem=Problem.MULTI_LABEL_CLASSIFICATION,
+                                                  resolution=Resolution.FRAME, duration=5.0, classes=["a", "b", "c"])
+            model.build()
+            return model
+    """, "[(torch.randn(1, 1, 16000),), (torch.randn(2, 1, 8000),)]", []),
+    ("torchaudio Tacotron2 inference (prenet dropout on)", "torchaudio", """
+        import torch
+        from torchaudio.models import Tacotron2
+
+        class Synthesizer(Tacotron2):
+            def forward(self, tokens, lengths):
+                return self.infer(tokens, lengths)[0]
+
+        def build():
+            return Synthesizer(n_symbol=40, encoder_embedding_dim=64, encoder_n_convolution=1,
+                               decoder_rnn_dim=128, attention_rnn_dim=128, attention_hidden_dim=64, prenet_dim=64,
+                               postnet_n_convolution=1, postnet_embedding_dim=64, decoder_max_step=40)
+    """, "[(torch.randint(1, 40, (1, 12)), torch.tensor([12]))]", ["--seed", "0"]),
+]
+
+
+def run(args: list[str], cwd: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(cwd))
+    proc = subprocess.run([sys.executable, "-m", "lstmopt", *args, "--json"], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        report = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    report["exit_code"] = proc.returncode
+    return report
+
+
+def outcome(report: dict) -> str:
+    if report["exit_code"] != 0:
+        return f"exit {report['exit_code']}: {' '.join(str(report.get('error')).split())[:160]}"
+    how = (report.get("artifact") or {}).get("method", "?")
+    packed = [m for m in report.get("modules", []) if m.get("packed")]
+    kernels = sorted({m.get("kernel") for m in packed} | {m.get("sequence_kernel") for m in packed} - {None})
+    verification = report.get("verification") or {}
+    bench = report.get("benchmark") or {}
+    speed = (f"{bench['speedup']:.2f}x ({bench.get('speedup_low', 0):.2f}-{bench.get('speedup_high', 0):.2f})"
+             if bench.get("speedup") else "—")
+    exact = "bit-exact" if verification.get("max_abs_error") == 0 else f"max err {verification.get('max_abs_error'):.1e}"
+    return f"{how}, {len(packed)} LSTM(s) packed ({'/'.join(kernels)}), {exact}, {speed}"
+
+
+def try_model(name: str, package: str, factory: str, inputs: str, extra: list[str], root: Path) -> list[str]:
+    slug = "".join(c if c.isalnum() else "_" for c in name.split()[0] + "_" + name.split()[1]).lower()
+    work = root / slug
+    work.mkdir(parents=True, exist_ok=True)
+    (work / f"{slug}_factory.py").write_text("import torch\n" + textwrap.dedent(factory))
+    save = (f"import torch, warnings\nwarnings.filterwarnings('ignore')\nfrom {slug}_factory import build\n"
+            f"torch.manual_seed(0)\ntorch.save(build().state_dict(), 'model.pt')\ntorch.save({inputs}, 'inputs.pt')\n")
+    proc = subprocess.run([sys.executable, "-c", save], cwd=work, env=dict(os.environ, PYTHONPATH=str(work)),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return [name, package, f"not built here: {(proc.stderr.strip().splitlines() or ['?'])[-1][:120]}", "", ""]
+    base = ["optimize", "model.pt", "--factory", f"{slug}_factory:build", "--example-inputs", "inputs.pt", "--bench",
+            "--force"]
+    default = run([*base, "-o", "out.ts.pt"], work)
+    row = [name, package, outcome(default)]
+    if extra and default["exit_code"] != 0:  # the documented way through (e.g. --seed for a model that samples)
+        row[2] += f"; with {' '.join(extra)}: " + outcome(run([*base, *extra, "-o", "out.ts.pt"], work))
+    row.append(outcome(run([*base, *extra, "--autotune", "--approx", "-o", "approx.ts.pt"], work)))
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, help="where to write the models (default: a temporary directory)")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--only", default="", help="only the models whose name contains this")
+    args = parser.parse_args(argv)
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="lstmopt-real-"))
+    header = ["model", "package", "default (TorchScript, --bench)", "--autotune --approx"]
+    rows = [try_model(*entry, root) for entry in MODELS if args.only.lower() in entry[0].lower()]
+    if args.markdown:
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        for row in rows:
+            print(" :: ".join(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
