@@ -66,7 +66,7 @@ MODELS = [
                 return self.infer(tokens, lengths)[0]
 
         def build():
-            return Synthesizer(n_symbol=40, encoder_embedding_dim=64, encoder_n_convolution=1,
+            return Synthesizer(n_symbol=40, symbol_embedding_dim=64, encoder_embedding_dim=64, encoder_n_convolution=1,
                                decoder_rnn_dim=128, attention_rnn_dim=128, attention_hidden_dim=64, prenet_dim=64,
                                postnet_n_convolution=1, postnet_embedding_dim=64, decoder_max_step=40)
     """, "[(torch.randint(1, 40, (1, 12)), torch.tensor([12]))]", ["--seed", "0"]),

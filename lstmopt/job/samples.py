@@ -83,7 +83,7 @@ def load_samples(path: Path) -> list[Sample]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UsageError(f"cannot read example inputs {path} ({' '.join(str(exc).split())[:200]}); save them "
-                         "with torch.save([(arg, ...), ...]) using tensors, tuples and lists only") from exc
+                         "with torch.save([(arg, ...), ...]) using tensors, tuples, lists and dicts only") from exc
     if isinstance(data, Tensor):
         samples = [(data,)]
     elif isinstance(data, tuple):
@@ -95,7 +95,8 @@ def load_samples(path: Path) -> list[Sample]:
                          f"of such tuples; found {type(data).__name__}")
     for i, sample in enumerate(samples):
         if not _only_tensors(sample):
-            raise UsageError(f"example input {i} in {path} holds something other than tensors, tuples and lists")
+            raise UsageError(f"example input {i} in {path} holds something other than tensors, tuples, lists and "
+                             "dicts with string keys")
     return samples
 
 
@@ -104,6 +105,8 @@ def _only_tensors(obj: Any) -> bool:
         return True
     if isinstance(obj, (tuple, list)):
         return all(_only_tensors(o) for o in obj)
+    if isinstance(obj, dict):  # a batch dict, as neuralforecast's models take
+        return all(isinstance(k, str) and _only_tensors(v) for k, v in obj.items())
     return obj is None or isinstance(obj, (int, float, bool))
 
 
@@ -115,5 +118,7 @@ def describe(sample: Sample) -> str:
             return dims if obj.dtype == torch.float32 else f"{dims} {str(obj.dtype).removeprefix('torch.')}"
         if isinstance(obj, (tuple, list)):
             return "[" + ", ".join(one(o) for o in obj) + "]"
+        if isinstance(obj, dict):
+            return "{" + ", ".join(f"{k}: {one(v)}" for k, v in obj.items()) + "}"
         return repr(obj)
     return ", ".join(one(a) for a in sample)
