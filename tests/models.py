@@ -1,6 +1,6 @@
 """Realistic LSTM models for the tests, each built by a factory the CLI can name (``models:build_...``)."""
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -300,3 +300,16 @@ class UnscriptableScaler(nn.Module):
         for _ in range(2):
             x = self.linear(x)
         return x * options.get("scale", 1.0)
+
+
+class BatchDictForecaster(nn.Module):
+    """Takes one dict of tensors, as neuralforecast's models take their windows batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, batch: Dict[str, Tensor]) -> Tensor:
+        y, _ = self.lstm(torch.cat([batch["insample_y"], batch["hist_exog"]], 2))
+        return self.head(y[:, -1])

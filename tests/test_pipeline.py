@@ -313,3 +313,17 @@ def test_lazy_modules_the_model_code_leaves_in_sys_modules_are_never_imported(tm
                                            input_shape=(1, 4, 16)))
     assert report.ok, report.error
     assert any(path.endswith("lazy_factory.py") for path in read_metadata(tmp_path / "out.pt")["user_code"])
+
+
+def test_example_inputs_may_be_batch_dicts(tmp_path, monkeypatch):
+    from models import BatchDictForecaster
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(BatchDictForecaster().state_dict(), "model.pt")
+    torch.save([({"insample_y": torch.randn(b, 12, 1), "hist_exog": torch.randn(b, 12, 2)},) for b in (1, 4)],
+               "inputs.pt")
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:BatchDictForecaster",
+                                           example_inputs="inputs.pt"))
+    assert report.ok, report.error
+    assert report.verification["max_abs_error"] == 0 and len(report.verification["model_outputs"]) == 2
+    assert report.verification["samples"][0] == "{insample_y: (1, 12, 1), hist_exog: (1, 12, 2)}"

@@ -34,6 +34,15 @@ class LatencyCase(_OriginalAgainstOptimized):
     speedup_low: float = float("nan")
     speedup_high: float = float("nan")
     rounds: int = 0
+    # The median of the per-round speedups, which the interval is about (the ratio of the two median
+    # times can fall outside it on a noisy machine)
+    speedup_median: float = float("nan")
+
+    @property
+    def speedup(self) -> float:
+        if math.isfinite(self.speedup_median):
+            return self.speedup_median
+        return self.original_ms / self.optimized_ms
 
 
 def _geomean(values) -> float:
@@ -83,7 +92,8 @@ def compare_latency(
                                baseline="optimized", rounds=rounds, round_s=round_s)
             speedup = measured.ratios["original"]  # original's time over optimized's, round by round
             case = LatencyCase(describe(args), measured.medians["original"] * 1e3,
-                               measured.medians["optimized"] * 1e3, speedup.low, speedup.high, measured.rounds)
+                               measured.medians["optimized"] * 1e3, speedup.low, speedup.high, measured.rounds,
+                               speedup.median)
             result.cases.append(case)
             result.stable = result.stable and measured.stable
             if on_case is not None:
