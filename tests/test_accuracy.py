@@ -56,12 +56,23 @@ def _in_float64(hx):
     return None if hx is None else tuple(h.double() for h in hx)
 
 
+def _eager_and_reference(case):
+    torch.manual_seed(case["seed"])
+    eager = trained_like(nn.LSTM(**case["config"]), case["scale"], case["saturation"], case["seed"])
+    return eager, copy.deepcopy(eager).double()
+
+
+def _assert_within_contract(kernel, expected, actual, truth):
+    """Output, h_n and c_n (``expected`` eager's, ``truth`` float64's) within the contract."""
+    for e, a, t in zip(expected, actual, truth):
+        measured = accuracy(e, a, t)
+        assert measured.ok, f"{kernel}: {measured}"
+
+
 @settings(max_examples=40, deadline=None)
 @given(configurations())
 def test_tensor_kernels_keep_the_contract_on_realistic_weights(case):
-    torch.manual_seed(case["seed"])
-    eager = trained_like(nn.LSTM(**case["config"]), case["scale"], case["saturation"], case["seed"])
-    reference = copy.deepcopy(eager).double()
+    eager, reference = _eager_and_reference(case)
     x, hx = _inputs(case)
     with torch.no_grad():
         expected = eager(x, hx)
@@ -72,18 +83,14 @@ def test_tensor_kernels_keep_the_contract_on_realistic_weights(case):
             packed = PackedLSTM.from_lstm(eager).eval()
             packed.use_kernel(kernel)
             actual = packed(x, hx)
-            for e, a, t in ((expected[0], actual[0], truth[0]), (expected[1][0], actual[1][0], truth[1][0]),
-                            (expected[1][1], actual[1][1], truth[1][1])):
-                measured = accuracy(e, a, t)
-                assert measured.ok, f"{kernel}: {measured}"
+            _assert_within_contract(kernel, (expected[0], *expected[1]), (actual[0], *actual[1]),
+                                    (truth[0], *truth[1]))
 
 
 @settings(max_examples=25, deadline=None)
 @given(configurations())
 def test_sequence_kernels_keep_the_contract_on_realistic_weights(case):
-    torch.manual_seed(case["seed"])
-    eager = trained_like(nn.LSTM(**case["config"]), case["scale"], case["saturation"], case["seed"])
-    reference = copy.deepcopy(eager).double()
+    eager, reference = _eager_and_reference(case)
     g = torch.Generator().manual_seed(case["seed"])
     lengths = sorted(torch.randint(1, case["steps"] + 1, (case["batch"],), generator=g).tolist(), reverse=True)
     rows = [2 * torch.randn(n, case["config"]["input_size"], generator=g) for n in lengths]
@@ -95,10 +102,8 @@ def test_sequence_kernels_keep_the_contract_on_realistic_weights(case):
             packed = PackedLSTM.from_lstm(eager).eval()
             packed.use_kernel(sequence_kernel=kernel)
             actual = packed(sequence)
-            for e, a, t in ((expected[0].data, actual[0].data, truth[0].data), (expected[1][0], actual[1][0], truth[1][0]),
-                            (expected[1][1], actual[1][1], truth[1][1])):
-                measured = accuracy(e, a, t)
-                assert measured.ok, f"{kernel}: {measured}"
+            _assert_within_contract(kernel, (expected[0].data, *expected[1]), (actual[0].data, *actual[1]),
+                                    (truth[0].data, *truth[1]))
 
 
 def test_the_bound_is_relative_to_eager_and_never_below_one_ulp():
