@@ -253,7 +253,12 @@ def load_model(
     """Load the model saved at ``path`` (on CPU, in eval mode), never running code from the file unless
     ``trust=True``. With a state dict or a training checkpoint, ``factory`` builds the architecture the
     weights are loaded into; ``state_dict_key`` and ``strip_prefix`` settle where the weights are in the
-    checkpoint and what prefix their keys carry, when ``lstmopt.artifacts.checkpoints`` cannot tell by itself."""
+    checkpoint and what prefix their keys carry, when ``lstmopt.artifacts.checkpoints`` cannot tell by itself.
+
+    Example:
+        >>> loaded = load_model("checkpoint.ckpt", factory="mymodels:build")  # weights only, no code runs
+        >>> loaded.model, loaded.format, loaded.state_dict_key
+    """
     path = Path(path)
     kind = detect_format(path)
     if kind == "torchscript":

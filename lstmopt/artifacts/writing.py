@@ -40,7 +40,12 @@ __all__ = ["FORMATS", "METADATA_NAME", "native_lstms", "read_metadata", "save_ar
 
 def write_artifact(model, output: os.PathLike | str, *, format: str, metadata: dict, force: bool = False,
                    inputs: Tuple[Path, ...] = (), samples: Sequence[tuple] = ()) -> Path:
-    """Write the optimized ``model`` to ``output`` atomically (see ``save_artifact``)."""
+    """Write the optimized ``model`` to ``output`` atomically (see ``save_artifact``).
+
+    Example:
+        >>> write_artifact(lstmopt.optimize(model), "model.ts.pt", format="torchscript", metadata={},
+        ...                samples=[(torch.randn(1, 50, 40),)])
+    """
     output = check_output_path(Path(output), force=force, inputs=inputs)
     if format not in FORMATS:
         raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")

@@ -31,7 +31,8 @@ from typing import Callable, Optional
 
 from lstmopt.job.children import isolated_python, preexec
 from lstmopt.job.config import BatchConfig, BatchJob
-from lstmopt.job.pipeline import Report, code_changed
+from lstmopt.job.pipeline import Report
+from lstmopt.job.user_code import code_changed
 
 __all__ = ["BatchResult", "merge_reports", "run_batch", "up_to_date"]
 

@@ -10,7 +10,6 @@ the report's ``status``, ``error`` and ``exit_code``.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -20,8 +19,9 @@ from typing import Any, Callable, Optional
 from lstmopt import __version__
 from lstmopt.errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError, VerificationError
 from lstmopt.choices import DTYPES, FORMATS
+from lstmopt.job.user_code import user_code
 
-__all__ = ["OptimizeOptions", "Report", "code_changed", "optimize_file", "user_code", "SCHEMA"]
+__all__ = ["OptimizeOptions", "Report", "optimize_file", "SCHEMA"]
 
 SCHEMA = "lstmopt.report/1"
 STATUS_BY_ERROR = {
@@ -183,7 +183,19 @@ class _Steps:
 
 
 def optimize_file(options: OptimizeOptions, *, on_step: Optional[Callable[[str], None]] = None) -> Report:
-    """Run one optimization job; see the module docstring."""
+    """Run one optimization job (see the module docstring); never raises for the user's errors, which the
+    report carries with their exit code.
+
+    Args:
+        options: the job, as ``lstmopt optimize`` or a batch config gives it.
+        on_step: called with each step's name ("load", "optimize", "autotune", "write", "verify", "benchmark").
+
+    Example:
+        >>> report = optimize_file(OptimizeOptions(input="model.pt", output="model.ts.pt",
+        ...                                        factory="mymodels:build", input_shape=(8, 100, 40)))
+        >>> report.exit_code, report.verification["max_abs_error"]
+        (0, 0.0)
+    """
     from lstmopt.environment import describe
 
     report = Report(options=options, started=_now(), environment=describe())
@@ -321,54 +333,6 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                                            f"{options.min_speedup:g}x, so --min-speedup does not fail it")
         report.output = {"path": str(options.output), "format": options.format, "sha256": sha256_file(tmp),
                          "bytes": tmp.stat().st_size}
-
-
-def user_code(imported_before: set, factory: Optional[str] = None) -> dict:
-    """SHA-256 of each source file of the user's code the model came from: modules imported while loading
-    it (a factory's module and what it imports, a pickled model's classes), and the factory's module
-    itself, from outside the Python installation and lstmopt. A batch output made with other code is
-    out of date (``code_changed``)."""
-    from lstmopt.artifacts.files import sha256_file
-    from lstmopt.job.children import in_installation
-
-    own = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep  # the lstmopt package
-    names = set(sys.modules) - imported_before
-    if factory:
-        module = factory.partition(":")[0]
-        names |= {".".join(module.split(".")[:i + 1]) for i in range(module.count(".") + 1)}
-    found = {}
-    for name in names:
-        file = _module_file(sys.modules.get(name))
-        if not file:
-            continue
-        real = os.path.realpath(file)
-        if in_installation(real) or real.startswith(own) or not os.path.isfile(real):
-            continue
-        found[real] = sha256_file(Path(real))
-    return dict(sorted(found.items()))
-
-
-def _module_file(module) -> Optional[str]:
-    """A module's ``__file__`` read from its own namespace: lazy modules (speechbrain's, SciPy's, ...) import
-    their target on attribute access, which can fail or run code; one that never loaded has no file."""
-    try:
-        file = vars(module).get("__file__")
-    except TypeError:  # not a module: sys.modules may hold any object
-        return None
-    return file if isinstance(file, str) else None
-
-
-def code_changed(recorded: dict) -> bool:
-    """Whether any file ``user_code`` recorded is gone or holds other bytes now."""
-    from lstmopt.artifacts.files import sha256_file
-
-    for path, digest in recorded.items():
-        try:
-            if sha256_file(Path(path)) != digest:
-                return True
-        except OSError:
-            return True
-    return False
 
 
 def _slower_warning(slower: list, total: int, lstms: list, decisions: list) -> str:
