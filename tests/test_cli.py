@@ -56,6 +56,25 @@ def test_json_mode_prints_only_the_report(work):
     assert report["verification"]["ok"] and report["modules"][0]["name"] == "lstm"
 
 
+def test_json_mode_keeps_what_the_model_code_prints_off_stdout(work):
+    # flair logs to stdout when it is imported and when a tagger is built
+    (work / "chatty.py").write_text(
+        "import logging, sys\nfrom models import build_tagger\n"
+        "log = logging.getLogger('chatty')\nlog.addHandler(logging.StreamHandler(sys.stdout))\n"
+        "log.setLevel(logging.INFO)\n\ndef build():\n    print('building the tagger')\n"
+        "    log.info('vocabulary size of 50')\n    return build_tagger()\n")
+    sys.path.insert(0, str(work))
+    try:
+        result = invoke("optimize", "tagger.pt", "-o", "out.pt", "--factory", "chatty:build", "--example-inputs",
+                        "inputs.pt", "--json")
+    finally:
+        sys.path.remove(str(work))
+        sys.modules.pop("chatty", None)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["status"] == "ok"
+    assert "building the tagger" in result.stderr and "vocabulary size of 50" in result.stderr
+
+
 def test_quiet_mode_prints_nothing_on_success(work):
     result = invoke(*OPTIMIZE, "--quiet")
     assert result.exit_code == 0 and result.stdout == "" and (work / "out.pt").exists()

@@ -141,4 +141,9 @@ app.info.cls = _Group
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return its exit code."""
-    return typer.main.get_command(app).main(args=argv, prog_name="lstmopt", standalone_mode=False)
+    from lstmopt.cli.ui import restore_stdout
+
+    try:
+        return typer.main.get_command(app).main(args=argv, prog_name="lstmopt", standalone_mode=False)
+    finally:
+        restore_stdout()  # --json moved it to stderr for the command's duration

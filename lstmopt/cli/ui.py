@@ -23,11 +23,28 @@ def _log_width(stream) -> Optional[int]:
 
 
 
+_REAL_STDOUTS: list = []
+
+
+def restore_stdout() -> None:
+    """Undo what JSON mode did to ``sys.stdout`` (for callers of ``lstmopt.cli.main`` in one process)."""
+    if _REAL_STDOUTS:
+        sys.stdout = _REAL_STDOUTS[0]
+        _REAL_STDOUTS.clear()
+
+
 class UI:
     """Where output goes: tables on stdout, progress and warnings on stderr, JSON alone on stdout."""
 
     def __init__(self, *, quiet: bool = False, json_mode: bool = False) -> None:
         self.quiet, self.json_mode = quiet, json_mode
+        self._json_out = sys.stdout
+        if json_mode:
+            # The user's code prints and logs to stdout too (flair's logger does, at import): in JSON mode
+            # everything but the report goes to stderr, so stdout stays one parseable document. The stream
+            # is kept referenced: a text stream nobody holds closes its buffer when collected.
+            _REAL_STDOUTS.append(sys.stdout)
+            sys.stdout = sys.stderr
         self.out = Console(highlight=False, width=_log_width(sys.stdout))
         self.err = Console(stderr=True, highlight=False, width=_log_width(sys.stderr))
 
@@ -48,8 +65,8 @@ class UI:
         if self.json_mode:
             from lstmopt.reporting.report import report_json
 
-            sys.stdout.write(report_json(data))
-            sys.stdout.flush()
+            self._json_out.write(report_json(data))
+            self._json_out.flush()
 
     def status(self, message: str):
         """A spinner on stderr (a no-op when quiet or emitting JSON)."""
