@@ -141,9 +141,9 @@ app.info.cls = _Group
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return its exit code."""
-    from lstmopt.cli.ui import restore_stdout
-
     try:
         return typer.main.get_command(app).main(args=argv, prog_name="lstmopt", standalone_mode=False)
     finally:
-        restore_stdout()  # --json moved it to stderr for the command's duration
+        ui = sys.modules.get("lstmopt.cli.ui")  # not imported by --help, which must stay fast
+        if ui is not None:
+            ui.restore_stdout()  # --json moved it to stderr for the command's duration

@@ -18,9 +18,10 @@ steps, batch 1 and 4), the native kernel's error was at most 4.5x eager's and th
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from torch import Tensor
+if TYPE_CHECKING:  # the CLI's help reads CONTRACT, and must not import torch
+    from torch import Tensor
 
 __all__ = ["CONTRACT", "FACTOR", "Accuracy", "accuracy"]
 
