@@ -325,10 +325,12 @@ def check_deterministic(model: nn.Module, samples: Sequence[Sample], seed: Optio
                 raise UsageError(f"the original model fails on example input 0 ({describe(samples[0])}): "
                                  f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}{hint}") from exc
     # Bit for bit, NaNs where NaNs were: the model against itself, not the artifact's comparison.
-    differing = [(name, accuracy._max_error(a, e.double()) if e.is_floating_point() else float("inf"))
-                 for (name, e), (_, a) in zip(*runs)
-                 if e.shape != a.shape or not (torch.equal(e, a) or (e.is_floating_point() and
-                                                                      accuracy._max_error(a, e.double()) == 0))]
+    differing = []
+    for (name, e), (_, a) in zip(*runs):
+        if e.shape != a.shape or (not e.is_floating_point() and not torch.equal(e, a)):
+            differing.append((name, float("inf")))
+        elif e.is_floating_point() and accuracy.max_error(a, e.double()) > 0:
+            differing.append((name, accuracy.max_error(a, e.double())))
     if not differing and len(runs[0]) == len(runs[1]):
         return
     worst = max(differing, key=lambda d: d[1]) if differing else None

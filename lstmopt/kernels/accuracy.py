@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:  # the CLI's help reads CONTRACT, and must not import torch
     from torch import Tensor
 
-__all__ = ["CONTRACT", "FACTOR", "Accuracy", "accuracy"]
+__all__ = ["CONTRACT", "FACTOR", "Accuracy", "accuracy", "max_error"]
 
 FACTOR = 8.0
 CONTRACT = f"within {FACTOR:g}x eager fp32's own error against float64"
@@ -53,11 +53,13 @@ def accuracy(eager: Tensor, actual: Tensor, reference: Tensor) -> Accuracy:
     """
     reference = reference.detach().double()
     scale = float(reference.abs().nan_to_num(nan=0.0).max()) if reference.numel() else 0.0
-    eager_error, error = (_max_error(t, reference) for t in (eager, actual))
+    eager_error, error = (max_error(t, reference) for t in (eager, actual))
     return Accuracy(eager_error, error, FACTOR * max(eager_error, _ULP * max(1.0, scale)))
 
 
-def _max_error(t: Tensor, reference: Tensor) -> float:
+def max_error(t: Tensor, reference: Tensor) -> float:
+    """The largest absolute difference of ``t`` from ``reference`` (float64); NaN where the reference has
+    none is infinite."""
     if t.numel() == 0:
         return 0.0
     t = t.detach().double()
