@@ -65,9 +65,7 @@ class BatchResult:
 
     def counts(self) -> dict:
         statuses = [r["status"] if r else "not_run" for r in self.reports]
-        return {"total": len(statuses), "ok": statuses.count("ok"), "skipped": statuses.count("skipped"),
-                "cancelled": statuses.count("cancelled"), "interrupted": statuses.count("interrupted"),
-                "failed": sum(s not in ("ok", "skipped", "cancelled", "interrupted", "not_run") for s in statuses)}
+        return _counts(statuses, len(statuses))
 
     def to_dict(self) -> dict:
         status = "interrupted" if self.interrupted else ("ok" if self.exit_code == 0 else "failed")
@@ -116,10 +114,7 @@ def merge_reports(reports: list[dict]) -> dict:
             part for part in (f"missing {', '.join(f'{i}/{count}' for i in missing)}" if missing else "",
                               f"twice {', '.join(f'{i}/{count}' for i in twice)}" if twice else "") if part))
     jobs = sorted((job for report in reports for job in report["jobs"]), key=lambda job: job["config_index"])
-    statuses = [job["status"] for job in jobs]
-    summary = {"total": first["shard"]["config_jobs"], "ok": statuses.count("ok"), "skipped": statuses.count("skipped"),
-               "cancelled": statuses.count("cancelled"), "interrupted": statuses.count("interrupted"),
-               "failed": sum(s not in ("ok", "skipped", "cancelled", "interrupted") for s in statuses)}
+    summary = _counts([job["status"] for job in jobs], first["shard"]["config_jobs"])
     interrupted = any(r["status"] == "interrupted" for r in reports)
     exit_code = EXIT_INTERRUPTED if interrupted else next((j["exit_code"] for j in jobs if j["exit_code"] != 0), 0)
     by_shard = sorted(reports, key=lambda r: r["shard"]["index"])
@@ -131,6 +126,13 @@ def merge_reports(reports: list[dict]) -> dict:
             "environments": [r.get("environment") for r in by_shard],
             "started": min(r["started"] for r in reports), "finished": max(r["finished"] for r in reports),
             "jobs": jobs}
+
+
+def _counts(statuses: list[str], total: int) -> dict:
+    """A batch report's summary: how many jobs of ``total`` ended in each state (``not_run``: never started)."""
+    return {"total": total, "ok": statuses.count("ok"), "skipped": statuses.count("skipped"),
+            "cancelled": statuses.count("cancelled"), "interrupted": statuses.count("interrupted"),
+            "failed": sum(s not in ("ok", "skipped", "cancelled", "interrupted", "not_run") for s in statuses)}
 
 
 def _now() -> str:
