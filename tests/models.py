@@ -313,3 +313,46 @@ class BatchDictForecaster(nn.Module):
     def forward(self, batch: Dict[str, Tensor]) -> Tensor:
         y, _ = self.lstm(torch.cat([batch["insample_y"], batch["hist_exog"]], 2))
         return self.head(y[:, -1])
+
+
+class LengthAwareLSTM(nn.LSTM):
+    """pytorch-forecasting's pattern: an nn.LSTM subclass whose forward takes the sequences' lengths and
+    calls ``super().forward`` (on a PackedSequence when lengths are given)."""
+
+    def forward(self, x, hx=None, lengths=None):
+        if lengths is None:
+            return super().forward(x, hx)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.clamp(min=1), batch_first=self.batch_first,
+                                                   enforce_sorted=False)
+        out, state = super().forward(packed, hx)
+        return nn.utils.rnn.pad_packed_sequence(out, batch_first=self.batch_first, total_length=x.size(1))[0], state
+
+
+class OwnLoopLSTM(nn.LSTM):
+    """An nn.LSTM subclass that reimplements forward on its own (here: the op itself, then a scale)."""
+
+    def forward(self, x, hx=None):
+        out, h, c = torch._VF.lstm(x, (torch.zeros(1, x.size(0), self.hidden_size),) * 2, self._flat_weights,
+                                   True, 1, 0.0, False, False, True)
+        return out * 2, (h, c)
+
+
+class SubclassForecaster(nn.Module):
+    """A DeepAR-like encoder over an ``LengthAwareLSTM``, and a head LSTM that reimplements forward. Input
+    (batch, time, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = LengthAwareLSTM(3, 24, num_layers=2, batch_first=True)
+        self.refine = OwnLoopLSTM(24, 24, batch_first=True)
+        self.head = nn.Linear(24, 1)
+
+    def forward(self, x):
+        out, _ = self.encoder(x)
+        out, _ = self.refine(out)
+        return self.head(out[:, -1])
+
+
+def build_subclass_forecaster() -> SubclassForecaster:
+    torch.manual_seed(0)
+    return SubclassForecaster()

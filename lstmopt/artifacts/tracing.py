@@ -12,6 +12,7 @@ that specialized.
 """
 
 # No "from __future__ import annotations": TorchScript needs real annotations on the forward below.
+import copy
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -57,6 +58,37 @@ def _scripted_lstm(lstm: PackedLSTM) -> torch.jit.ScriptModule:
     return torch.jit.script(entry)
 
 
+class _ScriptedSuperForward(nn.LSTM):
+    """What ``super().forward`` reaches in a packed subclass being traced: its scripted twin (child
+    ``scripted_lstm``) for tensors; a PackedSequence, which a traced caller cannot hand a scripted module, takes
+    nn.LSTM's own op, which the trace records."""
+
+    def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):
+            return nn.LSTM.forward(self, input, hx)
+        return self._modules["scripted_lstm"](input, hx)
+
+
+def _under_own_forward(module: PackedLSTM) -> PackedLSTM:
+    """Turn ``module`` (a packed subclass of a user's nn.LSTM subclass, in the copy being traced) into a
+    shell whose own forward the trace runs and records, with ``super().forward`` calling a scripted
+    ``TracedLSTM`` on the same parameters (child ``scripted_lstm``, under whose name the artifact's state dict then
+    holds them)."""
+    entry = copy.copy(module)  # shares the parameters, which scripting keeps as they are
+    entry.__class__ = TracedLSTM
+    twin = torch.jit.script(entry)
+    base = type(module).packed_base
+    module.__class__ = type(base)(base.__name__, (base, _ScriptedSuperForward), {"__module__": base.__module__})
+    del module._modules["packed_layers"]
+    module._modules["scripted_lstm"] = twin
+    # Its own copies of the weights would be a second state-dict entry for each tensor, one that a
+    # loaded archive lets load_state_dict change without the twin seeing it: the subclass's code can
+    # still read them (plain attributes), the twin alone holds them as parameters.
+    for name in list(module._parameters):
+        module.__dict__[name] = module._parameters.pop(name)
+    return module
+
+
 def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torch.jit.ScriptModule, list[str]]:
     """``torch.jit.trace`` of a copy of ``model`` on ``example`` (a tuple of forward arguments), every
     ``PackedLSTM`` that receives tensors replaced by its scripted self. One that receives a PackedSequence
@@ -64,12 +96,17 @@ def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torc
     it, as eager runs it for packed sequences. Returns the trace and the names of those LSTMs."""
     copy = tracked_copy(model)
     takes_sequences = _lstms_given_packed_sequences(copy, example)
+    recorded = [name for name, module in copy.named_modules() if id(module) in takes_sequences]
     scripted: dict[int, torch.jit.ScriptModule] = {}
     for name, module in list(copy.named_modules(remove_duplicate=False)):
         if isinstance(module, PackedLSTM) and id(module) in takes_sequences:
             # The trace records nn.LSTM's op for it: packs would be dead weight in the archive (and native
             # ones would make it need lstmopt's library to load).
             module.use_kernel("stock", sequence_kernel="stock")
+            continue
+        if isinstance(module, PackedLSTM) and hasattr(type(module), "packed_base"):
+            if id(module) not in scripted:  # its own forward is traced, around its scripted self
+                scripted[id(module)] = _under_own_forward(module)
             continue
         if not isinstance(module, PackedLSTM) or not name:
             continue
@@ -82,7 +119,6 @@ def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torc
     except Exception as exc:
         message = " ".join(str(exc).split())
         raise UsageError(f"tracing it failed too ({type(exc).__name__}: {message[:300]})") from exc
-    recorded = [name for name, module in model.named_modules() if id(copy.get_submodule(name)) in takes_sequences]
     return traced, recorded
 
 

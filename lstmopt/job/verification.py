@@ -24,6 +24,7 @@ own, unless ``--atol``/``--rtol`` are given.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import subprocess
@@ -241,9 +242,10 @@ def verify_artifact(
             for j, args in enumerate(lstm_cases(lstm)):
                 lstm_payload.append((artifact_prefix + name, args))
                 expected_lstms.append((f"{name or '<model>'} case {j} {describe(args)}",
-                                       verify_child.flatten(lstm(*args))))
+                                       verify_child.flatten(nn.LSTM.forward(lstm, *args))))
                 reference_lstms.append(_reference_outputs(
-                    None if reference is None else reference.get_submodule(name), args, None))
+                    None if reference is None else functools.partial(nn.LSTM.forward, reference.get_submodule(name)),
+                    args, None))
     if reference is not None and all(r is not None for r in reference_samples + reference_lstms):
         result.criterion = "float64"
 

@@ -7,6 +7,7 @@ Only torch and the standard library are used here.
     python -I verify_child.py ARTIFACT FORMAT PAYLOAD RESULT
 """
 
+import functools
 import sys
 import traceback
 
@@ -128,9 +129,17 @@ def main(artifact, fmt, payload_path, result_path):
         for name, args in payload["lstms"]:
             try:
                 lstm = _submodule(model, name)
-                # A scripted LSTM's forward is overloaded (forward__0 is its (Tensor, hx) overload), unless it
-                # was scripted for a trace, with one tensor forward.
-                call = lstm.forward__0 if fmt == "torchscript" and hasattr(lstm, "forward__0") else lstm
+                # The LSTM itself, below the forward of an nn.LSTM subclass: traced, that forward takes only
+                # what it took on the example inputs, and it calls a scripted twin (artifacts/tracing.py).
+                if fmt == "torchscript":
+                    lstm = getattr(lstm, "scripted_lstm", lstm)
+                    # A scripted LSTM's forward is overloaded (forward__0 is its (Tensor, hx) overload),
+                    # unless it was scripted for a trace, with one tensor forward.
+                    call = lstm.forward__0 if hasattr(lstm, "forward__0") else lstm
+                else:
+                    from lstmopt.modules.lstm import PackedLSTM  # a pickled model needs lstmopt anyway
+
+                    call = functools.partial(PackedLSTM.forward, lstm) if isinstance(lstm, PackedLSTM) else lstm
                 result["lstms"].append([t for _, t in flatten(call(*args))])
             except Exception as exc:
                 result["lstms"].append(_error(exc))

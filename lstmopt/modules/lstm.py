@@ -20,6 +20,7 @@ Python-only pack state ``modules/pack_state.py``, and the packs ``modules/packs.
 """
 
 # No "from __future__ import annotations": TorchScript needs real annotations on the class attributes.
+import threading
 from typing import Optional, Tuple, overload
 
 import torch
@@ -33,7 +34,7 @@ from lstmopt.modules.pack_state import PackState
 from lstmopt.modules.packs import PackedLayer, packing_obstacle, tracked_copy
 from lstmopt.modules.scripted import ScriptedPaths
 
-__all__ = ["EXACT_KERNELS", "EXACT_SEQUENCE_KERNELS", "KERNELS", "PackedLSTM", "SEQUENCE_KERNELS"]
+__all__ = ["EXACT_KERNELS", "EXACT_SEQUENCE_KERNELS", "KERNELS", "PackedLSTM", "SEQUENCE_KERNELS", "packed_subclass"]
 
 # Names from the kernel table (lstmopt.kernels.table), which says what each serves and needs.
 KERNELS = kernel_table.names(kernel_table.TENSOR)
@@ -107,10 +108,10 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         if dtype is not None and dtype != current:
             io_dtype = io_dtype or current
             lstm.to(dtype)  # before the class changes, so the weights are packed once
-        if type(lstm) is cls:
+        if isinstance(lstm, PackedLSTM):
             lstm.io_dtype = io_dtype
         else:
-            lstm.__class__ = cls
+            lstm.__class__ = cls if type(lstm) is nn.LSTM else packed_subclass(type(lstm))
             lstm._init_packing(io_dtype)
         return lstm
 
@@ -244,3 +245,25 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
         if self.io_dtype is not None:
             s += f", io_dtype={self.io_dtype}"
         return s
+
+
+_subclasses: dict = {}
+_subclasses_lock = threading.Lock()
+
+
+def packed_subclass(base: type) -> type:
+    """The class an instance of ``base``, a subclass of nn.LSTM whose forward calls nn.LSTM's, becomes when
+    packed: ``(base, PackedLSTM)``, so the subclass's own forward (and every other method it overrides)
+    runs, and its ``super().forward`` reaches the packed dispatch. One class per base. Its ``__qualname__``
+    names the base, and ``lstmopt.modules.subclasses`` rebuilds the class from that name when a pickle
+    (``torch.save`` of the model) is loaded, wherever the base class is importable.
+    """
+    with _subclasses_lock:
+        packed = _subclasses.get(base)
+        if packed is None:
+            where = f"{base.__module__}/{base.__qualname__}".replace(".", ":")
+            packed = type(base)(base.__name__, (base, PackedLSTM), {
+                "_is_packed_lstm": True, "__module__": "lstmopt.modules.subclasses",
+                "__qualname__": f"Packed[{where}]", "__doc__": base.__doc__, "packed_base": base})
+            _subclasses[base] = packed
+        return packed

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since, version_of
 
-__all__ = ["PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported", "packing_obstacle", "tracked_copy",
+__all__ = ["PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported", "calls_lstm_forward", "own_forward",
+           "packing_obstacle", "tracked_copy",
            "sources_of", "unchanged_since", "version_of", "weights_obstacle"]
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -59,10 +60,10 @@ def packing_obstacle(lstm: nn.Module, dtype: Optional[torch.dtype] = None) -> Op
 
     if not isinstance(lstm, nn.LSTM):
         return f"{type(lstm).__name__} is not an nn.LSTM"
-    # Exactly nn.LSTM or PackedLSTM (marked in its own class body, so a subclass is not): a subclass may
-    # have its own forward, which packing would bypass.
-    if type(lstm) is not nn.LSTM and not vars(type(lstm)).get("_is_packed_lstm", False):
-        return f"{type(lstm).__qualname__} subclasses nn.LSTM; its own code would be bypassed"
+    own = own_forward(type(lstm))
+    if own is not None and not calls_lstm_forward(own):
+        return (f"{type(lstm).__qualname__} subclasses nn.LSTM with a forward that does not call nn.LSTM's "
+                "(super().forward): packing would bypass its own code")
     if lstm.proj_size > 0:
         return "proj_size>0 is not supported by oneDNN"
     if lstm.input_size == 0 or lstm.hidden_size == 0:
@@ -73,6 +74,33 @@ def packing_obstacle(lstm: nn.Module, dtype: Optional[torch.dtype] = None) -> Op
     if dtype is not None and dtype not in PACKABLE_DTYPES:
         return f"dtype {_dtype_name(dtype)} is not supported by the packed kernel (float32, bfloat16)"
     return weights_obstacle([lstm._parameters[name] for name in lstm._flat_weights_names], dtype)
+
+
+def own_forward(cls: type):
+    """The ``forward`` a subclass of nn.LSTM defines for itself (the first in its MRO before nn.LSTM's), or
+    None for nn.LSTM and lstmopt's own classes, which are marked ``_is_packed_lstm`` in their class body."""
+    for klass in cls.__mro__:
+        if klass is nn.LSTM or vars(klass).get("_is_packed_lstm", False):
+            return None
+        if "forward" in vars(klass):
+            return vars(klass)["forward"]
+    return None
+
+
+def calls_lstm_forward(function) -> bool:
+    """Whether ``function`` calls nn.LSTM's forward on its way (``super().forward(...)`` or
+    ``nn.LSTM.forward(self, ...)``), read from its bytecode: then a packed LSTM under it runs the subclass's
+    own code around the packed kernel. A forward that calls the op itself (``_VF.lstm``) does not qualify."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return False
+    codes = [code]
+    while codes:  # and the functions defined inside it
+        code = codes.pop()
+        if "forward" in code.co_names and ({"super", "LSTM"} & set(code.co_names)):
+            return True
+        codes += [c for c in code.co_consts if hasattr(c, "co_names")]
+    return False
 
 
 def tracked_copy(obj):

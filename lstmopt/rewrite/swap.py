@@ -12,7 +12,7 @@ from lstmopt.errors import UnsupportedError
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.accuracy import CONTRACT
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
-from lstmopt.modules.packs import PACKABLE_DTYPES, bf16_supported, packing_obstacle, tracked_copy
+from lstmopt.modules.packs import PACKABLE_DTYPES, bf16_supported, own_forward, packing_obstacle, tracked_copy
 
 __all__ = ["Decision", "FilterFn", "optimize", "plan", "with_kernels"]
 
@@ -91,6 +91,8 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
         else:
             reason = (f"changes numerics: {_dtype_name(found)} inputs are cast to {_dtype_name(target)} "
                       "and results cast back")
+        if packed and own_forward(type(lstm)) is not None:
+            reason += f"; {type(lstm).__name__}'s own forward runs, calling the packed LSTM"
     return Decision(
         name=name, aliases=aliases, input_size=lstm.input_size, hidden_size=lstm.hidden_size,
         num_layers=lstm.num_layers, bidirectional=lstm.bidirectional, bias=lstm.bias,
