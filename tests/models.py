@@ -356,3 +356,35 @@ class SubclassForecaster(nn.Module):
 def build_subclass_forecaster() -> SubclassForecaster:
     torch.manual_seed(0)
     return SubclassForecaster()
+
+
+class CellDecoder(nn.Module):
+    """Tacotron2's decoder loop in small: an attention LSTMCell and a decoder LSTMCell rolled one frame at
+    a time, each frame's output fed back. Input (batch, frames, features): the frames are teacher-forced
+    inputs of the prenet."""
+
+    def __init__(self, features: int = 8, hidden: int = 32):
+        super().__init__()
+        self.prenet = nn.Linear(features, hidden)
+        self.attention_rnn = nn.LSTMCell(hidden + features, hidden)
+        self.decoder_rnn = nn.LSTMCell(2 * hidden, hidden)
+        self.project = nn.Linear(hidden, features)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        batch = frames.size(0)
+        h1 = c1 = frames.new_zeros(batch, self.attention_rnn.hidden_size)
+        h2 = c2 = frames.new_zeros(batch, self.decoder_rnn.hidden_size)
+        previous = frames.new_zeros(batch, frames.size(2))
+        outputs = []
+        for t in range(frames.size(1)):
+            x = torch.relu(self.prenet(frames[:, t]))
+            h1, c1 = self.attention_rnn(torch.cat([x, previous], 1), (h1, c1))
+            h2, c2 = self.decoder_rnn(torch.cat([h1, x], 1), (h2, c2))
+            previous = self.project(h2)
+            outputs.append(previous)
+        return torch.stack(outputs, 1)
+
+
+def build_cell_decoder() -> CellDecoder:
+    torch.manual_seed(0)
+    return CellDecoder()

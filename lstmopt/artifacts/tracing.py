@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmopt.errors import UsageError
+from lstmopt.modules.cell import PackedLSTMCell
 from lstmopt.modules.lstm import PackedLSTM
 from lstmopt.modules.packs import tracked_copy
 
@@ -107,6 +108,10 @@ def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torc
         if isinstance(module, PackedLSTM) and hasattr(type(module), "packed_base"):
             if id(module) not in scripted:  # its own forward is traced, around its scripted self
                 scripted[id(module)] = _under_own_forward(module)
+            continue
+        if isinstance(module, PackedLSTMCell) and name:  # one signature: its scripted self serves the trace
+            parent_name, _, child = name.rpartition(".")
+            setattr(copy.get_submodule(parent_name), child, scripted.setdefault(id(module), torch.jit.script(module)))
             continue
         if not isinstance(module, PackedLSTM) or not name:
             continue

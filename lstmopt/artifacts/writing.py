@@ -117,10 +117,12 @@ def native_kernel_note(lstms: Sequence[str], format: str) -> str:
 
 
 def native_lstms(model) -> list:
-    """The names of the LSTMs in ``model`` that run the native kernel."""
+    """The names of the LSTMs and LSTMCells in ``model`` that run the native kernel."""
+    from lstmopt.modules.cell import PackedLSTMCell
     from lstmopt.modules.lstm import PackedLSTM
 
-    return [name for name, m in model.named_modules() if isinstance(m, PackedLSTM) and m.uses_native_kernel]
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (PackedLSTM, PackedLSTMCell)) and m.uses_native_kernel]
 
 
 def _json(metadata: dict) -> str:

@@ -244,7 +244,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
 
     with step("optimize"):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.dtype]
-        decisions = plan(loaded.model, dtype=dtype)
+        decisions = plan(loaded.model, dtype=dtype, exact=not options.approx)
         report.modules = [d.to_dict() for d in decisions]
         packed = [d.name for d in decisions if d.packed]
         if not packed:
@@ -253,7 +253,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
             if options.require_lstm:
                 raise NothingToOptimizeError(f"nothing to optimize: {why}")
             report.warnings.append(f"nothing was optimized ({why}); the output is the model as loaded")
-        optimized = optimize(loaded.model, dtype=dtype)
+        optimized = optimize(loaded.model, dtype=dtype, exact=not options.approx)
     if options.autotune and packed:
         with step("autotune"):
             autotune(optimized, samples, exact=not options.approx)

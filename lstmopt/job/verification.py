@@ -184,8 +184,15 @@ def _in_float64(obj):
 
 
 def lstm_cases(lstm: nn.LSTM, *, seed: int = 0) -> list[tuple]:
-    """Synthetic inputs for one LSTM: 2 lengths x 2 batch sizes, once with initial states."""
+    """Synthetic inputs for one LSTM: 2 lengths x 2 batch sizes, once with initial states (for an
+    LSTMCell: batches of 1 and 3, an unbatched step, and a step from given states)."""
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(lstm, nn.LSTMCell):
+        dtype = lstm.weight_ih.dtype
+        cases = [(torch.randn(shape, generator=generator, dtype=dtype),)
+                 for shape in [(1, lstm.input_size), (3, lstm.input_size), (lstm.input_size,)]]
+        h, c = (torch.randn(3, lstm.hidden_size, generator=generator, dtype=dtype) for _ in range(2))
+        return cases + [(cases[1][0], (h, c))]
     dtype = lstm._flat_weights[0].dtype
     states = lstm.num_layers * (2 if lstm.bidirectional else 1)
     cases = []
@@ -242,10 +249,9 @@ def verify_artifact(
             for j, args in enumerate(lstm_cases(lstm)):
                 lstm_payload.append((artifact_prefix + name, args))
                 expected_lstms.append((f"{name or '<model>'} case {j} {describe(args)}",
-                                       verify_child.flatten(nn.LSTM.forward(lstm, *args))))
+                                       verify_child.flatten(_below_own_forward(lstm)(*args))))
                 reference_lstms.append(_reference_outputs(
-                    None if reference is None else functools.partial(nn.LSTM.forward, reference.get_submodule(name)),
-                    args, None))
+                    None if reference is None else _below_own_forward(reference.get_submodule(name)), args, None))
     if reference is not None and all(r is not None for r in reference_samples + reference_lstms):
         result.criterion = "float64"
 
@@ -273,6 +279,11 @@ def verify_artifact(
         for k, ((name, e), a) in enumerate(zip(expected, actual)):
             result.lstm_checks.append(_judged(result, f"{label} {name}", e, a, reference_lstms[i], k))
     return result
+
+
+def _below_own_forward(module: nn.Module):
+    """The module's LSTM itself: nn.LSTM's forward, under any subclass's own (which packing keeps)."""
+    return functools.partial(nn.LSTM.forward, module) if isinstance(module, nn.LSTM) else module
 
 
 def _judged(result: Verification, name: str, expected: Tensor, actual, references: Optional[list], k: int) -> Check:

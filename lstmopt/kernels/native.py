@@ -29,7 +29,7 @@ from torch import Tensor
 from lstmopt.environment import cpuinfo
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since
 
-__all__ = ["LOAD_LINE", "NativePacks", "available", "library_path", "load", "module", "run_native",
+__all__ = ["LOAD_LINE", "NativePacks", "available", "library_path", "load", "module", "run_native", "run_native_cell",
            "unavailable_reason"]
 
 LOAD_LINE = "import lstmopt.native; lstmopt.native.load()"
@@ -201,3 +201,19 @@ def run_native(packs: NativePacks, input: Tensor, batch_sizes: Optional[Tensor],
         h0, c0 = hx[0], hx[1]
     return torch.ops.lstmopt.lstm(input, batch_sizes, h0, c0, packs.weights, packs.biases, packs.hidden_size,
                                   packs.bidirectional, batch_first)
+
+
+def run_native_cell(packs: NativePacks, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    """One nn.LSTMCell step (packs of one layer) through the dispatcher, for TorchScript (the Python path
+    calls ``Packs.try_cell``): input (B, I) or (I,), states to match; returns (h', c') shaped as the states."""
+    batch = input.size(0) if input.dim() == 2 else 1
+    hidden = packs.hidden_size
+    h0: Optional[Tensor] = None
+    c0: Optional[Tensor] = None
+    if hx is not None:
+        h0, c0 = hx[0].reshape(1, batch, hidden), hx[1].reshape(1, batch, hidden)
+    _, h_n, c_n = torch.ops.lstmopt.lstm(input.reshape(1, batch, input.size(-1)), None, h0, c0, packs.weights,
+                                         packs.biases, hidden, False, False)
+    if input.dim() == 1:
+        return h_n.reshape(hidden), c_n.reshape(hidden)
+    return h_n.reshape(batch, hidden), c_n.reshape(batch, hidden)

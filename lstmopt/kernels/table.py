@@ -13,15 +13,16 @@ from typing import Optional
 
 from lstmopt.kernels.accuracy import CONTRACT
 
-__all__ = ["Kernel", "SEQUENCE", "TENSOR", "TABLE", "approximate_kernels_text", "default", "find", "markdown", "names"]
+__all__ = ["CELL", "Kernel", "SEQUENCE", "TENSOR", "TABLE", "approximate_kernels_text", "default", "find", "markdown", "names"]
 
 TENSOR, SEQUENCE = "tensors", "PackedSequences"
+CELL = "nn.LSTMCell steps"  # the kernels of a PackedLSTMCell
 
 
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    inputs: str  # TENSOR or SEQUENCE
+    inputs: str  # TENSOR or SEQUENCE (a PackedLSTM's), or CELL
     exact: bool  # bit-identical to nn.LSTM (else held to the approximate-kernel contract, kernels/accuracy.py)
     default: bool  # what a PackedLSTM runs until autotune says otherwise
     fp32_only: bool  # else also the packed dtype (bf16)
@@ -51,11 +52,17 @@ TABLE = (
     Kernel("native", SEQUENCE, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
            what="lstmopt's native kernel on the packed rows",
            chosen_because="PackedSequences through lstmopt's native kernel measured fastest"),
+    Kernel("stock", CELL, exact=True, default=True, fp32_only=False, reads_packs=False, native=False,
+           what="nn.LSTMCell itself (no kernel bit-identical to it is faster)",
+           chosen_because="nn.LSTMCell itself measured fastest on these inputs"),
+    Kernel("native", CELL, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
+           what="lstmopt's native kernel: the step in one native call",
+           chosen_because="lstmopt's native kernel measured fastest"),
 )
 
 
 def names(inputs: str, *, exact_only: bool = False) -> tuple[str, ...]:
-    """The kernels for ``inputs`` (``TENSOR`` or ``SEQUENCE``), in autotune's order."""
+    """The kernels for ``inputs`` (``TENSOR``, ``SEQUENCE`` or ``CELL``), in autotune's order."""
     return tuple(k.name for k in TABLE if k.inputs == inputs and (k.exact or not exact_only))
 
 

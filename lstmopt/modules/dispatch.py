@@ -17,7 +17,7 @@ from lstmopt.kernels.aten import run_cells, run_onednn, run_onednn_sequence
 from lstmopt.modules.guards import kernel_accepts, plain_state
 from lstmopt.modules.packs import weights_obstacle
 
-__all__ = ["dispatch", "exported", "forward"]
+__all__ = ["dispatch", "exported", "forward", "seqlocked"]
 
 # Looked up once: a one-step call spends ~25 us in the op, and each attribute lookup on torch._C adds up.
 _tracing = torch._C._get_tracing_state
@@ -64,10 +64,15 @@ def with_io_casts(module, run, input, hx):
 
 
 def dispatch(module, input, hx):
-    """One eager call. The stock and cell paths compute on the parameters themselves, which
-    load_state_dict overwrites in place one by one: a call that overlapped a load (the count moved, or is
-    odd: a load is writing) is redone after it, so every call sees the old weights or the new ones, whole
-    (a seqlock; calls served from packs are whole anyway, and pay two attribute reads)."""
+    """One eager call (``seqlocked``)."""
+    return seqlocked(module, dispatch_once, input, hx)
+
+
+def seqlocked(module, once, input, hx):
+    """``once(module, state, input, hx)``. The stock and cell paths compute on the parameters themselves,
+    which load_state_dict overwrites in place one by one: a call that overlapped a load (the count moved,
+    or is odd: a load is writing) is redone after it, so every call sees the old weights or the new ones,
+    whole (a seqlock; calls served from packs are whole anyway, and pay two attribute reads)."""
     state = module._state
     me = threading.get_ident()
     while True:
@@ -75,7 +80,7 @@ def dispatch(module, input, hx):
         if loads & 1 and state.loading_thread != me:
             with state.lock:  # wait for the load to finish
                 continue
-        result = dispatch_once(module, state, input, hx)
+        result = once(module, state, input, hx)
         if state.loads == loads or state.loading_thread == me:
             return result
 
@@ -166,3 +171,32 @@ def exported(module, input, hx):
         empty = w[0].new_empty(0)
         layers.append((w[0], w[1], w[2] if module.bias else empty, w[3] if module.bias else empty, layer.reverse))
     return run_onednn(input, hx, layers, module.hidden_size, module.bidirectional, module.batch_first, module.bias)
+
+
+_stock_cell = nn.LSTMCell.forward
+
+
+def cell_forward(cell, input, hx):
+    """``PackedLSTMCell.forward`` outside TorchScript: the native kernel where it serves the call (its own
+    checks refuse anything nn.LSTMCell would treat otherwise), else nn.LSTMCell's own path, which also
+    raises its errors. torch.compile and torch.export trace that path (an LSTMCell is a few ops they fuse)."""
+    if (_tracing() or _autocast_enabled() or _grad_enabled() or cell.training or _dispatch_modes()
+            or torch.compiler.is_compiling()):
+        return _stock_cell(cell, input, hx)
+    packs = cell._state.native
+    if packs is not None:
+        result = packs.try_cell(input, hx, cell._parameters)
+        if result is not None:
+            return result
+    return seqlocked(cell, _cell_once, input, hx)
+
+
+def _cell_once(cell, state, input, hx):
+    # The native packs refused: an in-place edit made them stale (repack, and try again), or the call is
+    # one for nn.LSTMCell (other dtypes, shapes, tensor subclasses).
+    if state.native is not None and state.is_current(cell._parameters) is False and state.ready(cell, lambda: True):
+        packs = state.native
+        result = None if packs is None else packs.try_cell(input, hx, cell._parameters)
+        if result is not None:
+            return result
+    return _stock_cell(cell, input, hx)

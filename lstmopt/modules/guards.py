@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["kernel_accepts", "plain_state", "valid_for_kernel", "valid_sequence"]
+__all__ = ["kernel_accepts", "plain_state", "valid_cell", "valid_for_kernel", "valid_sequence"]
 
 
 def _plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
@@ -42,6 +42,26 @@ def valid_for_kernel(
         expected = [states, batch, hidden_size] if len(shape) == 3 else [states, hidden_size]
         for state in hx:
             if not _plain_cpu(state, dtype) or list(state.shape) != expected:
+                return False
+    return True
+
+
+def valid_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], input_size: int, hidden_size: int) -> bool:
+    """The same for one ``nn.LSTMCell`` step on the native kernel (float32): input (B, I) or (I,), states
+    (B, H) or (H,) to match."""
+    if not _plain_cpu(input, torch.float32) or input.size(-1) != input_size:
+        return False
+    if input.dim() == 2:
+        expected = [input.size(0), hidden_size]
+        if input.size(0) == 0:
+            return False
+    elif input.dim() == 1:
+        expected = [hidden_size]
+    else:
+        return False
+    if hx is not None:
+        for state in hx:
+            if not _plain_cpu(state, torch.float32) or list(state.shape) != expected:
                 return False
     return True
 

@@ -1,4 +1,5 @@
-"""Per-module autotune: time each PackedLSTM's kernels on the inputs it really sees, keep the fastest.
+"""Per-module autotune: time each PackedLSTM's (and PackedLSTMCell's) kernels on the inputs it really
+sees, keep the fastest.
 
 ``autotune(model, samples)`` runs the model on the sample inputs while recording what every PackedLSTM
 receives, then, for each module and kind of input (tensors, PackedSequences), times every kernel of the
@@ -21,7 +22,8 @@ from lstmopt.kernels import native
 from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import tracked_copy, weights_obstacle
-from lstmopt.modules.guards import kernel_accepts
+from lstmopt.modules.cell import CELL_KERNELS, PackedLSTMCell, cell_obstacle
+from lstmopt.modules.guards import kernel_accepts, plain_state, valid_cell
 from lstmopt.rewrite.timing import Ratio, compare
 
 __all__ = ["MARGIN", "KernelChoice", "autotune"]
@@ -92,6 +94,10 @@ def _serves(variant: PackedLSTM, kernel: str, inputs: str, calls: list) -> bool:
     facts = kernel_table.find(kernel, inputs)
     if kernel == "stock":
         return True
+    if inputs == kernel_table.CELL:
+        return variant.uses_native_kernel and all(
+            plain_state(hx) and type(input) is torch.Tensor
+            and valid_cell(input, hx, variant.input_size, variant.hidden_size) for (input, hx), _ in calls)
     dtype = variant.kernel_dtype if inputs == kernel_table.TENSOR else variant.sequence_dtype
     weight_dtype = variant._flat_weights[0].dtype
     for (input, hx), _ in calls:
@@ -165,13 +171,20 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
     Example:
         >>> choices = autotune(lstmopt.optimize(model), [(torch.randn(1, 1, 40),)], exact=False)
     """
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, PackedLSTM)}
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, (PackedLSTM, PackedLSTMCell))}
     if not modules or not samples:
         return []
     model.eval()
     recorded = _record(model, modules, samples)
     choices = []
     for name, module in modules.items():
+        if isinstance(module, PackedLSTMCell):
+            choice = _choose_cell(module, name, recorded[name], exact, rounds, round_s)
+            if choice is not None:
+                module.use_kernel(choice.kernel)
+                module.autotune_ms, module.autotune_notes = choice.ms_per_forward, {"cell": choice.note}
+                choices.append(choice)
+            continue
         by_kind: dict[str, list] = {"tensor": [], "sequence": []}
         for signature, (args, count) in recorded[name].items():
             if signature[0] in by_kind:
@@ -220,3 +233,23 @@ def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool
     best, ms, ratios, not_serving = _fastest(module, kind, calls, candidates, baseline, switch, rounds, round_s)
     return KernelChoice(name, inputs, best, best in allowed_exact, ms, sum(count for _, count in calls), baseline,
                         ratios, not_serving, _note(best, baseline, ratios, not_serving))
+
+
+def _choose_cell(cell: PackedLSTMCell, name: str, recorded: dict, exact: bool, rounds: int,
+                 round_s: float) -> Optional[KernelChoice]:
+    """The native kernel against nn.LSTMCell's own, for a cell swapped where approximate kernels are
+    allowed (with ``exact``, a cell keeps the kernel it was given: only its own is exact)."""
+    calls = [entry for signature, entry in recorded.items() if signature[0] == "tensor"]
+    if exact or not calls:
+        return None
+    candidates = list(CELL_KERNELS)
+    if not native.load() or cell_obstacle(cell) is not None:
+        candidates = ["stock"]
+    if len(candidates) == 1:
+        cell.use_kernel("stock")
+        return None
+    best, ms, ratios, not_serving = _fastest(cell, kernel_table.CELL, calls, candidates, "stock",
+                                             lambda variant, kernel: variant.use_kernel(kernel), rounds, round_s)
+    return KernelChoice(name, "cell", best, kernel_table.find(best, kernel_table.CELL).exact, ms,
+                        sum(count for _, count in calls), "stock", ratios, not_serving,
+                        _note(best, "stock", ratios, not_serving))

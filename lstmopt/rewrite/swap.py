@@ -1,4 +1,5 @@
-"""``optimize``: swap a model's ``nn.LSTM`` modules for ``PackedLSTM``; ``plan``: what it would do and why."""
+"""``optimize``: swap a model's ``nn.LSTM`` modules for ``PackedLSTM`` (and ``nn.LSTMCell`` for
+``PackedLSTMCell`` where approximate kernels are allowed); ``plan``: what it would do and why."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import torch
 from torch import nn
 
 from lstmopt.errors import UnsupportedError
+from lstmopt.kernels import native
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.accuracy import CONTRACT
+from lstmopt.modules.cell import PackedLSTMCell, cell_obstacle
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import PACKABLE_DTYPES, bf16_supported, own_forward, packing_obstacle, tracked_copy
 
@@ -42,6 +45,7 @@ class Decision:
     autotune_ms: Optional[dict] = None  # measured ms per kernel, when autotune chose the kernel
     sequence_kernel: Optional[str] = None  # for PackedSequence inputs: "stock", "onednn" or "native"
     sequence_autotune_ms: Optional[dict] = None
+    kind: str = "LSTM"  # or "LSTMCell" (one layer, one direction, one step per call)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,13 +108,39 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
     )
 
 
-def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
-         filter_fn: Optional[FilterFn] = None) -> list[Decision]:
-    """One ``Decision`` per distinct ``nn.LSTM`` in ``model`` (in module order); changes nothing.
+_CELL_KEPT = ("no kernel bit-identical to nn.LSTMCell is faster than its own; approximate kernels "
+              "(exact=False, --autotune --approx) run it on lstmopt's native kernel")
+
+
+def _decide_cell(cell: nn.LSTMCell, name: str, aliases: tuple[str, ...], exact: bool,
+                 filter_fn: Optional[FilterFn]) -> Decision:
+    kernel = None
+    if isinstance(cell, PackedLSTMCell):
+        packed, reason, kernel = True, "already a PackedLSTMCell", cell.kernel
+    elif filter_fn is not None and not filter_fn(cell, name):
+        packed, reason = False, "excluded by filter_fn"
+    elif exact:
+        packed, reason = False, _CELL_KEPT
+    else:
+        obstacle = cell_obstacle(cell) or (None if native.available() else
+                                           f"the native kernel is unavailable ({native.unavailable_reason()})")
+        packed, reason, kernel = obstacle is None, obstacle or f"lstmopt's native kernel, {CONTRACT}", "native"
+    found = _dtype_name(cell.weight_ih.dtype)
+    return Decision(
+        name=name, aliases=aliases, input_size=cell.input_size, hidden_size=cell.hidden_size, num_layers=1,
+        bidirectional=False, bias=cell.bias, batch_first=False, proj_size=0, dtype=found, packed=packed,
+        packed_dtype=found if packed else None, exact=not packed or kernel == "stock", reason=reason,
+        kernel=kernel if packed else None, autotune_ms=getattr(cell, "autotune_ms", None), kind="LSTMCell")
+
+
+def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None, filter_fn: Optional[FilterFn] = None,
+         exact: bool = True) -> list[Decision]:
+    """One ``Decision`` per distinct ``nn.LSTM`` and ``nn.LSTMCell`` in ``model`` (in module order);
+    changes nothing.
 
     Args:
         model: any module; its LSTMs are found by walking ``named_modules``.
-        dtype, filter_fn: as for ``optimize``, whose decisions this predicts.
+        dtype, filter_fn, exact: as for ``optimize``, whose decisions this predicts.
 
     Example:
         >>> for decision in lstmopt.plan(model):
@@ -119,19 +149,23 @@ def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     _check_request(model, dtype)
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.LSTM):
+        if isinstance(module, (nn.LSTM, nn.LSTMCell)):
             names.setdefault(id(module), []).append(name)
-    return [
-        _decide(module, name, tuple(names[id(module)][1:]), dtype, filter_fn)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.LSTM)
-    ]
+    decisions = []
+    for name, module in model.named_modules():
+        aliases = tuple(names.get(id(module), [])[1:])
+        if isinstance(module, nn.LSTM):
+            decisions.append(_decide(module, name, aliases, dtype, filter_fn))
+        elif isinstance(module, nn.LSTMCell):
+            decisions.append(_decide_cell(module, name, aliases, exact, filter_fn))
+    return decisions
 
 
 def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              filter_fn: Optional[FilterFn] = None, inplace: bool = False,
              autotune: Optional[Sequence[tuple]] = None, exact: bool = True) -> nn.Module:
-    """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM``.
+    """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM`` (and, with
+    ``exact=False``, every ``nn.LSTMCell`` by a ``PackedLSTMCell``).
 
     Args:
         model: the model to optimize; copied first unless ``inplace=True``.
@@ -141,20 +175,23 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         inplace: swap the LSTMs of ``model`` itself (each keeps its identity, see ``PackedLSTM.convert_``).
         autotune: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
             every kernel on the calls it receives and keeps the fastest (``lstmopt.rewrite.autotune``).
-        exact: False also admits the approximate kernels of the kernel table (``lstmopt.kernels.table``).
+        exact: False also admits the approximate kernels of the kernel table (``lstmopt.kernels.table``):
+            autotune may choose them, and LSTMCells are swapped onto the native kernel.
 
     Example:
         >>> fast = lstmopt.optimize(model, autotune=[(example,)], exact=False)
         >>> lstmopt.plan(fast)  # every LSTM with its decision and kernels
     """
-    decisions = plan(model, dtype=dtype, filter_fn=filter_fn)
+    decisions = plan(model, dtype=dtype, filter_fn=filter_fn, exact=exact)
     if not inplace:
         try:
             model = tracked_copy(model)
         except Exception as exc:  # user models may hold uncopyable state (locks, files, ...)
             raise TypeError(f"cannot copy the model ({exc}); pass inplace=True") from exc
     for decision in decisions:
-        if decision.packed:
+        if decision.packed and decision.kind == "LSTMCell":
+            PackedLSTMCell.convert_(model.get_submodule(decision.name), decision.kernel)
+        elif decision.packed:
             PackedLSTM.convert_(model.get_submodule(decision.name), dtype)
     if autotune is not None:
         from lstmopt.rewrite.autotune import autotune as tune
@@ -169,7 +206,13 @@ def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[De
     updated = []
     for decision in decisions:
         module = optimized.get_submodule(decision.name) if decision.packed else None
-        if isinstance(module, PackedLSTM):
+        if isinstance(module, PackedLSTMCell):
+            kernel = kernel_table.find(module.kernel, kernel_table.CELL)
+            decision = replace(decision, kernel=module.kernel, autotune_ms=module.autotune_ms, exact=kernel.exact)
+            note = module.autotune_notes.get("cell")
+            if note:
+                decision = replace(decision, reason=f"autotune: {_note(kernel, note) or note}")
+        elif isinstance(module, PackedLSTM):
             decision = replace(decision, kernel=module.kernel, autotune_ms=module.autotune_ms,
                                sequence_kernel=module.sequence_kernel,
                                sequence_autotune_ms=module.sequence_autotune_ms,

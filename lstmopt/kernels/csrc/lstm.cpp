@@ -634,6 +634,41 @@ class Packs {
     return pybind11::make_tuple(out, pybind11::make_tuple(h_n, c_n));
   }
 
+  // nn.LSTMCell's call (these packs then hold one layer): input (B, I) or unbatched (I,), hx None or
+  // (h, c), each (B, H) or (H,). Returns (h', c') as nn.LSTMCell does, or None as try_forward.
+  pybind11::object try_cell(pybind11::handle input, pybind11::handle hx, pybind11::handle params) const {
+    if (!THPVariable_CheckExact(input.ptr()) || biases_.size() != 1) return pybind11::none();
+    const at::Tensor& x = THPVariable_Unpack(input.ptr());
+    if (!plain(x) || (x.dim() != 1 && x.dim() != 2) || x.size(-1) != input_size_) return pybind11::none();
+    const bool batched = x.dim() == 2;
+    const int64_t batch = batched ? x.size(0) : 1;
+    if (batch == 0) return pybind11::none();
+    std::optional<at::Tensor> h, c;
+    if (!hx.is_none()) {
+      if (!(PyTuple_Check(hx.ptr()) || PyList_Check(hx.ptr())) || PySequence_Size(hx.ptr()) != 2)
+        return pybind11::none();
+      const pybind11::sequence pair = pybind11::reinterpret_borrow<pybind11::sequence>(hx);
+      for (int i = 0; i < 2; ++i) {
+        const pybind11::object item = pair[i];
+        if (!THPVariable_CheckExact(item.ptr())) return pybind11::none();
+        const at::Tensor& state = THPVariable_Unpack(item.ptr());
+        const bool shaped = batched ? state.dim() == 2 && state.size(0) == batch && state.size(1) == hidden_size_
+                                    : state.dim() == 1 && state.size(0) == hidden_size_;
+        if (!plain(state) || !shaped) return pybind11::none();
+        (i == 0 ? h : c) = state.reshape({1, batch, hidden_size_});
+      }
+    }
+    if (!current(params)) return pybind11::none();
+    at::Tensor h_n, c_n;
+    {
+      pybind11::gil_scoped_release no_gil;
+      std::tie(std::ignore, h_n, c_n) =
+          lstm(x.reshape({1, batch, input_size_}), std::nullopt, h, c, weights_, biases_, hidden_size_, false, false);
+    }
+    if (!batched) return pybind11::make_tuple(h_n.view({hidden_size_}), c_n.view({hidden_size_}));
+    return pybind11::make_tuple(h_n.view({batch, hidden_size_}), c_n.view({batch, hidden_size_}));
+  }
+
  private:
   struct Source {
     pybind11::str name;
@@ -671,5 +706,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, bool, std::vector<std::string>,
                           std::vector<at::Tensor>>())
       .def("forward", &Packs::forward)
-      .def("try_forward", &Packs::try_forward);
+      .def("try_forward", &Packs::try_forward)
+      .def("try_cell", &Packs::try_cell);
 }

@@ -1,0 +1,194 @@
+"""nn.LSTMCell: swapped for a PackedLSTMCell where approximate kernels are allowed, on the native kernel,
+held to the approximate-kernel contract, with nn.LSTMCell's interface, keys, errors and fallbacks."""
+
+import copy
+import io
+import json
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from conftest import invoke, needs_native
+from lstmopt import optimize, plan
+from lstmopt.kernels.accuracy import accuracy
+from lstmopt.modules.cell import PackedLSTMCell
+from models import CellDecoder, build_cell_decoder
+
+pytestmark = needs_native
+
+
+def trained_like(cell: nn.LSTMCell, scale: float, saturation: float, seed: int) -> nn.LSTMCell:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cell.named_parameters():
+            p.mul_(scale)
+            if name.startswith("bias"):
+                p.add_(saturation * torch.randn(p.shape, generator=generator))
+    return cell.eval()
+
+
+@settings(max_examples=40, deadline=None)
+@given(input_size=st.sampled_from([1, 8, 80, 336]), hidden_size=st.sampled_from([1, 16, 20, 256]),
+       bias=st.booleans(), batch=st.sampled_from([None, 1, 3, 7]), with_state=st.booleans(),
+       scale=st.sampled_from([1.0, 3.0, 8.0]), saturation=st.sampled_from([0.0, 4.0]), seed=st.integers(0, 999))
+def test_the_native_cell_keeps_the_contract(input_size, hidden_size, bias, batch, with_state, scale, saturation,
+                                            seed):
+    torch.manual_seed(seed)
+    cell = trained_like(nn.LSTMCell(input_size, hidden_size, bias=bias), scale, saturation, seed)
+    packed = PackedLSTMCell.from_cell(cell).eval()
+    reference = copy.deepcopy(cell).double()
+    g = torch.Generator().manual_seed(seed)
+    lead = () if batch is None else (batch,)
+    x = 2 * torch.randn(*lead, input_size, generator=g)
+    hx = tuple(torch.randn(*lead, hidden_size, generator=g) for _ in range(2)) if with_state else None
+    with torch.no_grad():
+        expected, actual = cell(x, hx), packed(x, hx)
+        truth = reference(x.double(), None if hx is None else tuple(h.double() for h in hx))
+    for e, a, t in zip(expected, actual, truth):
+        assert a.shape == e.shape
+        measured = accuracy(e, a, t)
+        assert measured.ok, measured
+
+
+def test_cells_are_swapped_only_where_approximate_kernels_are_allowed():
+    decoder = CellDecoder()
+    assert not any(isinstance(m, PackedLSTMCell) for m in optimize(decoder).modules())
+    kept = {d.name: d for d in plan(decoder)}
+    assert not kept["attention_rnn"].packed and "no kernel bit-identical to nn.LSTMCell" in kept["attention_rnn"].reason
+    fast = optimize(decoder, exact=False)
+    assert isinstance(fast.attention_rnn, PackedLSTMCell) and isinstance(fast.decoder_rnn, PackedLSTMCell)
+    decision = {d.name: d for d in plan(decoder, exact=False)}["decoder_rnn"]
+    assert decision.kind == "LSTMCell" and decision.packed and decision.kernel == "native" and not decision.exact
+    x = torch.randn(2, 6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), decoder.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_a_top_level_or_shared_cell_stays_one_module():
+    shared = nn.LSTMCell(4, 8)
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.ModuleList([shared])})
+    fast = optimize(model, exact=False)
+    assert isinstance(fast["a"][0], PackedLSTMCell) and fast["a"][0] is fast["b"][0]
+    (decision,) = plan(model, exact=False)
+    assert decision.aliases == ("b.0",)
+    assert isinstance(optimize(nn.LSTMCell(4, 8), exact=False), PackedLSTMCell)
+
+
+def test_keys_parameters_and_the_stock_path_are_nn_lstmcell_s():
+    cell = nn.LSTMCell(5, 8).eval()
+    packed = PackedLSTMCell.from_cell(cell)
+    assert list(packed.state_dict()) == list(cell.state_dict())
+    x = torch.randn(2, 5)
+    # Autograd on, training: nn.LSTMCell's own path, bit for bit.
+    assert torch.equal(packed(x)[0], cell(x)[0])
+    with torch.no_grad():
+        assert torch.equal(packed.train()(x)[1], cell(x)[1])
+        packed.eval()
+        with pytest.raises(RuntimeError, match="same dtype"):  # float64 input: nn.LSTMCell's own error
+            packed(x.double())
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda cell: cell(torch.randn(2, 3, 5)), "Expected input to be 1D or 2D"),
+    (lambda cell: cell(torch.randn(2, 4)), "input has inconsistent input_size"),
+    (lambda cell: cell(torch.randn(2, 5), (torch.randn(3, 8), torch.randn(3, 8))), "Input batch size 2 doesn't match"),
+    (lambda cell: cell(torch.randn(2, 5), (torch.randn(2, 8, 1), torch.randn(2, 8))), "Expected hx[0] to be 1D or 2D"),
+])
+def test_bad_input_raises_what_nn_lstmcell_raises(call, error):
+    cell = nn.LSTMCell(5, 8).eval()
+    packed = PackedLSTMCell.from_cell(cell)
+    with torch.no_grad():
+        with pytest.raises((RuntimeError, ValueError)) as stock:
+            call(cell)
+        with pytest.raises(type(stock.value)) as ours:
+            call(packed)
+    assert str(ours.value) == str(stock.value) and error in str(ours.value)
+
+
+def test_empty_batches_and_noncontiguous_inputs_do_not_reach_the_kernel_unchecked():
+    cell = nn.LSTMCell(6, 16).eval()
+    packed = PackedLSTMCell.from_cell(cell)
+    with torch.no_grad():
+        assert packed(torch.randn(0, 6))[0].shape == (0, 16)
+        x = torch.randn(6, 3).t()  # (3, 6), not contiguous
+        h = torch.randn(16, 3).t()
+        torch.testing.assert_close(packed(x, (h, h)), cell(x, (h, h)), atol=1e-6, rtol=0)
+
+
+def test_weights_changed_any_way_are_repacked():
+    cell = nn.LSTMCell(5, 8).eval()
+    packed = PackedLSTMCell.from_cell(cell)
+    x = torch.randn(2, 5)
+    other = nn.LSTMCell(5, 8)
+    with torch.no_grad():
+        packed.load_state_dict(other.state_dict())
+        torch.testing.assert_close(packed(x), other.eval()(x), atol=1e-6, rtol=0)
+        packed.weight_hh.mul_(0.5)
+        other.weight_hh.mul_(0.5)
+        torch.testing.assert_close(packed(x), other(x), atol=1e-6, rtol=0)
+        packed.bias_ih = nn.Parameter(torch.zeros(32))
+        other.bias_ih = nn.Parameter(torch.zeros(32))
+        torch.testing.assert_close(packed(x), other(x), atol=1e-6, rtol=0)
+        assert packed.to(torch.float64)(x.double())[0].dtype == torch.float64  # stock path in float64
+
+
+def test_pickles_copies_and_torchscript_pack_again_where_loaded():
+    cell = nn.LSTMCell(5, 8).eval()
+    packed = PackedLSTMCell.from_cell(cell)
+    x = torch.randn(3, 5)
+    buffer = io.BytesIO()
+    torch.save(packed, buffer)
+    buffer.seek(0)
+    scripted = io.BytesIO()
+    torch.jit.save(torch.jit.script(packed), scripted)
+    scripted.seek(0)
+    with torch.no_grad():
+        expected = packed(x)
+        for other in (torch.load(buffer, weights_only=False), copy.deepcopy(packed), torch.jit.load(scripted)):
+            assert all(map(torch.equal, other(x), expected))
+        loaded = torch.jit.load(io.BytesIO(scripted.getvalue()))
+        loaded.load_state_dict(nn.LSTMCell(5, 8).state_dict())  # a scripted cell notices, and computes stock
+        assert not torch.equal(loaded(x)[0], expected[0])
+
+
+def test_concurrent_calls_and_loads_see_whole_weights():
+    cells = [nn.LSTMCell(16, 32).eval() for _ in range(2)]
+    packed = PackedLSTMCell.from_cell(cells[0])
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        allowed = [c(x)[0] for c in cells]
+    errors = []
+
+    def call():
+        with torch.no_grad():
+            for _ in range(300):
+                h = packed(x)[0]
+                if not any(torch.allclose(h, a, atol=1e-5) for a in allowed):
+                    errors.append(h)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(50):
+        packed.load_state_dict(cells[i % 2].state_dict())
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_autotune_times_both_kernels_and_the_cli_writes_a_verified_artifact(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_cell_decoder().state_dict(), "w.pt")
+    result = invoke("optimize", "w.pt", "-o", "out.pt", "--factory", "models:build_cell_decoder",
+                    "--input-shape", "1,12,8", "--autotune", "--approx", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    cells = {d["name"]: d for d in report["modules"]}
+    assert cells["attention_rnn"]["kind"] == "LSTMCell" and cells["attention_rnn"]["packed"]
+    assert cells["attention_rnn"]["kernel"] in ("native", "stock") and cells["attention_rnn"]["autotune_ms"]
+    assert report["verification"]["ok"] and report["verification"]["criterion"] == "float64"
+    assert any(c["name"].startswith("decoder_rnn case") for c in report["verification"]["lstm_outputs"])
