@@ -56,7 +56,8 @@ TABLE = (
            what="nn.LSTMCell itself (no kernel bit-identical to it is faster)",
            chosen_because="nn.LSTMCell itself measured fastest on these inputs"),
     Kernel("native", CELL, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
-           what="lstmopt's native kernel: the step in one native call",
+           what="lstmopt's native kernel: the step in one native call (what a cell swapped with --approx "
+                "runs, unless autotune measures nn.LSTMCell faster)",
            chosen_because="lstmopt's native kernel measured fastest"),
 )
 
@@ -89,6 +90,6 @@ def markdown() -> str:
         chosen = "by default" if k.default else ("by autotune" if k.exact else "by autotune with `--approx`")
         needs = ", fp32" if k.fp32_only else ""
         needs += ", needs the native library" if k.native else ""
-        results = "bit-identical to `nn.LSTM`" if k.exact else CONTRACT
+        results = f"bit-identical to `{'nn.LSTMCell' if k.inputs == CELL else 'nn.LSTM'}`" if k.exact else CONTRACT
         rows.append(f"| `{k.name}` | {k.inputs}{needs} | {chosen} | {results} | {k.what} |")
     return "\n".join(rows) + "\n"

@@ -32,9 +32,14 @@ def _decision(module: dict) -> Text:
 _WIDE_TABLE = 110
 
 
+def _direction(m: dict) -> str:
+    if m.get("kind") == "LSTMCell":
+        return "LSTMCell"
+    return ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
+
+
 def _sizes(m: dict) -> str:
-    direction = ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
-    return f"{m['input_size']}→{m['hidden_size']}, {m['num_layers']} layer{'s' * (m['num_layers'] > 1)}, {direction}"
+    return f"{m['input_size']}→{m['hidden_size']}, {m['num_layers']} layer{'s' * (m['num_layers'] > 1)}, {_direction(m)}"
 
 
 def _module_name(m: dict) -> str:
@@ -62,8 +67,7 @@ class _ModulesTable:
 
     @staticmethod
     def _row(m: dict) -> list:
-        direction = ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
-        return [_module_name(m), f"{m['input_size']}→{m['hidden_size']}", str(m["num_layers"]), direction,
+        return [_module_name(m), f"{m['input_size']}→{m['hidden_size']}", str(m["num_layers"]), _direction(m),
                 m["dtype"], _decision(m), m["reason"]]
 
     def _wide_width(self, rows: list) -> int:
@@ -160,8 +164,7 @@ def model_tree(model: Any, modules: list[dict], *, label: str) -> Tree:
         text.append(f"  {_count(module):,} params", style="dim")
         if name in decisions:
             d = decisions[name]
-            text.append(f"  [{d['input_size']}→{d['hidden_size']}, {d['num_layers']} layer(s), "
-                        f"{'bi' if d['bidirectional'] else 'uni'}] ")
+            text.append(f"  [{d['input_size']}→{d['hidden_size']}, {d['num_layers']} layer(s), {_direction(d)}] ")
             text.append_text(_decision(d))
             if not d["packed"]:
                 text.append(f": {d['reason']}", style="yellow")

@@ -70,6 +70,8 @@ def _method(data: dict) -> str:
 
 
 def _direction(module: dict) -> str:
+    if module.get("kind") == "LSTMCell":
+        return "LSTMCell"
     return "bi" if module["bidirectional"] else "uni"
 
 
