@@ -198,9 +198,8 @@ inline void tile_all(float* C, const Inputs& in, const Rows& m) {
 
 // acc (n rows, stride WIDTH) = the inputs of n <= TILE_ROWS rows . m: one tile of exactly n rows (two
 // rows get twice as many columns, to keep enough FMAs in flight), or for one row a pass over all columns
-// at once. Every column's sum runs over k in order, whichever way: results do not depend on the batch
-// size, the vector width or the thread count.
-inline void multiply(float* acc, const Inputs& in, int64_t n, const Rows& m) {
+// at once.
+inline void multiply_rows(float* acc, const Inputs& in, int64_t n, const Rows& m) {
   switch (n) {
     case 6: tile_all<6>(acc, in, m); return;
     case 5: tile_all<5>(acc, in, m); return;
@@ -208,6 +207,39 @@ inline void multiply(float* acc, const Inputs& in, int64_t n, const Rows& m) {
     case 3: tile_all<3>(acc, in, m); return;
     case 2: tile_all<2, std::min<int64_t>(2 * TV, VECS)>(acc, in, m); return;
     default: tile_all<1, VECS, false>(acc, in, m);
+  }
+}
+
+// A column's sum runs over at most this many rows in registers before it joins the total. One running
+// sum over all I + H rows loses accuracy as they grow (its rounding error grows with their number); GEMM
+// libraries, and so eager, sum in blocks. With I + H = 356 and weights at 3x their initial scale, one
+// running sum measured 9x eager's own error against float64 (the contract allows 8x); blocks of 64 keep
+// it within 0.9 of the bound over 768 configurations, where blocks of 128 did not. The blocks are summed
+// here, outside the tiles, whose inner loop stays as it was (partial sums inside the tile made GCC spill
+// the weight vectors: 15-20% slower at 16 streams).
+constexpr int64_t CHUNK = 64;
+
+// multiply_rows over blocks of CHUNK rows of m, each block's sum added to the total. Every column's sum
+// runs over the same blocks in the same order whichever tile computes it: results do not depend on the
+// batch size, the vector width or the thread count.
+inline void multiply(float* acc, const Inputs& in, int64_t n, const Rows& m) {
+  if (m.n <= CHUNK) return multiply_rows(acc, in, n, m);
+  alignas(64) static const float zeros[WIDTH] = {};
+  alignas(64) float part[TILE_ROWS * WIDTH];
+  const float *x[TILE_ROWS], *h[TILE_ROWS];
+  for (int64_t k0 = 0; k0 < m.n; k0 += CHUNK) {
+    const int64_t k1 = std::min(k0 + CHUNK, m.n), x1 = std::min(k1, in.nx), h0 = std::max(k0, in.nx);
+    for (int64_t r = 0; r < n; ++r) {
+      if (k0 < x1) x[r] = in.x[r] + k0;
+      if (h0 < k1) h[r] = in.h[r] + (h0 - in.nx);
+    }
+    multiply_rows(part, Inputs{x, std::max<int64_t>(x1 - k0, 0), h, zeros}, n, Rows{m.w + k0 * SLAB, m.stride, k1 - k0});
+    const float* start = k0 == 0 ? in.init : nullptr;  // the biases, or (null) what acc holds
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < WIDTH; c += LANES) {
+        float* total = acc + r * WIDTH + c;
+        store(total, load(start ? start + c : total) + load(part + r * WIDTH + c));
+      }
   }
 }
 
@@ -238,9 +270,11 @@ inline void cell(const float* __restrict g, float* __restrict c, float* __restri
 
 // Splitting a call between threads pays when its steps have this many multiply-adds, and the call as a
 // whole this many: below, waking the second thread and the barriers cost more than they save (measured on
-// a 2-core virtual machine, where a sleeping thread can take long to wake).
+// a 2-core virtual machine, where a sleeping thread can take long to wake). A one-step call of an
+// 80->256 layer (2^18 multiply-adds) measured 0.75-0.83x its one-thread time on two threads, so one step
+// suffices: 2^21, eight such steps, left the one-step shapes of streaming on one thread.
 constexpr int64_t PARALLEL_STEP = 1 << 17;
-constexpr int64_t PARALLEL_CALL = 1 << 21;
+constexpr int64_t PARALLEL_CALL = 1 << 18;
 
 // The steps of a call: sizes[t] rows at step t (a tensor's steps all hold the whole batch), starting at
 // row offsets[t] of the packed rows.
