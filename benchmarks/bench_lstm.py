@@ -10,6 +10,10 @@
    from call to call, lstmopt's fastest kernel against ORT's CPU LSTM on the same export, ORT with its
    default session options and the same number of intra-op threads. Each of ``--runs`` runs times every
    shape afresh; the table gives the median and the range of the ratios over the runs.
+2b. nn.LSTMCell: one step of a cell (batch 1, state given) eager, on lstmopt's default kernel (ATen's cell
+   op called directly: bit-identical) and on its native kernel (``exact=False``), against ONNX Runtime
+   (``--onnxruntime``) on the exported cell and with its fused LSTM operator; and a Tacotron2-like decoder
+   loop (two LSTMCells, 50 frames) eager, optimized by default and with ``exact=False``.
 3. Variable-length batches (PackedSequence): a tagger (embedding, pack_padded_sequence, 2-layer BiLSTM,
    pad_packed_sequence, linear) eager, optimized by default (nn.LSTM's path: must cost no more than eager),
    as its TorchScript and pickle artifacts, and with its fastest kernels (``exact=False``). Also a forward
@@ -40,8 +44,8 @@ from torch import nn
 from lstmopt import PackedLSTM, native, optimize
 from lstmopt.modules.packs import bf16_supported
 from lstmopt.rewrite.timing import interleaved_medians
-from bench_support import (BIG, SPINNING_PEER, Streamer, Tagger, artifact, fastest, kernels, median,
-                           memory_and_conversion, ms, ort_session, table, us)
+from bench_support import (BIG, SPINNING_PEER, CellDecoder, Streamer, Tagger, artifact, fastest, kernels, median,
+                           memory_and_conversion, ms, ort_cell_sessions, ort_session, table, us)
 
 # (input_size, hidden_size, layers, bidirectional, batch, steps)
 CONFIGS = [
@@ -133,6 +137,73 @@ def streaming(rounds, runs):
                      us(median(times, "onnxruntime")), us(median(times, "lstmopt")),
                      f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"])
     return rows
+
+
+# --- 2b. nn.LSTMCell ----------------------------------------------------------------------------------
+
+# (name, input_size, hidden_size): one step, batch 1
+CELLS = [
+    ("small cell", 80, 256),
+    ("Tacotron2 attention cell", 768, 1024),
+    ("Tacotron2 decoder cell", 1536, 1024),
+]
+DECODER_FRAMES = 50
+
+
+def cells(rounds, runs, with_ort):
+    setups = []
+    for label, I, H in CELLS:
+        torch.manual_seed(0)
+        eager = nn.LSTMCell(I, H).eval()
+        x, h, c = torch.randn(1, I), torch.randn(1, H), torch.randn(1, H)
+        exact, approx = optimize(eager), optimize(eager, exact=False)
+        assert exact.kernel == "aten" and approx.kernel == "native", (exact.kernel, approx.kernel)
+        with torch.no_grad():
+            expected = eager(x, (h, c))
+            assert all(map(torch.equal, exact(x, (h, c)), expected))
+            torch.testing.assert_close(approx(x, (h, c)), expected, atol=1e-5, rtol=1e-5)
+        variants = {"eager": lambda m=eager, a=(x, (h, c)): m(*a), "aten": lambda m=exact, a=(x, (h, c)): m(*a),
+                    "native": lambda m=approx, a=(x, (h, c)): m(*a)}
+        if with_ort:
+            graph, op, h_graph = ort_cell_sessions(eager, x, h, c)
+            torch.testing.assert_close(h_graph, expected[0], atol=1e-5, rtol=1e-5)
+            variants.update({"ORT cell graph": graph, "ORT LSTM op": op})
+        setups.append((label, (I, H), variants))
+    results = {label: [] for label, *_ in setups}
+    for _ in range(runs if with_ort else 1):
+        for label, _, variants in setups:
+            with torch.no_grad():
+                results[label].append(interleaved_medians(variants, rounds=rounds, **SPINNING_PEER))
+    rows = []
+    for label, shape, _ in setups:
+        times = results[label]
+        eager = median(times, "eager")
+        row = [label, ",".join(map(str, shape)), us(eager), us(median(times, "aten")),
+               f"{eager / median(times, 'aten'):.2f}x", us(median(times, "native")),
+               f"{eager / median(times, 'native'):.2f}x"]
+        if with_ort:
+            ratios = [t["native"] / min(t["ORT cell graph"], t["ORT LSTM op"]) for t in times]
+            row += [us(median(times, "ORT cell graph")), us(median(times, "ORT LSTM op")),
+                    f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"]
+        rows.append(row)
+    return rows
+
+
+def decoder(rounds):
+    torch.manual_seed(0)
+    model = CellDecoder().eval()
+    frames = torch.randn(DECODER_FRAMES, 1, 80)
+    exact, approx = optimize(model), optimize(model, exact=False)
+    assert kernels(exact) == "aten" and kernels(approx) == "native"
+    with torch.no_grad():
+        expected = model(frames)
+        assert torch.equal(exact(frames), expected)
+        torch.testing.assert_close(approx(frames), expected, atol=1e-5, rtol=1e-5)
+        t = interleaved_medians({"eager": lambda: model(frames), "aten": lambda: exact(frames),
+                                 "native": lambda: approx(frames)}, rounds=rounds)
+    return [["Tacotron2-like decoder loop", f"2 LSTMCells (768,1024 and 1536,1024), {DECODER_FRAMES} frames",
+             ms(t["eager"]), ms(t["aten"]), f"{t['eager'] / t['aten']:.2f}x", ms(t["native"]),
+             f"{t['eager'] / t['native']:.2f}x"]]
 
 
 # --- 3. variable-length batches -----------------------------------------------------------------------
@@ -280,6 +351,18 @@ def main(argv=None):
                 f"latency ratio, median and range over {args.runs} runs (below 1: lstmopt is faster)",
                 table(["shape", "I,H,layers,B,T", "lstmopt kernel", "eager us", "ORT us", "lstmopt us",
                        "lstmopt / ORT"], rows, markdown)]
+
+    header = ["cell", "I,H", "eager us", "lstmopt default us", "vs eager", "lstmopt --approx us", "vs eager"]
+    if args.onnxruntime:
+        header += ["ORT cell graph us", "ORT LSTM op us", "--approx / faster ORT"]
+    out += ["", "nn.LSTMCell, one step, batch 1, state given: lstmopt's default kernel (ATen's cell op called "
+            "directly, bit-identical) and its native kernel (exact=False)"
+            + (f" against ONNX Runtime on the exported cell and with its fused LSTM operator (ratio: median and "
+               f"range over {args.runs} runs)" if args.onnxruntime else ""),
+            table(header, cells(args.rounds, args.runs, args.onnxruntime), markdown),
+            "", "A decoder rolling two LSTMCells frame by frame (batch 1), whole loop",
+            table(["model", "cells", "eager ms", "lstmopt default ms", "vs eager", "lstmopt --approx ms",
+                   "vs eager"], decoder(args.rounds), markdown)]
 
     out += ["", "Variable-length batches: a tagger (embedding, 2-layer BiLSTM I=128 H=256 on a PackedSequence, "
             "linear), batch 8, lengths 10-50; speedup over eager",

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lstmopt import PackedLSTM, optimize
+from lstmopt.modules.cell import PackedLSTMCell
 from lstmopt.artifacts.writing import save_artifact
 
 BIG = dict(input_size=512, hidden_size=1024, num_layers=3, bidirectional=True)
@@ -29,7 +30,7 @@ def fastest(module: nn.Module, args: tuple) -> nn.Module:
 
 
 def kernels(model: nn.Module) -> str:
-    chosen = {m.kernel for m in model.modules() if isinstance(m, PackedLSTM)}
+    chosen = {m.kernel for m in model.modules() if isinstance(m, (PackedLSTM, PackedLSTMCell))}
     return "/".join(sorted(chosen))
 
 
@@ -58,6 +59,68 @@ def ort_session(lstm: nn.Module, x, h, c):
     feed = {"x": x.numpy(), "h0": h.numpy(), "c0": c.numpy()}
     y = session.run(None, feed)[0]
     return (lambda: session.run(None, feed)), torch.from_numpy(y)
+
+
+class CellStep(nn.Module):
+    """One LSTMCell step with the state in and out, as a decoder exports it to ONNX."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x, h, c):
+        return self.cell(x, (h, c))
+
+
+def ort_cell_sessions(cell: nn.LSTMCell, x, h, c):
+    """ONNX Runtime on one step of ``cell`` two ways: the exported LSTMCell (what a model's ONNX export
+    holds: MatMuls and pointwise ops) and ORT's fused LSTM operator on a one-step nn.LSTM with the same
+    weights (its fastest way to run a cell). Default session options but the intra-op thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    buf = io.BytesIO()
+    torch.onnx.export(CellStep(cell), (x, h, c), buf, input_names=["x", "h0", "c0"], output_names=["h", "c"],
+                      dynamo=False)
+    graph = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy(), "h0": h.numpy(), "c0": c.numpy()}
+    lstm = nn.LSTM(cell.input_size, cell.hidden_size).eval()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(lstm, f"{name}_l0").copy_(getattr(cell, name))
+    run_op, _ = ort_session(lstm, x[None], h[None], c[None])
+    h_graph = torch.from_numpy(graph.run(None, feed)[0])
+    return (lambda: graph.run(None, feed)), run_op, h_graph
+
+
+class CellDecoder(nn.Module):
+    """The recurrent core of Tacotron2's decoder as torchaudio builds it (sizes by default): per frame a
+    prenet, an attention LSTMCell, a stand-in for the attention (one linear layer), a decoder LSTMCell
+    and the mel projection, batch 1, rolled frame by frame."""
+
+    def __init__(self, mels=80, prenet=256, context=512, attention=1024, decoder=1024):
+        super().__init__()
+        self.sizes = (context, attention, decoder)
+        self.prenet = nn.Sequential(nn.Linear(mels, prenet), nn.ReLU())
+        self.attention_rnn = nn.LSTMCell(prenet + context, attention)
+        self.attend = nn.Linear(attention, context)
+        self.decoder_rnn = nn.LSTMCell(attention + context, decoder)
+        self.project = nn.Linear(decoder + context, mels)
+
+    def forward(self, frames):
+        context, attention, decoder = self.sizes
+        batch = frames.size(1)
+        ctx = frames.new_zeros(batch, context)
+        ah = ac = frames.new_zeros(batch, attention)
+        dh = dc = frames.new_zeros(batch, decoder)
+        outputs = []
+        for frame in frames:
+            ah, ac = self.attention_rnn(torch.cat([self.prenet(frame), ctx], 1), (ah, ac))
+            ctx = torch.tanh(self.attend(ah))
+            dh, dc = self.decoder_rnn(torch.cat([ah, ctx], 1), (dh, dc))
+            outputs.append(self.project(torch.cat([dh, ctx], 1)))
+        return torch.stack(outputs)
 
 
 def median(times, key):

@@ -1,5 +1,6 @@
-"""nn.LSTMCell: swapped for a PackedLSTMCell where approximate kernels are allowed, on the native kernel,
-held to the approximate-kernel contract, with nn.LSTMCell's interface, keys, errors and fallbacks."""
+"""nn.LSTMCell: swapped for a PackedLSTMCell, bit-identical on ATen's cell op by default and on the native
+kernel (held to the approximate-kernel contract) where approximate kernels are allowed, with nn.LSTMCell's
+interface, keys, errors and fallbacks."""
 
 import copy
 import io
@@ -8,11 +9,11 @@ import threading
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import invoke, needs_native
+from conftest import counting_kernels, invoke, needs_native
 from lstmopt import optimize, plan
 from lstmopt.kernels.accuracy import accuracy
 from lstmopt.modules.cell import PackedLSTMCell
@@ -32,6 +33,9 @@ def trained_like(cell: nn.LSTMCell, scale: float, saturation: float, seed: int) 
 
 
 @settings(max_examples=40, deadline=None)
+# I + H = 356 with weights at 3x init: one running sum over the rows measured 9x eager's error (above the 8x
+# bound); the kernel sums in blocks, as GEMM libraries do.
+@example(input_size=336, hidden_size=20, bias=True, batch=3, with_state=True, scale=3.0, saturation=0.0, seed=5)
 @given(input_size=st.sampled_from([1, 8, 80, 336]), hidden_size=st.sampled_from([1, 16, 20, 256]),
        bias=st.booleans(), batch=st.sampled_from([None, 1, 3, 7]), with_state=st.booleans(),
        scale=st.sampled_from([1.0, 3.0, 8.0]), saturation=st.sampled_from([0.0, 4.0]), seed=st.integers(0, 999))
@@ -54,18 +58,35 @@ def test_the_native_cell_keeps_the_contract(input_size, hidden_size, bias, batch
         assert measured.ok, measured
 
 
-def test_cells_are_swapped_only_where_approximate_kernels_are_allowed():
-    decoder = CellDecoder()
-    assert not any(isinstance(m, PackedLSTMCell) for m in optimize(decoder).modules())
-    kept = {d.name: d for d in plan(decoder)}
-    assert not kept["attention_rnn"].packed and "no kernel bit-identical to nn.LSTMCell" in kept["attention_rnn"].reason
+def test_cells_run_aten_s_cell_op_bit_identically_by_default_and_the_native_kernel_with_approx():
+    decoder = CellDecoder().eval()
+    exact = optimize(decoder)
+    assert isinstance(exact.attention_rnn, PackedLSTMCell) and exact.attention_rnn.kernel == "aten"
+    decision = {d.name: d for d in plan(decoder)}["attention_rnn"]
+    assert decision.packed and decision.exact and decision.kernel == "aten" and "bit-identical" in decision.reason
+    x = torch.randn(2, 6, 8)
+    with torch.no_grad(), counting_kernels() as calls:
+        assert torch.equal(exact(x), decoder(x))
+    assert calls["aten cell"] == 12 and calls["stock cell"] == 0  # 6 steps of two cells
     fast = optimize(decoder, exact=False)
-    assert isinstance(fast.attention_rnn, PackedLSTMCell) and isinstance(fast.decoder_rnn, PackedLSTMCell)
+    assert fast.attention_rnn.kernel == "native" and fast.decoder_rnn.kernel == "native"
     decision = {d.name: d for d in plan(decoder, exact=False)}["decoder_rnn"]
     assert decision.kind == "LSTMCell" and decision.packed and decision.kernel == "native" and not decision.exact
-    x = torch.randn(2, 6, 8)
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), decoder.eval()(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(fast(x), decoder(x), atol=1e-5, rtol=0)
+
+
+def test_the_aten_kernel_serves_any_dtype_and_leaves_unbatched_steps_to_nn_lstmcell():
+    cell = nn.LSTMCell(5, 8).double().eval()
+    packed = PackedLSTMCell.from_cell(cell)
+    assert packed.kernel == "aten" and not packed.uses_native_kernel
+    x, h = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad(), counting_kernels() as calls:
+        for args in ((x,), (x, (h, h)), (x[0],), (x[0], (h[0], h[0]))):
+            assert all(map(torch.equal, packed(*args), cell(*args)))
+    assert calls["aten cell"] == 2 and calls["stock cell"] == 2
+    assert plan(nn.LSTMCell(5, 8).double(), exact=False)[0].reason.endswith(
+        "(not the native kernel: the native kernel computes in float32 only)")
 
 
 def test_a_top_level_or_shared_cell_stays_one_module():
@@ -180,7 +201,7 @@ def test_concurrent_calls_and_loads_see_whole_weights():
     assert not errors
 
 
-def test_autotune_times_both_kernels_and_the_cli_writes_a_verified_artifact(tmp_path, monkeypatch):
+def test_autotune_times_every_cell_kernel_and_the_cli_writes_a_verified_artifact(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(build_cell_decoder().state_dict(), "w.pt")
     result = invoke("optimize", "w.pt", "-o", "out.pt", "--factory", "models:build_cell_decoder",
@@ -189,6 +210,7 @@ def test_autotune_times_both_kernels_and_the_cli_writes_a_verified_artifact(tmp_
     report = json.loads(result.stdout)
     cells = {d["name"]: d for d in report["modules"]}
     assert cells["attention_rnn"]["kind"] == "LSTMCell" and cells["attention_rnn"]["packed"]
-    assert cells["attention_rnn"]["kernel"] in ("native", "stock") and cells["attention_rnn"]["autotune_ms"]
+    assert cells["attention_rnn"]["kernel"] in ("aten", "native", "stock")
+    assert set(cells["attention_rnn"]["autotune_ms"]) == {"aten", "native", "stock"}
     assert report["verification"]["ok"] and report["verification"]["criterion"] == "float64"
     assert any(c["name"].startswith("decoder_rnn case") for c in report["verification"]["lstm_outputs"])

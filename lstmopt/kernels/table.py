@@ -52,13 +52,15 @@ TABLE = (
     Kernel("native", SEQUENCE, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
            what="lstmopt's native kernel on the packed rows",
            chosen_because="PackedSequences through lstmopt's native kernel measured fastest"),
-    Kernel("stock", CELL, exact=True, default=True, fp32_only=False, reads_packs=False, native=False,
-           what="nn.LSTMCell itself (no kernel bit-identical to it is faster)",
-           chosen_because="nn.LSTMCell itself measured fastest on these inputs"),
+    Kernel("aten", CELL, exact=True, default=True, fp32_only=False, reads_packs=False, native=False,
+           what="ATen's own cell op (torch._VF.lstm_cell, what nn.LSTMCell runs) called directly: "
+                "bit-identical, without nn.LSTMCell.forward's Python around it",
+           chosen_because="ATen's cell op called directly measured fastest"),
     Kernel("native", CELL, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
-           what="lstmopt's native kernel: the step in one native call (what a cell swapped with --approx "
-                "runs, unless autotune measures nn.LSTMCell faster)",
+           what="lstmopt's native kernel: the step in one native call",
            chosen_because="lstmopt's native kernel measured fastest"),
+    Kernel("stock", CELL, exact=True, default=False, fp32_only=False, reads_packs=False, native=False,
+           what="nn.LSTMCell itself", chosen_because="nn.LSTMCell itself measured fastest on these inputs"),
 )
 
 
@@ -88,6 +90,8 @@ def markdown() -> str:
     rows = ["| kernel | for | chosen | results | what it is |", "|---|---|---|---|---|"]
     for k in TABLE:
         chosen = "by default" if k.default else ("by autotune" if k.exact else "by autotune with `--approx`")
+        if k.inputs == CELL and not k.exact:  # cells have no exact kernel to keep by default under --approx
+            chosen = "with `--approx`, unless autotune measures another faster"
         needs = ", fp32" if k.fp32_only else ""
         needs += ", needs the native library" if k.native else ""
         results = f"bit-identical to `{'nn.LSTMCell' if k.inputs == CELL else 'nn.LSTM'}`" if k.exact else CONTRACT

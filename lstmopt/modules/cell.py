@@ -1,12 +1,15 @@
-"""``PackedLSTMCell``: an ``nn.LSTMCell`` whose step runs in one call of lstmopt's native kernel.
+"""``PackedLSTMCell``: an ``nn.LSTMCell`` whose step costs what its arithmetic needs.
 
 Decoders (Tacotron2, attention and RNN-T prediction networks) roll an ``nn.LSTMCell`` one frame at a
-time, hundreds of calls per utterance, where each eager call costs two GEMMs, a dozen elementwise ops and
-the Python between them. The native kernel (``kernels/csrc/lstm.cpp``) runs the step as one pass over the
-input and recurrent weights with the gates fused in. Its results are not bit-identical to eager
-(``kernels/accuracy.py``), so ``lstmopt.optimize`` swaps cells only where approximate kernels are
-allowed (``exact=False``, ``--autotune --approx``); no kernel bit-identical to nn.LSTMCell is faster than
-its own (``aten::lstm_cell`` is already one native call).
+time, hundreds of calls per utterance, where a small cell's time is mostly overhead. Two kernels cut it
+(``lstmopt.kernels.table``, CELL):
+
+- ``aten``, the default: ATen's own cell op (``torch._VF.lstm_cell``, what ``nn.LSTMCell.forward`` calls)
+  called directly, with a cached zero state. Bit-identical to nn.LSTMCell; the Python it skips is a
+  quarter of a small cell's step (80->256: 0.78x nn.LSTMCell's time).
+- ``native``, where approximate kernels are allowed (``exact=False``, ``--approx``): lstmopt's native
+  kernel (``kernels/csrc/lstm.cpp``) runs the step as one pass over the input and recurrent weights with
+  the gates fused in, held to the approximate-kernel contract (``kernels/accuracy.py``).
 
 As ``PackedLSTM``: the parameters are the real dense weights (same names, ``state_dict``, errors), the
 packs follow them (``load_state_dict``, ``.to()``, reassignment, in-place edits), training, autograd,
@@ -29,34 +32,51 @@ from lstmopt.modules.guards import valid_cell
 from lstmopt.modules.pack_state import PackState
 from lstmopt.modules.packs import tracked_copy, weights_obstacle
 
-__all__ = ["CELL_KERNELS", "PackedLSTMCell", "cell_obstacle"]
+__all__ = ["CELL_KERNELS", "DEFAULT", "EXACT_CELL_KERNELS", "PackedLSTMCell", "cell_obstacle", "native_obstacle"]
 
 CELL_KERNELS = kernel_table.names(kernel_table.CELL)
+EXACT_CELL_KERNELS = kernel_table.names(kernel_table.CELL, exact_only=True)
+DEFAULT = kernel_table.default(kernel_table.CELL)
 _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 def cell_obstacle(cell: nn.Module) -> Optional[str]:
-    """Why ``cell`` cannot become a ``PackedLSTMCell``, or None if it can."""
+    """Why ``cell`` cannot become a ``PackedLSTMCell``, or None if it can (its exact kernel calls
+    nn.LSTMCell's own op, which serves any dtype and device)."""
     if not isinstance(cell, nn.LSTMCell):
         return f"{type(cell).__name__} is not an nn.LSTMCell"
     if type(cell) is not nn.LSTMCell and not isinstance(cell, PackedLSTMCell):
         return f"{type(cell).__qualname__} subclasses nn.LSTMCell; its own code would be bypassed"
-    names = _NAMES if cell.bias else _NAMES[:2]
-    computed = [name for name in names if name not in cell._parameters]
+    computed = [name for name in _names(cell) if name not in cell._parameters]
     if computed:
         return f"{computed[0]} is not a parameter (computed by a hook such as weight_norm)"
-    weights = [cell._parameters[name] for name in names]
+    return None
+
+
+def native_obstacle(cell: nn.Module) -> Optional[str]:
+    """Why ``cell`` cannot run the native kernel, or None if it can."""
+    obstacle = cell_obstacle(cell)
+    if obstacle is not None:
+        return obstacle
+    weights = [cell._parameters[name] for name in _names(cell)]
     obstacle = weights_obstacle(weights, torch.float32)
     if obstacle is None and weights[0].dtype != torch.float32:
         obstacle = "the native kernel computes in float32 only"
+    if obstacle is None and not native.available():
+        obstacle = f"the native kernel is unavailable ({native.unavailable_reason()})"
     return obstacle
 
 
+def _names(cell: nn.LSTMCell) -> tuple:
+    return _NAMES if cell.bias else _NAMES[:2]
+
+
 class PackedLSTMCell(nn.LSTMCell):
-    """Drop-in ``nn.LSTMCell`` for CPU inference on lstmopt's native kernel (see the module docstring).
+    """Drop-in ``nn.LSTMCell`` for CPU inference on ATen's cell op or lstmopt's native kernel (see the
+    module docstring).
 
     Build one with ``PackedLSTMCell.from_cell(cell)`` (a copy), like ``nn.LSTMCell``, or with
-    ``lstmopt.optimize(model, exact=False)``.
+    ``lstmopt.optimize(model)`` (``exact=False`` for the native kernel).
 
     Example:
         >>> cell = PackedLSTMCell.from_cell(nn.LSTMCell(80, 256)).eval()
@@ -67,21 +87,21 @@ class PackedLSTMCell(nn.LSTMCell):
     __jit_ignored_attributes__ = ["_state", "autotune_ms", "autotune_notes"]
     __jit_unused_properties__ = ["uses_native_kernel"]
 
-    kernel: str  # "native" or "stock" (lstmopt.kernels.table, CELL)
+    kernel: str  # "aten", "native" or "stock" (lstmopt.kernels.table, CELL)
     # Present only while the native kernel is in use: a scripted cell without it loads without the library.
     native_packs: NativePacks
 
-    def __init__(self, *args, kernel: str = "native", **kwargs) -> None:
+    def __init__(self, *args, kernel: str = DEFAULT, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_packing(kernel)
 
     @classmethod
-    def from_cell(cls, cell: nn.LSTMCell, kernel: str = "native") -> "PackedLSTMCell":
+    def from_cell(cls, cell: nn.LSTMCell, kernel: str = DEFAULT) -> "PackedLSTMCell":
         """A ``PackedLSTMCell`` with a copy of ``cell``'s weights."""
         return cls.convert_(tracked_copy(cell), kernel)
 
     @classmethod
-    def convert_(cls, cell: nn.LSTMCell, kernel: str = "native") -> "PackedLSTMCell":
+    def convert_(cls, cell: nn.LSTMCell, kernel: str = DEFAULT) -> "PackedLSTMCell":
         """Turn ``cell`` itself into a ``PackedLSTMCell`` (its identity, hooks and sharing kept)."""
         obstacle = cell_obstacle(cell)
         if obstacle is not None:
@@ -108,7 +128,7 @@ class PackedLSTMCell(nn.LSTMCell):
         return "native_packs" in self.__dict__
 
     def use_kernel(self, kernel: str) -> None:
-        """Switch between ``"native"`` and ``"stock"`` (nn.LSTMCell itself)."""
+        """Switch to another of ``CELL_KERNELS`` (``"stock"``: nn.LSTMCell itself)."""
         if kernel not in CELL_KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(CELL_KERNELS)}, got {kernel!r}")
         with self._state.lock:
@@ -129,12 +149,12 @@ class PackedLSTMCell(nn.LSTMCell):
         state = self._state
         with state.lock:
             if self.kernel == "native" and not native.load():  # load() said why, in one line
-                self.kernel = "stock"
-            names = list(_NAMES if self.bias else _NAMES[:2])
+                self.kernel = DEFAULT
+            names = list(_names(self))
             weights = [self._parameters.get(name) for name in names]
             state.native, state.packed_from = None, []
             self.__dict__.pop("native_packs", None)
-            if self.kernel != "native" or any(w is None for w in weights) or cell_obstacle(self) is not None:
+            if self.kernel != "native" or any(w is None for w in weights) or native_obstacle(self) is not None:
                 return
             try:
                 packs = NativePacks([w.detach() for w in weights], self.hidden_size, 1, False, self.bias)

@@ -10,7 +10,7 @@ nn.LSTM's own path otherwise. The kernels themselves are in ``lstmopt/kernels``.
 import threading
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmopt.kernels.aten import run_cells, run_onednn, run_onednn_sequence
@@ -178,8 +178,9 @@ _stock_cell = nn.LSTMCell.forward
 
 def cell_forward(cell, input, hx):
     """``PackedLSTMCell.forward`` outside TorchScript: the native kernel where it serves the call (its own
-    checks refuse anything nn.LSTMCell would treat otherwise), else nn.LSTMCell's own path, which also
-    raises its errors. torch.compile and torch.export trace that path (an LSTMCell is a few ops they fuse)."""
+    checks refuse anything nn.LSTMCell would treat otherwise), else ATen's cell op or nn.LSTMCell's own
+    path, which also raises its errors. torch.compile and torch.export trace that path (an LSTMCell is a
+    few ops they fuse)."""
     if (_tracing() or _autocast_enabled() or _grad_enabled() or cell.training or _dispatch_modes()
             or torch.compiler.is_compiling()):
         return _stock_cell(cell, input, hx)
@@ -192,6 +193,15 @@ def cell_forward(cell, input, hx):
 
 
 def _cell_once(cell, state, input, hx):
+    if cell.kernel == "aten" and type(input) is Tensor and input.dim() == 2 and input.is_cpu and (
+            hx is None or (plain_state(hx) and hx[0].dim() == 2 and hx[1].dim() == 2)):
+        # What nn.LSTMCell.forward does for a batch, less its Python: the same op on the same tensors,
+        # so the same results and, for a bad shape or dtype, the op's own error.
+        if hx is None:
+            zeros = state.zero_state(input, 2, False, cell.hidden_size, batch=input.size(0))
+            hx = (zeros, zeros)
+        p = cell._parameters
+        return _VF.lstm_cell(input, hx, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])
     # The native packs refused: an in-place edit made them stale (repack, and try again), or the call is
     # one for nn.LSTMCell (other dtypes, shapes, tensor subclasses).
     if state.native is not None and state.is_current(cell._parameters) is False and state.ready(cell, lambda: True):

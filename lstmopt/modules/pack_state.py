@@ -141,13 +141,16 @@ class PackState:
                 self.loading, self.loading_thread = False, None
                 self.loads += 1
 
-    def zero_state(self, input: Tensor, dims: int, batch_first: bool, hidden_size: int) -> Tensor:
-        """A cached zero state for ``run_onednn`` (dims=3) or ``run_cells`` (dims=2): the kernels only read
-        their states, so one tensor serves every call of the same batch size and dtype."""
-        batch = input.size(0 if batch_first else 1) if input.dim() == 3 else 1
+    def zero_state(self, input: Tensor, dims: int, batch_first: bool, hidden_size: int,
+                   batch: Optional[int] = None) -> Tensor:
+        """A cached zero state for ``run_onednn`` (dims=3), ``run_cells`` or an LSTMCell (dims=2, ``batch``
+        rows): the kernels only read their states, so one tensor serves every call of the same batch size
+        and dtype."""
+        if batch is None:
+            batch = input.size(0 if batch_first else 1) if input.dim() == 3 else 1
         zeros = self.zeros
-        if zeros.dim() != dims or zeros.size(-2) != batch or zeros.dtype != input.dtype:
-            shape = (1, batch, hidden_size) if dims == 3 else (batch, hidden_size)
+        shape = (1, batch, hidden_size) if dims == 3 else (batch, hidden_size)
+        if zeros.shape != shape or zeros.dtype != input.dtype:
             zeros = self.zeros = torch.zeros(shape, dtype=input.dtype)
         return zeros
 

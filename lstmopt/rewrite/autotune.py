@@ -22,7 +22,7 @@ from lstmopt.kernels import native
 from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import tracked_copy, weights_obstacle
-from lstmopt.modules.cell import CELL_KERNELS, PackedLSTMCell, cell_obstacle
+from lstmopt.modules.cell import CELL_KERNELS, DEFAULT, EXACT_CELL_KERNELS, PackedLSTMCell, cell_obstacle, native_obstacle
 from lstmopt.modules.guards import kernel_accepts, plain_state, valid_cell
 from lstmopt.rewrite.timing import Ratio, compare
 
@@ -94,6 +94,8 @@ def _serves(variant: PackedLSTM, kernel: str, inputs: str, calls: list) -> bool:
     facts = kernel_table.find(kernel, inputs)
     if kernel == "stock":
         return True
+    if inputs == kernel_table.CELL and kernel == "aten":  # batches; an unbatched step takes nn.LSTMCell's path
+        return all(type(input) is torch.Tensor and input.dim() == 2 and plain_state(hx) for (input, hx), _ in calls)
     if inputs == kernel_table.CELL:
         return variant.uses_native_kernel and all(
             plain_state(hx) and type(input) is torch.Tensor
@@ -237,19 +239,16 @@ def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool
 
 def _choose_cell(cell: PackedLSTMCell, name: str, recorded: dict, exact: bool, rounds: int,
                  round_s: float) -> Optional[KernelChoice]:
-    """The native kernel against nn.LSTMCell's own, for a cell swapped where approximate kernels are
-    allowed (with ``exact``, a cell keeps the kernel it was given: only its own is exact)."""
+    """The cell kernels (only the exact ones with ``exact``) against the default, ATen's cell op."""
     calls = [entry for signature, entry in recorded.items() if signature[0] == "tensor"]
-    if exact or not calls:
+    if not calls or cell_obstacle(cell) is not None:
         return None
-    candidates = list(CELL_KERNELS)
-    if not native.load() or cell_obstacle(cell) is not None:
-        candidates = ["stock"]
-    if len(candidates) == 1:
-        cell.use_kernel("stock")
-        return None
-    best, ms, ratios, not_serving = _fastest(cell, kernel_table.CELL, calls, candidates, "stock",
+    candidates = list(EXACT_CELL_KERNELS if exact else CELL_KERNELS)
+    if "native" in candidates and (not native.load() or native_obstacle(cell) is not None):
+        candidates.remove("native")
+    baseline = DEFAULT
+    best, ms, ratios, not_serving = _fastest(cell, kernel_table.CELL, calls, candidates, baseline,
                                              lambda variant, kernel: variant.use_kernel(kernel), rounds, round_s)
     return KernelChoice(name, "cell", best, kernel_table.find(best, kernel_table.CELL).exact, ms,
-                        sum(count for _, count in calls), "stock", ratios, not_serving,
-                        _note(best, "stock", ratios, not_serving))
+                        sum(count for _, count in calls), baseline, ratios, not_serving,
+                        _note(best, baseline, ratios, not_serving))

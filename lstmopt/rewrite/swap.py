@@ -1,5 +1,5 @@
-"""``optimize``: swap a model's ``nn.LSTM`` modules for ``PackedLSTM`` (and ``nn.LSTMCell`` for
-``PackedLSTMCell`` where approximate kernels are allowed); ``plan``: what it would do and why."""
+"""``optimize``: swap a model's ``nn.LSTM`` modules for ``PackedLSTM`` and its ``nn.LSTMCell`` modules
+for ``PackedLSTMCell``; ``plan``: what it would do and why."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from lstmopt.errors import UnsupportedError
-from lstmopt.kernels import native
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.accuracy import CONTRACT
-from lstmopt.modules.cell import PackedLSTMCell, cell_obstacle
+from lstmopt.modules.cell import EXACT_CELL_KERNELS, PackedLSTMCell, cell_obstacle, native_obstacle
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import PACKABLE_DTYPES, bf16_supported, own_forward, packing_obstacle, tracked_copy
 
@@ -108,8 +107,7 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
     )
 
 
-_CELL_KEPT = ("no kernel bit-identical to nn.LSTMCell is faster than its own; approximate kernels "
-              "(exact=False, --autotune --approx) run it on lstmopt's native kernel")
+_CELL_EXACT = "ATen's cell op called directly, bit-identical to nn.LSTMCell"
 
 
 def _decide_cell(cell: nn.LSTMCell, name: str, aliases: tuple[str, ...], exact: bool,
@@ -119,17 +117,19 @@ def _decide_cell(cell: nn.LSTMCell, name: str, aliases: tuple[str, ...], exact: 
         packed, reason, kernel = True, "already a PackedLSTMCell", cell.kernel
     elif filter_fn is not None and not filter_fn(cell, name):
         packed, reason = False, "excluded by filter_fn"
+    elif (obstacle := cell_obstacle(cell)) is not None:
+        packed, reason = False, obstacle
     elif exact:
-        packed, reason = False, _CELL_KEPT
+        packed, reason, kernel = True, _CELL_EXACT, "aten"
+    elif (obstacle := native_obstacle(cell)) is not None:
+        packed, reason, kernel = True, f"{_CELL_EXACT} (not the native kernel: {obstacle})", "aten"
     else:
-        obstacle = cell_obstacle(cell) or (None if native.available() else
-                                           f"the native kernel is unavailable ({native.unavailable_reason()})")
-        packed, reason, kernel = obstacle is None, obstacle or f"lstmopt's native kernel, {CONTRACT}", "native"
+        packed, reason, kernel = True, f"lstmopt's native kernel, {CONTRACT}", "native"
     found = _dtype_name(cell.weight_ih.dtype)
     return Decision(
         name=name, aliases=aliases, input_size=cell.input_size, hidden_size=cell.hidden_size, num_layers=1,
         bidirectional=False, bias=cell.bias, batch_first=False, proj_size=0, dtype=found, packed=packed,
-        packed_dtype=found if packed else None, exact=not packed or kernel == "stock", reason=reason,
+        packed_dtype=found if packed else None, exact=not packed or kernel in EXACT_CELL_KERNELS, reason=reason,
         kernel=kernel if packed else None, autotune_ms=getattr(cell, "autotune_ms", None), kind="LSTMCell")
 
 
@@ -164,8 +164,8 @@ def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None, filter_fn: Op
 def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              filter_fn: Optional[FilterFn] = None, inplace: bool = False,
              autotune: Optional[Sequence[tuple]] = None, exact: bool = True) -> nn.Module:
-    """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM`` (and, with
-    ``exact=False``, every ``nn.LSTMCell`` by a ``PackedLSTMCell``).
+    """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM`` and every
+    ``nn.LSTMCell`` by a ``PackedLSTMCell``.
 
     Args:
         model: the model to optimize; copied first unless ``inplace=True``.
@@ -176,7 +176,7 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         autotune: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
             every kernel on the calls it receives and keeps the fastest (``lstmopt.rewrite.autotune``).
         exact: False also admits the approximate kernels of the kernel table (``lstmopt.kernels.table``):
-            autotune may choose them, and LSTMCells are swapped onto the native kernel.
+            autotune may choose them, and LSTMCells run lstmopt's native kernel.
 
     Example:
         >>> fast = lstmopt.optimize(model, autotune=[(example,)], exact=False)
