@@ -388,3 +388,15 @@ class CellDecoder(nn.Module):
 def build_cell_decoder() -> CellDecoder:
     torch.manual_seed(0)
     return CellDecoder()
+
+
+def trained_like(lstm: nn.Module, scale: float, saturation: float, seed: int) -> nn.Module:
+    """An LSTM's or LSTMCell's weights at ``scale`` x PyTorch's initial magnitude, biases pushed by N(0, saturation) so that
+    gates sit in the flat ends of their sigmoids, as trained LSTMs' often do."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lstm.named_parameters():
+            p.mul_(scale)
+            if name.startswith("bias"):
+                p.add_(saturation * torch.randn(p.shape, generator=generator))
+    return lstm.eval()

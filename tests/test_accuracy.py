@@ -14,22 +14,10 @@ from conftest import NATIVE
 from lstmopt import PackedLSTM
 from lstmopt.job.pipeline import OptimizeOptions, optimize_file
 from lstmopt.kernels.accuracy import FACTOR, accuracy
-from models import Encoder
+from models import Encoder, trained_like
 
 TENSOR_KERNELS = ["cell"] + (["native"] if NATIVE else [])
 SEQUENCE_KERNELS = ["onednn"] + (["native"] if NATIVE else [])
-
-
-def trained_like(lstm: nn.LSTM, scale: float, saturation: float, seed: int) -> nn.LSTM:
-    """Weights at ``scale`` x PyTorch's initial magnitude, biases pushed by N(0, saturation) so that
-    gates sit in the flat ends of their sigmoids, as trained LSTMs' often do."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lstm.named_parameters():
-            p.mul_(scale)
-            if name.startswith("bias"):
-                p.add_(saturation * torch.randn(p.shape, generator=generator))
-    return lstm.eval()
 
 
 @st.composite

@@ -17,19 +17,9 @@ from conftest import counting_kernels, invoke, needs_native
 from lstmopt import optimize, plan
 from lstmopt.kernels.accuracy import accuracy
 from lstmopt.modules.cell import PackedLSTMCell
-from models import CellDecoder, build_cell_decoder
+from models import CellDecoder, build_cell_decoder, trained_like
 
 pytestmark = needs_native
-
-
-def trained_like(cell: nn.LSTMCell, scale: float, saturation: float, seed: int) -> nn.LSTMCell:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in cell.named_parameters():
-            p.mul_(scale)
-            if name.startswith("bias"):
-                p.add_(saturation * torch.randn(p.shape, generator=generator))
-    return cell.eval()
 
 
 @settings(max_examples=40, deadline=None)

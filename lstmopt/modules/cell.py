@@ -5,8 +5,9 @@ time, hundreds of calls per utterance, where a small cell's time is mostly overh
 (``lstmopt.kernels.table``, CELL):
 
 - ``aten``, the default: ATen's own cell op (``torch._VF.lstm_cell``, what ``nn.LSTMCell.forward`` calls)
-  called directly, with a cached zero state. Bit-identical to nn.LSTMCell; the Python it skips is a
-  quarter of a small cell's step (80->256: 0.78x nn.LSTMCell's time).
+  called directly, with a cached zero state. Bit-identical to nn.LSTMCell, less the Python of its
+  forward; at batch 1 the op's own GEMMs dominate, so this saves a few microseconds a step (the benchmark's
+  LSTMCell table, docs/performance.md).
 - ``native``, where approximate kernels are allowed (``exact=False``, ``--approx``): lstmopt's native
   kernel (``kernels/csrc/lstm.cpp``) runs the step as one pass over the input and recurrent weights with
   the gates fused in, held to the approximate-kernel contract (``kernels/accuracy.py``).
@@ -29,7 +30,7 @@ from lstmopt.kernels.native import NativePacks, run_native_cell
 from lstmopt.kernels.tensor_versions import version_of
 from lstmopt.modules import dispatch
 from lstmopt.modules.guards import valid_cell
-from lstmopt.modules.pack_state import PackState
+from lstmopt.modules.pack_state import FollowsWeights, PackState
 from lstmopt.modules.packs import tracked_copy, weights_obstacle
 
 __all__ = ["CELL_KERNELS", "DEFAULT", "EXACT_CELL_KERNELS", "PackedLSTMCell", "cell_obstacle", "native_obstacle"]
@@ -71,7 +72,7 @@ def _names(cell: nn.LSTMCell) -> tuple:
     return _NAMES if cell.bias else _NAMES[:2]
 
 
-class PackedLSTMCell(nn.LSTMCell):
+class PackedLSTMCell(FollowsWeights, nn.LSTMCell):
     """Drop-in ``nn.LSTMCell`` for CPU inference on ATen's cell op or lstmopt's native kernel (see the
     module docstring).
 
@@ -164,22 +165,8 @@ class PackedLSTMCell(nn.LSTMCell):
             state.native = native.module().Packs(packs.weights, packs.biases, self.hidden_size, False, names, weights)
             state.packed_from = [(name, w, version_of(w), w.data_ptr()) for name, w in zip(names, weights)]
 
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self.repack()
-        return result
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        with self._state.loading_weights():
-            super()._load_from_state_dict(*args, **kwargs)
-            self.repack()
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if isinstance(value, nn.Parameter) and name in _NAMES:
-            state = self.__dict__.get("_state")
-            if state is not None and not state.loading:
-                self.repack()
+    def _weight_names(self):
+        return _NAMES
 
     def __getstate__(self):
         state = super().__getstate__()

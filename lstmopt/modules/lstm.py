@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import PackedSequence
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.native import NativePacks
 from lstmopt.modules import dispatch
-from lstmopt.modules.pack_state import PackState
+from lstmopt.modules.pack_state import FollowsWeights, PackState
 from lstmopt.modules.packs import PackedLayer, packing_obstacle, tracked_copy
 from lstmopt.modules.scripted import ScriptedPaths
 
@@ -43,7 +43,7 @@ EXACT_KERNELS = kernel_table.names(kernel_table.TENSOR, exact_only=True)
 EXACT_SEQUENCE_KERNELS = kernel_table.names(kernel_table.SEQUENCE, exact_only=True)
 
 
-class PackedLSTM(ScriptedPaths, nn.LSTM):
+class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
     """Drop-in ``nn.LSTM`` for CPU inference on weights packed once for oneDNN (see the module docstring).
 
     Build one with ``PackedLSTM.from_lstm(lstm)`` (a copy), ``PackedLSTM(input_size, hidden_size, ...)``
@@ -178,22 +178,8 @@ class PackedLSTM(ScriptedPaths, nn.LSTM):
             return
         self._scripted_repack()
 
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self.repack()  # .to() and friends may change the dtype, the device or the tensors themselves
-        return result
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        with self._state.loading_weights():
-            super()._load_from_state_dict(*args, **kwargs)
-            self.repack()
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if isinstance(value, nn.Parameter) and name in getattr(self, "_flat_weights_names", ()):
-            state = self.__dict__.get("_state")
-            if state is not None and not state.loading:
-                self.repack()
+    def _weight_names(self):
+        return getattr(self, "_flat_weights_names", ())
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -161,3 +161,29 @@ def _expected_shapes(module: nn.LSTM) -> list[tuple[int, ...]]:
         shapes += [(gates, layer.input_size), (gates, module.hidden_size)]
         shapes += [(gates,), (gates,)] if module.bias else []
     return shapes
+
+
+class FollowsWeights:
+    """The ``nn.Module`` hooks through which a packed module's packs follow its weights: ``.to()`` and
+    friends, ``load_state_dict`` (under the load seqlock) and a reassigned parameter all repack. A mixin
+    before the torch class (``PackedLSTM``, ``PackedLSTMCell``), which names its weights."""
+
+    def _weight_names(self):
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.repack()  # .to() and friends may change the dtype, the device or the tensors themselves
+        return result
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        with self._state.loading_weights():
+            super()._load_from_state_dict(*args, **kwargs)
+            self.repack()
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Parameter) and name in self._weight_names():
+            state = self.__dict__.get("_state")
+            if state is not None and not state.loading:
+                self.repack()
