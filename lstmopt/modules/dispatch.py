@@ -14,7 +14,7 @@ from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmopt.kernels.aten import run_cells, run_onednn, run_onednn_sequence
-from lstmopt.modules.guards import kernel_accepts, plain_state
+from lstmopt.modules.guards import aten_cell_call, kernel_accepts, plain_state
 from lstmopt.modules.packs import weights_obstacle
 
 __all__ = ["dispatch", "exported", "forward", "seqlocked"]
@@ -193,8 +193,7 @@ def cell_forward(cell, input, hx):
 
 
 def _cell_once(cell, state, input, hx):
-    if cell.kernel == "aten" and type(input) is Tensor and input.dim() == 2 and input.is_cpu and (
-            hx is None or (plain_state(hx) and hx[0].dim() == 2 and hx[1].dim() == 2)):
+    if cell.kernel == "aten" and aten_cell_call(input, hx):
         # What nn.LSTMCell.forward does for a batch, less its Python: the same op on the same tensors,
         # so the same results and, for a bad shape or dtype, the op's own error.
         if hx is None:

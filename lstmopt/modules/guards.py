@@ -66,6 +66,14 @@ def valid_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], input_size: i
     return True
 
 
+def aten_cell_call(input: Tensor, hx) -> bool:
+    """Whether a PackedLSTMCell's ``aten`` kernel takes this call itself: a plain CPU batch (B, I) with no
+    state or (B, H) states, as nn.LSTMCell passes them to the op; the rest (unbatched steps, tensor
+    subclasses) takes nn.LSTMCell's path. Python only."""
+    return (type(input) is Tensor and input.dim() == 2 and input.is_cpu
+            and (hx is None or (plain_state(hx) and hx[0].dim() == 2 and hx[1].dim() == 2)))
+
+
 def _index_vector(t: Optional[Tensor], batch: int) -> bool:
     return t is not None and t.dim() == 1 and t.dtype == torch.int64 and t.is_cpu and t.numel() == batch
 

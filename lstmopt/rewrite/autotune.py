@@ -23,7 +23,7 @@ from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import tracked_copy, weights_obstacle
 from lstmopt.modules.cell import CELL_KERNELS, DEFAULT, EXACT_CELL_KERNELS, PackedLSTMCell, cell_obstacle, native_obstacle
-from lstmopt.modules.guards import kernel_accepts, plain_state, valid_cell
+from lstmopt.modules.guards import aten_cell_call, kernel_accepts, plain_state, valid_cell
 from lstmopt.rewrite.timing import Ratio, compare
 
 __all__ = ["MARGIN", "KernelChoice", "autotune"]
@@ -94,8 +94,8 @@ def _serves(variant: PackedLSTM, kernel: str, inputs: str, calls: list) -> bool:
     facts = kernel_table.find(kernel, inputs)
     if kernel == "stock":
         return True
-    if inputs == kernel_table.CELL and kernel == "aten":  # batches; an unbatched step takes nn.LSTMCell's path
-        return all(type(input) is torch.Tensor and input.dim() == 2 and plain_state(hx) for (input, hx), _ in calls)
+    if inputs == kernel_table.CELL and kernel == "aten":
+        return all(aten_cell_call(input, hx) for (input, hx), _ in calls)
     if inputs == kernel_table.CELL:
         return variant.uses_native_kernel and all(
             plain_state(hx) and type(input) is torch.Tensor
