@@ -14,6 +14,11 @@
    op called directly: bit-identical) and on its native kernel (``exact=False``), against ONNX Runtime
    (``--onnxruntime``) on the exported cell and with its fused LSTM operator; and a Tacotron2-like decoder
    loop (two LSTMCells, 50 frames) eager, optimized by default and with ``exact=False``.
+2c. LSTMs with proj_size > 0 (LSTMP): one step and a 16-step chunk with the state carried, eager against
+   lstmopt with approximation allowed (``optimize(m, exact=False)``: the native kernel, the projection fused;
+   by default an LSTMP is kept, having no exact kernel). ONNX Runtime has no row: torch.onnx cannot export
+   an LSTM with projections (the TorchScript exporter refuses it; the dynamo exporter's graph fails ORT's
+   shape inference).
 3. Variable-length batches (PackedSequence): a tagger (embedding, pack_padded_sequence, 2-layer BiLSTM,
    pad_packed_sequence, linear) eager, optimized by default (nn.LSTM's path: must cost no more than eager),
    as its TorchScript and pickle artifacts, and with its fastest kernels (``exact=False``). Also a forward
@@ -206,6 +211,43 @@ def decoder(rounds):
              f"{t['eager'] / t['native']:.2f}x"]]
 
 
+# --- 2c. LSTMs with proj_size > 0 ---------------------------------------------------------------------
+
+# (name, input_size, hidden_size, proj_size, layers, batch, steps)
+PROJECTED = [
+    ("LSTMP, one step", 80, 256, 128, 2, 1, 1),
+    ("LSTMP, 16-step chunk", 80, 256, 128, 2, 1, 16),
+    ("LSTMP, 16 streams, one step", 80, 256, 128, 2, 16, 1),
+]
+
+
+def projected(rounds, runs):
+    setups = []
+    for label, I, H, P, layers, B, T in PROJECTED:
+        torch.manual_seed(0)
+        eager = nn.LSTM(I, H, num_layers=layers, proj_size=P).eval()
+        assert optimize(eager) is not eager and type(optimize(eager)) is nn.LSTM  # kept by default
+        approx = optimize(eager, exact=False)
+        assert kernels(approx) == "native", kernels(approx)
+        x, h, c = torch.randn(T, B, I), torch.randn(layers, B, P), torch.randn(layers, B, H)
+        with torch.no_grad():
+            torch.testing.assert_close(approx(x, (h, c)), eager(x, (h, c)), atol=1e-5, rtol=1e-5)
+        setups.append((label, (I, H, P, layers, B, T), {"eager": lambda m=eager, a=(x, (h, c)): m(*a),
+                                                        "lstmopt": lambda m=approx, a=(x, (h, c)): m(*a)}))
+    results = {label: [] for label, *_ in setups}
+    for _ in range(runs):
+        for label, _, variants in setups:
+            with torch.no_grad():
+                results[label].append(interleaved_medians(variants, rounds=rounds))
+    rows = []
+    for label, shape, _ in setups:
+        times = results[label]
+        speedups = [t["eager"] / t["lstmopt"] for t in times]
+        rows.append([label, ",".join(map(str, shape)), us(median(times, "eager")), us(median(times, "lstmopt")),
+                     f"{statistics.median(speedups):.2f}x ({min(speedups):.2f}-{max(speedups):.2f})"])
+    return rows
+
+
 # --- 3. variable-length batches -----------------------------------------------------------------------
 
 
@@ -363,6 +405,12 @@ def main(argv=None):
             "", "A decoder rolling two LSTMCells frame by frame (batch 1), whole loop",
             table(["model", "cells", "eager ms", "lstmopt default ms", "vs eager", "lstmopt --approx ms",
                    "vs eager"], decoder(args.rounds), markdown)]
+
+    out += ["", f"LSTMs with proj_size > 0 (LSTMP), state carried: kept by default (no exact kernel); with "
+            f"exact=False (--approx) on lstmopt's native kernel, the projection fused; speedup over eager, median and "
+            f"range over {args.runs} runs. No ONNX Runtime row: torch.onnx cannot export an LSTMP",
+            table(["shape", "I,H,proj,layers,B,T", "eager us", "lstmopt --approx us", "speedup"],
+                  projected(args.rounds, args.runs), markdown)]
 
     out += ["", "Variable-length batches: a tagger (embedding, 2-layer BiLSTM I=128 H=256 on a PackedSequence, "
             "linear), batch 8, lengths 10-50; speedup over eager",

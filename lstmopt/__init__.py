@@ -7,6 +7,8 @@ __version__ = "0.1.0"
 # torch takes seconds to import; load the API on first use so `lstmopt --help` stays fast.
 _EXPORTS = {
     "PackedLSTM": "lstmopt.modules.lstm",
+    "PackedLSTMCell": "lstmopt.modules.cell",
+    "PackedGRU": "lstmopt.modules.gru",
     "packing_obstacle": "lstmopt.modules.packs",
     "Decision": "lstmopt.rewrite.swap",
     "optimize": "lstmopt.rewrite.swap",

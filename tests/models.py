@@ -76,6 +76,39 @@ class Encoder(nn.Module):
         return self.head(y), state
 
 
+class ProjectedEncoder(nn.Module):
+    """An LSTMP encoder (proj_size > 0), as streaming transducers and Kaldi/ESPnet acoustic models have."""
+
+    def __init__(self, features: int = 16, hidden: int = 32, proj: int = 12):
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, num_layers=2, batch_first=True, proj_size=proj)
+        self.head = nn.Linear(proj, 4)
+
+    def forward(self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        y, state = self.lstm(x, state)
+        return self.head(y), state
+
+
+class Denoiser(nn.Module):
+    """A GRU speech enhancer (frames of spectrum in, a mask out), batch first, its state carried."""
+
+    def __init__(self, bins: int = 16, hidden: int = 32):
+        super().__init__()
+        self.gru = nn.GRU(bins, hidden, num_layers=2, batch_first=True)
+        self.mask = nn.Linear(hidden, bins)
+
+    def forward(self, x: Tensor, state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        y, state = self.gru(x, state)
+        return torch.sigmoid(self.mask(y)) * x, state
+
+
+class UnscriptableDenoiser(Denoiser):
+    """The same, with a forward TorchScript cannot compile (**kwargs): its artifact is traced."""
+
+    def forward(self, x, **options):
+        return super().forward(x)[0] * len(options)
+
+
 class Unscriptable(nn.Module):
     """Fine in eager mode, but TorchScript cannot compile its forward (a dict comprehension over **kwargs)."""
 

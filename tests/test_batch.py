@@ -104,8 +104,6 @@ def test_every_shipped_config_validates(monkeypatch):
     ("jobs:\n  - input: [a\n", ":3:1: not valid YAML"),
     ("", ":1: the config must be a mapping with a 'jobs' list, got an empty file"),
     ("version: 2\njobs:\n  - {input: a.pt, output: b.pt}\n", ":1: version: Input should be 1"),
-    ("jobs:\n  - {input: a.pt, output: b.pt, approx: true}\n",
-     ":2: jobs[0]: approx only widens what autotune may choose: set autotune: true"),
     ("jobs:\n  - {input: a.pt, output: b.pt, autotune: true}\n", ":2: jobs[0]: autotune needs inputs to time"),
 ])
 def test_config_errors_name_the_file_line_and_field(tmp_path, text, message):

@@ -33,7 +33,7 @@ def test_plan_records_every_lstm_with_its_config_and_reason():
     decisions = {d.name: d for d in plan(Deep())}
     assert set(decisions) == {"front.1.0", "stack.0", "heads.proj", "heads.custom"}
     assert decisions["stack.0"].packed and decisions["stack.0"].batch_first and decisions["stack.0"].exact
-    assert decisions["heads.proj"].reason == "proj_size>0 is not supported by oneDNN"
+    assert decisions["heads.proj"].reason.startswith("proj_size>0 has no exact kernel (oneDNN has no projection)")
     assert not decisions["heads.proj"].packed and decisions["heads.proj"].proj_size == 8
     assert decisions["heads.custom"].packed and decisions["heads.custom"].reason == "bit-identical to eager"
     assert decisions["front.1.0"].to_dict()["hidden_size"] == 16
@@ -131,10 +131,19 @@ def test_scripted_modules_and_non_modules_are_rejected():
 
 
 def test_packed_lstm_refuses_what_it_cannot_pack():
-    with pytest.raises(ValueError, match="proj_size"):
-        PackedLSTM.from_lstm(nn.LSTM(4, 8, proj_size=2))
-    with pytest.raises(ValueError, match="proj_size"):
-        PackedLSTM(4, 8, proj_size=2)
+    with pytest.raises(ValueError, match="GRU is not an nn.LSTM"):
+        PackedLSTM.convert_(nn.GRU(4, 8))
+    with pytest.raises(ValueError, match="cannot pack this LSTM: weights are tensor subclasses"):
+        PackedLSTM.convert_(_with_subclass_weights(nn.LSTM(4, 8)))
+
+
+def _with_subclass_weights(lstm: nn.LSTM) -> nn.LSTM:
+    class Marked(torch.Tensor):
+        pass
+
+    for name in lstm._flat_weights_names:
+        lstm._parameters[name] = lstm._parameters[name].detach().as_subclass(Marked)
+    return lstm
 
 
 def test_decision_is_a_plain_record():

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lstmopt.errors import UsageError
 from lstmopt.modules.cell import PackedLSTMCell
+from lstmopt.modules.gru import PackedGRU
 from lstmopt.modules.lstm import PackedLSTM
 from lstmopt.modules.packs import tracked_copy
 
@@ -53,9 +54,24 @@ class TracedLSTM(PackedLSTM):
         return torch.empty(0)
 
 
-def _scripted_lstm(lstm: PackedLSTM) -> torch.jit.ScriptModule:
+class TracedGRU(PackedGRU):
+    """The same for a ``PackedGRU``: one tensor ``forward``, only ever used scripted."""
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if not torch.jit.is_scripting():
+            return PackedGRU.forward(self, input, hx)
+        return self._scripted_tensor(input, hx)
+
+    @torch.jit.export
+    def flatten_parameters(self) -> Tensor:  # type: ignore[override]
+        """As ``TracedLSTM.flatten_parameters``."""
+        return torch.empty(0)
+
+
+def _scripted_lstm(lstm) -> torch.jit.ScriptModule:
+    """A PackedLSTM's or PackedGRU's scripted copy with one tensor forward, for a traced caller."""
     entry = tracked_copy(lstm)
-    entry.__class__ = TracedLSTM
+    entry.__class__ = TracedGRU if isinstance(lstm, PackedGRU) else TracedLSTM
     return torch.jit.script(entry)
 
 
@@ -100,6 +116,9 @@ def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torc
     recorded = [name for name, module in copy.named_modules() if id(module) in takes_sequences]
     scripted: dict[int, torch.jit.ScriptModule] = {}
     for name, module in list(copy.named_modules(remove_duplicate=False)):
+        if isinstance(module, PackedGRU) and id(module) in takes_sequences:
+            module.use_kernel("stock")  # as a PackedLSTM given PackedSequences, below
+            continue
         if isinstance(module, PackedLSTM) and id(module) in takes_sequences:
             # The trace records nn.LSTM's op for it: packs would be dead weight in the archive (and native
             # ones would make it need lstmopt's library to load).
@@ -113,7 +132,7 @@ def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torc
             parent_name, _, child = name.rpartition(".")
             setattr(copy.get_submodule(parent_name), child, scripted.setdefault(id(module), torch.jit.script(module)))
             continue
-        if not isinstance(module, PackedLSTM) or not name:
+        if not isinstance(module, (PackedLSTM, PackedGRU)) or not name:
             continue
         parent_name, _, child = name.rpartition(".")
         replacement = scripted.setdefault(id(module), _scripted_lstm(module))  # shared LSTMs stay shared
@@ -135,7 +154,7 @@ def _lstms_given_packed_sequences(model: nn.Module, example: Sequence) -> set[in
         if args and isinstance(args[0], PackedSequence):
             found.add(id(module))
 
-    handles = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, PackedLSTM)]
+    handles = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, (PackedLSTM, PackedGRU))]
     try:
         with torch.no_grad():
             model.eval()(*example)

@@ -119,10 +119,11 @@ def native_kernel_note(lstms: Sequence[str], format: str) -> str:
 def native_lstms(model) -> list:
     """The names of the LSTMs and LSTMCells in ``model`` that run the native kernel."""
     from lstmopt.modules.cell import PackedLSTMCell
+    from lstmopt.modules.gru import PackedGRU
     from lstmopt.modules.lstm import PackedLSTM
 
     return [name for name, m in model.named_modules()
-            if isinstance(m, (PackedLSTM, PackedLSTMCell)) and m.uses_native_kernel]
+            if isinstance(m, (PackedLSTM, PackedLSTMCell, PackedGRU)) and m.uses_native_kernel]
 
 
 def _json(metadata: dict) -> str:
@@ -147,6 +148,17 @@ class LSTMEntry(nn.Module):
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
                 ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         return self.lstm(input, hx)
+
+
+class GRUEntry(nn.Module):
+    """The same for a model that is a bare GRU (state_dict keys gain ``gru.``)."""
+
+    def __init__(self, gru: nn.Module) -> None:
+        super().__init__()
+        self.gru = gru
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        return self.gru(input, hx)
 
 
 def to_torchscript(model, samples: Sequence[tuple] = ()) -> Tuple[torch.jit.ScriptModule, dict]:
@@ -198,6 +210,8 @@ def script(model):
 
     if isinstance(model, nn.LSTM):
         model = LSTMEntry(model)
+    elif isinstance(model, nn.GRU):
+        model = GRUEntry(model)
     try:
         return torch.jit.script(model)
     except Exception as exc:

@@ -46,9 +46,10 @@ def optimize(
              "example inputs, and keep the fastest per LSTM.")] = False,
     approx: Annotated[bool, typer.Option(
         "--approx", rich_help_panel=CHECKS,
-        help="With --autotune, also consider the approximate kernels, not bit-identical: "
-             f"{approximate_kernels_text()}. Verification then holds them to their contract, {CONTRACT} "
-             "(--atol/--rtol set a tolerance instead).")] = False,
+        help="Allow the approximate kernels, not bit-identical: "
+             f"{approximate_kernels_text()}. LSTMCells and LSTMs with proj_size > 0 then run the native kernel; "
+             "with --autotune, every LSTM may get one where it measures faster. Verification holds them to their "
+             f"contract, {CONTRACT} (--atol/--rtol set a tolerance instead).")] = False,
     min_speedup: Annotated[Optional[float], typer.Option(
         "--min-speedup", metavar="X", rich_help_panel=CHECKS,
         help="Fail (exit 6) below this speedup (geometric mean over the inputs) when the timing noise allows no "

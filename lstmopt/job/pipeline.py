@@ -67,8 +67,6 @@ class OptimizeOptions:
             raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.example_inputs is not None and self.input_shape is not None:
             raise UsageError("give either example inputs or an input shape, not both")
-        if self.approx and not self.autotune:
-            raise UsageError("approx only widens what autotune may choose: use it with autotune")
         if self.min_speedup is not None and self.min_speedup <= 0:
             raise UsageError(f"the minimum speedup must be positive, got {self.min_speedup}")
         for name in ("atol", "rtol"):

@@ -200,7 +200,10 @@ def lstm_cases(lstm: nn.LSTM, *, seed: int = 0) -> list[tuple]:
         shape = (batch, steps, lstm.input_size) if lstm.batch_first else (steps, batch, lstm.input_size)
         x = torch.randn(shape, generator=generator, dtype=dtype)
         cases.append((x,))
-    h = torch.randn(states, 3, lstm.hidden_size, generator=generator, dtype=dtype)
+    h = torch.randn(states, 3, getattr(lstm, "proj_size", 0) or lstm.hidden_size, generator=generator,
+                    dtype=dtype)  # an LSTMP's is proj_size wide
+    if isinstance(lstm, nn.GRU):  # one state
+        return cases + [(cases[-1][0], h)]
     c = torch.randn(states, 3, lstm.hidden_size, generator=generator, dtype=dtype)
     cases.append((cases[-1][0], (h, c)))
     return cases

@@ -30,7 +30,7 @@ from lstmopt.environment import cpuinfo
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since
 
 __all__ = ["LOAD_LINE", "NativePacks", "available", "library_path", "load", "module", "run_native", "run_native_cell",
-           "unavailable_reason"]
+           "run_native_gru", "unavailable_reason"]
 
 LOAD_LINE = "import lstmopt.native; lstmopt.native.load()"
 SOURCE = Path(__file__).parent / "csrc" / "lstm.cpp"
@@ -132,26 +132,39 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("lstmopt::lstm")
     def _(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first):
-        width = (2 if bidirectional else 1) * hidden_size
+        return _fake_lstmp(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first,
+                           [], 0)
+
+    @torch.library.register_fake("lstmopt::gru")
+    def _(input, batch_sizes, hx, weights, biases, hidden_size, bidirectional, batch_first):
+        output, h_n, _ = _fake_lstmp(input, batch_sizes, hx, None, weights, biases, hidden_size, bidirectional,
+                                     batch_first, [], 0)
+        return output, h_n
+
+    @torch.library.register_fake("lstmopt::lstmp")
+    def _fake_lstmp(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first, projections,
+                    proj_size):
+        units = proj_size or hidden_size  # of the hidden state and the output; the cell state has hidden_size
+        width = (2 if bidirectional else 1) * units
         states = len(biases)
         if batch_sizes is not None:  # a PackedSequence's rows (N, I)
             batch = hx.size(1) if hx is not None else torch.library.get_ctx().new_dynamic_size()
-            state = input.new_empty(states, batch, hidden_size)
-            return input.new_empty(input.size(0), width), state, state.clone()
+            return (input.new_empty(input.size(0), width), input.new_empty(states, batch, units),
+                    input.new_empty(states, batch, hidden_size))
         if input.dim() == 2:  # unbatched (T, I)
-            state = input.new_empty(states, hidden_size)
-            return input.new_empty(input.size(0), width), state, state.clone()
+            return (input.new_empty(input.size(0), width), input.new_empty(states, units),
+                    input.new_empty(states, hidden_size))
         steps, batch = (input.size(1), input.size(0)) if batch_first else (input.size(0), input.size(1))
         output = input.new_empty(steps, batch, width)  # computed time-major; batch_first gets a transposed view
         output = output.transpose(0, 1) if batch_first else output
-        state = input.new_empty(states, batch, hidden_size)
-        return output, state, state.clone()
+        return output, input.new_empty(states, batch, units), input.new_empty(states, batch, hidden_size)
 
 
 class NativePacks:
-    """One LSTM's weights in the native kernel's layout (``torch.ops.lstmopt.pack``, see csrc/lstm.cpp),
-    per layer and direction: the input then the recurrent weights in blocks of 16 hidden units, and the
-    summed biases.
+    """One LSTM's (or, with ``gru``, one GRU's: ``pack_gru``) weights in the native kernel's layout
+    (``torch.ops.lstmopt.pack``, see csrc/lstm.cpp), per layer and direction: the input then the recurrent
+    weights in blocks of 16 hidden units, the summed biases and, for ``proj_size > 0``, the projections
+    (``pack_projections``).
 
     A TorchScript class (compiled when a scripted module holds one). Like ``LayerPacks`` it stores the
     dense weights it came from, not the laid-out copy, and lays them out again when loaded: the layout
@@ -160,15 +173,18 @@ class NativePacks:
     """
 
     def __init__(self, dense: List[Tensor], hidden_size: int, num_layers: int, bidirectional: bool,
-                 has_biases: bool):
+                 has_biases: bool, proj_size: int = 0, gru: bool = False):
         self.dense = dense
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.bidirectional = bidirectional
         self.has_biases = has_biases
-        weights, biases = torch.ops.lstmopt.pack(dense, hidden_size, has_biases)
+        self.proj_size = proj_size
+        self.gru = gru
+        weights, biases = _pack(dense, hidden_size, has_biases, proj_size, gru)
         self.weights = weights
         self.biases = biases
+        self.projections = _pack_projections(dense, hidden_size, has_biases, proj_size)
         self.sources = sources_of(dense)
 
     def is_current(self, dense: List[Tensor]) -> bool:
@@ -176,19 +192,36 @@ class NativePacks:
         cannot read data pointers, only in-place changes are seen)."""
         return unchanged_since(self.sources, dense)
 
-    def __getstate__(self) -> Tuple[List[Tensor], int, int, bool, bool]:
-        return (self.dense, self.hidden_size, self.num_layers, self.bidirectional, self.has_biases)
+    def __getstate__(self) -> Tuple[List[Tensor], int, int, bool, bool, int, bool]:
+        return (self.dense, self.hidden_size, self.num_layers, self.bidirectional, self.has_biases, self.proj_size,
+                self.gru)
 
-    def __setstate__(self, state: Tuple[List[Tensor], int, int, bool, bool]) -> None:
-        weights, biases = torch.ops.lstmopt.pack(state[0], state[1], state[4])
+    def __setstate__(self, state: Tuple[List[Tensor], int, int, bool, bool, int, bool]) -> None:
+        weights, biases = _pack(state[0], state[1], state[4], state[5], state[6])
         self.dense = state[0]
         self.hidden_size = state[1]
         self.num_layers = state[2]
         self.bidirectional = state[3]
         self.has_biases = state[4]
+        self.proj_size = state[5]
+        self.gru = state[6]
         self.weights = weights
         self.biases = biases
+        self.projections = _pack_projections(state[0], state[1], state[4], state[5])
         self.sources = sources_of(state[0])
+
+
+def _pack(dense: List[Tensor], hidden_size: int, has_biases: bool, proj_size: int, gru: bool
+          ) -> Tuple[List[Tensor], List[Tensor]]:
+    if gru:
+        return torch.ops.lstmopt.pack_gru(dense, hidden_size, has_biases)
+    return torch.ops.lstmopt.pack(dense, hidden_size, has_biases, proj_size)
+
+
+def _pack_projections(dense: List[Tensor], hidden_size: int, has_biases: bool, proj_size: int) -> List[Tensor]:
+    if proj_size == 0:
+        return []
+    return torch.ops.lstmopt.pack_projections(dense, hidden_size, has_biases, proj_size)
 
 
 def run_native(packs: NativePacks, input: Tensor, batch_sizes: Optional[Tensor], hx: Optional[Tuple[Tensor, Tensor]],
@@ -199,8 +232,18 @@ def run_native(packs: NativePacks, input: Tensor, batch_sizes: Optional[Tensor],
     c0: Optional[Tensor] = None
     if hx is not None:
         h0, c0 = hx[0], hx[1]
+    if packs.proj_size > 0:
+        return torch.ops.lstmopt.lstmp(input, batch_sizes, h0, c0, packs.weights, packs.biases, packs.hidden_size,
+                                       packs.bidirectional, batch_first, packs.projections, packs.proj_size)
     return torch.ops.lstmopt.lstm(input, batch_sizes, h0, c0, packs.weights, packs.biases, packs.hidden_size,
                                   packs.bidirectional, batch_first)
+
+
+def run_native_gru(packs: NativePacks, input: Tensor, batch_sizes: Optional[Tensor], hx: Optional[Tensor],
+                   batch_first: bool) -> Tuple[Tensor, Tensor]:
+    """An nn.GRU call (packs with ``gru``) through the dispatcher, for TorchScript: (output, h_n)."""
+    return torch.ops.lstmopt.gru(input, batch_sizes, hx, packs.weights, packs.biases, packs.hidden_size,
+                                 packs.bidirectional, batch_first)
 
 
 def run_native_cell(packs: NativePacks, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:

@@ -13,10 +13,11 @@ from typing import Optional
 
 from lstmopt.kernels.accuracy import CONTRACT
 
-__all__ = ["CELL", "Kernel", "SEQUENCE", "TENSOR", "TABLE", "approximate_kernels_text", "default", "find", "markdown", "names"]
+__all__ = ["CELL", "GRU", "Kernel", "SEQUENCE", "TENSOR", "TABLE", "approximate_kernels_text", "default", "find", "markdown", "names"]
 
 TENSOR, SEQUENCE = "tensors", "PackedSequences"
 CELL = "nn.LSTMCell steps"  # the kernels of a PackedLSTMCell
+GRU = "nn.GRU calls"  # the kernels of a PackedGRU: tensors and PackedSequences
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Kernel:
     what: str  # one line for docs and help
     chosen_because: Optional[str] = None  # autotune's reason when it picks this kernel over the default
     single_step: bool = False  # serves only calls of one time step (others take nn.LSTM's path)
+    projection: bool = False  # serves LSTMs with proj_size > 0 (LSTMP)
 
 
 TABLE = (
@@ -40,18 +42,19 @@ TABLE = (
            what="one aten.lstm_cell per layer, for single-step calls",
            chosen_because="single steps through aten.lstm_cell measured fastest", single_step=True),
     Kernel("native", TENSOR, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
-           what="lstmopt's native kernel: the whole call in one native call",
-           chosen_because="lstmopt's native kernel measured fastest"),
+           what="lstmopt's native kernel: the whole call in one native call (with proj_size > 0, each step's "
+                "projection fused after its cell updates)",
+           chosen_because="lstmopt's native kernel measured fastest", projection=True),
     Kernel("stock", TENSOR, exact=True, default=False, fp32_only=False, reads_packs=False, native=False,
-           what="nn.LSTM itself", chosen_because="nn.LSTM itself measured fastest on these inputs"),
+           what="nn.LSTM itself", chosen_because="nn.LSTM itself measured fastest on these inputs", projection=True),
     Kernel("stock", SEQUENCE, exact=True, default=True, fp32_only=False, reads_packs=False, native=False,
-           what="nn.LSTM's own path, as eager runs PackedSequences"),
+           what="nn.LSTM's own path, as eager runs PackedSequences", projection=True),
     Kernel("onednn", SEQUENCE, exact=False, default=False, fp32_only=False, reads_packs=True, native=False,
            what="the packed oneDNN op on each run of equal-length steps",
            chosen_because="PackedSequences through the oneDNN op on padded runs measured fastest"),
     Kernel("native", SEQUENCE, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
            what="lstmopt's native kernel on the packed rows",
-           chosen_because="PackedSequences through lstmopt's native kernel measured fastest"),
+           chosen_because="PackedSequences through lstmopt's native kernel measured fastest", projection=True),
     Kernel("aten", CELL, exact=True, default=True, fp32_only=False, reads_packs=False, native=False,
            what="ATen's own cell op (torch._VF.lstm_cell, what nn.LSTMCell runs) called directly: "
                 "bit-identical, without nn.LSTMCell.forward's Python around it",
@@ -61,12 +64,20 @@ TABLE = (
            chosen_because="lstmopt's native kernel measured fastest"),
     Kernel("stock", CELL, exact=True, default=False, fp32_only=False, reads_packs=False, native=False,
            what="nn.LSTMCell itself", chosen_because="nn.LSTMCell itself measured fastest on these inputs"),
+    # No exact kernel exists for a GRU (eager runs its own cell loop): it is packed only with --approx.
+    Kernel("native", GRU, exact=False, default=True, fp32_only=True, reads_packs=False, native=True,
+           what="lstmopt's native kernel: the whole call in one native call, tensors and PackedSequences",
+           chosen_because="lstmopt's native kernel measured fastest"),
+    Kernel("stock", GRU, exact=True, default=False, fp32_only=False, reads_packs=False, native=False,
+           what="nn.GRU itself", chosen_because="nn.GRU itself measured fastest on these inputs"),
 )
 
 
-def names(inputs: str, *, exact_only: bool = False) -> tuple[str, ...]:
-    """The kernels for ``inputs`` (``TENSOR``, ``SEQUENCE`` or ``CELL``), in autotune's order."""
-    return tuple(k.name for k in TABLE if k.inputs == inputs and (k.exact or not exact_only))
+def names(inputs: str, *, exact_only: bool = False, projection: bool = False) -> tuple[str, ...]:
+    """The kernels for ``inputs`` (``TENSOR``, ``SEQUENCE`` or ``CELL``), in autotune's order
+    (``projection``: only those that serve proj_size > 0)."""
+    return tuple(k.name for k in TABLE if k.inputs == inputs and (k.exact or not exact_only)
+                 and (k.projection or not projection))
 
 
 def find(name: str, inputs: str) -> Kernel:
@@ -90,10 +101,14 @@ def markdown() -> str:
     rows = ["| kernel | for | chosen | results | what it is |", "|---|---|---|---|---|"]
     for k in TABLE:
         chosen = "by default" if k.default else ("by autotune" if k.exact else "by autotune with `--approx`")
-        if k.inputs == CELL and not k.exact:  # cells have no exact kernel to keep by default under --approx
+        if k.inputs in (CELL, GRU) and not k.exact:  # no exact kernel to keep by default under --approx
             chosen = "with `--approx`, unless autotune measures another faster"
+        elif k.projection and not k.exact:  # nor do LSTMs with proj_size > 0
+            chosen += "; with `--approx` for proj_size > 0"
         needs = ", fp32" if k.fp32_only else ""
+        needs += ", proj_size > 0 too" if k.projection and k.inputs != CELL else ""
         needs += ", needs the native library" if k.native else ""
-        results = f"bit-identical to `{'nn.LSTMCell' if k.inputs == CELL else 'nn.LSTM'}`" if k.exact else CONTRACT
+        original = {CELL: "nn.LSTMCell", GRU: "nn.GRU"}.get(k.inputs, "nn.LSTM")
+        results = f"bit-identical to `{original}`" if k.exact else CONTRACT
         rows.append(f"| `{k.name}` | {k.inputs}{needs} | {chosen} | {results} | {k.what} |")
     return "\n".join(rows) + "\n"

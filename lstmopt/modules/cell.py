@@ -31,7 +31,7 @@ from lstmopt.kernels.tensor_versions import version_of
 from lstmopt.modules import dispatch
 from lstmopt.modules.guards import valid_cell
 from lstmopt.modules.pack_state import FollowsWeights, PackState
-from lstmopt.modules.packs import tracked_copy, weights_obstacle
+from lstmopt.modules.packs import native_obstacle as native_weights_obstacle, tracked_copy
 
 __all__ = ["CELL_KERNELS", "DEFAULT", "EXACT_CELL_KERNELS", "PackedLSTMCell", "cell_obstacle", "native_obstacle"]
 
@@ -59,13 +59,7 @@ def native_obstacle(cell: nn.Module) -> Optional[str]:
     obstacle = cell_obstacle(cell)
     if obstacle is not None:
         return obstacle
-    weights = [cell._parameters[name] for name in _names(cell)]
-    obstacle = weights_obstacle(weights, torch.float32)
-    if obstacle is None and weights[0].dtype != torch.float32:
-        obstacle = "the native kernel computes in float32 only"
-    if obstacle is None and not native.available():
-        obstacle = f"the native kernel is unavailable ({native.unavailable_reason()})"
-    return obstacle
+    return native_weights_obstacle([cell._parameters[name] for name in _names(cell)])
 
 
 def _names(cell: nn.LSTMCell) -> tuple:
@@ -162,7 +156,8 @@ class PackedLSTMCell(FollowsWeights, nn.LSTMCell):
             except RuntimeError:  # weights reassigned with other shapes: nn.LSTMCell's path judges them
                 return
             self.native_packs = packs
-            state.native = native.module().Packs(packs.weights, packs.biases, self.hidden_size, False, names, weights)
+            state.native = native.module().Packs(packs.weights, packs.biases, [], self.hidden_size, 0, False, False,
+                                                 names, weights)
             state.packed_from = [(name, w, version_of(w), w.data_ptr()) for name, w in zip(names, weights)]
 
     def _weight_names(self):

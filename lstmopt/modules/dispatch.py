@@ -160,7 +160,7 @@ def exported(module, input, hx):
     # runs whatever that flag says, so only what the op accepts is checked here.
     weights = module._flat_weights
     dtype = weights[0].dtype
-    if (isinstance(input, PackedSequence) or module.training or _autocast_enabled()
+    if (isinstance(input, PackedSequence) or module.training or _autocast_enabled() or module.proj_size > 0
             or weights_obstacle(weights, dtype) is not None
             or not kernel_accepts(module, input, hx, dtype, exact_types=False)):
         return _stock(module, input, hx)

@@ -21,10 +21,11 @@ def _plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
 
 def valid_for_kernel(
     input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], dtype: Optional[torch.dtype], input_size: int,
-    hidden_size: int, states: int, batch_first: bool, single_step_only: bool,
+    hidden_size: int, states: int, batch_first: bool, single_step_only: bool, proj_size: int = 0,
 ) -> bool:
     """Device, dtype, layout and every shape a fast kernel would trust without checking. ``dtype``: what
-    the kernel computes in (None: no fast kernel can run); ``states``: num_layers x directions."""
+    the kernel computes in (None: no fast kernel can run); ``states``: num_layers x directions;
+    ``proj_size``: the hidden state's size where it is not ``hidden_size`` (LSTMP)."""
     if dtype is None or not _plain_cpu(input, dtype):
         return False
     shape = input.shape
@@ -39,11 +40,18 @@ def valid_for_kernel(
     if single_step_only and steps != 1:
         return False
     if hx is not None:
-        expected = [states, batch, hidden_size] if len(shape) == 3 else [states, hidden_size]
-        for state in hx:
-            if not _plain_cpu(state, dtype) or list(state.shape) != expected:
-                return False
+        lead = [states, batch] if len(shape) == 3 else [states]
+        return _states_shaped(hx, dtype, lead, hidden_size, proj_size)
     return True
+
+
+def _states_shaped(hx: Tuple[Tensor, Tensor], dtype: torch.dtype, lead: List[int], hidden_size: int,
+                   proj_size: int) -> bool:
+    """(h, c) plain, of ``dtype``, shaped lead + [proj_size or hidden_size] and lead + [hidden_size]."""
+    h, c = hx
+    h_size = proj_size if proj_size > 0 else hidden_size
+    return (_plain_cpu(h, dtype) and _plain_cpu(c, dtype) and list(h.shape) == lead + [h_size]
+            and list(c.shape) == lead + [hidden_size])
 
 
 def valid_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], input_size: int, hidden_size: int) -> bool:
@@ -81,7 +89,7 @@ def _index_vector(t: Optional[Tensor], batch: int) -> bool:
 def valid_sequence(
     data: Tensor, batch_sizes: Tensor, sorted_indices: Optional[Tensor], unsorted_indices: Optional[Tensor],
     hx: Optional[Tuple[Tensor, Tensor]], dtype: Optional[torch.dtype], input_size: int, hidden_size: int,
-    states: int,
+    states: int, proj_size: int = 0,
 ) -> bool:
     """The same for a PackedSequence, whose parts the kernel indexes with: the data, batch sizes that are
     positive, non-increasing and add up to the data's rows, index vectors that undo each other."""
@@ -105,9 +113,7 @@ def valid_sequence(
         if not torch.equal(unsorted_indices.index_select(0, sorted_indices), torch.arange(batch)):
             return False
     if hx is not None:
-        for state in hx:
-            if not _plain_cpu(state, dtype) or list(state.shape) != [states, batch, hidden_size]:
-                return False
+        return _states_shaped(hx, dtype, [states, batch], hidden_size, proj_size)
     return True
 
 
@@ -142,9 +148,10 @@ def kernel_accepts(module, input, hx, dtype: Optional[torch.dtype], *, single_st
     if isinstance(input, PackedSequence):
         return _is_tensor(input.data, exact_types) and valid_sequence(
             input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx, dtype,
-            module.input_size, module.hidden_size, states)
+            module.input_size, module.hidden_size, states, module.proj_size)
     return _is_tensor(input, exact_types) and valid_for_kernel(
-        input, hx, dtype, module.input_size, module.hidden_size, states, module.batch_first, single_step_only)
+        input, hx, dtype, module.input_size, module.hidden_size, states, module.batch_first, single_step_only,
+        module.proj_size)
 
 
 def _is_tensor(t, exact: bool) -> bool:

@@ -53,7 +53,8 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
     the same parameters.
 
     Args:
-        *args, **kwargs: as ``nn.LSTM`` (``proj_size`` must be 0).
+        *args, **kwargs: as ``nn.LSTM``. With ``proj_size > 0`` only the native kernel and nn.LSTM's
+            own path serve calls (``use_kernel("native", sequence_kernel="native")``); it starts on stock.
         io_dtype: when set (``optimize(dtype=torch.bfloat16)`` sets it to float32), inputs arriving in
             ``io_dtype`` are cast to the weights' dtype and results cast back, so a bf16 LSTM can sit
             inside an fp32 model.
@@ -117,7 +118,8 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
 
     def _init_packing(self, io_dtype: Optional[torch.dtype]) -> None:
         self.io_dtype = io_dtype
-        self.kernel = kernel_table.default(kernel_table.TENSOR)
+        # An LSTMP has no exact kernel but nn.LSTM's own (oneDNN has no projection).
+        self.kernel = "stock" if self.proj_size > 0 else kernel_table.default(kernel_table.TENSOR)
         self.sequence_kernel = kernel_table.default(kernel_table.SEQUENCE)
         self.packed_dtype = self.kernel_dtype = self.sequence_dtype = None
         self.autotune_ms: Optional[dict] = None  # what autotune measured per kernel, for tensor calls
@@ -125,8 +127,9 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
         self.autotune_notes: dict = {}  # autotune's verdict in words, per kind of input
         self._state = PackState()
         directions = 2 if self.bidirectional else 1
+        output_size = self.proj_size or self.hidden_size
         self.packed_layers = nn.ModuleList(
-            PackedLayer(self.input_size if layer == 0 else self.hidden_size * directions, self.hidden_size,
+            PackedLayer(self.input_size if layer == 0 else output_size * directions, self.hidden_size,
                         reverse=d == 1, has_biases=self.bias)
             for layer in range(self.num_layers) for d in range(directions)
         )
@@ -152,10 +155,15 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
         Example:
             >>> lstm.use_kernel("native", sequence_kernel="native")  # what --autotune --approx may pick
         """
-        if kernel is not None and kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-        if sequence_kernel is not None and sequence_kernel not in SEQUENCE_KERNELS:
-            raise ValueError(f"sequence_kernel must be one of {', '.join(SEQUENCE_KERNELS)}, got {sequence_kernel!r}")
+        projection = self.proj_size > 0
+        kernels = kernel_table.names(kernel_table.TENSOR, projection=projection)
+        sequence_kernels = kernel_table.names(kernel_table.SEQUENCE, projection=projection)
+        serving = " for proj_size > 0" if projection else ""
+        if kernel is not None and kernel not in kernels:
+            raise ValueError(f"kernel must be one of {', '.join(kernels)}{serving}, got {kernel!r}")
+        if sequence_kernel is not None and sequence_kernel not in sequence_kernels:
+            raise ValueError(f"sequence_kernel must be one of {', '.join(sequence_kernels)}{serving}, "
+                             f"got {sequence_kernel!r}")
         with self._state.lock:
             self.kernel = kernel or self.kernel
             self.sequence_kernel = sequence_kernel or self.sequence_kernel

@@ -49,9 +49,11 @@ class PackState:
             names = module._flat_weights_names
             weights = [module._parameters[name] for name in names]
             if "native" in (module.kernel, module.sequence_kernel) and not native.load():
-                # Built for another machine and no compiler here: load() said so in one line.
-                module.kernel = "onednn" if module.kernel == "native" else module.kernel
-                module.sequence_kernel = "onednn" if module.sequence_kernel == "native" else module.sequence_kernel
+                # Built for another machine and no compiler here: load() said so in one line. An LSTMP
+                # has no other kernel than nn.LSTM's own.
+                instead = "stock" if module.proj_size > 0 else "onednn"
+                module.kernel = instead if module.kernel == "native" else module.kernel
+                module.sequence_kernel = instead if module.sequence_kernel == "native" else module.sequence_kernel
             shapes_ok = [tuple(w.shape) for w in weights] == _expected_shapes(module)  # else out-of-bounds reads
             reads_packs = (kernel_table.find(module.kernel, kernel_table.TENSOR).reads_packs
                            or kernel_table.find(module.sequence_kernel, kernel_table.SEQUENCE).reads_packs)
@@ -95,11 +97,12 @@ class PackState:
             self.native = None
             return
         packs = NativePacks([w.detach() for w in weights], module.hidden_size, module.num_layers,
-                            module.bidirectional, module.bias)
+                            module.bidirectional, module.bias, module.proj_size)
         module.native_packs = packs
         names = list(module._flat_weights_names)
-        self.native = native.module().Packs(packs.weights, packs.biases, module.hidden_size, module.bidirectional,
-                                            names, [module._parameters[name] for name in names])
+        self.native = native.module().Packs(packs.weights, packs.biases, packs.projections, module.hidden_size,
+                                            module.proj_size, module.bidirectional, False, names,
+                                            [module._parameters[name] for name in names])
 
     def is_current(self, parameters: dict) -> Optional[bool]:
         """True if the packs hold the weights' current values, False if an in-place edit or ``.data =``
@@ -158,8 +161,9 @@ class PackState:
 def _expected_shapes(module: nn.LSTM) -> list[tuple[int, ...]]:
     gates, shapes = 4 * module.hidden_size, []
     for layer in module.packed_layers:
-        shapes += [(gates, layer.input_size), (gates, module.hidden_size)]
+        shapes += [(gates, layer.input_size), (gates, module.proj_size or module.hidden_size)]
         shapes += [(gates,), (gates,)] if module.bias else []
+        shapes += [(module.proj_size, module.hidden_size)] if module.proj_size > 0 else []
     return shapes
 
 

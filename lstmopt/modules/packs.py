@@ -13,13 +13,16 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from lstmopt.kernels import native
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since, version_of
 
-__all__ = ["PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported", "calls_lstm_forward", "own_forward",
-           "packing_obstacle", "tracked_copy",
+__all__ = ["NO_EXACT_PROJECTION", "PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported",
+           "calls_lstm_forward", "native_obstacle", "own_forward", "packing_obstacle", "tracked_copy",
            "sources_of", "unchanged_since", "version_of", "weights_obstacle"]
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+NO_EXACT_PROJECTION = ("proj_size>0 has no exact kernel (oneDNN has no projection); --approx runs it on "
+                       "lstmopt's native kernel")
 
 
 def bf16_supported() -> bool:
@@ -53,9 +56,13 @@ def weights_obstacle(weights: List[Tensor], dtype: Optional[torch.dtype] = None)
 def packing_obstacle(lstm: nn.Module, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Why ``lstm`` (converted to ``dtype`` if given) cannot become a ``PackedLSTM``, or None if it can.
 
+    A ``proj_size > 0`` LSTM can be packed, but only for the kernels that serve it (the native kernel,
+    not exact: ``NO_EXACT_PROJECTION``).
+
     Example:
-        >>> packing_obstacle(nn.LSTM(40, 128, proj_size=64))
-        'proj_size>0 is not supported by oneDNN'
+        >>> packing_obstacle(nn.LSTM(40, 128, num_layers=2))  # None: it can
+        >>> packing_obstacle(nn.GRU(40, 128))
+        'GRU is not an nn.LSTM'
     """
 
     if not isinstance(lstm, nn.LSTM):
@@ -64,8 +71,6 @@ def packing_obstacle(lstm: nn.Module, dtype: Optional[torch.dtype] = None) -> Op
     if own is not None and not calls_lstm_forward(own):
         return (f"{type(lstm).__qualname__} subclasses nn.LSTM with a forward that does not call nn.LSTM's "
                 "(super().forward): packing would bypass its own code")
-    if lstm.proj_size > 0:
-        return "proj_size>0 is not supported by oneDNN"
     if lstm.input_size == 0 or lstm.hidden_size == 0:
         return "input_size or hidden_size is 0"
     computed = [name for name in lstm._flat_weights_names if name not in lstm._parameters]
@@ -74,6 +79,16 @@ def packing_obstacle(lstm: nn.Module, dtype: Optional[torch.dtype] = None) -> Op
     if dtype is not None and dtype not in PACKABLE_DTYPES:
         return f"dtype {_dtype_name(dtype)} is not supported by the packed kernel (float32, bfloat16)"
     return weights_obstacle([lstm._parameters[name] for name in lstm._flat_weights_names], dtype)
+
+
+def native_obstacle(weights: List[Tensor]) -> Optional[str]:
+    """Why lstmopt's native kernel cannot run on these weights here, or None if it can."""
+    obstacle = weights_obstacle(weights, torch.float32)
+    if obstacle is None and weights[0].dtype != torch.float32:
+        obstacle = "the native kernel computes in float32 only"
+    if obstacle is None and not native.available():
+        obstacle = f"the native kernel is unavailable ({native.unavailable_reason()})"
+    return obstacle
 
 
 def own_forward(cls: type):

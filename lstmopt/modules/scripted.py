@@ -31,7 +31,7 @@ def _weights_by_name_source() -> str:
     lines = ["def _weights_by_name(self) -> List[Tensor]:", "    weights: List[Tensor] = []"]
     for layer in range(MAX_SCRIPTED_LAYERS):
         for suffix in ("", "_reverse"):
-            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
                 name = f"{kind}_l{layer}{suffix}"
                 lines += [f"    if hasattr(self, {name!r}):", f"        weights.append(self.{name})"]
     lines.append("    return weights")
@@ -67,7 +67,7 @@ class ScriptedPaths:
                            self._scripted_bias(weights, i * per_layer + 2), self._scripted_bias(weights, i * per_layer + 3))
         if hasattr(self, "native_packs"):
             self.native_packs = NativePacks([w.detach() for w in weights], self.hidden_size, self.num_layers,
-                                            self.bidirectional, self.bias)
+                                            self.bidirectional, self.bias, self.proj_size)
 
     def _casts_at_boundary(self, dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
         """Whether a call in ``dtype`` is cast to the weights' dtype and back (``io_dtype``, eager too)."""
@@ -119,7 +119,7 @@ class ScriptedPaths:
             and not torch.is_autocast_cpu_enabled()
             and valid_sequence(input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx,
                                self.sequence_dtype, self.input_size, self.hidden_size,
-                               self.num_layers * (2 if self.bidirectional else 1))
+                               self.num_layers * (2 if self.bidirectional else 1), self.proj_size)
         ):
             sorted_hx = hx
             if hx is not None:
@@ -164,7 +164,7 @@ class ScriptedPaths:
             and not torch.is_autocast_cpu_enabled()
             and valid_for_kernel(input, hx, self.kernel_dtype, self.input_size, self.hidden_size,
                                  self.num_layers * (2 if self.bidirectional else 1), self.batch_first,
-                                 self.kernel == "cell")
+                                 self.kernel == "cell", self.proj_size)
         ):
             if hasattr(self, "native_packs"):
                 if self.kernel == "native" and self.native_packs.is_current(weights):
@@ -178,10 +178,14 @@ class ScriptedPaths:
                                  self.bidirectional, self.batch_first, self.bias)
         return self._stock_tensor(input, hx, weights)
 
+    def _state_size(self) -> int:
+        """The hidden state's size: proj_size in an LSTMP, else hidden_size (the cell state's)."""
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
     def _stock_tensor(
         self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        # The tensor branch of nn.LSTM.forward (proj_size is always 0 here), on the given weights.
+        # The tensor branch of nn.LSTM.forward, on the given weights.
         if input.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         is_batched = input.dim() == 3
@@ -190,10 +194,9 @@ class ScriptedPaths:
             input = input.unsqueeze(batch_dim)
         max_batch_size = input.size(0) if self.batch_first else input.size(1)
         if hx is None:
-            num_directions = 2 if self.bidirectional else 1
-            zeros = torch.zeros(self.num_layers * num_directions, max_batch_size, self.hidden_size,
-                                dtype=input.dtype, device=input.device)
-            hx = (zeros, zeros)
+            states = self.num_layers * (2 if self.bidirectional else 1)
+            hx = (torch.zeros(states, max_batch_size, self._state_size(), dtype=input.dtype, device=input.device),
+                  torch.zeros(states, max_batch_size, self.hidden_size, dtype=input.dtype, device=input.device))
         else:
             if is_batched:
                 if hx[0].dim() != 3 or hx[1].dim() != 3:
@@ -226,10 +229,9 @@ class ScriptedPaths:
         data = input.data
         batch_sizes = input.batch_sizes
         if hx is None:
-            num_directions = 2 if self.bidirectional else 1
-            zeros = torch.zeros(self.num_layers * num_directions, int(batch_sizes[0]), self.hidden_size,
-                                dtype=data.dtype, device=data.device)
-            hx = (zeros, zeros)
+            states, batch = self.num_layers * (2 if self.bidirectional else 1), int(batch_sizes[0])
+            hx = (torch.zeros(states, batch, self._state_size(), dtype=data.dtype, device=data.device),
+                  torch.zeros(states, batch, self.hidden_size, dtype=data.dtype, device=data.device))
         else:
             hx = self.permute_hidden(hx, input.sorted_indices)
         result = _VF.lstm(data, batch_sizes, hx, weights, self.bias, self.num_layers,

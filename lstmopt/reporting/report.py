@@ -72,7 +72,7 @@ def _method(data: dict) -> str:
 def _direction(module: dict) -> str:
     if module.get("kind") == "LSTMCell":
         return "LSTMCell"
-    return "bi" if module["bidirectional"] else "uni"
+    return ("GRU, " if module.get("kind") == "GRU" else "") + ("bi" if module["bidirectional"] else "uni")
 
 
 def report_markdown(data: dict, *, heading: str = "##") -> str:

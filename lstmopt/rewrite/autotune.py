@@ -1,5 +1,5 @@
-"""Per-module autotune: time each PackedLSTM's (and PackedLSTMCell's) kernels on the inputs it really
-sees, keep the fastest.
+"""Per-module autotune: time each PackedLSTM's (and PackedLSTMCell's, PackedGRU's) kernels on the inputs
+it really sees, keep the fastest.
 
 ``autotune(model, samples)`` runs the model on the sample inputs while recording what every PackedLSTM
 receives, then, for each module and kind of input (tensors, PackedSequences), times every kernel of the
@@ -23,6 +23,7 @@ from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import tracked_copy, weights_obstacle
 from lstmopt.modules.cell import CELL_KERNELS, DEFAULT, EXACT_CELL_KERNELS, PackedLSTMCell, cell_obstacle, native_obstacle
+from lstmopt.modules.gru import GRU_KERNELS, PackedGRU, gru_serves
 from lstmopt.modules.guards import aten_cell_call, kernel_accepts, plain_state, valid_cell
 from lstmopt.rewrite.timing import Ratio, compare
 
@@ -94,6 +95,8 @@ def _serves(variant: PackedLSTM, kernel: str, inputs: str, calls: list) -> bool:
     facts = kernel_table.find(kernel, inputs)
     if kernel == "stock":
         return True
+    if inputs == kernel_table.GRU:
+        return variant.uses_native_kernel and all(gru_serves(variant, input, hx) for (input, hx), _ in calls)
     if inputs == kernel_table.CELL and kernel == "aten":
         return all(aten_cell_call(input, hx) for (input, hx), _ in calls)
     if inputs == kernel_table.CELL:
@@ -173,18 +176,19 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
     Example:
         >>> choices = autotune(lstmopt.optimize(model), [(torch.randn(1, 1, 40),)], exact=False)
     """
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, (PackedLSTM, PackedLSTMCell))}
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, (PackedLSTM, PackedLSTMCell, PackedGRU))}
     if not modules or not samples:
         return []
     model.eval()
     recorded = _record(model, modules, samples)
     choices = []
     for name, module in modules.items():
-        if isinstance(module, PackedLSTMCell):
-            choice = _choose_cell(module, name, recorded[name], exact, rounds, round_s)
+        if isinstance(module, (PackedLSTMCell, PackedGRU)):
+            gru = isinstance(module, PackedGRU)
+            choice = (_choose_gru if gru else _choose_cell)(module, name, recorded[name], exact, rounds, round_s)
             if choice is not None:
                 module.use_kernel(choice.kernel)
-                module.autotune_ms, module.autotune_notes = choice.ms_per_forward, {"cell": choice.note}
+                module.autotune_ms, module.autotune_notes = choice.ms_per_forward, {choice.inputs: choice.note}
                 choices.append(choice)
             continue
         by_kind: dict[str, list] = {"tensor": [], "sequence": []}
@@ -230,6 +234,8 @@ def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool
         candidates = [k for k in candidates if not facts[k].native]  # no compiler here: load() said so
     if not packable:
         candidates = [k for k in candidates if not facts[k].reads_packs]  # nothing to pack (dtype, device)
+    if module.proj_size > 0:
+        candidates = [k for k in candidates if facts[k].projection]
     default = kernel_table.default(kind)
     baseline = default if default in candidates else "stock"
     best, ms, ratios, not_serving = _fastest(module, kind, calls, candidates, baseline, switch, rounds, round_s)
@@ -250,5 +256,21 @@ def _choose_cell(cell: PackedLSTMCell, name: str, recorded: dict, exact: bool, r
     best, ms, ratios, not_serving = _fastest(cell, kernel_table.CELL, calls, candidates, baseline,
                                              lambda variant, kernel: variant.use_kernel(kernel), rounds, round_s)
     return KernelChoice(name, "cell", best, kernel_table.find(best, kernel_table.CELL).exact, ms,
+                        sum(count for _, count in calls), baseline, ratios, not_serving,
+                        _note(best, baseline, ratios, not_serving))
+
+
+def _choose_gru(gru: PackedGRU, name: str, recorded: dict, exact: bool, rounds: int,
+                round_s: float) -> Optional[KernelChoice]:
+    """The native kernel against nn.GRU itself on every recorded call, tensors and PackedSequences alike
+    (with ``exact``, only nn.GRU itself: there is no exact kernel to time)."""
+    calls = [entry for signature, entry in recorded.items() if signature[0] in ("tensor", "sequence")]
+    if not calls:
+        return None
+    candidates = ["stock"] if exact or not native.load() else list(GRU_KERNELS)
+    baseline = "native" if "native" in candidates else "stock"
+    best, ms, ratios, not_serving = _fastest(gru, kernel_table.GRU, calls, candidates, baseline,
+                                             lambda variant, kernel: variant.use_kernel(kernel), rounds, round_s)
+    return KernelChoice(name, "gru", best, kernel_table.find(best, kernel_table.GRU).exact, ms,
                         sum(count for _, count in calls), baseline, ratios, not_serving,
                         _note(best, baseline, ratios, not_serving))

@@ -1,5 +1,6 @@
-"""``optimize``: swap a model's ``nn.LSTM`` modules for ``PackedLSTM`` and its ``nn.LSTMCell`` modules
-for ``PackedLSTMCell``; ``plan``: what it would do and why."""
+"""``optimize``: swap a model's ``nn.LSTM`` modules for ``PackedLSTM``, its ``nn.LSTMCell`` modules for
+``PackedLSTMCell`` and (where approximate kernels are allowed) its ``nn.GRU`` modules for ``PackedGRU``;
+``plan``: what it would do and why."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from lstmopt.errors import UnsupportedError
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.accuracy import CONTRACT
 from lstmopt.modules.cell import EXACT_CELL_KERNELS, PackedLSTMCell, cell_obstacle, native_obstacle
+from lstmopt.modules.gru import PackedGRU, gru_obstacle
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
-from lstmopt.modules.packs import PACKABLE_DTYPES, bf16_supported, own_forward, packing_obstacle, tracked_copy
+from lstmopt.modules.packs import (NO_EXACT_PROJECTION, PACKABLE_DTYPES, bf16_supported, own_forward, packing_obstacle,
+                                   tracked_copy)
+from lstmopt.modules.packs import native_obstacle as native_weights_obstacle
 
 __all__ = ["Decision", "FilterFn", "optimize", "plan", "with_kernels"]
 
@@ -44,7 +48,7 @@ class Decision:
     autotune_ms: Optional[dict] = None  # measured ms per kernel, when autotune chose the kernel
     sequence_kernel: Optional[str] = None  # for PackedSequence inputs: "stock", "onednn" or "native"
     sequence_autotune_ms: Optional[dict] = None
-    kind: str = "LSTM"  # or "LSTMCell" (one layer, one direction, one step per call)
+    kind: str = "LSTM"  # or "LSTMCell" (one layer, one direction, one step per call), or "GRU"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +78,7 @@ def _check_request(model: nn.Module, dtype: Optional[torch.dtype]) -> None:
 
 
 def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[torch.dtype],
-            filter_fn: Optional[FilterFn]) -> Decision:
+            filter_fn: Optional[FilterFn], exact: bool) -> Decision:
     found = lstm._flat_weights[0].dtype
     target = dtype or found
     kernel, autotune_ms, sequence_kernel, sequence_autotune_ms = None, None, None, None
@@ -86,9 +90,14 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
         packed, reason = False, "excluded by filter_fn"
     else:
         obstacle = packing_obstacle(lstm, dtype)
+        if obstacle is None and lstm.proj_size > 0:  # only the native kernel serves it, where it is allowed
+            obstacle = NO_EXACT_PROJECTION if exact else _native_projection_obstacle(lstm, target)
+            kernel = sequence_kernel = "native"
         packed = obstacle is None
         if obstacle is not None:
             reason = obstacle
+        elif lstm.proj_size > 0:
+            reason = f"lstmopt's native kernel (proj_size>0 has no exact kernel), {CONTRACT}"
         elif target == found:
             reason = "bit-identical to eager"
         else:
@@ -105,6 +114,12 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
         kernel=(kernel or kernel_table.default(kernel_table.TENSOR)) if packed else None, autotune_ms=autotune_ms,
         sequence_kernel=(sequence_kernel or kernel_table.default(kernel_table.SEQUENCE)) if packed else None, sequence_autotune_ms=sequence_autotune_ms,
     )
+
+
+def _native_projection_obstacle(lstm: nn.LSTM, dtype: torch.dtype) -> Optional[str]:
+    weights = [lstm._parameters[name] for name in lstm._flat_weights_names]
+    obstacle = native_weights_obstacle(weights) if dtype == torch.float32 else "the native kernel computes in float32 only"
+    return None if obstacle is None else f"proj_size>0 runs only on lstmopt's native kernel: {obstacle}"
 
 
 _CELL_EXACT = "ATen's cell op called directly, bit-identical to nn.LSTMCell"
@@ -133,10 +148,36 @@ def _decide_cell(cell: nn.LSTMCell, name: str, aliases: tuple[str, ...], exact: 
         kernel=kernel if packed else None, autotune_ms=getattr(cell, "autotune_ms", None), kind="LSTMCell")
 
 
+NO_EXACT_GRU = ("nn.GRU has no exact kernel (eager runs its own cell loop); --approx runs it on lstmopt's "
+                "native kernel")
+
+
+def _decide_gru(gru: nn.GRU, name: str, aliases: tuple[str, ...], exact: bool,
+                filter_fn: Optional[FilterFn]) -> Decision:
+    kernel = None
+    if isinstance(gru, PackedGRU):
+        packed, reason, kernel = True, "already a PackedGRU", gru.kernel
+    elif filter_fn is not None and not filter_fn(gru, name):
+        packed, reason = False, "excluded by filter_fn"
+    elif exact:
+        packed, reason = False, NO_EXACT_GRU
+    elif (obstacle := gru_obstacle(gru)) is not None:
+        packed, reason = False, obstacle
+    else:
+        packed, reason, kernel = True, f"lstmopt's native kernel (nn.GRU has no exact kernel), {CONTRACT}", "native"
+    found = _dtype_name(gru._flat_weights[0].dtype)
+    return Decision(
+        name=name, aliases=aliases, input_size=gru.input_size, hidden_size=gru.hidden_size,
+        num_layers=gru.num_layers, bidirectional=gru.bidirectional, bias=gru.bias, batch_first=gru.batch_first,
+        proj_size=0, dtype=found, packed=packed, packed_dtype=found if packed else None,
+        exact=not packed or kernel == "stock", reason=reason, kernel=kernel if packed else None,
+        autotune_ms=getattr(gru, "autotune_ms", None), sequence_kernel=kernel if packed else None, kind="GRU")
+
+
 def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None, filter_fn: Optional[FilterFn] = None,
          exact: bool = True) -> list[Decision]:
-    """One ``Decision`` per distinct ``nn.LSTM`` and ``nn.LSTMCell`` in ``model`` (in module order);
-    changes nothing.
+    """One ``Decision`` per distinct ``nn.LSTM``, ``nn.LSTMCell`` and ``nn.GRU`` in ``model`` (in module
+    order); changes nothing.
 
     Args:
         model: any module; its LSTMs are found by walking ``named_modules``.
@@ -149,23 +190,25 @@ def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None, filter_fn: Op
     _check_request(model, dtype)
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, (nn.LSTM, nn.LSTMCell)):
+        if isinstance(module, (nn.LSTM, nn.LSTMCell, nn.GRU)):
             names.setdefault(id(module), []).append(name)
     decisions = []
     for name, module in model.named_modules():
         aliases = tuple(names.get(id(module), [])[1:])
         if isinstance(module, nn.LSTM):
-            decisions.append(_decide(module, name, aliases, dtype, filter_fn))
+            decisions.append(_decide(module, name, aliases, dtype, filter_fn, exact))
         elif isinstance(module, nn.LSTMCell):
             decisions.append(_decide_cell(module, name, aliases, exact, filter_fn))
+        elif isinstance(module, nn.GRU):
+            decisions.append(_decide_gru(module, name, aliases, exact, filter_fn))
     return decisions
 
 
 def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              filter_fn: Optional[FilterFn] = None, inplace: bool = False,
              autotune: Optional[Sequence[tuple]] = None, exact: bool = True) -> nn.Module:
-    """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM`` and every
-    ``nn.LSTMCell`` by a ``PackedLSTMCell``.
+    """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM``, every
+    ``nn.LSTMCell`` by a ``PackedLSTMCell`` and, with ``exact=False``, every ``nn.GRU`` by a ``PackedGRU``.
 
     Args:
         model: the model to optimize; copied first unless ``inplace=True``.
@@ -176,7 +219,8 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         autotune: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
             every kernel on the calls it receives and keeps the fastest (``lstmopt.rewrite.autotune``).
         exact: False also admits the approximate kernels of the kernel table (``lstmopt.kernels.table``):
-            autotune may choose them, and LSTMCells run lstmopt's native kernel.
+            autotune may choose them, and LSTMCells, LSTMs with ``proj_size > 0`` and GRUs (the last two
+            have no exact kernel but their own, and stay as they are otherwise) run lstmopt's native kernel.
 
     Example:
         >>> fast = lstmopt.optimize(model, autotune=[(example,)], exact=False)
@@ -191,8 +235,12 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     for decision in decisions:
         if decision.packed and decision.kind == "LSTMCell":
             PackedLSTMCell.convert_(model.get_submodule(decision.name), decision.kernel)
+        elif decision.packed and decision.kind == "GRU":
+            PackedGRU.convert_(model.get_submodule(decision.name), decision.kernel)
         elif decision.packed:
-            PackedLSTM.convert_(model.get_submodule(decision.name), dtype)
+            lstm = PackedLSTM.convert_(model.get_submodule(decision.name), dtype)
+            if lstm.proj_size > 0 and decision.kernel == "native":
+                lstm.use_kernel("native", sequence_kernel="native")
     if autotune is not None:
         from lstmopt.rewrite.autotune import autotune as tune
 
@@ -206,10 +254,12 @@ def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[De
     updated = []
     for decision in decisions:
         module = optimized.get_submodule(decision.name) if decision.packed else None
-        if isinstance(module, PackedLSTMCell):
-            kernel = kernel_table.find(module.kernel, kernel_table.CELL)
-            decision = replace(decision, kernel=module.kernel, autotune_ms=module.autotune_ms, exact=kernel.exact)
-            note = module.autotune_notes.get("cell")
+        if isinstance(module, (PackedLSTMCell, PackedGRU)):
+            gru = isinstance(module, PackedGRU)
+            kernel = kernel_table.find(module.kernel, kernel_table.GRU if gru else kernel_table.CELL)
+            decision = replace(decision, kernel=module.kernel, autotune_ms=module.autotune_ms, exact=kernel.exact,
+                               sequence_kernel=module.kernel if gru else None)
+            note = module.autotune_notes.get("gru" if gru else "cell")
             if note:
                 decision = replace(decision, reason=f"autotune: {_note(kernel, note) or note}")
         elif isinstance(module, PackedLSTM):

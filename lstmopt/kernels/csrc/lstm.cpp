@@ -12,7 +12,9 @@
 // Weights are packed by lstmopt/native.py: per layer and direction, (blocks, I + H, 64): a block holds 16
 // hidden units' four gates side by side ([i x16, f x16, g x16, o x16]) over the input rows, then the
 // recurrent rows, so that one block's pass streams contiguous memory and its cell update is one
-// vectorizable loop; biases (blocks, 64), b_ih + b_hh. Results are within ~1e-6 of nn.LSTM (the sums run
+// vectorizable loop; biases (blocks, 64), b_ih + b_hh. An LSTM with proj_size > 0 (LSTMP) has a third
+// pass per step, its projection W_hr (o * tanh(c)) to the hidden state, fused after the cell updates in
+// the same parallel region. Results are within ~1e-6 of nn.LSTM (the sums run
 // in another order and exp is a polynomial), not bit-identical. They do not depend on the vector width or
 // the thread count (each sum runs in one order everywhere), except where a GEMM projects many rows.
 //
@@ -268,6 +270,29 @@ inline void cell(const float* __restrict g, float* __restrict c, float* __restri
   }
 }
 
+// The GRU's update of one block's 16 units for one row. Its gates come in four slots, [r, z, n_x, n_h]:
+// n_x = W_in x + b_in and n_h = W_hn h + b_hn apart, because n = tanh(n_x + r * n_h) scales only the
+// recurrent part by r (the input rows of slot n_h and the recurrent rows of slot n_x are zeros). Then
+// h' = (1 - z) * n + z * h, written to the state buffer and the output.
+inline void gru_cell(const float* __restrict g, const float* __restrict h_prev, float* __restrict h,
+                     float* __restrict out, int64_t units) {
+  if (units < UNITS) {
+    alignas(64) float prev_pad[UNITS] = {}, h_pad[UNITS], out_pad[UNITS];
+    std::memcpy(prev_pad, h_prev, sizeof(float) * units);
+    gru_cell(g, prev_pad, h_pad, out_pad, UNITS);
+    std::memcpy(h, h_pad, sizeof(float) * units);
+    std::memcpy(out, h_pad, sizeof(float) * units);
+    return;
+  }
+  for (int64_t u = 0; u < UNITS; u += LANES) {
+    const vec r = vsigmoid(load(g + u)), z = vsigmoid(load(g + UNITS + u));
+    const vec n = vtanh(load(g + 2 * UNITS + u) + r * load(g + 3 * UNITS + u));
+    const vec hn = n + z * (load(h_prev + u) - n);
+    store(h + u, hn);
+    store(out + u, hn);
+  }
+}
+
 // Splitting a call between threads pays when its steps have this many multiply-adds, and the call as a
 // whole this many: below, waking the second thread and the barriers cost more than they save (measured on
 // a 2-core virtual machine, where a sleeping thread can take long to wake). A one-step call of an
@@ -294,37 +319,73 @@ struct Pass {
   bool reverse;
   float* xp;                // the inputs' projections (blocks, SLABS, N, SLAB), bias included; null for one step
   bool projected;           // xp already filled (by a GEMM, before the threads started)
-  const float* h0;          // (B, H) initial states; null: zeros
-  const float* c0;
-  float* h;                 // (B, H) final states
+  const float* h0;          // (B, R) initial states; null: zeros
+  const float* c0;          // (B, H)
+  float* h;                 // (B, R) final states
   float* c;                 // (B, H) the cell state, updated in place
-  float* hs;                // (2, B, H): the hidden state of step s is read from hs[s % 2], written to the other
+  float* hs;                // (2, B, R): the hidden state of step s is read from hs[s % 2], written to the other
   float* out;               // (N, out_stride), this direction's columns start at col
   int64_t out_stride, col;
+  // An LSTM with proj_size > 0 (LSTMP) projects each step's o * tanh(c) (H wide, into m) to its hidden
+  // state of R = proj_size units through wp: (pblocks, SLABS, H, SLAB), 64 hidden-state units per block.
+  // Without a projection, wp and m are null and R = H.
+  int64_t R;
+  const float* wp;
+  float* m;                 // (B, H)
+  bool gru;                 // a GRU's layer: gru_cell, no cell state
 };
 
-// The blocks [b0, b1) one thread runs in every pass, and whether it has teammates: then a barrier ends
-// every step, because the next step reads the hidden state of every unit.
+// The blocks [b0, b1) one thread runs in every pass, the projection's blocks [p0, p1) (LSTMP), and whether
+// it has teammates: then a barrier ends every step, because the next step reads the hidden state of every
+// unit (and one more before the projection, which reads every unit's o * tanh(c)).
 struct Share {
-  int64_t b0, b1;
+  int64_t b0, b1, p0, p1;
   bool team;  // more than one thread: barriers needed
+  // The share of `threads` that thread `id` runs, of `blocks` blocks and `pblocks` projection blocks.
+  static Share of(int64_t id, int64_t team, int64_t blocks, int64_t pblocks) {
+    return Share{blocks * id / team, blocks * (id + 1) / team, pblocks * id / team, pblocks * (id + 1) / team,
+                 team > 1};
+  }
 };
 
 // acc (n rows, stride WIDTH) = the gates of rows [r0, r0 + n) at step t, for one block, before the cell.
-inline void gates(float* acc, const Pass& p, const Steps& steps, int64_t H, int64_t blk, int64_t t, int64_t r0,
-                  int64_t n, const float* h_in) {
-  const int64_t K = p.I + H, N = steps.rows, row = steps.offsets[t] + r0;
+inline void gates(float* acc, const Pass& p, const Steps& steps, int64_t blk, int64_t t, int64_t r0, int64_t n,
+                  const float* h_in) {
+  const int64_t R = p.R, K = p.I + R, N = steps.rows, row = steps.offsets[t] + r0;
   const float* wb = p.w + blk * SLABS * K * SLAB;
   const float *x[TILE_ROWS], *h[TILE_ROWS];
-  for (int64_t r = 0; r < n; ++r) h[r] = h_in + (r0 + r) * H;
+  for (int64_t r = 0; r < n; ++r) h[r] = h_in + (r0 + r) * R;
   if (p.xp) {  // the input's part is projected: the hidden state's is added
     for (int64_t r = 0; r < n; ++r)
       for (int64_t s = 0; s < SLABS; ++s)
         std::memcpy(acc + r * WIDTH + s * SLAB, p.xp + ((blk * SLABS + s) * N + row + r) * SLAB, sizeof(float) * SLAB);
-    multiply(acc, Inputs{nullptr, 0, h, nullptr}, n, Rows{wb + p.I * SLAB, K * SLAB, H});
+    multiply(acc, Inputs{nullptr, 0, h, nullptr}, n, Rows{wb + p.I * SLAB, K * SLAB, R});
   } else {  // a single step: input and hidden state in one pass
     for (int64_t r = 0; r < n; ++r) x[r] = p.x + (row + r) * p.I;
     multiply(acc, Inputs{x, p.I, h, p.bias + blk * WIDTH}, n, Rows{wb, K * SLAB, K});
+  }
+}
+
+// LSTMP: the hidden state of step t's rows, h = W_hr (o * tanh(c)), for the projection blocks
+// [share.p0, share.p1), into h_out and the output. The same multiply as the gates' (blocks of 64 columns,
+// sums in blocks of CHUNK rows), on the H rows of m.
+void project(const Pass& p, const Steps& steps, int64_t H, int64_t t, const Share& share, float* h_out) {
+  alignas(64) static const float zeros[WIDTH] = {};
+  alignas(64) float acc[TILE_ROWS * WIDTH];
+  const int64_t rows = steps.sizes[t];
+  const float* m[TILE_ROWS];
+  for (int64_t pb = share.p0; pb < share.p1; ++pb) {
+    const int64_t first = pb * WIDTH, units = std::min(WIDTH, p.R - first);
+    for (int64_t r0 = 0; r0 < rows; r0 += TILE_ROWS) {
+      const int64_t n = std::min(TILE_ROWS, rows - r0);
+      for (int64_t r = 0; r < n; ++r) m[r] = p.m + (r0 + r) * H;
+      multiply(acc, Inputs{m, H, nullptr, zeros}, n, Rows{p.wp + pb * SLABS * H * SLAB, H * SLAB, H});
+      for (int64_t r = 0; r < n; ++r) {
+        std::memcpy(h_out + (r0 + r) * p.R + first, acc + r * WIDTH, sizeof(float) * units);
+        std::memcpy(p.out + (steps.offsets[t] + r0 + r) * p.out_stride + p.col + first, acc + r * WIDTH,
+                    sizeof(float) * units);
+      }
+    }
   }
 }
 
@@ -334,7 +395,7 @@ inline void gates(float* acc, const Pass& p, const Steps& steps, int64_t H, int6
 // with the cell update of the block's units right after, while the gates are in cache. The inputs of all
 // steps are projected first (here for up to GEMM_ROWS rows, else by a GEMM before the threads start).
 void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) {
-  const int64_t N = steps.rows, T = steps.count(), B = steps.batch(), K = p.I + H;
+  const int64_t N = steps.rows, T = steps.count(), B = steps.batch(), R = p.R, K = p.I + R;
   const int64_t b0 = share.b0, b1 = share.b1;
   alignas(64) float acc[TILE_ROWS * WIDTH];
   if (p.xp && !p.projected) {
@@ -352,26 +413,30 @@ void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) 
   }
   // Own units of the initial states: the hidden state into both buffers (rows that have not started, in a
   // reverse pass over sequences of different lengths, find it in either), the cell state into its output.
+  // A thread owns the cell units of its blocks and the hidden units it writes: the same, or with a
+  // projection, those of its projection blocks.
   const int64_t first_unit = b0 * UNITS, own = std::min(b1 * UNITS, H) - first_unit;
-  auto initial = [&](float* to, const float* from) {
+  const int64_t first_h = p.wp ? std::min(share.p0 * WIDTH, R) : first_unit;
+  const int64_t own_h = p.wp ? std::min(share.p1 * WIDTH, R) - first_h : own;
+  auto initial = [&](float* to, const float* from, int64_t n) {
     if (from)
-      std::memcpy(to, from, sizeof(float) * own);
+      std::memcpy(to, from, sizeof(float) * n);
     else
-      std::memset(to, 0, sizeof(float) * own);
+      std::memset(to, 0, sizeof(float) * n);
   };
   for (int64_t r = 0; r < B; ++r) {
-    const int64_t at = r * H + first_unit;
-    initial(p.hs + at, p.h0 ? p.h0 + at : nullptr);
-    initial(p.hs + B * H + at, p.h0 ? p.h0 + at : nullptr);
-    initial(p.c + at, p.c0 ? p.c0 + at : nullptr);
+    const int64_t at = r * R + first_h;
+    initial(p.hs + at, p.h0 ? p.h0 + at : nullptr, own_h);
+    initial(p.hs + B * R + at, p.h0 ? p.h0 + at : nullptr, own_h);
+    initial(p.c + r * H + first_unit, p.c0 ? p.c0 + r * H + first_unit : nullptr, own);
   }
   if (share.team) {
 #pragma omp barrier
   }
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = p.reverse ? T - 1 - s : s, rows = steps.sizes[t];
-    const float* h_in = p.hs + (s % 2) * B * H;
-    float* h_out = p.hs + ((s + 1) % 2) * B * H;
+    const float* h_in = p.hs + (s % 2) * B * R;
+    float* h_out = p.hs + ((s + 1) % 2) * B * R;
     // Steps alternate the order in which they visit the blocks: the weights last read are read first,
     // while still in cache, where a call's working set is a little larger than the cache.
     for (int64_t i = b0; i < b1; ++i) {
@@ -379,13 +444,27 @@ void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) 
       const int64_t first = blk * UNITS, units = std::min(UNITS, H - first);
       for (int64_t r0 = 0; r0 < rows; r0 += TILE_ROWS) {
         const int64_t n = std::min(TILE_ROWS, rows - r0);
-        gates(acc, p, steps, H, blk, t, r0, n, h_in);
+        gates(acc, p, steps, blk, t, r0, n, h_in);
         for (int64_t r = 0; r < n; ++r) {
-          float* h_row = h_out + (r0 + r) * H + first;
-          cell(acc + r * WIDTH, p.c + (r0 + r) * H + first, h_row,
-               p.out + (steps.offsets[t] + r0 + r) * p.out_stride + p.col + first, units);
+          float* c_row = p.c + (r0 + r) * H + first;
+          if (p.gru) {
+            gru_cell(acc + r * WIDTH, h_in + (r0 + r) * R + first, h_out + (r0 + r) * R + first,
+                     p.out + (steps.offsets[t] + r0 + r) * p.out_stride + p.col + first, units);
+          } else if (p.wp) {  // o * tanh(c) into m (twice: cell() writes a state and an output), projected below
+            float* m_row = p.m + (r0 + r) * H + first;
+            cell(acc + r * WIDTH, c_row, m_row, m_row, units);
+          } else {
+            cell(acc + r * WIDTH, c_row, h_out + (r0 + r) * R + first,
+                 p.out + (steps.offsets[t] + r0 + r) * p.out_stride + p.col + first, units);
+          }
         }
       }
+    }
+    if (p.wp) {
+      if (share.team) {
+#pragma omp barrier
+      }
+      project(p, steps, H, t, share, h_out);
     }
     if (share.team) {
 #pragma omp barrier
@@ -397,7 +476,7 @@ void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) 
     int64_t last = T;
     if (!p.reverse)
       while (last > 0 && steps.sizes[last - 1] <= r) --last;
-    std::memcpy(p.h + r * H + first_unit, p.hs + ((last % 2) * B + r) * H + first_unit, sizeof(float) * own);
+    std::memcpy(p.h + r * R + first_h, p.hs + ((last % 2) * B + r) * R + first_h, sizeof(float) * own_h);
   }
 }
 
@@ -418,76 +497,92 @@ float* scratch(size_t n, std::unique_ptr<float[]>& own) {
   return kept.get();
 }
 
-// The whole call, every layer and direction. rows_in: (N, I) packed rows. Returns the output rows
-// (N, D*H) and h_n, c_n (S, B, H).
+// The whole call, every layer and direction. rows_in: (N, I) packed rows; projections: none, or (LSTMP)
+// one per layer and direction, to P = proj_size units. Returns the output rows (N, D * R) and h_n (S, B, R),
+// c_n (S, B, H), where R is P or, without projections, H.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, const Steps& steps,
                                                    const std::optional<at::Tensor>& hx,
                                                    const std::optional<at::Tensor>& cx, at::TensorList weights,
-                                                   at::TensorList biases, int64_t H, bool bidirectional) {
+                                                   at::TensorList biases, int64_t H, bool bidirectional,
+                                                   at::TensorList projections, int64_t proj_size, bool gru) {
   const int64_t D = bidirectional ? 2 : 1, S = static_cast<int64_t>(biases.size());
   const int64_t N = steps.rows, B = steps.batch(), T = steps.count(), I0 = rows_in.size(1);
   const int64_t blocks = (H + UNITS - 1) / UNITS;
+  const bool projected = !projections.empty();
+  const int64_t R = projected ? proj_size : H, pblocks = projected ? (R + WIDTH - 1) / WIDTH : 0;
   TORCH_CHECK(S > 0 && S % D == 0 && static_cast<int64_t>(weights.size()) == S,
               "lstmopt::lstm: one weight tensor and one bias per layer and direction");
+  TORCH_CHECK(projected ? static_cast<int64_t>(projections.size()) == S && proj_size > 0 && proj_size < H && !gru
+                        : proj_size == 0,
+              "lstmopt::lstm: one projection per layer and direction, to 0 < proj_size < hidden_size units");
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t I = s < D ? I0 : D * H;
+    const int64_t I = s < D ? I0 : D * R;
     TORCH_CHECK(weights[s].scalar_type() == at::kFloat && weights[s].is_contiguous() && weights[s].is_cpu() &&
-                    weights[s].sizes() == at::IntArrayRef({blocks, SLABS, I + H, SLAB}),
+                    weights[s].sizes() == at::IntArrayRef({blocks, SLABS, I + R, SLAB}),
                 "lstmopt::lstm: weights of layer ", s / D, " are not packed for this input");
     TORCH_CHECK(biases[s].scalar_type() == at::kFloat && biases[s].is_contiguous() && biases[s].is_cpu() &&
                     biases[s].sizes() == at::IntArrayRef({blocks, WIDTH}),
                 "lstmopt::lstm: biases of layer ", s / D, " are not packed");
+    TORCH_CHECK(!projected || (projections[s].scalar_type() == at::kFloat && projections[s].is_contiguous() &&
+                               projections[s].is_cpu() &&
+                               projections[s].sizes() == at::IntArrayRef({pblocks, SLABS, H, SLAB})),
+                "lstmopt::lstm: projection of layer ", s / D, " is not packed");
   }
   // The initial states are read where the threads start (each its own units), not copied here first.
-  auto given_state = [&](const std::optional<at::Tensor>& given) {
+  auto given_state = [&](const std::optional<at::Tensor>& given, int64_t units) {
     if (!given.has_value()) return at::Tensor();
-    TORCH_CHECK(given->sizes() == at::IntArrayRef({S, B, H}) && given->scalar_type() == at::kFloat &&
-                    given->is_cpu(), "lstmopt::lstm: states must be (layers * directions, batch, hidden) float32");
+    TORCH_CHECK(given->sizes() == at::IntArrayRef({S, B, units}) && given->scalar_type() == at::kFloat &&
+                    given->is_cpu(), "lstmopt::lstm: states must be (layers * directions, batch, ",
+                units == H ? "hidden" : "proj", ") float32");
     return given->contiguous();
   };
-  const at::Tensor h0 = given_state(hx), c0 = given_state(cx);
-  at::Tensor h_n = at::empty({S, B, H}, rows_in.options()), c_n = at::empty({S, B, H}, rows_in.options());
+  const at::Tensor h0 = given_state(hx, R), c0 = given_state(cx, H);
+  at::Tensor h_n = at::empty({S, B, R}, rows_in.options()), c_n = at::empty({S, B, H}, rows_in.options());
 
   // The work per step (multiply-adds) decides whether to split the call between threads.
-  const int64_t step_work = B * (T == 1 ? I0 + H : H) * blocks * WIDTH;
+  const int64_t step_work = B * ((T == 1 ? I0 + R : R) * blocks * WIDTH + H * pblocks * WIDTH);
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), blocks));
   const bool parallel = threads > 1 && step_work >= PARALLEL_STEP && step_work * T * S >= PARALLEL_CALL &&
                         !at::in_parallel_region();
-  const bool gemm = T > 1 && N > GEMM_ROWS;  // projections by a GEMM, which runs on the threads itself
+  const bool gemm = T > 1 && N > GEMM_ROWS;  // the inputs' projections by a GEMM, which runs on the threads itself
 
-  std::vector<at::Tensor> outs, projections;
+  std::vector<at::Tensor> outs, xps;
   std::vector<Pass> passes;
   std::unique_ptr<float[]> own_scratch;
-  float* const hs = scratch(static_cast<size_t>(S * 2 * B * H), own_scratch);
+  // Per layer and direction: two hidden-state buffers, and with a projection o * tanh(c) before it.
+  const int64_t per_pass = 2 * B * R + (projected ? B * H : 0);
+  float* const hs = scratch(static_cast<size_t>(S * per_pass), own_scratch);
   float* const h_base = h_n.data_ptr<float>();
   float* const c_base = c_n.data_ptr<float>();
   const float* const h0_base = h0.defined() ? h0.const_data_ptr<float>() : nullptr;
   const float* const c0_base = c0.defined() ? c0.const_data_ptr<float>() : nullptr;
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t layer = s / D, d = s % D, I = layer == 0 ? I0 : D * H;
-    if (d == 0) outs.push_back(at::empty({N, D * H}, rows_in.options()));
+    const int64_t layer = s / D, d = s % D, I = layer == 0 ? I0 : D * R;
+    if (d == 0) outs.push_back(at::empty({N, D * R}, rows_in.options()));
     const at::Tensor& x = layer == 0 ? rows_in : outs[layer - 1];
     at::Tensor xp;
     if (T > 1) xp = at::empty({blocks, SLABS, N, SLAB}, rows_in.options());
-    projections.push_back(xp);
+    xps.push_back(xp);
+    float* const buffers = hs + s * per_pass;
     passes.push_back(Pass{x.data_ptr<float>(), I, weights[s].data_ptr<float>(), biases[s].data_ptr<float>(),
                           d == 1, xp.defined() ? xp.data_ptr<float>() : nullptr, false,
-                          h0_base ? h0_base + s * B * H : nullptr, c0_base ? c0_base + s * B * H : nullptr,
-                          h_base + s * B * H, c_base + s * B * H, hs + s * 2 * B * H,
-                          outs[layer].data_ptr<float>(), D * H, d * H});
+                          h0_base ? h0_base + s * B * R : nullptr, c0_base ? c0_base + s * B * H : nullptr,
+                          h_base + s * B * R, c_base + s * B * H, buffers, outs[layer].data_ptr<float>(), D * R,
+                          d * R, R, projected ? projections[s].data_ptr<float>() : nullptr,
+                          projected ? buffers + 2 * B * R : nullptr, gru});
   }
   auto project_by_gemm = [&](int64_t s) {  // before the threads of a layer start: its input is complete
     const int64_t layer = s / D;
     const at::Tensor& x = layer == 0 ? rows_in : outs[layer - 1];
-    at::matmul_out(projections[s], x, weights[s].narrow(2, 0, passes[s].I));
-    projections[s].add_(biases[s].view({blocks, SLABS, 1, SLAB}));
+    at::matmul_out(xps[s], x, weights[s].narrow(2, 0, passes[s].I));
+    xps[s].add_(biases[s].view({blocks, SLABS, 1, SLAB}));
     passes[s].projected = true;
   };
 
   if (!parallel) {
     for (int64_t s = 0; s < S; ++s) {
       if (gemm) project_by_gemm(s);
-      run_pass(passes[s], steps, H, Share{0, blocks, false});
+      run_pass(passes[s], steps, H, Share::of(0, 1, blocks, pblocks));
     }
   } else if (!gemm) {
     // One parallel region for the whole call: each thread owns a range of blocks (hidden units) in every
@@ -495,7 +590,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
 #pragma omp parallel num_threads(threads)
     {
       const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();  // the team may be smaller
-      const Share share{blocks * id / team, blocks * (id + 1) / team, team > 1};
+      const Share share = Share::of(id, team, blocks, pblocks);
       for (int64_t s = 0; s < S; ++s) run_pass(passes[s], steps, H, share);
     }
   } else {
@@ -504,7 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
 #pragma omp parallel num_threads(threads)
       {
         const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();
-        const Share share{blocks * id / team, blocks * (id + 1) / team, team > 1};
+        const Share share = Share::of(id, team, blocks, pblocks);
         for (int64_t s = first; s < first + D; ++s) run_pass(passes[s], steps, H, share);
       }
     }
@@ -514,16 +609,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
 
 }  // namespace
 
-// nn.LSTM's call on the native kernel. input: a tensor as nn.LSTM takes it ((T, B, I), (B, T, I) when
-// batch_first, or unbatched (T, I)), or a PackedSequence's data (N, I) with its batch_sizes (sequences
-// sorted longest first); hx, cx: as nn.LSTM takes them (permuted to sorted order for packed data), or None.
-// Returns nn.LSTM's output, h_n and c_n (for packed data: the output rows, and h_n, c_n in sorted order).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm(const at::Tensor& input,
-                                                    const std::optional<at::Tensor>& batch_sizes,
-                                                    const std::optional<at::Tensor>& hx,
-                                                    const std::optional<at::Tensor>& cx, at::TensorList weights,
-                                                    at::TensorList biases, int64_t hidden_size, bool bidirectional,
-                                                    bool batch_first) {
+// nn.LSTM's (or nn.GRU's) call on the native kernel. input: a tensor as nn.LSTM takes it ((T, B, I),
+// (B, T, I) when batch_first, or unbatched (T, I)), or a PackedSequence's data (N, I) with its batch_sizes
+// (sequences sorted longest first); hx, cx: as nn.LSTM takes them (permuted to sorted order for packed
+// data), or None (cx always for a GRU). Returns nn.LSTM's output, h_n and c_n (for packed data: the output
+// rows, and h_n, c_n in sorted order; a GRU's c_n is scratch). projections: empty, or for proj_size > 0
+// what pack_projections made.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent(const at::Tensor& input,
+                                                         const std::optional<at::Tensor>& batch_sizes,
+                                                         const std::optional<at::Tensor>& hx,
+                                                         const std::optional<at::Tensor>& cx, at::TensorList weights,
+                                                         at::TensorList biases, int64_t hidden_size,
+                                                         bool bidirectional, bool batch_first,
+                                                         at::TensorList projections, int64_t proj_size, bool gru) {
   TORCH_CHECK(input.scalar_type() == at::kFloat && input.is_cpu() && input.layout() == at::kStrided,
               "lstmopt::lstm: input must be float32 on CPU");
   Steps steps;
@@ -541,7 +639,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm(const at::Tensor& input,
     for (size_t t = 1; t < steps.sizes.size(); ++t)
       TORCH_CHECK(steps.sizes[t] <= steps.sizes[t - 1], "lstmopt::lstm: batch_sizes must not increase");
     TORCH_CHECK(steps.rows == input.size(0), "lstmopt::lstm: batch_sizes do not add up to the input's rows");
-    return run(input.contiguous(), steps, hx, cx, weights, biases, hidden_size, bidirectional);
+    return run(input.contiguous(), steps, hx, cx, weights, biases, hidden_size, bidirectional, projections,
+               proj_size, gru);
   }
   TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "lstmopt::lstm: input must be 2-D or 3-D");
   const bool unbatched = input.dim() == 2;
@@ -558,29 +657,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm(const at::Tensor& input,
     return unbatched ? state->unsqueeze(1) : *state;
   };
   auto [out, h_n, c_n] = run(time_major.contiguous().view({T * B, I}), steps, batched_state(hx),
-                             batched_state(cx), weights, biases, hidden_size, bidirectional);
+                             batched_state(cx), weights, biases, hidden_size, bidirectional, projections, proj_size,
+                             gru);
   at::Tensor output = out.view({T, B, out.size(1)});
   if (unbatched) return {output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)};
   return {batch_first ? output.transpose(0, 1) : output, h_n, c_n};
 }
 
-// nn.LSTM's flat weights (w_ih, w_hh[, b_ih, b_hh] per layer and direction) in this kernel's layout: per
-// layer and direction, weights (blocks, SLABS, I + H, SLAB), whose column c of slab s is gate (s * SLAB + c)
-// / 16 of unit 16 * block + (s * SLAB + c) % 16, and biases (blocks, WIDTH), b_ih + b_hh. The layout depends
-// on the vector width the kernel was built for, so the kernel makes it, wherever it runs.
+// nn.LSTM's flat weights (w_ih, w_hh[, b_ih, b_hh][, w_hr] per layer and direction) in this kernel's layout:
+// per layer and direction, weights (blocks, SLABS, I + R, SLAB), whose column c of slab s is gate
+// (s * SLAB + c) / 16 of unit 16 * block + (s * SLAB + c) % 16, and biases (blocks, WIDTH), b_ih + b_hh;
+// R is proj_size, or hidden_size without a projection. The layout depends on the vector width the kernel
+// was built for, so the kernel makes it, wherever it runs.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack(at::TensorList dense, int64_t hidden_size,
-                                                                  bool has_biases) {
-  const int64_t H = hidden_size, per_layer = has_biases ? 4 : 2;
+                                                                  bool has_biases, int64_t proj_size) {
+  const int64_t H = hidden_size, R = proj_size > 0 ? proj_size : H;
+  const int64_t per_layer = (has_biases ? 4 : 2) + (proj_size > 0 ? 1 : 0);
   const int64_t blocks = (H + UNITS - 1) / UNITS, padded = blocks * UNITS;
-  TORCH_CHECK(H > 0 && !dense.empty() && static_cast<int64_t>(dense.size()) % per_layer == 0,
+  TORCH_CHECK(H > 0 && proj_size >= 0 && proj_size < H && !dense.empty() &&
+                  static_cast<int64_t>(dense.size()) % per_layer == 0,
               "lstmopt::pack: expected nn.LSTM's flat weights");
   std::vector<at::Tensor> weights, biases;
   for (size_t i = 0; i < dense.size(); i += per_layer) {
     const at::Tensor &w_ih = dense[i], &w_hh = dense[i + 1];
     TORCH_CHECK(w_ih.scalar_type() == at::kFloat && w_hh.scalar_type() == at::kFloat && w_ih.dim() == 2 &&
-                    w_ih.size(0) == 4 * H && w_hh.sizes() == at::IntArrayRef({4 * H, H}),
-                "lstmopt::pack: weights must be float32 (4 * hidden, input) and (4 * hidden, hidden)");
-    const int64_t K = w_ih.size(1) + H;
+                    w_ih.size(0) == 4 * H && w_hh.sizes() == at::IntArrayRef({4 * H, R}),
+                "lstmopt::pack: weights must be float32 (4 * hidden, input) and (4 * hidden, hidden or proj)");
+    const int64_t K = w_ih.size(1) + R;
     at::Tensor full = at::zeros({4, padded, K}, w_ih.options());
     full.narrow(1, 0, H).copy_(at::cat({w_ih, w_hh}, 1).reshape({4, H, K}));
     weights.push_back(full.view({4, blocks, UNITS, K}).permute({1, 3, 0, 2}).reshape({blocks, K, SLABS, SLAB})
@@ -595,15 +698,118 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack(at::TensorList
   return {weights, biases};
 }
 
+// The projections of an LSTM with proj_size > 0 (w_hr, (P, H), last of each layer and direction's flat
+// weights), per layer and direction (pblocks, SLABS, H, SLAB): block b's column c of slab s is hidden-state
+// unit 64 * b + s * SLAB + c, over the H rows of o * tanh(c).
+std::vector<at::Tensor> pack_projections(at::TensorList dense, int64_t hidden_size, bool has_biases,
+                                         int64_t proj_size) {
+  const int64_t H = hidden_size, P = proj_size, per_layer = has_biases ? 5 : 3;
+  const int64_t pblocks = (P + WIDTH - 1) / WIDTH;
+  TORCH_CHECK(P > 0 && P < H && static_cast<int64_t>(dense.size()) % per_layer == 0,
+              "lstmopt::pack_projections: expected the flat weights of an LSTM with 0 < proj_size < hidden_size");
+  std::vector<at::Tensor> projections;
+  for (size_t i = per_layer - 1; i < dense.size(); i += per_layer) {
+    const at::Tensor& w_hr = dense[i];
+    TORCH_CHECK(w_hr.scalar_type() == at::kFloat && w_hr.sizes() == at::IntArrayRef({P, H}),
+                "lstmopt::pack_projections: weight_hr must be float32 (proj, hidden)");
+    at::Tensor full = at::zeros({pblocks * WIDTH, H}, w_hr.options());
+    full.narrow(0, 0, P).copy_(w_hr);
+    projections.push_back(full.view({pblocks, SLABS, SLAB, H}).permute({0, 1, 3, 2}).contiguous());
+  }
+  return projections;
+}
+
+// nn.GRU's flat weights (w_ih, w_hh[, b_ih, b_hh] per layer and direction, gates [r, z, n]) in the same
+// layout as pack's, with four gate slots per block, [r, z, n_x, n_h] (see gru_cell): the input rows hold
+// W_ir, W_iz, W_in, 0 and the recurrent rows W_hr, W_hz, 0, W_hn; biases b_ir + b_hr, b_iz + b_hz, b_in, b_hn.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_gru(at::TensorList dense, int64_t hidden_size,
+                                                                      bool has_biases) {
+  const int64_t H = hidden_size, per_layer = has_biases ? 4 : 2;
+  const int64_t blocks = (H + UNITS - 1) / UNITS, padded = blocks * UNITS;
+  TORCH_CHECK(H > 0 && !dense.empty() && static_cast<int64_t>(dense.size()) % per_layer == 0,
+              "lstmopt::pack_gru: expected nn.GRU's flat weights");
+  std::vector<at::Tensor> weights, biases;
+  for (size_t i = 0; i < dense.size(); i += per_layer) {
+    const at::Tensor &w_ih = dense[i], &w_hh = dense[i + 1];
+    TORCH_CHECK(w_ih.scalar_type() == at::kFloat && w_hh.scalar_type() == at::kFloat && w_ih.dim() == 2 &&
+                    w_ih.size(0) == 3 * H && w_hh.sizes() == at::IntArrayRef({3 * H, H}),
+                "lstmopt::pack_gru: weights must be float32 (3 * hidden, input) and (3 * hidden, hidden)");
+    const int64_t I = w_ih.size(1), K = I + H;
+    at::Tensor full = at::zeros({4, padded, K}, w_ih.options());
+    const at::Tensor gates_ih = w_ih.view({3, H, I}), gates_hh = w_hh.view({3, H, H});
+    for (int64_t g = 0; g < 2; ++g) {  // r, z: input and recurrent rows
+      full[g].narrow(0, 0, H).narrow(1, 0, I).copy_(gates_ih[g]);
+      full[g].narrow(0, 0, H).narrow(1, I, H).copy_(gates_hh[g]);
+    }
+    full[2].narrow(0, 0, H).narrow(1, 0, I).copy_(gates_ih[2]);  // n_x
+    full[3].narrow(0, 0, H).narrow(1, I, H).copy_(gates_hh[2]);  // n_h
+    weights.push_back(full.view({4, blocks, UNITS, K}).permute({1, 3, 0, 2}).reshape({blocks, K, SLABS, SLAB})
+                          .permute({0, 2, 1, 3}).contiguous());
+    at::Tensor bias = at::zeros({4, padded}, w_ih.options());
+    if (has_biases) {
+      TORCH_CHECK(dense[i + 2].numel() == 3 * H && dense[i + 3].numel() == 3 * H, "lstmopt::pack_gru: bias sizes");
+      const at::Tensor b_ih = dense[i + 2].view({3, H}), b_hh = dense[i + 3].view({3, H});
+      bias.narrow(1, 0, H).narrow(0, 0, 2).copy_(b_ih.narrow(0, 0, 2).add(b_hh.narrow(0, 0, 2)));
+      bias[2].narrow(0, 0, H).copy_(b_ih[2]);
+      bias[3].narrow(0, 0, H).copy_(b_hh[2]);
+    }
+    biases.push_back(bias.view({4, blocks, UNITS}).permute({1, 0, 2}).reshape({blocks, WIDTH}).contiguous());
+  }
+  return {weights, biases};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_plain(const at::Tensor& input,
+                                                          const std::optional<at::Tensor>& batch_sizes,
+                                                          const std::optional<at::Tensor>& hx,
+                                                          const std::optional<at::Tensor>& cx, at::TensorList weights,
+                                                          at::TensorList biases, int64_t hidden_size,
+                                                          bool bidirectional, bool batch_first) {
+  return recurrent(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first, {}, 0,
+                   false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstmp(const at::Tensor& input,
+                                                     const std::optional<at::Tensor>& batch_sizes,
+                                                     const std::optional<at::Tensor>& hx,
+                                                     const std::optional<at::Tensor>& cx, at::TensorList weights,
+                                                     at::TensorList biases, int64_t hidden_size, bool bidirectional,
+                                                     bool batch_first, at::TensorList projections, int64_t proj_size) {
+  return recurrent(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first,
+                   projections, proj_size, false);
+}
+
+// nn.GRU's call: input and hx as nn.GRU takes them (hx permuted to sorted order for packed data); returns
+// the output and h_n.
+std::tuple<at::Tensor, at::Tensor> gru(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                                       const std::optional<at::Tensor>& hx, at::TensorList weights,
+                                       at::TensorList biases, int64_t hidden_size, bool bidirectional,
+                                       bool batch_first) {
+  auto [out, h_n, scratch] = recurrent(input, batch_sizes, hx, std::nullopt, weights, biases, hidden_size,
+                                       bidirectional, batch_first, {}, 0, true);
+  return {out, h_n};
+}
+
 TORCH_LIBRARY(lstmopt, m) {
   m.def("lstm(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, Tensor[] biases, "
         "int hidden_size, bool bidirectional, bool batch_first) -> (Tensor, Tensor, Tensor)");
-  m.def("pack(Tensor[] dense, int hidden_size, bool has_biases) -> (Tensor[], Tensor[])");
+  // LSTMs with proj_size > 0: one op more, not arguments more, so archives scripted before keep their calls.
+  m.def("lstmp(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, Tensor[] biases, "
+        "int hidden_size, bool bidirectional, bool batch_first, Tensor[] projections, int proj_size) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("pack(Tensor[] dense, int hidden_size, bool has_biases, int proj_size=0) -> (Tensor[], Tensor[])");
+  m.def("pack_projections(Tensor[] dense, int hidden_size, bool has_biases, int proj_size) -> Tensor[]");
+  m.def("gru(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor[] weights, Tensor[] biases, int hidden_size, "
+        "bool bidirectional, bool batch_first) -> (Tensor, Tensor)");
+  m.def("pack_gru(Tensor[] dense, int hidden_size, bool has_biases) -> (Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(lstmopt, CPU, m) {
-  m.impl("lstm", &lstm);
+  m.impl("lstm", &lstm_plain);
+  m.impl("lstmp", &lstmp);
+  m.impl("gru", &gru);
+  m.impl("pack_gru", &pack_gru);
   m.impl("pack", &pack);
+  m.impl("pack_projections", &pack_projections);
 }
 
 // Python's direct way in, for the latency of one step: no dispatcher, the packed weights converted once
@@ -613,12 +819,14 @@ TORCH_LIBRARY_IMPL(lstmopt, CPU, m) {
 // slower path, which repacks or lets nn.LSTM raise its own error.
 class Packs {
  public:
-  Packs(std::vector<at::Tensor> weights, std::vector<at::Tensor> biases, int64_t hidden_size, bool bidirectional,
-        std::vector<std::string> names, std::vector<at::Tensor> sources)
-      : weights_(std::move(weights)), biases_(std::move(biases)), hidden_size_(hidden_size),
-        bidirectional_(bidirectional) {
+  Packs(std::vector<at::Tensor> weights, std::vector<at::Tensor> biases, std::vector<at::Tensor> projections,
+        int64_t hidden_size, int64_t proj_size, bool bidirectional, bool gru, std::vector<std::string> names,
+        std::vector<at::Tensor> sources)
+      : weights_(std::move(weights)), biases_(std::move(biases)), projections_(std::move(projections)),
+        hidden_size_(hidden_size), proj_size_(proj_size), bidirectional_(bidirectional), gru_(gru) {
     TORCH_CHECK(!weights_.empty() && names.size() == sources.size(), "lstmopt: bad Packs arguments");
-    input_size_ = weights_[0].size(2) - hidden_size_;  // (blocks, SLABS, I + H, SLAB)
+    state_size_ = proj_size_ > 0 ? proj_size_ : hidden_size_;
+    input_size_ = weights_[0].size(2) - state_size_;  // (blocks, SLABS, I + R, SLAB)
     for (size_t i = 0; i < names.size(); ++i) {
       const at::Tensor& t = sources[i];
       // An inference tensor has no version counter: it can only change under inference_mode, where
@@ -633,63 +841,78 @@ class Packs {
                                                          const std::optional<at::Tensor>& hx,
                                                          const std::optional<at::Tensor>& cx, bool batch_first) const {
     pybind11::gil_scoped_release no_gil;
-    return lstm(input, batch_sizes, hx, cx, weights_, biases_, hidden_size_, bidirectional_, batch_first);
+    return recurrent(input, batch_sizes, hx, cx, weights_, biases_, hidden_size_, bidirectional_, batch_first,
+                     projections_, proj_size_, gru_);
+  }
+
+  // nn.GRU's call (packs from pack_gru), as try_forward with hx None or one tensor; returns (output, h_n).
+  pybind11::object try_gru(pybind11::handle input, pybind11::handle hx, bool batch_first,
+                           pybind11::handle params) const {
+    if (!gru_) return pybind11::none();
+    std::optional<at::Tensor> h;
+    const std::optional<std::tuple<bool, int64_t>> call = tensor_call(input, batch_first);
+    if (!call.has_value()) return pybind11::none();
+    const auto [batched, batch] = *call;
+    if (!hx.is_none()) {
+      h = state_of(hx, batched, batch, hidden_size_);
+      if (!h.has_value()) return pybind11::none();
+    }
+    if (!current(params)) return pybind11::none();
+    auto [out, h_n, scratch] = forward(THPVariable_Unpack(input.ptr()), std::nullopt, h, std::nullopt, batch_first);
+    return pybind11::make_tuple(out, h_n);
   }
 
   // input and hx as nn.LSTM.forward got them; params: the module's _parameters.
   pybind11::object try_forward(pybind11::handle input, pybind11::handle hx, bool batch_first,
                                pybind11::handle params) const {
-    if (!THPVariable_CheckExact(input.ptr())) return pybind11::none();
-    const at::Tensor& x = THPVariable_Unpack(input.ptr());
-    if (!plain(x) || (x.dim() != 2 && x.dim() != 3)) return pybind11::none();
-    const bool batched = x.dim() == 3;
-    const int64_t steps = batched ? x.size(batch_first ? 1 : 0) : x.size(0);
-    const int64_t batch = batched ? x.size(batch_first ? 0 : 1) : 1;
-    if (steps == 0 || batch == 0 || x.size(-1) != input_size_) return pybind11::none();
+    if (gru_) return pybind11::none();
+    const std::optional<std::tuple<bool, int64_t>> call = tensor_call(input, batch_first);
+    if (!call.has_value()) return pybind11::none();
+    const auto [batched, batch] = *call;
     std::optional<at::Tensor> h, c;
     if (!hx.is_none()) {
       if (!(PyTuple_Check(hx.ptr()) || PyList_Check(hx.ptr())) || PySequence_Size(hx.ptr()) != 2)
         return pybind11::none();
       const pybind11::sequence pair = pybind11::reinterpret_borrow<pybind11::sequence>(hx);
-      const int64_t states = static_cast<int64_t>(biases_.size());
-      for (int i = 0; i < 2; ++i) {
-        const pybind11::object item = pair[i];
-        if (!THPVariable_CheckExact(item.ptr())) return pybind11::none();
-        const at::Tensor& state = THPVariable_Unpack(item.ptr());
-        const bool shaped = batched ? state.dim() == 3 && state.size(0) == states && state.size(1) == batch &&
-                                          state.size(2) == hidden_size_
-                                    : state.dim() == 2 && state.size(0) == states && state.size(1) == hidden_size_;
-        if (!plain(state) || !shaped) return pybind11::none();
-        (i == 0 ? h : c) = state;
-      }
+      h = state_of(pair[0], batched, batch, state_size_);  // proj_size wide in an LSTMP
+      c = state_of(pair[1], batched, batch, hidden_size_);
+      if (!h.has_value() || !c.has_value()) return pybind11::none();
     }
     if (!current(params)) return pybind11::none();
-    auto [out, h_n, c_n] = forward(x, std::nullopt, h, c, batch_first);
+    auto [out, h_n, c_n] = forward(THPVariable_Unpack(input.ptr()), std::nullopt, h, c, batch_first);
     return pybind11::make_tuple(out, pybind11::make_tuple(h_n, c_n));
   }
 
-  // nn.LSTMCell's call (these packs then hold one layer): input (B, I) or unbatched (I,), hx None or
-  // (h, c), each (B, H) or (H,). Returns (h', c') as nn.LSTMCell does, or None as try_forward.
+  // nn.LSTMCell's or nn.GRUCell's call (these packs then hold one layer): input (B, I) or unbatched (I,),
+  // hx None or, for an LSTMCell, (h, c), for a GRUCell h, each (B, H) or (H,). Returns what the cell
+  // returns ((h', c'), or h'), or None as try_forward.
   pybind11::object try_cell(pybind11::handle input, pybind11::handle hx, pybind11::handle params) const {
-    if (!THPVariable_CheckExact(input.ptr()) || biases_.size() != 1) return pybind11::none();
+    if (!THPVariable_CheckExact(input.ptr()) || biases_.size() != 1 || proj_size_ > 0) return pybind11::none();
     const at::Tensor& x = THPVariable_Unpack(input.ptr());
     if (!plain(x) || (x.dim() != 1 && x.dim() != 2) || x.size(-1) != input_size_) return pybind11::none();
     const bool batched = x.dim() == 2;
     const int64_t batch = batched ? x.size(0) : 1;
     if (batch == 0) return pybind11::none();
+    auto cell_state = [&](pybind11::handle item) -> std::optional<at::Tensor> {
+      if (!THPVariable_CheckExact(item.ptr())) return std::nullopt;
+      const at::Tensor& state = THPVariable_Unpack(item.ptr());
+      const bool shaped = batched ? state.dim() == 2 && state.size(0) == batch && state.size(1) == hidden_size_
+                                  : state.dim() == 1 && state.size(0) == hidden_size_;
+      if (!plain(state) || !shaped) return std::nullopt;
+      return state.reshape({1, batch, hidden_size_});
+    };
     std::optional<at::Tensor> h, c;
     if (!hx.is_none()) {
-      if (!(PyTuple_Check(hx.ptr()) || PyList_Check(hx.ptr())) || PySequence_Size(hx.ptr()) != 2)
-        return pybind11::none();
-      const pybind11::sequence pair = pybind11::reinterpret_borrow<pybind11::sequence>(hx);
-      for (int i = 0; i < 2; ++i) {
-        const pybind11::object item = pair[i];
-        if (!THPVariable_CheckExact(item.ptr())) return pybind11::none();
-        const at::Tensor& state = THPVariable_Unpack(item.ptr());
-        const bool shaped = batched ? state.dim() == 2 && state.size(0) == batch && state.size(1) == hidden_size_
-                                    : state.dim() == 1 && state.size(0) == hidden_size_;
-        if (!plain(state) || !shaped) return pybind11::none();
-        (i == 0 ? h : c) = state.reshape({1, batch, hidden_size_});
+      if (gru_) {
+        h = cell_state(hx);
+        if (!h.has_value()) return pybind11::none();
+      } else {
+        if (!(PyTuple_Check(hx.ptr()) || PyList_Check(hx.ptr())) || PySequence_Size(hx.ptr()) != 2)
+          return pybind11::none();
+        const pybind11::sequence pair = pybind11::reinterpret_borrow<pybind11::sequence>(hx);
+        h = cell_state(pair[0]);
+        c = cell_state(pair[1]);
+        if (!h.has_value() || !c.has_value()) return pybind11::none();
       }
     }
     if (!current(params)) return pybind11::none();
@@ -697,10 +920,13 @@ class Packs {
     {
       pybind11::gil_scoped_release no_gil;
       std::tie(std::ignore, h_n, c_n) =
-          lstm(x.reshape({1, batch, input_size_}), std::nullopt, h, c, weights_, biases_, hidden_size_, false, false);
+          recurrent(x.reshape({1, batch, input_size_}), std::nullopt, h, c, weights_, biases_, hidden_size_, false,
+                    false, {}, 0, gru_);
     }
-    if (!batched) return pybind11::make_tuple(h_n.view({hidden_size_}), c_n.view({hidden_size_}));
-    return pybind11::make_tuple(h_n.view({batch, hidden_size_}), c_n.view({batch, hidden_size_}));
+    const std::vector<int64_t> shape = batched ? std::vector<int64_t>{batch, hidden_size_}
+                                               : std::vector<int64_t>{hidden_size_};
+    if (gru_) return pybind11::cast(h_n.view(shape));
+    return pybind11::make_tuple(h_n.view(shape), c_n.view(shape));
   }
 
  private:
@@ -713,6 +939,32 @@ class Packs {
 
   static bool plain(const at::Tensor& t) {
     return t.scalar_type() == at::kFloat && t.is_cpu() && t.layout() == at::kStrided && !t.is_neg();
+  }
+
+  // Whether input is a tensor call these packs serve (batched: (T, B, I) or batch first; or (T, I)), and
+  // then whether it is batched and its batch size.
+  std::optional<std::tuple<bool, int64_t>> tensor_call(pybind11::handle input, bool batch_first) const {
+    if (!THPVariable_CheckExact(input.ptr())) return std::nullopt;
+    const at::Tensor& x = THPVariable_Unpack(input.ptr());
+    if (!plain(x) || (x.dim() != 2 && x.dim() != 3)) return std::nullopt;
+    const bool batched = x.dim() == 3;
+    const int64_t steps = batched ? x.size(batch_first ? 1 : 0) : x.size(0);
+    const int64_t batch = batched ? x.size(batch_first ? 0 : 1) : 1;
+    if (steps == 0 || batch == 0 || x.size(-1) != input_size_) return std::nullopt;
+    return std::make_tuple(batched, batch);
+  }
+
+  // item as one initial state of these packs, (layers * directions, batch, units) or unbatched
+  // (layers * directions, units), else nullopt.
+  std::optional<at::Tensor> state_of(pybind11::handle item, bool batched, int64_t batch, int64_t units) const {
+    if (!THPVariable_CheckExact(item.ptr())) return std::nullopt;
+    const at::Tensor& state = THPVariable_Unpack(item.ptr());
+    const int64_t states = static_cast<int64_t>(biases_.size());
+    const bool shaped = batched ? state.dim() == 3 && state.size(0) == states && state.size(1) == batch &&
+                                      state.size(2) == units
+                                : state.dim() == 2 && state.size(0) == states && state.size(1) == units;
+    if (!plain(state) || !shaped) return std::nullopt;
+    return state;
   }
 
   // Whether the module's parameters are still the tensors these packs were made from, unchanged.
@@ -728,18 +980,19 @@ class Packs {
     return true;
   }
 
-  std::vector<at::Tensor> weights_, biases_;
-  int64_t hidden_size_, input_size_;
-  bool bidirectional_;
+  std::vector<at::Tensor> weights_, biases_, projections_;
+  int64_t hidden_size_, proj_size_, state_size_, input_size_;
+  bool bidirectional_, gru_;
   std::vector<Source> sources_;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // module_local: two builds loaded in one process (a stale cache, tests) must not clash
   pybind11::class_<Packs>(m, "Packs", pybind11::module_local())
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, bool, std::vector<std::string>,
-                          std::vector<at::Tensor>>())
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t,
+                          int64_t, bool, bool, std::vector<std::string>, std::vector<at::Tensor>>())
       .def("forward", &Packs::forward)
       .def("try_forward", &Packs::try_forward)
-      .def("try_cell", &Packs::try_cell);
+      .def("try_cell", &Packs::try_cell)
+      .def("try_gru", &Packs::try_gru);
 }
