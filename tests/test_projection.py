@@ -223,11 +223,11 @@ def test_a_batch_run_with_approx_writes_lstmp_artifacts_that_load_with_the_nativ
         "  - {name: approx, input: w.pt, output: out/approx.pt, factory: 'models:ProjectedEncoder',"
         " input_shape: [1, 6, 16], approx: true, format: torchscript}\n")
     result = invoke("batch", str(tmp_path / "batch.yaml"), "--json")
-    jobs = {job["name"]: job for job in json.loads(result.stdout)["jobs"]}
+    jobs = {job["job"]: job for job in json.loads(result.stdout)["jobs"]}  # each job's report
     assert jobs["approx"]["status"] == "ok", jobs["approx"]
-    (lstm,) = jobs["approx"]["report"]["modules"]
+    (lstm,) = jobs["approx"]["modules"]
     assert lstm["kernel"] == "native" and lstm["proj_size"] == 12
-    assert jobs["exact"]["status"] != "ok" or not jobs["exact"]["report"]["modules"][0]["packed"]
+    assert jobs["exact"]["status"] != "ok" or not jobs["exact"]["modules"][0]["packed"]
     loaded = torch.jit.load(str(tmp_path / "out" / "approx.pt"))
     model = ProjectedEncoder()
     model.load_state_dict(torch.load(tmp_path / "w.pt"))

@@ -31,7 +31,9 @@ def test_nested_lstms_at_any_depth_are_swapped():
 
 def test_plan_records_every_lstm_with_its_config_and_reason():
     decisions = {d.name: d for d in plan(Deep())}
-    assert set(decisions) == {"front.1.0", "stack.0", "heads.proj", "heads.custom"}
+    assert set(decisions) == {"front.1.0", "stack.0", "stack.1", "heads.proj", "heads.custom"}
+    assert decisions["stack.1"].kind == "GRU" and not decisions["stack.1"].packed
+    assert decisions["stack.1"].reason.startswith("nn.GRU has no exact kernel")
     assert decisions["stack.0"].packed and decisions["stack.0"].batch_first and decisions["stack.0"].exact
     assert decisions["heads.proj"].reason.startswith("proj_size>0 has no exact kernel (oneDNN has no projection)")
     assert not decisions["heads.proj"].packed and decisions["heads.proj"].proj_size == 8
