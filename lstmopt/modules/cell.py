@@ -30,7 +30,7 @@ from lstmopt.kernels.native import NativePacks, run_native_cell
 from lstmopt.kernels.tensor_versions import version_of
 from lstmopt.modules import dispatch
 from lstmopt.modules.guards import valid_cell
-from lstmopt.modules.pack_state import FollowsWeights, PackState
+from lstmopt.modules.pack_state import OneKernel
 from lstmopt.modules.packs import native_obstacle as native_weights_obstacle, tracked_copy
 
 __all__ = ["CELL_KERNELS", "DEFAULT", "EXACT_CELL_KERNELS", "PackedLSTMCell", "cell_obstacle", "native_obstacle"]
@@ -66,7 +66,7 @@ def _names(cell: nn.LSTMCell) -> tuple:
     return _NAMES if cell.bias else _NAMES[:2]
 
 
-class PackedLSTMCell(FollowsWeights, nn.LSTMCell):
+class PackedLSTMCell(OneKernel, nn.LSTMCell):
     """Drop-in ``nn.LSTMCell`` for CPU inference on ATen's cell op or lstmopt's native kernel (see the
     module docstring).
 
@@ -82,6 +82,7 @@ class PackedLSTMCell(FollowsWeights, nn.LSTMCell):
     __jit_ignored_attributes__ = ["_state", "autotune_ms", "autotune_notes"]
     __jit_unused_properties__ = ["uses_native_kernel"]
 
+    KERNELS = CELL_KERNELS
     kernel: str  # "aten", "native" or "stock" (lstmopt.kernels.table, CELL)
     # Present only while the native kernel is in use: a scripted cell without it loads without the library.
     native_packs: NativePacks
@@ -107,28 +108,6 @@ class PackedLSTMCell(FollowsWeights, nn.LSTMCell):
             cell.__class__ = cls
             cell._init_packing(kernel)
         return cell
-
-    def _init_packing(self, kernel: str) -> None:
-        if kernel not in CELL_KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(CELL_KERNELS)}, got {kernel!r}")
-        self.kernel = kernel
-        self.autotune_ms: Optional[dict] = None
-        self.autotune_notes: dict = {}
-        self._state = PackState()
-        self.repack()
-
-    @property
-    def uses_native_kernel(self) -> bool:
-        """Whether the native kernel is in use (a TorchScript archive then needs ``native.LOAD_LINE``)."""
-        return "native_packs" in self.__dict__
-
-    def use_kernel(self, kernel: str) -> None:
-        """Switch to another of ``CELL_KERNELS`` (``"stock"``: nn.LSTMCell itself)."""
-        if kernel not in CELL_KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(CELL_KERNELS)}, got {kernel!r}")
-        with self._state.lock:
-            self.kernel = kernel
-            self.repack()
 
     @torch.jit.export
     def repack(self) -> None:
@@ -162,17 +141,6 @@ class PackedLSTMCell(FollowsWeights, nn.LSTMCell):
 
     def _weight_names(self):
         return _NAMES
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_state", None)
-        state.pop("native_packs", None)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._state = PackState()
-        self.repack()
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if not torch.jit.is_scripting():

@@ -27,7 +27,7 @@ from lstmopt.kernels.native import NativePacks, run_native_gru
 from lstmopt.kernels.tensor_versions import version_of
 from lstmopt.modules import dispatch
 from lstmopt.modules.guards import plain_state, valid_for_kernel, valid_sequence
-from lstmopt.modules.pack_state import FollowsWeights, PackState
+from lstmopt.modules.pack_state import OneKernel, PackState
 from lstmopt.modules.packs import native_obstacle as native_weights_obstacle, tracked_copy
 from lstmopt.modules.scripted import ScriptedPaths
 
@@ -57,7 +57,7 @@ def gru_obstacle(gru: nn.Module) -> Optional[str]:
     return native_weights_obstacle([gru._parameters[name] for name in gru._flat_weights_names])
 
 
-class PackedGRU(FollowsWeights, nn.GRU):
+class PackedGRU(OneKernel, nn.GRU):
     """Drop-in ``nn.GRU`` for CPU inference on lstmopt's native kernel (see the module docstring).
 
     Build one with ``PackedGRU.from_gru(gru)`` (a copy), like ``nn.GRU``, or with
@@ -72,6 +72,7 @@ class PackedGRU(FollowsWeights, nn.GRU):
     __jit_ignored_attributes__ = ["_state", "autotune_ms", "autotune_notes"]
     __jit_unused_properties__ = ["uses_native_kernel", *nn.GRU.__jit_unused_properties__]
 
+    KERNELS = GRU_KERNELS
     kernel: str  # "native" or "stock" (lstmopt.kernels.table, GRU)
     # Present only while the native kernel is in use: a scripted GRU without it loads without the library.
     native_packs: NativePacks
@@ -98,28 +99,6 @@ class PackedGRU(FollowsWeights, nn.GRU):
             gru.__class__ = cls
             gru._init_packing(kernel)
         return gru
-
-    def _init_packing(self, kernel: str) -> None:
-        if kernel not in GRU_KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(GRU_KERNELS)}, got {kernel!r}")
-        self.kernel = kernel
-        self.autotune_ms: Optional[dict] = None
-        self.autotune_notes: dict = {}
-        self._state = PackState()
-        self.repack()
-
-    @property
-    def uses_native_kernel(self) -> bool:
-        """Whether the native kernel is in use (a TorchScript archive then needs ``native.LOAD_LINE``)."""
-        return "native_packs" in self.__dict__
-
-    def use_kernel(self, kernel: str) -> None:
-        """Switch to another of ``GRU_KERNELS`` (``"stock"``: nn.GRU itself)."""
-        if kernel not in GRU_KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(GRU_KERNELS)}, got {kernel!r}")
-        with self._state.lock:
-            self.kernel = kernel
-            self.repack()
 
     @torch.jit.export
     def repack(self) -> None:
@@ -158,17 +137,6 @@ class PackedGRU(FollowsWeights, nn.GRU):
 
     def _weight_names(self):
         return getattr(self, "_flat_weights_names", ())
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_state", None)
-        state.pop("native_packs", None)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._state = PackState()
-        self.repack()
 
     @torch.jit.export
     def flatten_parameters(self) -> None:

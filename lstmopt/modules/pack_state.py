@@ -24,7 +24,7 @@ from lstmopt.kernels.native import NativePacks
 from lstmopt.kernels.tensor_versions import version_of
 from lstmopt.modules.packs import weights_obstacle
 
-__all__ = ["PackState"]
+__all__ = ["FollowsWeights", "OneKernel", "PackState"]
 
 
 class PackState:
@@ -191,3 +191,46 @@ class FollowsWeights:
             state = self.__dict__.get("_state")
             if state is not None and not state.loading:
                 self.repack()
+
+
+class OneKernel(FollowsWeights):
+    """A packed module with one kernel in use, one of its class's ``KERNELS`` (``PackedLSTMCell``,
+    ``PackedGRU``): how it is set up, switched, and pickled. The class's ``repack`` makes the packs that
+    kernel reads."""
+
+    KERNELS: tuple = ()  # names from the kernel table, for this class's inputs
+
+    def _init_packing(self, kernel: str) -> None:
+        self._check_kernel(kernel)
+        self.kernel = kernel
+        self.autotune_ms: Optional[dict] = None
+        self.autotune_notes: dict = {}
+        self._state = PackState()
+        self.repack()
+
+    def _check_kernel(self, kernel: str) -> None:
+        if kernel not in self.KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)}, got {kernel!r}")
+
+    @property
+    def uses_native_kernel(self) -> bool:
+        """Whether the native kernel is in use (a TorchScript archive then needs ``native.LOAD_LINE``)."""
+        return "native_packs" in self.__dict__
+
+    def use_kernel(self, kernel: str) -> None:
+        """Switch to another of ``KERNELS`` (``"stock"``: the torch module's own forward)."""
+        self._check_kernel(kernel)
+        with self._state.lock:
+            self.kernel = kernel
+            self.repack()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_state", None)  # a lock and the native library's handle: rebuilt on load
+        state.pop("native_packs", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._state = PackState()
+        self.repack()
