@@ -143,3 +143,29 @@ def kernel_calls():
     """The calls each fast path served during the test (``counting_kernels``)."""
     with counting_kernels() as calls:
         yield calls
+
+
+def assert_calls_see_whole_weights(packed, originals, x, result) -> None:
+    """Two threads call ``packed`` on ``x`` while this one loads ``originals``' state dicts into it in turn:
+    every call's ``result(output)`` must be one of the originals' (the old weights or the new, whole)."""
+    import threading
+
+    with torch.no_grad():
+        allowed = [result(m(x)) for m in originals]
+    errors = []
+
+    def call():
+        with torch.no_grad():
+            for _ in range(300):
+                got = result(packed(x))
+                if not any(torch.allclose(got, a, atol=1e-5) for a in allowed):
+                    errors.append(got)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(50):
+        packed.load_state_dict(originals[i % 2].state_dict())
+    for t in threads:
+        t.join()
+    assert not errors

@@ -4,7 +4,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequence, pad_packed_sequence
 
 
 class SpeechEncoder(nn.Module):
@@ -433,3 +433,31 @@ def trained_like(lstm: nn.Module, scale: float, saturation: float, seed: int) ->
             if name.startswith("bias"):
                 p.add_(saturation * torch.randn(p.shape, generator=generator))
     return lstm.eval()
+
+
+def contract_inputs(generator: torch.Generator, input_size: int, batch: Optional[int], steps: int,
+                    batch_first: bool, sequence: bool, states: int):
+    """A recurrent module's input for a contract test, its float64 twin, and the leading sizes of its states:
+    a PackedSequence of ``batch or 1`` sequences of 1 to ``steps`` steps in any order, or a tensor (unbatched
+    where ``batch`` is None)."""
+    if sequence:
+        lengths = torch.randint(1, steps + 1, (batch or 1,), generator=generator).tolist()
+        rows = [2 * torch.randn(n, input_size, generator=generator) for n in lengths]
+        return (pack_sequence(rows, enforce_sorted=False),
+                pack_sequence([r.double() for r in rows], enforce_sorted=False), (states, batch or 1))
+    shape = (steps, input_size) if batch is None else (
+        (batch, steps, input_size) if batch_first else (steps, batch, input_size))
+    x = 2 * torch.randn(shape, generator=generator)
+    return x, x.double(), (states,) if batch is None else (states, batch)
+
+
+def assert_within_contract(expected, actual, truth) -> None:
+    """Each of ``actual``'s tensors (PackedSequences by their data) as shaped as eager's (``expected``) and
+    within the approximate-kernel contract against the float64 ``truth``."""
+    from lstmopt.kernels.accuracy import accuracy
+
+    for e, a, t in zip(*((x.data if isinstance(x, PackedSequence) else x for x in outputs)
+                         for outputs in (expected, actual, truth))):
+        assert a.shape == e.shape
+        measured = accuracy(e, a, t)
+        assert measured.ok, measured

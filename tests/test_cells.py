@@ -5,7 +5,6 @@ interface, keys, errors and fallbacks."""
 import copy
 import io
 import json
-import threading
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import counting_kernels, invoke, needs_native
+from conftest import assert_calls_see_whole_weights, counting_kernels, invoke, needs_native
 from lstmopt import optimize, plan
 from lstmopt.kernels.accuracy import accuracy
 from lstmopt.modules.cell import PackedLSTMCell
@@ -168,27 +167,7 @@ def test_pickles_copies_and_torchscript_pack_again_where_loaded():
 
 def test_concurrent_calls_and_loads_see_whole_weights():
     cells = [nn.LSTMCell(16, 32).eval() for _ in range(2)]
-    packed = PackedLSTMCell.from_cell(cells[0])
-    x = torch.randn(2, 16)
-    with torch.no_grad():
-        allowed = [c(x)[0] for c in cells]
-    errors = []
-
-    def call():
-        with torch.no_grad():
-            for _ in range(300):
-                h = packed(x)[0]
-                if not any(torch.allclose(h, a, atol=1e-5) for a in allowed):
-                    errors.append(h)
-
-    threads = [threading.Thread(target=call) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for i in range(50):
-        packed.load_state_dict(cells[i % 2].state_dict())
-    for t in threads:
-        t.join()
-    assert not errors
+    assert_calls_see_whole_weights(PackedLSTMCell.from_cell(cells[0]), cells, torch.randn(2, 16), lambda out: out[0])
 
 
 def test_autotune_times_every_cell_kernel_and_the_cli_writes_a_verified_artifact(tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ import copy
 import io
 import json
 import pickle
-import threading
 from typing import Tuple
 
 import pytest
@@ -18,12 +17,11 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
-from conftest import invoke, needs_native
+from conftest import assert_calls_see_whole_weights, invoke, needs_native
 from lstmopt import PackedGRU, optimize, plan
-from lstmopt.kernels.accuracy import accuracy
 from lstmopt.modules import gru as gru_module
 from lstmopt.rewrite.autotune import autotune
-from models import Denoiser, trained_like
+from models import Denoiser, assert_within_contract, contract_inputs, trained_like
 
 pytestmark = needs_native
 
@@ -64,29 +62,13 @@ def test_the_native_kernel_keeps_the_contract_on_grus(input_size, hidden_size, n
     packed, reference = PackedGRU.from_gru(eager).eval(), copy.deepcopy(eager).double()
     g = torch.Generator().manual_seed(seed)
     states = num_layers * (2 if bidirectional else 1)
-    if sequence:
-        lengths = torch.randint(1, steps + 1, (batch or 1,), generator=g).tolist()
-        seqs = [2 * torch.randn(n, input_size, generator=g) for n in lengths]
-        x = pack_sequence(seqs, enforce_sorted=False)
-        x64 = pack_sequence([s.double() for s in seqs], enforce_sorted=False)
-        lead = (states, batch or 1)
-    else:
-        shape = (steps, input_size) if batch is None else (
-            (batch, steps, input_size) if batch_first else (steps, batch, input_size))
-        x = 2 * torch.randn(shape, generator=g)
-        x64 = x.double()
-        lead = (states,) if batch is None else (states, batch)
+    x, x64, lead = contract_inputs(g, input_size, batch, steps, batch_first, sequence, states)
     hx = torch.randn(*lead, hidden_size, generator=g) if with_state else None
     with torch.no_grad(), stock_calls() as stock:
         expected, actual = eager(x, hx), packed(x, hx)
         truth = reference(x64, None if hx is None else hx.double())
     assert stock[0] == 0  # the native kernel served it
-    unpack = (lambda out: out.data) if sequence else (lambda out: out)
-    for e, a, t in zip((unpack(expected[0]), expected[1]), (unpack(actual[0]), actual[1]),
-                       (unpack(truth[0]), truth[1])):
-        assert a.shape == e.shape
-        measured = accuracy(e, a, t)
-        assert measured.ok, measured
+    assert_within_contract(expected, actual, truth)
 
 
 def test_a_gru_is_kept_by_default_with_the_reason_and_packed_with_approx():
@@ -227,27 +209,7 @@ class SequenceEntry(nn.Module):
 
 def test_concurrent_calls_and_loads_see_whole_weights():
     grus = [nn.GRU(16, 32).eval() for _ in range(2)]
-    packed = PackedGRU.from_gru(grus[0])
-    x = torch.randn(3, 2, 16)
-    with torch.no_grad():
-        allowed = [g(x)[1] for g in grus]
-    errors = []
-
-    def call():
-        with torch.no_grad():
-            for _ in range(300):
-                h = packed(x)[1]
-                if not any(torch.allclose(h, a, atol=1e-5) for a in allowed):
-                    errors.append(h)
-
-    threads = [threading.Thread(target=call) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for i in range(50):
-        packed.load_state_dict(grus[i % 2].state_dict())
-    for t in threads:
-        t.join()
-    assert not errors
+    assert_calls_see_whole_weights(PackedGRU.from_gru(grus[0]), grus, torch.randn(3, 2, 16), lambda out: out[1])
 
 
 def test_autotune_times_native_and_stock_on_tensors_and_sequences():

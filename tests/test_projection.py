@@ -14,13 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn.utils.rnn import pack_sequence
 
 from conftest import counting_kernels, invoke, needs_native
 from lstmopt import PackedLSTM, optimize, plan
-from lstmopt.kernels.accuracy import accuracy
 from lstmopt.rewrite.autotune import autotune
-from models import ProjectedEncoder, trained_like
+from models import ProjectedEncoder, assert_within_contract, contract_inputs, trained_like
 
 pytestmark = needs_native
 
@@ -48,30 +46,14 @@ def test_the_native_kernel_keeps_the_contract_on_lstmps(input_size, hidden_size,
     packed, reference = _native(eager), copy.deepcopy(eager).double()
     g = torch.Generator().manual_seed(seed)
     states = num_layers * (2 if bidirectional else 1)
-    rows = batch or 1
-    if sequence:  # a PackedSequence of rows sequences of lengths up to steps
-        lengths = sorted(torch.randint(1, steps + 1, (rows,), generator=g).tolist(), reverse=True)
-        seqs = [2 * torch.randn(n, input_size, generator=g) for n in lengths]
-        x, x64 = pack_sequence(seqs), pack_sequence([s.double() for s in seqs])
-        lead = (states, rows)
-    else:
-        shape = (steps, input_size) if batch is None else (
-            (batch, steps, input_size) if batch_first else (steps, batch, input_size))
-        x = 2 * torch.randn(shape, generator=g)
-        x64 = x.double()
-        lead = (states,) if batch is None else (states, batch)
+    x, x64, lead = contract_inputs(g, input_size, batch, steps, batch_first, sequence, states)
     hx = (torch.randn(*lead, proj_size, generator=g), torch.randn(*lead, hidden_size, generator=g)) if with_state \
         else None
     with torch.no_grad(), counting_kernels() as calls:
         expected, actual = eager(x, hx), packed(x, hx)
         truth = reference(x64, None if hx is None else tuple(h.double() for h in hx))
     assert calls["native" if not sequence else "native_sequence"] == 1
-    unpack = (lambda out: out.data) if sequence else (lambda out: out)
-    for e, a, t in zip((unpack(expected[0]), *expected[1]), (unpack(actual[0]), *actual[1]),
-                       (unpack(truth[0]), *truth[1])):
-        assert a.shape == e.shape
-        measured = accuracy(e, a, t)
-        assert measured.ok, measured
+    assert_within_contract((expected[0], *expected[1]), (actual[0], *actual[1]), (truth[0], *truth[1]))
 
 
 def test_an_lstmp_is_kept_by_default_with_the_reason_and_runs_natively_with_approx():
