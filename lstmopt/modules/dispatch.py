@@ -17,7 +17,7 @@ from lstmopt.kernels.aten import run_cells, run_onednn, run_onednn_sequence
 from lstmopt.modules.guards import aten_cell_call, kernel_accepts, plain_state
 from lstmopt.modules.packs import weights_obstacle
 
-__all__ = ["dispatch", "exported", "forward", "seqlocked"]
+__all__ = ["dispatch", "exported", "forward", "seqlocked", "stock_only"]
 
 # Looked up once: a one-step call spends ~25 us in the op, and each attribute lookup on torch._C adds up.
 _tracing = torch._C._get_tracing_state
@@ -176,13 +176,20 @@ def exported(module, input, hx):
 _stock_cell = nn.LSTMCell.forward
 
 
+def stock_only(module) -> bool:
+    """Whether a cell's or GRU's call must take the torch module's own path whatever its input: a tracer,
+    autocast, autograd, training, a dispatch mode, torch.compile (as ``dispatch_once`` judges a PackedLSTM's
+    calls)."""
+    return (_tracing() or _autocast_enabled() or _grad_enabled() or module.training or _dispatch_modes() > 0
+            or torch.compiler.is_compiling())
+
+
 def cell_forward(cell, input, hx):
     """``PackedLSTMCell.forward`` outside TorchScript: the native kernel where it serves the call (its own
     checks refuse anything nn.LSTMCell would treat otherwise), else ATen's cell op or nn.LSTMCell's own
     path, which also raises its errors. torch.compile and torch.export trace that path (an LSTMCell is a
     few ops they fuse)."""
-    if (_tracing() or _autocast_enabled() or _grad_enabled() or cell.training or _dispatch_modes()
-            or torch.compiler.is_compiling()):
+    if stock_only(cell):
         return _stock_cell(cell, input, hx)
     packs = cell._state.native
     if packs is not None:

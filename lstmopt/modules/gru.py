@@ -35,11 +35,6 @@ __all__ = ["GRU_KERNELS", "PackedGRU", "gru_obstacle", "gru_serves"]
 
 GRU_KERNELS = kernel_table.names(kernel_table.GRU)
 
-# Looked up once: a one-step call is tens of microseconds.
-_tracing = torch._C._get_tracing_state
-_autocast_enabled = torch._C._is_any_autocast_enabled
-_grad_enabled = torch.is_grad_enabled
-_dispatch_modes = torch._C._len_torch_dispatch_stack
 _stock = nn.GRU.forward
 
 
@@ -254,8 +249,7 @@ def _pair(hx: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
 # Eager: the native kernel's own checks first (nanoseconds), then Python's, then nn.GRU's own path.
 
 def _eager(gru: PackedGRU, input, hx):
-    if (_tracing() or _autocast_enabled() or _grad_enabled() or gru.training or _dispatch_modes()
-            or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+    if dispatch.stock_only(gru) or torch.compiler.is_exporting():
         return _stock(gru, input, hx)
     packs = gru._state.native
     if packs is not None and type(input) is Tensor:
