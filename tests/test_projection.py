@@ -30,7 +30,10 @@ def _native(lstm: nn.LSTM) -> PackedLSTM:
 
 
 @settings(max_examples=40, deadline=None)
-@given(input_size=st.sampled_from([1, 8, 80]), hidden_size=st.sampled_from([2, 20, 64, 256]),
+# Hidden sizes from 16, as for nn.LSTM and nn.GRU (test_accuracy.py, test_gru.py): with 2 units PyTorch's
+# initial scale at 3x makes pre-activations of +-100 over 80 inputs, where one rounding is many ulps of an
+# output in [-1, 1] for eager and the kernel alike (CI drew hidden_size=2 at 1.3x the bound).
+@given(input_size=st.sampled_from([1, 8, 80]), hidden_size=st.sampled_from([16, 20, 64, 256]),
        proj_ratio=st.sampled_from([0.01, 0.3, 0.5, 0.99]), num_layers=st.integers(1, 3),
        bidirectional=st.booleans(), bias=st.booleans(), batch_first=st.booleans(),
        batch=st.sampled_from([None, 1, 3, 7]), steps=st.sampled_from([1, 5, 40]), with_state=st.booleans(),
