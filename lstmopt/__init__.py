@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PackedLSTM": "lstmopt.modules.lstm",
     "PackedLSTMCell": "lstmopt.modules.cell",
+    "PackedGRUCell": "lstmopt.modules.cell",
     "PackedGRU": "lstmopt.modules.gru",
     "packing_obstacle": "lstmopt.modules.packs",
     "Decision": "lstmopt.rewrite.swap",

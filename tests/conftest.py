@@ -71,7 +71,7 @@ def run_python_json(code: str, **kwargs):
 class KernelCalls(dict):
     """How many times each fast path served a call while counting: ``onednn`` (one per layer and
     direction, on packed weights), ``cell``, ``native``, ``onednn_sequence``, ``native_sequence``, an
-    LSTMCell's ``aten cell`` and ``stock cell`` steps, and ``repack`` (packs made again). A test that
+    LSTMCell's or GRUCell's ``aten cell`` and ``stock cell`` steps, and ``repack`` (packs made again). A test that
     claims a kernel ran or a repack happened asserts it here: every fallback is nn.LSTM and gives the same
     results, so outputs alone cannot tell."""
 
@@ -88,7 +88,8 @@ def counting_kernels():
     calls = KernelCalls()
     op = torch.mkldnn_rnn_layer
     originals = {name: getattr(dispatch, name) for name in ("run_cells", "run_onednn_sequence", "run_native",
-                                                            "run_sequence", "_VF", "_stock_cell")}
+                                                            "run_sequence", "_VF", "_stock_cell",
+                                                            "_stock_gru_cell")}
     refresh = PackState.refresh
 
     def onednn(*args):
@@ -117,9 +118,17 @@ def counting_kernels():
         calls["aten cell"] += 1
         return torch._VF.lstm_cell(*args)
 
+    def aten_gru_cell(*args):
+        calls["aten cell"] += 1
+        return torch._VF.gru_cell(*args)
+
     def stock_cell(*args):
         calls["stock cell"] += 1
         return originals["_stock_cell"](*args)
+
+    def stock_gru_cell(*args):
+        calls["stock cell"] += 1
+        return originals["_stock_gru_cell"](*args)
 
     def refreshed(self, *args, **kwargs):
         calls["repack"] += 1
@@ -127,8 +136,8 @@ def counting_kernels():
 
     torch.mkldnn_rnn_layer, PackState.refresh = onednn, refreshed
     for name, counted in (("run_cells", cells), ("run_onednn_sequence", sequence), ("run_native", native_call),
-                          ("run_sequence", sequence_call), ("_VF", types.SimpleNamespace(lstm_cell=aten_cell)),
-                          ("_stock_cell", stock_cell)):
+                          ("run_sequence", sequence_call), ("_VF", types.SimpleNamespace(lstm_cell=aten_cell, gru_cell=aten_gru_cell)),
+                          ("_stock_cell", stock_cell), ("_stock_gru_cell", stock_gru_cell)):
         setattr(dispatch, name, counted)
     try:
         yield calls

@@ -423,8 +423,34 @@ def build_cell_decoder() -> CellDecoder:
     return CellDecoder()
 
 
+class GRUCellStreamer(nn.Module):
+    """A streaming detector as wake-word and voice-activity models are written: two stacked GRUCells
+    rolled one frame at a time, a score per frame. Input (batch, frames, features)."""
+
+    def __init__(self, features: int = 8, hidden: int = 32):
+        super().__init__()
+        self.encoder_cell = nn.GRUCell(features, hidden)
+        self.context_cell = nn.GRUCell(hidden, hidden)
+        self.score = nn.Linear(hidden, 1)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        h1 = frames.new_zeros(frames.size(0), self.encoder_cell.hidden_size)
+        h2 = frames.new_zeros(frames.size(0), self.context_cell.hidden_size)
+        scores = []
+        for t in range(frames.size(1)):
+            h1 = self.encoder_cell(frames[:, t], h1)
+            h2 = self.context_cell(h1, h2)
+            scores.append(self.score(h2))
+        return torch.cat(scores, 1)
+
+
+def build_gru_cell_streamer() -> GRUCellStreamer:
+    torch.manual_seed(0)
+    return GRUCellStreamer()
+
+
 def trained_like(lstm: nn.Module, scale: float, saturation: float, seed: int) -> nn.Module:
-    """An LSTM's or LSTMCell's weights at ``scale`` x PyTorch's initial magnitude, biases pushed by N(0, saturation) so that
+    """A recurrent module's weights at ``scale`` x PyTorch's initial magnitude, biases pushed by N(0, saturation) so that
     gates sit in the flat ends of their sigmoids, as trained LSTMs' often do."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmopt.errors import UsageError
-from lstmopt.modules.cell import PackedLSTMCell
+from lstmopt.modules.cell import PackedCell
 from lstmopt.modules.gru import PackedGRU
 from lstmopt.modules.lstm import PackedLSTM
 from lstmopt.modules.packs import tracked_copy
@@ -128,7 +128,7 @@ def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torc
             if id(module) not in scripted:  # its own forward is traced, around its scripted self
                 scripted[id(module)] = _under_own_forward(module)
             continue
-        if isinstance(module, PackedLSTMCell) and name:  # one signature: its scripted self serves the trace
+        if isinstance(module, PackedCell) and name:  # one signature: its scripted self serves the trace
             parent_name, _, child = name.rpartition(".")
             setattr(copy.get_submodule(parent_name), child, scripted.setdefault(id(module), torch.jit.script(module)))
             continue

@@ -117,13 +117,13 @@ def native_kernel_note(lstms: Sequence[str], format: str) -> str:
 
 
 def native_lstms(model) -> list:
-    """The names of the LSTMs and LSTMCells in ``model`` that run the native kernel."""
-    from lstmopt.modules.cell import PackedLSTMCell
+    """The names of the LSTMs, GRUs and cells in ``model`` that run the native kernel."""
+    from lstmopt.modules.cell import PackedCell
     from lstmopt.modules.gru import PackedGRU
     from lstmopt.modules.lstm import PackedLSTM
 
     return [name for name, m in model.named_modules()
-            if isinstance(m, (PackedLSTM, PackedLSTMCell, PackedGRU)) and m.uses_native_kernel]
+            if isinstance(m, (PackedLSTM, PackedCell, PackedGRU)) and m.uses_native_kernel]
 
 
 def _json(metadata: dict) -> str:

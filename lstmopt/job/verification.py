@@ -185,14 +185,14 @@ def _in_float64(obj):
 
 def lstm_cases(lstm: nn.LSTM, *, seed: int = 0) -> list[tuple]:
     """Synthetic inputs for one LSTM: 2 lengths x 2 batch sizes, once with initial states (for an
-    LSTMCell: batches of 1 and 3, an unbatched step, and a step from given states)."""
+    LSTMCell or GRUCell: batches of 1 and 3, an unbatched step, and a step from given states)."""
     generator = torch.Generator().manual_seed(seed)
-    if isinstance(lstm, nn.LSTMCell):
+    if isinstance(lstm, (nn.LSTMCell, nn.GRUCell)):
         dtype = lstm.weight_ih.dtype
         cases = [(torch.randn(shape, generator=generator, dtype=dtype),)
                  for shape in [(1, lstm.input_size), (3, lstm.input_size), (lstm.input_size,)]]
         h, c = (torch.randn(3, lstm.hidden_size, generator=generator, dtype=dtype) for _ in range(2))
-        return cases + [(cases[1][0], (h, c))]
+        return cases + [(cases[1][0], h if isinstance(lstm, nn.GRUCell) else (h, c))]
     dtype = lstm._flat_weights[0].dtype
     states = lstm.num_layers * (2 if lstm.bidirectional else 1)
     cases = []

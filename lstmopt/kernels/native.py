@@ -29,7 +29,7 @@ from torch import Tensor
 from lstmopt.environment import cpuinfo
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since
 
-__all__ = ["LOAD_LINE", "NativePacks", "available", "library_path", "load", "module", "run_native", "run_native_cell",
+__all__ = ["LOAD_LINE", "NativePacks", "available", "library_path", "load", "module", "run_native", "run_native_cell", "run_native_gru_cell",
            "run_native_gru", "unavailable_reason"]
 
 LOAD_LINE = "import lstmopt.native; lstmopt.native.load()"
@@ -260,3 +260,18 @@ def run_native_cell(packs: NativePacks, input: Tensor, hx: Optional[Tuple[Tensor
     if input.dim() == 1:
         return h_n.reshape(hidden), c_n.reshape(hidden)
     return h_n.reshape(batch, hidden), c_n.reshape(batch, hidden)
+
+
+def run_native_gru_cell(packs: NativePacks, input: Tensor, hx: Optional[Tensor]) -> Tensor:
+    """One nn.GRUCell step (packs of one GRU layer) through the dispatcher, for TorchScript (the Python path
+    calls ``Packs.try_cell``): input (B, I) or (I,), hx to match; returns h' shaped as hx."""
+    batch = input.size(0) if input.dim() == 2 else 1
+    hidden = packs.hidden_size
+    h0: Optional[Tensor] = None
+    if hx is not None:
+        h0 = hx.reshape(1, batch, hidden)
+    _, h_n = torch.ops.lstmopt.gru(input.reshape(1, batch, input.size(-1)), None, h0, packs.weights, packs.biases,
+                                   hidden, False, False)
+    if input.dim() == 1:
+        return h_n.reshape(hidden)
+    return h_n.reshape(batch, hidden)

@@ -1,8 +1,8 @@
-"""Every kernel a ``PackedLSTM`` can run, declared once.
+"""Every kernel a packed module can run, declared once.
 
 Dispatch (which kernels read packs or need the native library), autotune (the candidates, exact or not),
-the rewrite's reasons, the reports, the CLI help and ``docs/design.md`` (``tools/kernel_table.py``) all
-read this table. A new kernel is one entry here plus its code in ``kernels/`` and its branch in the
+the rewrite's reasons, the reports, the CLI help and ``docs/design.md`` (between its kernel-table
+markers, ``markdown()``) all read this table. A new kernel is one entry here plus its code in ``kernels/`` and its branch in the
 module's dispatch.
 """
 
@@ -13,17 +13,18 @@ from typing import Optional
 
 from lstmopt.kernels.accuracy import CONTRACT
 
-__all__ = ["CELL", "GRU", "Kernel", "SEQUENCE", "TENSOR", "TABLE", "approximate_kernels_text", "default", "find", "markdown", "names"]
+__all__ = ["CELL", "GRU", "GRU_CELL", "Kernel", "SEQUENCE", "TENSOR", "TABLE", "approximate_kernels_text", "default", "find", "markdown", "names"]
 
 TENSOR, SEQUENCE = "tensors", "PackedSequences"
 CELL = "nn.LSTMCell steps"  # the kernels of a PackedLSTMCell
 GRU = "nn.GRU calls"  # the kernels of a PackedGRU: tensors and PackedSequences
+GRU_CELL = "nn.GRUCell steps"  # the kernels of a PackedGRUCell
 
 
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    inputs: str  # TENSOR or SEQUENCE (a PackedLSTM's), or CELL
+    inputs: str  # TENSOR or SEQUENCE (a PackedLSTM's), CELL, GRU or GRU_CELL
     exact: bool  # bit-identical to nn.LSTM (else held to the approximate-kernel contract, kernels/accuracy.py)
     default: bool  # what a PackedLSTM runs until autotune says otherwise
     fp32_only: bool  # else also the packed dtype (bf16)
@@ -64,6 +65,15 @@ TABLE = (
            chosen_because="lstmopt's native kernel measured fastest"),
     Kernel("stock", CELL, exact=True, default=False, fp32_only=False, reads_packs=False, native=False,
            what="nn.LSTMCell itself", chosen_because="nn.LSTMCell itself measured fastest on these inputs"),
+    Kernel("aten", GRU_CELL, exact=True, default=True, fp32_only=False, reads_packs=False, native=False,
+           what="ATen's own cell op (torch._VF.gru_cell, what nn.GRUCell runs) called directly: "
+                "bit-identical, without nn.GRUCell.forward's Python around it",
+           chosen_because="ATen's cell op called directly measured fastest"),
+    Kernel("native", GRU_CELL, exact=False, default=False, fp32_only=True, reads_packs=False, native=True,
+           what="lstmopt's native kernel: the step in one native call",
+           chosen_because="lstmopt's native kernel measured fastest"),
+    Kernel("stock", GRU_CELL, exact=True, default=False, fp32_only=False, reads_packs=False, native=False,
+           what="nn.GRUCell itself", chosen_because="nn.GRUCell itself measured fastest on these inputs"),
     # No exact kernel exists for a GRU (eager runs its own cell loop): it is packed only with --approx.
     Kernel("native", GRU, exact=False, default=True, fp32_only=True, reads_packs=False, native=True,
            what="lstmopt's native kernel: the whole call in one native call, tensors and PackedSequences",
@@ -74,7 +84,7 @@ TABLE = (
 
 
 def names(inputs: str, *, exact_only: bool = False, projection: bool = False) -> tuple[str, ...]:
-    """The kernels for ``inputs`` (``TENSOR``, ``SEQUENCE`` or ``CELL``), in autotune's order
+    """The kernels for ``inputs`` (``TENSOR``, ``SEQUENCE``, ``CELL``, ``GRU`` or ``GRU_CELL``), in autotune's order
     (``projection``: only those that serve proj_size > 0)."""
     return tuple(k.name for k in TABLE if k.inputs == inputs and (k.exact or not exact_only)
                  and (k.projection or not projection))
@@ -101,14 +111,14 @@ def markdown() -> str:
     rows = ["| kernel | for | chosen | results | what it is |", "|---|---|---|---|---|"]
     for k in TABLE:
         chosen = "by default" if k.default else ("by autotune" if k.exact else "by autotune with `--approx`")
-        if k.inputs in (CELL, GRU) and not k.exact:  # no exact kernel to keep by default under --approx
+        if k.inputs in (CELL, GRU, GRU_CELL) and not k.exact:  # no exact kernel to keep by default under --approx
             chosen = "with `--approx`, unless autotune measures another faster"
         elif k.projection and not k.exact:  # nor do LSTMs with proj_size > 0
             chosen += "; with `--approx` for proj_size > 0"
         needs = ", fp32" if k.fp32_only else ""
-        needs += ", proj_size > 0 too" if k.projection and k.inputs != CELL else ""
+        needs += ", proj_size > 0 too" if k.projection and k.inputs not in (CELL, GRU_CELL) else ""
         needs += ", needs the native library" if k.native else ""
-        original = {CELL: "nn.LSTMCell", GRU: "nn.GRU"}.get(k.inputs, "nn.LSTM")
+        original = {CELL: "nn.LSTMCell", GRU: "nn.GRU", GRU_CELL: "nn.GRUCell"}.get(k.inputs, "nn.LSTM")
         results = f"bit-identical to `{original}`" if k.exact else CONTRACT
         rows.append(f"| `{k.name}` | {k.inputs}{needs} | {chosen} | {results} | {k.what} |")
     return "\n".join(rows) + "\n"

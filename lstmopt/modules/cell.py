@@ -1,23 +1,3 @@
-"""``PackedLSTMCell``: an ``nn.LSTMCell`` whose step costs what its arithmetic needs.
-
-Decoders (Tacotron2, attention and RNN-T prediction networks) roll an ``nn.LSTMCell`` one frame at a
-time, hundreds of calls per utterance, where a small cell's time is mostly overhead. Two kernels cut it
-(``lstmopt.kernels.table``, CELL):
-
-- ``aten``, the default: ATen's own cell op (``torch._VF.lstm_cell``, what ``nn.LSTMCell.forward`` calls)
-  called directly, with a cached zero state. Bit-identical to nn.LSTMCell, less the Python of its
-  forward; at batch 1 the op's own GEMMs dominate, so this saves a few microseconds a step (the benchmark's
-  LSTMCell table, docs/performance.md).
-- ``native``, where approximate kernels are allowed (``exact=False``, ``--approx``): lstmopt's native
-  kernel (``kernels/csrc/lstm.cpp``) runs the step as one pass over the input and recurrent weights with
-  the gates fused in, held to the approximate-kernel contract (``kernels/accuracy.py``).
-
-As ``PackedLSTM``: the parameters are the real dense weights (same names, ``state_dict``, errors), the
-packs follow them (``load_state_dict``, ``.to()``, reassignment, in-place edits), training, autograd,
-autocast and other dtypes take nn.LSTMCell's own path, and pickles and TorchScript archives store the
-dense weights and pack again where they are loaded.
-"""
-
 # No "from __future__ import annotations": TorchScript needs real annotations on the class attributes.
 from typing import List, Optional, Tuple
 
@@ -26,31 +6,35 @@ from torch import Tensor, _VF, nn
 
 from lstmopt.kernels import native
 from lstmopt.kernels import table as kernel_table
-from lstmopt.kernels.native import NativePacks, run_native_cell
+from lstmopt.kernels.native import NativePacks, run_native_cell, run_native_gru_cell
 from lstmopt.kernels.tensor_versions import version_of
 from lstmopt.modules import dispatch
 from lstmopt.modules.guards import valid_cell
 from lstmopt.modules.pack_state import OneKernel
 from lstmopt.modules.packs import native_obstacle as native_weights_obstacle, tracked_copy
 
-__all__ = ["CELL_KERNELS", "DEFAULT", "EXACT_CELL_KERNELS", "PackedLSTMCell", "cell_obstacle", "native_obstacle"]
+__all__ = ["CELL_KERNELS", "DEFAULT", "EXACT_CELL_KERNELS", "PackedGRUCell", "PackedLSTMCell", "cell_obstacle",
+           "native_obstacle"]
 
+# The same kernel names serve both cells (kernel_table.CELL and GRU_CELL).
 CELL_KERNELS = kernel_table.names(kernel_table.CELL)
 EXACT_CELL_KERNELS = kernel_table.names(kernel_table.CELL, exact_only=True)
 DEFAULT = kernel_table.default(kernel_table.CELL)
 _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_TORCH_CELLS = (nn.LSTMCell, nn.GRUCell)
 
 
 def cell_obstacle(cell: nn.Module) -> Optional[str]:
-    """Why ``cell`` cannot become a ``PackedLSTMCell``, or None if it can (its exact kernel calls
-    nn.LSTMCell's own op, which serves any dtype and device)."""
-    if not isinstance(cell, nn.LSTMCell):
-        return f"{type(cell).__name__} is not an nn.LSTMCell"
-    if type(cell) is not nn.LSTMCell and not isinstance(cell, PackedLSTMCell):
-        return f"{type(cell).__qualname__} subclasses nn.LSTMCell; its own code would be bypassed"
+    """Why ``cell`` cannot become a ``PackedLSTMCell`` or ``PackedGRUCell``, or None if it can (its exact
+    kernel calls the torch cell's own op, which serves any dtype and device)."""
+    if not isinstance(cell, _TORCH_CELLS):
+        return f"{type(cell).__name__} is neither an nn.LSTMCell nor an nn.GRUCell"
     computed = [name for name in _names(cell) if name not in cell._parameters]
-    if computed:
+    if computed:  # before the subclass check: a parametrization makes a subclass of its own
         return f"{computed[0]} is not a parameter (computed by a hook such as weight_norm)"
+    if type(cell) not in _TORCH_CELLS and not isinstance(cell, PackedCell):
+        torch_cell = "nn.GRUCell" if isinstance(cell, nn.GRUCell) else "nn.LSTMCell"
+        return f"{type(cell).__qualname__} subclasses {torch_cell}; its own code would be bypassed"
     return None
 
 
@@ -62,11 +46,95 @@ def native_obstacle(cell: nn.Module) -> Optional[str]:
     return native_weights_obstacle([cell._parameters[name] for name in _names(cell)])
 
 
-def _names(cell: nn.LSTMCell) -> tuple:
+def _names(cell: nn.Module) -> tuple:
     return _NAMES if cell.bias else _NAMES[:2]
 
 
-class PackedLSTMCell(OneKernel, nn.LSTMCell):
+class PackedCell(OneKernel):
+    """What ``PackedLSTMCell`` and ``PackedGRUCell`` share, before their torch cell class: how they are
+    made, packed and scripted. ``TORCH_CELL``: that class."""
+
+    KERNELS = CELL_KERNELS
+    TORCH_CELL: type = nn.Module
+
+    @classmethod
+    def from_cell(cls, cell: nn.Module, kernel: str = DEFAULT):
+        """A packed cell with a copy of ``cell``'s weights."""
+        return cls.convert_(tracked_copy(cell), kernel)
+
+    @classmethod
+    def convert_(cls, cell: nn.Module, kernel: str = DEFAULT):
+        """Turn ``cell`` itself into a packed cell (its identity, hooks and sharing kept)."""
+        obstacle = cell_obstacle(cell)
+        if obstacle is None and not isinstance(cell, cls.TORCH_CELL):
+            obstacle = f"{type(cell).__name__} is not an nn.{cls.TORCH_CELL.__name__}"
+        if obstacle is not None:
+            raise ValueError(f"cannot pack this {cls.TORCH_CELL.__name__}: {obstacle}")
+        if isinstance(cell, cls):
+            cell.use_kernel(kernel)
+        else:
+            cell.__class__ = cls
+            cell._init_packing(kernel)
+        return cell
+
+    @torch.jit.export
+    def repack(self) -> None:
+        """Pack the current weights again (see ``PackedLSTM.repack``)."""
+        if not torch.jit.is_scripting():
+            self._refresh()
+            return
+        if hasattr(self, "native_packs"):
+            self.native_packs = NativePacks([w.detach() for w in self._scripted_weights()], self.hidden_size, 1,
+                                            False, self.bias, 0, self.native_packs.gru)
+
+    def _refresh(self) -> None:
+        state = self._state
+        with state.lock:
+            if self.kernel == "native" and not native.load():  # load() said why, in one line
+                self.kernel = DEFAULT
+            names = list(_names(self))
+            weights = [self._parameters.get(name) for name in names]
+            packs = handle = None
+            if self.kernel == "native" and all(w is not None for w in weights) and native_obstacle(self) is None:
+                gru = isinstance(self, nn.GRUCell)
+                try:
+                    packs = NativePacks([w.detach() for w in weights], self.hidden_size, 1, False, self.bias, 0, gru)
+                    handle = native.module().Packs(packs.weights, packs.biases, [], self.hidden_size, 0, False, gru,
+                                                   names, weights)
+                except RuntimeError:  # weights reassigned with other shapes: the torch cell's path judges them
+                    packs = handle = None
+            # Concurrent calls read state.native once per call: it goes from the old packs to the new ones.
+            if packs is None:
+                self.__dict__.pop("native_packs", None)
+                state.native, state.packed_from = None, []
+                return
+            self.native_packs = packs
+            state.native = handle
+            # Last: until it is set, a call finds the packs stale and waits on the lock for this refresh.
+            state.packed_from = [(name, w, version_of(w), w.data_ptr()) for name, w in zip(names, weights)]
+
+    def _weight_names(self):
+        return _NAMES
+
+    def _serves_natively(self, input: Tensor, states: List[Tensor]) -> bool:
+        """The scripted forward's check before the native kernel (the eager one is ``Packs.try_cell``)."""
+        return (self.kernel == "native" and not self.training and not torch.is_grad_enabled()
+                and not torch.is_autocast_cpu_enabled()
+                and valid_cell(input, states, self.input_size, self.hidden_size)
+                and self.native_packs.is_current(self._scripted_weights()))
+
+    def _scripted_weights(self) -> List[Tensor]:
+        weights = [self.weight_ih, self.weight_hh]
+        bias_ih, bias_hh = self.bias_ih, self.bias_hh
+        if bias_ih is not None and bias_hh is not None:
+            weights += [bias_ih, bias_hh]
+        return weights
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", kernel={self.kernel}"
+
+
+class PackedLSTMCell(PackedCell, nn.LSTMCell):
     """Drop-in ``nn.LSTMCell`` for CPU inference on ATen's cell op or lstmopt's native kernel (see the
     module docstring).
 
@@ -82,7 +150,8 @@ class PackedLSTMCell(OneKernel, nn.LSTMCell):
     __jit_ignored_attributes__ = ["_state", "autotune_ms", "autotune_notes"]
     __jit_unused_properties__ = ["uses_native_kernel"]
 
-    KERNELS = CELL_KERNELS
+    TORCH_CELL = nn.LSTMCell
+    INPUTS = kernel_table.CELL
     kernel: str  # "aten", "native" or "stock" (lstmopt.kernels.table, CELL)
     # Present only while the native kernel is in use: a scripted cell without it loads without the library.
     native_packs: NativePacks
@@ -91,74 +160,14 @@ class PackedLSTMCell(OneKernel, nn.LSTMCell):
         super().__init__(*args, **kwargs)
         self._init_packing(kernel)
 
-    @classmethod
-    def from_cell(cls, cell: nn.LSTMCell, kernel: str = DEFAULT) -> "PackedLSTMCell":
-        """A ``PackedLSTMCell`` with a copy of ``cell``'s weights."""
-        return cls.convert_(tracked_copy(cell), kernel)
-
-    @classmethod
-    def convert_(cls, cell: nn.LSTMCell, kernel: str = DEFAULT) -> "PackedLSTMCell":
-        """Turn ``cell`` itself into a ``PackedLSTMCell`` (its identity, hooks and sharing kept)."""
-        obstacle = cell_obstacle(cell)
-        if obstacle is not None:
-            raise ValueError(f"cannot pack this LSTMCell: {obstacle}")
-        if isinstance(cell, PackedLSTMCell):
-            cell.use_kernel(kernel)
-        else:
-            cell.__class__ = cls
-            cell._init_packing(kernel)
-        return cell
-
-    @torch.jit.export
-    def repack(self) -> None:
-        """Pack the current weights again (see ``PackedLSTM.repack``)."""
-        if not torch.jit.is_scripting():
-            self._refresh()
-            return
-        if hasattr(self, "native_packs"):
-            self.native_packs = NativePacks([w.detach() for w in self._scripted_weights()], self.hidden_size, 1,
-                                            False, self.bias)
-
-    def _refresh(self) -> None:
-        state = self._state
-        with state.lock:
-            if self.kernel == "native" and not native.load():  # load() said why, in one line
-                self.kernel = DEFAULT
-            names = list(_names(self))
-            weights = [self._parameters.get(name) for name in names]
-            state.native, state.packed_from = None, []
-            self.__dict__.pop("native_packs", None)
-            if self.kernel != "native" or any(w is None for w in weights) or native_obstacle(self) is not None:
-                return
-            try:
-                packs = NativePacks([w.detach() for w in weights], self.hidden_size, 1, False, self.bias)
-            except RuntimeError:  # weights reassigned with other shapes: nn.LSTMCell's path judges them
-                return
-            self.native_packs = packs
-            state.native = native.module().Packs(packs.weights, packs.biases, [], self.hidden_size, 0, False, False,
-                                                 names, weights)
-            state.packed_from = [(name, w, version_of(w), w.data_ptr()) for name, w in zip(names, weights)]
-
-    def _weight_names(self):
-        return _NAMES
-
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if not torch.jit.is_scripting():
             return dispatch.cell_forward(self, input, hx)
         if hasattr(self, "native_packs"):
-            if (self.kernel == "native" and not self.training and not torch.is_grad_enabled()
-                    and not torch.is_autocast_cpu_enabled()
-                    and valid_cell(input, hx, self.input_size, self.hidden_size)
-                    and self.native_packs.is_current(self._scripted_weights())):
+            states: List[Tensor] = [] if hx is None else [hx[0], hx[1]]
+            if self._serves_natively(input, states):
                 return run_native_cell(self.native_packs, input, hx)
         return self._stock(input, hx)
-
-    def _scripted_weights(self) -> List[Tensor]:
-        weights = [self.weight_ih, self.weight_hh]
-        bias_ih, bias_hh = self.bias_ih, self.bias_hh
-        if bias_ih is not None and bias_hh is not None:
-            weights += [bias_ih, bias_hh]
-        return weights
 
     def _stock(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
         # nn.LSTMCell.forward, which a scripted subclass cannot call.
@@ -181,5 +190,55 @@ class PackedLSTMCell(OneKernel, nn.LSTMCell):
             ret = (ret[0].squeeze(0), ret[1].squeeze(0))
         return ret
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", kernel={self.kernel}"
+
+class PackedGRUCell(PackedCell, nn.GRUCell):
+    """Drop-in ``nn.GRUCell`` for CPU inference on ATen's cell op or lstmopt's native kernel (see the
+    module docstring).
+
+    Build one with ``PackedGRUCell.from_cell(cell)`` (a copy), like ``nn.GRUCell``, or with
+    ``lstmopt.optimize(model)`` (``exact=False`` for the native kernel).
+
+    Example:
+        >>> cell = PackedGRUCell.from_cell(nn.GRUCell(80, 256)).eval()
+        >>> with torch.inference_mode():
+        ...     h = cell(torch.randn(1, 80))
+    """
+
+    __jit_ignored_attributes__ = ["_state", "autotune_ms", "autotune_notes"]
+    __jit_unused_properties__ = ["uses_native_kernel"]
+
+    TORCH_CELL = nn.GRUCell
+    INPUTS = kernel_table.GRU_CELL
+    kernel: str  # "aten", "native" or "stock" (lstmopt.kernels.table, GRU_CELL)
+    native_packs: NativePacks  # as PackedLSTMCell's
+
+    def __init__(self, *args, kernel: str = DEFAULT, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_packing(kernel)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        if not torch.jit.is_scripting():
+            return dispatch.cell_forward(self, input, hx)
+        if hasattr(self, "native_packs"):
+            states: List[Tensor] = [] if hx is None else [hx]
+            if self._serves_natively(input, states):
+                return run_native_gru_cell(self.native_packs, input, hx)
+        return self._stock(input, hx)
+
+    def _stock(self, input: Tensor, hx: Optional[Tensor]) -> Tensor:
+        # nn.GRUCell.forward, which a scripted subclass cannot call.
+        if input.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+        else:
+            hx = hx.unsqueeze(0) if not is_batched else hx
+        ret = _VF.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if not is_batched:
+            ret = ret.squeeze(0)
+        return ret

@@ -174,6 +174,7 @@ def exported(module, input, hx):
 
 
 _stock_cell = nn.LSTMCell.forward
+_stock_gru_cell = nn.GRUCell.forward
 
 
 def stock_only(module) -> bool:
@@ -185,12 +186,12 @@ def stock_only(module) -> bool:
 
 
 def cell_forward(cell, input, hx):
-    """``PackedLSTMCell.forward`` outside TorchScript: the native kernel where it serves the call (its own
-    checks refuse anything nn.LSTMCell would treat otherwise), else ATen's cell op or nn.LSTMCell's own
-    path, which also raises its errors. torch.compile and torch.export trace that path (an LSTMCell is a
-    few ops they fuse)."""
+    """``PackedLSTMCell.forward`` and ``PackedGRUCell.forward`` outside TorchScript: the native kernel where
+    it serves the call (its own checks refuse anything the torch cell would treat otherwise), else ATen's
+    cell op or the torch cell's own path, which also raises its errors. torch.compile and torch.export
+    trace that path (a cell is a few ops they fuse)."""
     if stock_only(cell):
-        return _stock_cell(cell, input, hx)
+        return _stock_cell_of(cell)(cell, input, hx)
     packs = cell._state.native
     if packs is not None:
         result = packs.try_cell(input, hx, cell._parameters)
@@ -199,20 +200,28 @@ def cell_forward(cell, input, hx):
     return seqlocked(cell, _cell_once, input, hx)
 
 
+def _stock_cell_of(cell):
+    return _stock_gru_cell if isinstance(cell, nn.GRUCell) else _stock_cell
+
+
 def _cell_once(cell, state, input, hx):
-    if cell.kernel == "aten" and aten_cell_call(input, hx):
-        # What nn.LSTMCell.forward does for a batch, less its Python: the same op on the same tensors,
+    gru = isinstance(cell, nn.GRUCell)
+    if cell.kernel == "aten" and aten_cell_call(input, hx, gru):
+        # What the torch cell's forward does for a batch, less its Python: the same op on the same tensors,
         # so the same results and, for a bad shape or dtype, the op's own error.
+        p = cell._parameters
+        if gru:
+            h = state.zero_state(input, 2, False, cell.hidden_size, batch=input.size(0)) if hx is None else hx
+            return _VF.gru_cell(input, h, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])
         if hx is None:
             zeros = state.zero_state(input, 2, False, cell.hidden_size, batch=input.size(0))
             hx = (zeros, zeros)
-        p = cell._parameters
         return _VF.lstm_cell(input, hx, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])
     # The native packs refused: an in-place edit made them stale (repack, and try again), or the call is
-    # one for nn.LSTMCell (other dtypes, shapes, tensor subclasses).
+    # one for the torch cell (other dtypes, shapes, tensor subclasses).
     if state.native is not None and state.is_current(cell._parameters) is False and state.ready(cell, lambda: True):
         packs = state.native
         result = None if packs is None else packs.try_cell(input, hx, cell._parameters)
         if result is not None:
             return result
-    return _stock_cell(cell, input, hx)
+    return _stock_cell_of(cell)(cell, input, hx)

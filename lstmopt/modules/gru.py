@@ -42,13 +42,13 @@ def gru_obstacle(gru: nn.Module) -> Optional[str]:
     """Why ``gru`` cannot run on the native kernel here, or None if it can."""
     if not isinstance(gru, nn.GRU):
         return f"{type(gru).__name__} is not an nn.GRU"
+    computed = [name for name in gru._flat_weights_names if name not in gru._parameters]
+    if computed:  # before the subclass check: a parametrization makes a subclass of its own
+        return f"{computed[0]} is not a parameter (computed by a hook such as weight_norm)"
     if type(gru) is not nn.GRU and not isinstance(gru, PackedGRU):
         return f"{type(gru).__qualname__} subclasses nn.GRU; its own code would be bypassed"
     if gru.input_size == 0 or gru.hidden_size == 0:
         return "input_size or hidden_size is 0"
-    computed = [name for name in gru._flat_weights_names if name not in gru._parameters]
-    if computed:
-        return f"{computed[0]} is not a parameter (computed by a hook such as weight_norm)"
     return native_weights_obstacle([gru._parameters[name] for name in gru._flat_weights_names])
 
 
@@ -68,6 +68,7 @@ class PackedGRU(OneKernel, nn.GRU):
     __jit_unused_properties__ = ["uses_native_kernel", *nn.GRU.__jit_unused_properties__]
 
     KERNELS = GRU_KERNELS
+    INPUTS = kernel_table.GRU
     kernel: str  # "native" or "stock" (lstmopt.kernels.table, GRU)
     # Present only while the native kernel is in use: a scripted GRU without it loads without the library.
     native_packs: NativePacks

@@ -54,9 +54,9 @@ def _states_shaped(hx: Tuple[Tensor, Tensor], dtype: torch.dtype, lead: List[int
             and list(c.shape) == lead + [hidden_size])
 
 
-def valid_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], input_size: int, hidden_size: int) -> bool:
-    """The same for one ``nn.LSTMCell`` step on the native kernel (float32): input (B, I) or (I,), states
-    (B, H) or (H,) to match."""
+def valid_cell(input: Tensor, states: List[Tensor], input_size: int, hidden_size: int) -> bool:
+    """The same for one ``nn.LSTMCell`` or ``nn.GRUCell`` step on the native kernel (float32): input (B, I)
+    or (I,), ``states`` (none, an LSTMCell's h and c, or a GRUCell's h) (B, H) or (H,) to match."""
     if not _plain_cpu(input, torch.float32) or input.size(-1) != input_size:
         return False
     if input.dim() == 2:
@@ -67,19 +67,23 @@ def valid_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], input_size: i
         expected = [hidden_size]
     else:
         return False
-    if hx is not None:
-        for state in hx:
-            if not _plain_cpu(state, torch.float32) or list(state.shape) != expected:
-                return False
+    for state in states:
+        if not _plain_cpu(state, torch.float32) or list(state.shape) != expected:
+            return False
     return True
 
 
-def aten_cell_call(input: Tensor, hx) -> bool:
-    """Whether a PackedLSTMCell's ``aten`` kernel takes this call itself: a plain CPU batch (B, I) with no
-    state or (B, H) states, as nn.LSTMCell passes them to the op; the rest (unbatched steps, tensor
-    subclasses) takes nn.LSTMCell's path. Python only."""
-    return (type(input) is Tensor and input.dim() == 2 and input.is_cpu
-            and (hx is None or (plain_state(hx) and hx[0].dim() == 2 and hx[1].dim() == 2)))
+def aten_cell_call(input: Tensor, hx, gru: bool) -> bool:
+    """Whether a packed cell's ``aten`` kernel takes this call itself: a plain CPU batch (B, I) with no
+    state or (B, H) states (an LSTMCell's pair, a GRUCell's one), as the torch cell passes them to the op;
+    the rest (unbatched steps, tensor subclasses) takes the torch cell's path. Python only."""
+    if type(input) is not Tensor or input.dim() != 2 or not input.is_cpu:
+        return False
+    if hx is None:
+        return True
+    if gru:
+        return type(hx) is Tensor and hx.dim() == 2
+    return plain_state(hx) and hx[0].dim() == 2 and hx[1].dim() == 2
 
 
 def _index_vector(t: Optional[Tensor], batch: int) -> bool:

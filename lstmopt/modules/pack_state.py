@@ -170,7 +170,7 @@ def _expected_shapes(module: nn.LSTM) -> list[tuple[int, ...]]:
 class FollowsWeights:
     """The ``nn.Module`` hooks through which a packed module's packs follow its weights: ``.to()`` and
     friends, ``load_state_dict`` (under the load seqlock) and a reassigned parameter all repack. A mixin
-    before the torch class (``PackedLSTM``, ``PackedLSTMCell``), which names its weights."""
+    before the torch class (``PackedLSTM`` and the ``OneKernel`` modules), which names its weights."""
 
     def _weight_names(self):
         raise NotImplementedError
@@ -195,10 +195,11 @@ class FollowsWeights:
 
 class OneKernel(FollowsWeights):
     """A packed module with one kernel in use, one of its class's ``KERNELS`` (``PackedLSTMCell``,
-    ``PackedGRU``): how it is set up, switched, and pickled. The class's ``repack`` makes the packs that
+    ``PackedGRUCell``, ``PackedGRU``): how it is set up, switched, and pickled. The class's ``repack`` makes the packs that
     kernel reads."""
 
     KERNELS: tuple = ()  # names from the kernel table, for this class's inputs
+    INPUTS = ""  # those inputs: kernel_table.CELL, GRU_CELL or GRU
 
     def _init_packing(self, kernel: str) -> None:
         self._check_kernel(kernel)

@@ -70,8 +70,8 @@ def _method(data: dict) -> str:
 
 
 def _direction(module: dict) -> str:
-    if module.get("kind") == "LSTMCell":
-        return "LSTMCell"
+    if module.get("kind") in ("LSTMCell", "GRUCell"):
+        return module["kind"]
     return ("GRU, " if module.get("kind") == "GRU" else "") + ("bi" if module["bidirectional"] else "uni")
 
 

@@ -1,4 +1,4 @@
-"""Per-module autotune: time each PackedLSTM's (and PackedLSTMCell's, PackedGRU's) kernels on the inputs
+"""Per-module autotune: time each PackedLSTM's (and packed cell's, PackedGRU's) kernels on the inputs
 it really sees, keep the fastest.
 
 ``autotune(model, samples)`` runs the model on the sample inputs while recording what every PackedLSTM
@@ -22,7 +22,7 @@ from lstmopt.kernels import native
 from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import tracked_copy, weights_obstacle
-from lstmopt.modules.cell import CELL_KERNELS, DEFAULT, EXACT_CELL_KERNELS, PackedLSTMCell, cell_obstacle, native_obstacle
+from lstmopt.modules.cell import CELL_KERNELS, DEFAULT, EXACT_CELL_KERNELS, PackedCell, cell_obstacle, native_obstacle
 from lstmopt.modules.gru import GRU_KERNELS, PackedGRU, gru_serves
 from lstmopt.modules.guards import aten_cell_call, kernel_accepts, plain_state, valid_cell
 from lstmopt.rewrite.timing import Ratio, compare
@@ -90,6 +90,15 @@ def _record(model: nn.Module, modules: dict, samples: Sequence[tuple]) -> dict:
     return seen
 
 
+def _cell_states(hx, gru: bool) -> Optional[list]:
+    """A cell call's states as ``valid_cell`` takes them, or None if they are not plain tensors."""
+    if hx is None:
+        return []
+    if gru:
+        return [hx] if type(hx) is torch.Tensor else None
+    return list(hx) if plain_state(hx) else None
+
+
 def _serves(variant: PackedLSTM, kernel: str, inputs: str, calls: list) -> bool:
     """Whether ``kernel`` (already switched on ``variant``) takes every recorded call itself."""
     facts = kernel_table.find(kernel, inputs)
@@ -97,12 +106,14 @@ def _serves(variant: PackedLSTM, kernel: str, inputs: str, calls: list) -> bool:
         return True
     if inputs == kernel_table.GRU:
         return variant.uses_native_kernel and all(gru_serves(variant, input, hx) for (input, hx), _ in calls)
-    if inputs == kernel_table.CELL and kernel == "aten":
-        return all(aten_cell_call(input, hx) for (input, hx), _ in calls)
-    if inputs == kernel_table.CELL:
+    if inputs in (kernel_table.CELL, kernel_table.GRU_CELL):
+        gru = inputs == kernel_table.GRU_CELL
+        if kernel == "aten":
+            return all(aten_cell_call(input, hx, gru) for (input, hx), _ in calls)
         return variant.uses_native_kernel and all(
-            plain_state(hx) and type(input) is torch.Tensor
-            and valid_cell(input, hx, variant.input_size, variant.hidden_size) for (input, hx), _ in calls)
+            type(input) is torch.Tensor and _cell_states(hx, gru) is not None
+            and valid_cell(input, _cell_states(hx, gru), variant.input_size, variant.hidden_size)
+            for (input, hx), _ in calls)
     dtype = variant.kernel_dtype if inputs == kernel_table.TENSOR else variant.sequence_dtype
     weight_dtype = variant._flat_weights[0].dtype
     for (input, hx), _ in calls:
@@ -176,14 +187,14 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
     Example:
         >>> choices = autotune(lstmopt.optimize(model), [(torch.randn(1, 1, 40),)], exact=False)
     """
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, (PackedLSTM, PackedLSTMCell, PackedGRU))}
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, (PackedLSTM, PackedCell, PackedGRU))}
     if not modules or not samples:
         return []
     model.eval()
     recorded = _record(model, modules, samples)
     choices = []
     for name, module in modules.items():
-        if isinstance(module, (PackedLSTMCell, PackedGRU)):
+        if isinstance(module, (PackedCell, PackedGRU)):
             gru = isinstance(module, PackedGRU)
             choice = (_choose_gru if gru else _choose_cell)(module, name, recorded[name], exact, rounds, round_s)
             if choice is not None:
@@ -243,7 +254,7 @@ def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool
                         ratios, not_serving, _note(best, baseline, ratios, not_serving))
 
 
-def _choose_cell(cell: PackedLSTMCell, name: str, recorded: dict, exact: bool, rounds: int,
+def _choose_cell(cell: PackedCell, name: str, recorded: dict, exact: bool, rounds: int,
                  round_s: float) -> Optional[KernelChoice]:
     """The cell kernels (only the exact ones with ``exact``) against the default, ATen's cell op."""
     calls = [entry for signature, entry in recorded.items() if signature[0] == "tensor"]
@@ -253,9 +264,9 @@ def _choose_cell(cell: PackedLSTMCell, name: str, recorded: dict, exact: bool, r
     if "native" in candidates and (not native.load() or native_obstacle(cell) is not None):
         candidates.remove("native")
     baseline = DEFAULT
-    best, ms, ratios, not_serving = _fastest(cell, kernel_table.CELL, calls, candidates, baseline,
+    best, ms, ratios, not_serving = _fastest(cell, cell.INPUTS, calls, candidates, baseline,
                                              lambda variant, kernel: variant.use_kernel(kernel), rounds, round_s)
-    return KernelChoice(name, "cell", best, kernel_table.find(best, kernel_table.CELL).exact, ms,
+    return KernelChoice(name, "cell", best, kernel_table.find(best, cell.INPUTS).exact, ms,
                         sum(count for _, count in calls), baseline, ratios, not_serving,
                         _note(best, baseline, ratios, not_serving))
 

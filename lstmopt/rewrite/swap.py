@@ -1,6 +1,6 @@
-"""``optimize``: swap a model's ``nn.LSTM`` modules for ``PackedLSTM``, its ``nn.LSTMCell`` modules for
-``PackedLSTMCell`` and (where approximate kernels are allowed) its ``nn.GRU`` modules for ``PackedGRU``;
-``plan``: what it would do and why."""
+"""``optimize``: swap a model's ``nn.LSTM`` modules for ``PackedLSTM``, its ``nn.LSTMCell`` and
+``nn.GRUCell`` modules for ``PackedLSTMCell`` and ``PackedGRUCell`` and (where approximate kernels are
+allowed) its ``nn.GRU`` modules for ``PackedGRU``; ``plan``: what it would do and why."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from lstmopt.errors import UnsupportedError
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.accuracy import CONTRACT
-from lstmopt.modules.cell import EXACT_CELL_KERNELS, PackedLSTMCell, cell_obstacle, native_obstacle
+from lstmopt.modules.cell import EXACT_CELL_KERNELS, PackedCell, PackedGRUCell, PackedLSTMCell, cell_obstacle, native_obstacle
 from lstmopt.modules.gru import PackedGRU, gru_obstacle
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import (NO_EXACT_PROJECTION, PACKABLE_DTYPES, bf16_supported, own_forward, packing_obstacle,
@@ -48,7 +48,7 @@ class Decision:
     autotune_ms: Optional[dict] = None  # measured ms per kernel, when autotune chose the kernel
     sequence_kernel: Optional[str] = None  # for PackedSequence inputs: "stock", "onednn" or "native"
     sequence_autotune_ms: Optional[dict] = None
-    kind: str = "LSTM"  # or "LSTMCell" (one layer, one direction, one step per call), or "GRU"
+    kind: str = "LSTM"  # or "LSTMCell", "GRUCell" (one layer, one direction, one step per call), or "GRU"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,22 +122,21 @@ def _native_projection_obstacle(lstm: nn.LSTM, dtype: torch.dtype) -> Optional[s
     return None if obstacle is None else f"proj_size>0 runs only on lstmopt's native kernel: {obstacle}"
 
 
-_CELL_EXACT = "ATen's cell op called directly, bit-identical to nn.LSTMCell"
-
-
-def _decide_cell(cell: nn.LSTMCell, name: str, aliases: tuple[str, ...], exact: bool,
+def _decide_cell(cell: nn.Module, name: str, aliases: tuple[str, ...], exact: bool,
                  filter_fn: Optional[FilterFn]) -> Decision:
+    kind = "GRUCell" if isinstance(cell, nn.GRUCell) else "LSTMCell"
+    cell_exact = f"ATen's cell op called directly, bit-identical to nn.{kind}"
     kernel = None
-    if isinstance(cell, PackedLSTMCell):
-        packed, reason, kernel = True, "already a PackedLSTMCell", cell.kernel
+    if isinstance(cell, PackedCell):
+        packed, reason, kernel = True, f"already a {type(cell).__name__}", cell.kernel
     elif filter_fn is not None and not filter_fn(cell, name):
         packed, reason = False, "excluded by filter_fn"
     elif (obstacle := cell_obstacle(cell)) is not None:
         packed, reason = False, obstacle
     elif exact:
-        packed, reason, kernel = True, _CELL_EXACT, "aten"
+        packed, reason, kernel = True, cell_exact, "aten"
     elif (obstacle := native_obstacle(cell)) is not None:
-        packed, reason, kernel = True, f"{_CELL_EXACT} (not the native kernel: {obstacle})", "aten"
+        packed, reason, kernel = True, f"{cell_exact} (not the native kernel: {obstacle})", "aten"
     else:
         packed, reason, kernel = True, f"lstmopt's native kernel, {CONTRACT}", "native"
     found = _dtype_name(cell.weight_ih.dtype)
@@ -145,7 +144,7 @@ def _decide_cell(cell: nn.LSTMCell, name: str, aliases: tuple[str, ...], exact: 
         name=name, aliases=aliases, input_size=cell.input_size, hidden_size=cell.hidden_size, num_layers=1,
         bidirectional=False, bias=cell.bias, batch_first=False, proj_size=0, dtype=found, packed=packed,
         packed_dtype=found if packed else None, exact=not packed or kernel in EXACT_CELL_KERNELS, reason=reason,
-        kernel=kernel if packed else None, autotune_ms=getattr(cell, "autotune_ms", None), kind="LSTMCell")
+        kernel=kernel if packed else None, autotune_ms=getattr(cell, "autotune_ms", None), kind=kind)
 
 
 NO_EXACT_GRU = ("nn.GRU has no exact kernel (eager runs its own cell loop); --approx runs it on lstmopt's "
@@ -176,7 +175,7 @@ def _decide_gru(gru: nn.GRU, name: str, aliases: tuple[str, ...], exact: bool,
 
 def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None, filter_fn: Optional[FilterFn] = None,
          exact: bool = True) -> list[Decision]:
-    """One ``Decision`` per distinct ``nn.LSTM``, ``nn.LSTMCell`` and ``nn.GRU`` in ``model`` (in module
+    """One ``Decision`` per distinct ``nn.LSTM``, ``nn.LSTMCell``, ``nn.GRU`` and ``nn.GRUCell`` in ``model`` (in module
     order); changes nothing.
 
     Args:
@@ -190,14 +189,14 @@ def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None, filter_fn: Op
     _check_request(model, dtype)
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, (nn.LSTM, nn.LSTMCell, nn.GRU)):
+        if isinstance(module, (nn.LSTM, nn.LSTMCell, nn.GRU, nn.GRUCell)):
             names.setdefault(id(module), []).append(name)
     decisions = []
     for name, module in model.named_modules():
         aliases = tuple(names.get(id(module), [])[1:])
         if isinstance(module, nn.LSTM):
             decisions.append(_decide(module, name, aliases, dtype, filter_fn, exact))
-        elif isinstance(module, nn.LSTMCell):
+        elif isinstance(module, (nn.LSTMCell, nn.GRUCell)):
             decisions.append(_decide_cell(module, name, aliases, exact, filter_fn))
         elif isinstance(module, nn.GRU):
             decisions.append(_decide_gru(module, name, aliases, exact, filter_fn))
@@ -208,7 +207,8 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              filter_fn: Optional[FilterFn] = None, inplace: bool = False,
              autotune: Optional[Sequence[tuple]] = None, exact: bool = True) -> nn.Module:
     """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM``, every
-    ``nn.LSTMCell`` by a ``PackedLSTMCell`` and, with ``exact=False``, every ``nn.GRU`` by a ``PackedGRU``.
+    ``nn.LSTMCell`` or ``nn.GRUCell`` by a ``PackedLSTMCell`` or ``PackedGRUCell`` and, with ``exact=False``,
+    every ``nn.GRU`` by a ``PackedGRU``.
 
     Args:
         model: the model to optimize; copied first unless ``inplace=True``.
@@ -219,7 +219,7 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         autotune: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
             every kernel on the calls it receives and keeps the fastest (``lstmopt.rewrite.autotune``).
         exact: False also admits the approximate kernels of the kernel table (``lstmopt.kernels.table``):
-            autotune may choose them, and LSTMCells, LSTMs with ``proj_size > 0`` and GRUs (the last two
+            autotune may choose them, and cells, LSTMs with ``proj_size > 0`` and GRUs (the last two
             have no exact kernel but their own, and stay as they are otherwise) run lstmopt's native kernel.
 
     Example:
@@ -233,8 +233,9 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         except Exception as exc:  # user models may hold uncopyable state (locks, files, ...)
             raise TypeError(f"cannot copy the model ({exc}); pass inplace=True") from exc
     for decision in decisions:
-        if decision.packed and decision.kind == "LSTMCell":
-            PackedLSTMCell.convert_(model.get_submodule(decision.name), decision.kernel)
+        if decision.packed and decision.kind in ("LSTMCell", "GRUCell"):
+            cls = PackedGRUCell if decision.kind == "GRUCell" else PackedLSTMCell
+            cls.convert_(model.get_submodule(decision.name), decision.kernel)
         elif decision.packed and decision.kind == "GRU":
             PackedGRU.convert_(model.get_submodule(decision.name), decision.kernel)
         elif decision.packed:
@@ -254,9 +255,9 @@ def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[De
     updated = []
     for decision in decisions:
         module = optimized.get_submodule(decision.name) if decision.packed else None
-        if isinstance(module, (PackedLSTMCell, PackedGRU)):
+        if isinstance(module, (PackedCell, PackedGRU)):
             gru = isinstance(module, PackedGRU)
-            kernel = kernel_table.find(module.kernel, kernel_table.GRU if gru else kernel_table.CELL)
+            kernel = kernel_table.find(module.kernel, module.INPUTS)
             decision = replace(decision, kernel=module.kernel, autotune_ms=module.autotune_ms, exact=kernel.exact,
                                sequence_kernel=module.kernel if gru else None)
             note = module.autotune_notes.get("gru" if gru else "cell")
