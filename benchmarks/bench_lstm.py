@@ -14,7 +14,10 @@
    op called directly: bit-identical) and on its native kernel (``exact=False``), against ONNX Runtime
    (``--onnxruntime``) on the exported cell and with its fused LSTM operator; and a Tacotron2-like decoder
    loop (two LSTMCells, 50 frames) eager, optimized by default and with ``exact=False``.
-2c. LSTMs with proj_size > 0 (LSTMP): one step and a 16-step chunk with the state carried, eager against
+2c. nn.GRU and nn.GRUCell: a GRU (no exact kernel: kept by default, the native kernel with ``exact=False``)
+   at the streaming shapes and at the tagger and server shapes of section 1, eager against lstmopt and
+   ONNX Runtime (``--onnxruntime``) on the same export; a GRUCell's step as the LSTMCell's in 2b.
+2d. LSTMs with proj_size > 0 (LSTMP): one step and a 16-step chunk with the state carried, eager against
    lstmopt with approximation allowed (``optimize(m, exact=False)``: the native kernel, the projection fused;
    by default an LSTMP is kept, having no exact kernel). ONNX Runtime has no row: torch.onnx cannot export
    an LSTM with projections (the TorchScript exporter refuses it; the dynamo exporter's graph fails ORT's
@@ -36,7 +39,6 @@ timed block and a warm-up inside it, so that no variant is timed while another's
 import argparse
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -50,7 +52,7 @@ from lstmopt import PackedLSTM, native, optimize
 from lstmopt.modules.packs import bf16_supported
 from lstmopt.rewrite.timing import interleaved_medians
 from bench_support import (BIG, SPINNING_PEER, CellDecoder, Streamer, Tagger, artifact, fastest, kernels, median,
-                           memory_and_conversion, ms, ort_cell_sessions, ort_session, table, us)
+                           memory_and_conversion, ms, ort_cell_sessions, ort_session, spread, table, us)
 
 # (input_size, hidden_size, layers, bidirectional, batch, steps)
 CONFIGS = [
@@ -140,7 +142,7 @@ def streaming(rounds, runs):
         ratios = [t["lstmopt"] / t["onnxruntime"] for t in times]
         rows.append([label, ",".join(map(str, shape)), kernel, us(median(times, "eager")),
                      us(median(times, "onnxruntime")), us(median(times, "lstmopt")),
-                     f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"])
+                     spread(ratios)])
     return rows
 
 
@@ -152,26 +154,33 @@ CELLS = [
     ("Tacotron2 attention cell", 768, 1024),
     ("Tacotron2 decoder cell", 1536, 1024),
 ]
+GRU_CELLS = [
+    ("small GRU cell", 80, 256),
+    ("large GRU cell", 512, 1024),
+]
 DECODER_FRAMES = 50
 
 
-def cells(rounds, runs, with_ort):
+def cells(rounds, runs, with_ort, kind=nn.LSTMCell):
     setups = []
-    for label, I, H in CELLS:
+    for label, I, H in CELLS if kind is nn.LSTMCell else GRU_CELLS:
         torch.manual_seed(0)
-        eager = nn.LSTMCell(I, H).eval()
+        eager = kind(I, H).eval()
         x, h, c = torch.randn(1, I), torch.randn(1, H), torch.randn(1, H)
+        state = (h,) if kind is nn.GRUCell else (h, c)
+        call = (x, h) if kind is nn.GRUCell else (x, (h, c))
         exact, approx = optimize(eager), optimize(eager, exact=False)
         assert exact.kernel == "aten" and approx.kernel == "native", (exact.kernel, approx.kernel)
         with torch.no_grad():
-            expected = eager(x, (h, c))
-            assert all(map(torch.equal, exact(x, (h, c)), expected))
-            torch.testing.assert_close(approx(x, (h, c)), expected, atol=1e-5, rtol=1e-5)
-        variants = {"eager": lambda m=eager, a=(x, (h, c)): m(*a), "aten": lambda m=exact, a=(x, (h, c)): m(*a),
-                    "native": lambda m=approx, a=(x, (h, c)): m(*a)}
+            expected = eager(*call)
+            assert torch.equal(exact(*call)[0], expected[0])
+            torch.testing.assert_close(approx(*call), expected, atol=1e-5, rtol=1e-5)
+        variants = {"eager": lambda m=eager, a=call: m(*a), "aten": lambda m=exact, a=call: m(*a),
+                    "native": lambda m=approx, a=call: m(*a)}
         if with_ort:
-            graph, op, h_graph = ort_cell_sessions(eager, x, h, c)
-            torch.testing.assert_close(h_graph, expected[0], atol=1e-5, rtol=1e-5)
+            graph, op, h_graph = ort_cell_sessions(eager, x, *state)
+            torch.testing.assert_close(h_graph, expected if kind is nn.GRUCell else expected[0], atol=1e-5,
+                                       rtol=1e-5)
             variants.update({"ORT cell graph": graph, "ORT LSTM op": op})
         setups.append((label, (I, H), variants))
     results = {label: [] for label, *_ in setups}
@@ -189,7 +198,7 @@ def cells(rounds, runs, with_ort):
         if with_ort:
             ratios = [t["native"] / min(t["ORT cell graph"], t["ORT LSTM op"]) for t in times]
             row += [us(median(times, "ORT cell graph")), us(median(times, "ORT LSTM op")),
-                    f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"]
+                    spread(ratios)]
         rows.append(row)
     return rows
 
@@ -211,7 +220,55 @@ def decoder(rounds):
              f"{t['eager'] / t['native']:.2f}x"]]
 
 
-# --- 2c. LSTMs with proj_size > 0 ---------------------------------------------------------------------
+# --- 2c. nn.GRU ---------------------------------------------------------------------------------------
+
+# (name, input_size, hidden_size, layers, bidirectional, batch, steps): streaming, then section 1's tagger
+# and server shapes
+GRUS = [
+    ("GRU, one step", 80, 256, 2, False, 1, 1),
+    ("GRU, 16-step chunk", 80, 256, 2, False, 1, 16),
+    ("GRU, 16 streams, one step", 80, 256, 2, False, 16, 1),
+    ("GRU, tagger shape", 128, 256, 2, True, 8, 50),
+    ("GRU, server shape", 256, 512, 2, False, 16, 100),
+]
+
+
+def grus(rounds, runs, with_ort):
+    setups = []
+    for label, I, H, layers, bidirectional, B, T in GRUS:
+        torch.manual_seed(0)
+        eager = nn.GRU(I, H, num_layers=layers, bidirectional=bidirectional).eval()
+        assert type(optimize(eager)) is nn.GRU  # kept by default: no exact kernel
+        approx = optimize(eager, exact=False)
+        assert kernels(approx) == "native", kernels(approx)
+        x, h = torch.randn(T, B, I), torch.randn(layers * (2 if bidirectional else 1), B, H)
+        with torch.no_grad():
+            expected = eager(x, h)
+            torch.testing.assert_close(approx(x, h), expected, atol=1e-5, rtol=1e-5)
+        variants = {"eager": lambda m=eager, a=(x, h): m(*a), "lstmopt": lambda m=approx, a=(x, h): m(*a)}
+        if with_ort:
+            run_ort, y = ort_session(eager, x, h)
+            torch.testing.assert_close(y, expected[0], atol=1e-5, rtol=1e-5)
+            variants["onnxruntime"] = run_ort
+        setups.append((label, (I, H, layers, "bi" if bidirectional else "uni", B, T), variants))
+    results = {label: [] for label, *_ in setups}
+    for _ in range(runs):
+        for label, _, variants in setups:
+            with torch.no_grad():
+                results[label].append(interleaved_medians(variants, rounds=rounds, **SPINNING_PEER))
+    rows = []
+    for label, shape, _ in setups:
+        times = results[label]
+        row = [label, ",".join(map(str, shape)), us(median(times, "eager")), us(median(times, "lstmopt")),
+               spread([t["eager"] / t["lstmopt"] for t in times])]
+        if with_ort:
+            row[3:3] = [us(median(times, "onnxruntime"))]
+            row.append(spread([t["lstmopt"] / t["onnxruntime"] for t in times]))
+        rows.append(row)
+    return rows
+
+
+# --- 2d. LSTMs with proj_size > 0 ---------------------------------------------------------------------
 
 # (name, input_size, hidden_size, proj_size, layers, batch, steps)
 PROJECTED = [
@@ -244,7 +301,7 @@ def projected(rounds, runs):
         times = results[label]
         speedups = [t["eager"] / t["lstmopt"] for t in times]
         rows.append([label, ",".join(map(str, shape)), us(median(times, "eager")), us(median(times, "lstmopt")),
-                     f"{statistics.median(speedups):.2f}x ({min(speedups):.2f}-{max(speedups):.2f})"])
+                     spread(speedups)])
     return rows
 
 
@@ -411,6 +468,22 @@ def main(argv=None):
             f"range over {args.runs} runs. No ONNX Runtime row: torch.onnx cannot export an LSTMP",
             table(["shape", "I,H,proj,layers,B,T", "eager us", "lstmopt --approx us", "speedup"],
                   projected(args.rounds, args.runs), markdown)]
+
+    header = ["shape", "I,H,layers,dir,B,T", "eager us", "lstmopt --approx us", "speedup"]
+    if args.onnxruntime:
+        header[3:3] = ["ORT us"]
+        header.append("lstmopt / ORT")
+    out += ["", "nn.GRU, state carried: kept by default (no exact kernel: eager runs its own cell loop); with "
+            "exact=False (--approx) on lstmopt's native kernel; speedup over eager"
+            + (" and latency ratio to ONNX Runtime on the same export (below 1: lstmopt is faster)"
+               if args.onnxruntime else "") + f", median and range over {args.runs} runs",
+            table(header, grus(args.rounds, args.runs, args.onnxruntime), markdown)]
+    header = ["cell", "I,H", "eager us", "lstmopt default us", "vs eager", "lstmopt --approx us", "vs eager"]
+    if args.onnxruntime:
+        header += ["ORT cell graph us", "ORT GRU op us", "--approx / faster ORT"]
+    out += ["", "nn.GRUCell, one step, batch 1, state given, as the LSTMCell above (default: ATen's gru_cell op "
+            "called directly, bit-identical)",
+            table(header, cells(args.rounds, args.runs, args.onnxruntime, nn.GRUCell), markdown)]
 
     out += ["", "Variable-length batches: a tagger (embedding, 2-layer BiLSTM I=128 H=256 on a PackedSequence, "
             "linear), batch 8, lengths 10-50; speedup over eager",

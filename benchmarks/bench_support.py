@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lstmopt import PackedLSTM, optimize
-from lstmopt.modules.cell import PackedLSTMCell
+from lstmopt import PackedGRU, PackedLSTM, optimize
+from lstmopt.modules.cell import PackedCell
 from lstmopt.artifacts.writing import save_artifact
 
 BIG = dict(input_size=512, hidden_size=1024, num_layers=3, bidirectional=True)
@@ -30,66 +30,74 @@ def fastest(module: nn.Module, args: tuple) -> nn.Module:
 
 
 def kernels(model: nn.Module) -> str:
-    chosen = {m.kernel for m in model.modules() if isinstance(m, (PackedLSTM, PackedLSTMCell))}
+    chosen = {m.kernel for m in model.modules() if isinstance(m, (PackedLSTM, PackedCell, PackedGRU))}
     return "/".join(sorted(chosen))
 
 
 class WithState(nn.Module):
-    """What a streaming model runs per chunk: the LSTM with the state carried in and out."""
+    """What a streaming model runs per chunk: the LSTM (or GRU: ``h`` only) with the state carried in and out."""
 
-    def __init__(self, lstm):
+    def __init__(self, rnn):
         super().__init__()
-        self.lstm = lstm
+        self.rnn = rnn
 
-    def forward(self, x, h, c):
-        y, (h, c) = self.lstm(x, (h, c))
+    def forward(self, x, *state):
+        if isinstance(self.rnn, nn.GRU):
+            return self.rnn(x, state[0])
+        y, (h, c) = self.rnn(x, state)
         return y, h, c
 
 
-def ort_session(lstm: nn.Module, x, h, c):
-    """ONNX Runtime on the exported LSTM, default session options but for the intra-op thread count."""
+def _session(onnx: bytes):
+    """Default session options but for the intra-op thread count."""
     import onnxruntime as ort
 
-    buf = io.BytesIO()
-    torch.onnx.export(WithState(lstm), (x, h, c), buf, input_names=["x", "h0", "c0"], output_names=["y", "h", "c"],
-                      dynamo=False, dynamic_axes={"x": {0: "T", 1: "B"}, "h0": {1: "B"}, "c0": {1: "B"}})
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-    feed = {"x": x.numpy(), "h0": h.numpy(), "c0": c.numpy()}
+    return ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+
+
+def ort_session(rnn: nn.Module, x, *state):
+    """ONNX Runtime on the exported LSTM (state h, c) or GRU (state h): a callable and its output."""
+    buf = io.BytesIO()
+    names = ["h0", "c0"][:len(state)]
+    torch.onnx.export(WithState(rnn), (x, *state), buf, input_names=["x", *names],
+                      output_names=["y", "h", "c"][:1 + len(state)], dynamo=False,
+                      dynamic_axes={"x": {0: "T", 1: "B"}, **{name: {1: "B"} for name in names}})
+    session = _session(buf.getvalue())
+    feed = {"x": x.numpy(), **{name: s.numpy() for name, s in zip(names, state)}}
     y = session.run(None, feed)[0]
     return (lambda: session.run(None, feed)), torch.from_numpy(y)
 
 
 class CellStep(nn.Module):
-    """One LSTMCell step with the state in and out, as a decoder exports it to ONNX."""
+    """One LSTMCell (state h, c) or GRUCell (state h) step with the state in and out, as a decoder exports
+    it to ONNX."""
 
     def __init__(self, cell):
         super().__init__()
         self.cell = cell
 
-    def forward(self, x, h, c):
-        return self.cell(x, (h, c))
+    def forward(self, x, *state):
+        return self.cell(x, state[0] if isinstance(self.cell, nn.GRUCell) else state)
 
 
-def ort_cell_sessions(cell: nn.LSTMCell, x, h, c):
-    """ONNX Runtime on one step of ``cell`` two ways: the exported LSTMCell (what a model's ONNX export
-    holds: MatMuls and pointwise ops) and ORT's fused LSTM operator on a one-step nn.LSTM with the same
-    weights (its fastest way to run a cell). Default session options but the intra-op thread count."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+def ort_cell_sessions(cell: nn.Module, x, *state):
+    """ONNX Runtime on one step of ``cell`` (an LSTMCell given h, c or a GRUCell given h) two ways: the
+    exported cell (what a model's ONNX export holds: MatMuls and pointwise ops) and ORT's fused LSTM or GRU
+    operator on a one-step nn.LSTM or nn.GRU with the same weights (its fastest way to run a cell). Returns
+    both callables and the graph's h."""
+    names = ["h0", "c0"][:len(state)]
     buf = io.BytesIO()
-    torch.onnx.export(CellStep(cell), (x, h, c), buf, input_names=["x", "h0", "c0"], output_names=["h", "c"],
-                      dynamo=False)
-    graph = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-    feed = {"x": x.numpy(), "h0": h.numpy(), "c0": c.numpy()}
-    lstm = nn.LSTM(cell.input_size, cell.hidden_size).eval()
+    torch.onnx.export(CellStep(cell), (x, *state), buf, input_names=["x", *names],
+                      output_names=["h", "c"][:len(state)], dynamo=False)
+    graph = _session(buf.getvalue())
+    feed = {"x": x.numpy(), **{name: s.numpy() for name, s in zip(names, state)}}
+    rnn = (nn.GRU if isinstance(cell, nn.GRUCell) else nn.LSTM)(cell.input_size, cell.hidden_size).eval()
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(lstm, f"{name}_l0").copy_(getattr(cell, name))
-    run_op, _ = ort_session(lstm, x[None], h[None], c[None])
+            getattr(rnn, f"{name}_l0").copy_(getattr(cell, name))
+    run_op, _ = ort_session(rnn, x[None], *(s[None] for s in state))
     h_graph = torch.from_numpy(graph.run(None, feed)[0])
     return (lambda: graph.run(None, feed)), run_op, h_graph
 
@@ -125,6 +133,11 @@ class CellDecoder(nn.Module):
 
 def median(times, key):
     return statistics.median(t[key] for t in times)
+
+
+def spread(ratios) -> str:
+    """A ratio over runs: its median and range."""
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def us(seconds):
