@@ -60,6 +60,16 @@ def _assert_within_contract(kernel, expected, actual, truth):
 @settings(max_examples=40, deadline=None)
 @given(configurations())
 def test_tensor_kernels_keep_the_contract_on_realistic_weights(case):
+    _check_tensor_kernels(case)
+
+
+@settings(max_examples=25, deadline=None)
+@given(configurations())
+def test_sequence_kernels_keep_the_contract_on_realistic_weights(case):
+    _check_sequence_kernels(case)
+
+
+def _check_tensor_kernels(case):
     eager, reference = _eager_and_reference(case)
     x, hx = _inputs(case)
     with torch.no_grad():
@@ -75,9 +85,7 @@ def test_tensor_kernels_keep_the_contract_on_realistic_weights(case):
                                     (truth[0], *truth[1]))
 
 
-@settings(max_examples=25, deadline=None)
-@given(configurations())
-def test_sequence_kernels_keep_the_contract_on_realistic_weights(case):
+def _check_sequence_kernels(case):
     eager, reference = _eager_and_reference(case)
     g = torch.Generator().manual_seed(case["seed"])
     lengths = sorted(torch.randint(1, case["steps"] + 1, (case["batch"],), generator=g).tolist(), reverse=True)
@@ -92,6 +100,28 @@ def test_sequence_kernels_keep_the_contract_on_realistic_weights(case):
             actual = packed(sequence)
             _assert_within_contract(kernel, (expected[0].data, *expected[1]), (actual[0].data, *actual[1]),
                                     (truth[0].data, *truth[1]))
+
+
+def _case(num_layers, steps, with_state, seed):
+    return dict(config=dict(input_size=80, hidden_size=16, num_layers=num_layers, bidirectional=False, bias=False),
+                scale=8.0, saturation=0.0, steps=steps, batch=1, with_state=with_state, seed=seed)
+
+
+# Known breaches, found by random draws in CI: the native kernel at 1.15x and 2.5x the bound (on an h_n, a
+# c_n). Both are outputs of 16 values (H=16, batch 1) from sums of 80-96 products of +-2 weights and inputs
+# whose partial sums reach +-26 for a total near 0.08: any fp32 order of such a sum rounds at ulp(26), and
+# the error of one order against another is luck. In the second case eager's order lands 8e-8 from float64,
+# the kernel's (64 rows, then the rest) 3.8e-6 and plain fp32 summation in index order 1.2e-6: the bound,
+# 8x the largest of eager's 16 errors, was calibrated on outputs of 64 and more values (accuracy.py). Kept as
+# strict xfails so that a kernel or contract change that fixes them says so here.
+@pytest.mark.skipif(not NATIVE, reason="the native kernel is unavailable")
+@pytest.mark.xfail(strict=True, reason="eager's error over 16 values is one lucky draw (see above)")
+@pytest.mark.parametrize("check, case", [
+    (_check_tensor_kernels, _case(2, 50, True, 77)),
+    (_check_sequence_kernels, _case(1, 1, False, 2)),
+], ids=["tensor, h_n", "sequence, c_n"])
+def test_known_breaches_on_outputs_of_16_values(check, case):
+    check(case)
 
 
 def test_the_bound_is_relative_to_eager_and_never_below_one_ulp():

@@ -260,7 +260,7 @@ def test_inspect_shows_the_tree_and_decisions(work):
     result = invoke("inspect", "m.pt", "--trust")
     assert result.exit_code == 0, result.output
     assert "enc: LSTM" in result.stdout and "proj_size>0 has no exact kernel" in result.stdout
-    assert "1 of 2 LSTMs can be packed" in result.stdout
+    assert "1 of 2 recurrent modules can be packed" in result.stdout
     data = json.loads(invoke("inspect", "tagger.pt", "--factory", "models:build_tagger", "--json").stdout)
     (lstm,) = data["modules"]
     assert lstm["name"] == "lstm" and lstm["packed"] and lstm["parameters"] == data["lstm_parameters"] > 0

@@ -1,6 +1,6 @@
 """Run lstmopt as a user would on models built from the classes of public packages; print what each got.
 
-    pip install -c <(echo torch==2.13.0) speechbrain asteroid neuralforecast pyannote.audio torchaudio
+    pip install -c <(echo torch==2.13.0) speechbrain asteroid neuralforecast pyannote.audio torchaudio torch_geometric
     python tools/real_models.py [--workdir DIR] [--markdown]
 
 Each model is built by a factory module written into the work directory from its package's own classes,
@@ -33,6 +33,15 @@ MODELS = [
                          rnn_layers=2, rnn_neurons=64, dnn_blocks=1, dnn_neurons=64, time_pooling=False,
                          using_2d_pooling=False)
     """, "[(torch.randn(2, 50, 40),), (torch.randn(1, 20, 40),)]", []),
+    ("speechbrain CRDNN (GRU wrapper)", "speechbrain", """
+        import speechbrain as sb
+        from speechbrain.lobes.models.CRDNN import CRDNN
+
+        def build():
+            return CRDNN(input_shape=[None, None, 40], cnn_blocks=1, cnn_channels=(16,), rnn_class=sb.nnet.RNN.GRU,
+                         rnn_layers=2, rnn_neurons=64, dnn_blocks=1, dnn_neurons=64, time_pooling=False,
+                         using_2d_pooling=False)
+    """, "[(torch.randn(2, 50, 40),), (torch.randn(1, 20, 40),)]", []),
     ("asteroid DPRNN-TasNet", "asteroid", """
         from asteroid.models import DPRNNTasNet
 
@@ -44,6 +53,13 @@ MODELS = [
 
         def build():
             return LSTM(h=4, input_size=12, encoder_hidden_size=32, decoder_hidden_size=32, max_steps=1)
+    """, """[({"insample_y": torch.randn(b, 12, 1), "futr_exog": torch.empty(b, 16, 0),
+              "hist_exog": torch.empty(b, 12, 0), "stat_exog": torch.empty(b, 0)},) for b in (1, 8)]""", []),
+    ("neuralforecast GRU (LightningModule)", "neuralforecast", """
+        from neuralforecast.models import GRU
+
+        def build():
+            return GRU(h=4, input_size=12, encoder_hidden_size=32, decoder_hidden_size=32, max_steps=1)
     """, """[({"insample_y": torch.randn(b, 12, 1), "futr_exog": torch.empty(b, 16, 0),
               "hist_exog": torch.empty(b, 12, 0), "stat_exog": torch.empty(b, 0)},) for b in (1, 8)]""", []),
     ("pyannote PyanNet (LightningModule)", "pyannote.audio", """
@@ -87,6 +103,20 @@ MODELS = [
                                decoder_rnn_dim=128, attention_rnn_dim=128, attention_hidden_dim=64, prenet_dim=64,
                                postnet_n_convolution=1, postnet_embedding_dim=64, decoder_max_step=40)
     """, "[(torch.randint(1, 40, (1, 12)), torch.tensor([12]))]", ["--seed", "0"]),
+    ("torchaudio WaveRNN (two GRUs)", "torchaudio", """
+        from torchaudio.models import WaveRNN
+
+        def build():
+            return WaveRNN(upsample_scales=[2, 2], n_classes=16, hop_length=4, n_res_block=1, n_rnn=64, n_fc=64,
+                           n_freq=20, n_hidden=16, n_output=16)
+    """, "[(torch.randn(1, 1, 32), torch.randn(1, 1, 20, 12)), (torch.randn(2, 1, 64), torch.randn(2, 1, 20, 20))]",
+     []),
+    ("torch_geometric GatedGraphConv (a GRUCell)", "torch_geometric", """
+        from torch_geometric.nn import GatedGraphConv
+
+        def build():
+            return GatedGraphConv(out_channels=32, num_layers=3)
+    """, """[(torch.randn(n, 32), torch.randint(0, n, (2, 4 * n))) for n in (10, 25)]""", []),
 ]
 
 
@@ -114,7 +144,9 @@ def outcome(report: dict) -> str:
              if bench.get("speedup") else "—")
     error = verification.get("max_abs_error")
     exact = "bit-exact" if error == 0 else ("not verified" if error is None else f"max err {error:.1e}")
-    return f"{how}, {len(packed)} LSTM(s) packed ({'/'.join(kernels)}), {exact}, {speed}"
+    kinds = sorted({m.get("kind", "LSTM") for m in packed})
+    return (f"{how}, {len(packed)} packed ({'/'.join(kinds) or 'none'}: {'/'.join(kernels) or '-'}), {exact}, "
+            f"{speed}")
 
 
 def try_model(name: str, package: str, factory: str, inputs: str, extra: list[str], root: Path) -> list[str]:

@@ -28,7 +28,8 @@ def inspect(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Show the model as a tree: each LSTM, whether lstmopt can pack it and why, parameter counts. Writes nothing."""
+    """Show the model as a tree: each LSTM, LSTMCell, GRU and GRUCell, whether lstmopt can pack it and why,
+    parameter counts. Writes nothing."""
     import torch
 
     from lstmopt.reporting.display import model_tree, modules_table
@@ -50,7 +51,8 @@ def inspect(
     if modules:
         ui.show(modules_table(modules))
         packable = sum(m["packed"] for m in modules)
-        ui.show(f"{packable} of {len(modules)} LSTMs can be packed; LSTMs hold "
+        ui.show(f"{packable} of {len(modules)} recurrent modules can be packed; they hold "
                 f"{sum(m['parameters'] for m in modules):,} of {total:,} parameters.")
     else:
-        ui.warn("the model has no nn.LSTM: there is nothing for lstmopt to optimize")
+        ui.warn("the model has no nn.LSTM, nn.LSTMCell, nn.GRU or nn.GRUCell: there is nothing for lstmopt to "
+                "optimize")

@@ -246,8 +246,9 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
         report.modules = [d.to_dict() for d in decisions]
         packed = [d.name for d in decisions if d.packed]
         if not packed:
-            why = "the model has no nn.LSTM" if not decisions else "no LSTM can be packed: " + "; ".join(
-                f"{d.name or '<model>'}: {d.reason}" for d in decisions)
+            why = ("the model has no nn.LSTM, nn.LSTMCell, nn.GRU or nn.GRUCell" if not decisions
+                   else "no module can be packed: " + "; ".join(f"{d.name or '<model>'}: {d.reason}"
+                                                                for d in decisions))
             if options.require_lstm:
                 raise NothingToOptimizeError(f"nothing to optimize: {why}")
             report.warnings.append(f"nothing was optimized ({why}); the output is the model as loaded")
