@@ -4,10 +4,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, _VF, nn
 
-from lstmopt.kernels import native
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.native import NativePacks, run_native_cell, run_native_gru_cell
-from lstmopt.kernels.tensor_versions import version_of
 from lstmopt.modules import dispatch
 from lstmopt.modules.guards import valid_cell
 from lstmopt.modules.pack_state import OneKernel
@@ -70,12 +68,7 @@ class PackedCell(OneKernel):
             obstacle = f"{type(cell).__name__} is not an nn.{cls.TORCH_CELL.__name__}"
         if obstacle is not None:
             raise ValueError(f"cannot pack this {cls.TORCH_CELL.__name__}: {obstacle}")
-        if isinstance(cell, cls):
-            cell.use_kernel(kernel)
-        else:
-            cell.__class__ = cls
-            cell._init_packing(kernel)
-        return cell
+        return cls._become(cell, kernel)
 
     @torch.jit.export
     def repack(self) -> None:
@@ -87,31 +80,15 @@ class PackedCell(OneKernel):
             self.native_packs = NativePacks([w.detach() for w in self._scripted_weights()], self.hidden_size, 1,
                                             False, self.bias, 0, self.native_packs.gru)
 
-    def _refresh(self) -> None:
-        state = self._state
-        with state.lock:
-            if self.kernel == "native" and not native.load():  # load() said why, in one line
-                self.kernel = DEFAULT
-            names = list(_names(self))
-            weights = [self._parameters.get(name) for name in names]
-            packs = handle = None
-            if self.kernel == "native" and all(w is not None for w in weights) and native_obstacle(self) is None:
-                gru = isinstance(self, nn.GRUCell)
-                try:
-                    packs = NativePacks([w.detach() for w in weights], self.hidden_size, 1, False, self.bias, 0, gru)
-                    handle = native.module().Packs(packs.weights, packs.biases, [], self.hidden_size, 0, False, gru,
-                                                   names, weights)
-                except RuntimeError:  # weights reassigned with other shapes: the torch cell's path judges them
-                    packs = handle = None
-            # Concurrent calls read state.native once per call: it goes from the old packs to the new ones.
-            if packs is None:
-                self.__dict__.pop("native_packs", None)
-                state.native, state.packed_from = None, []
-                return
-            self.native_packs = packs
-            state.native = handle
-            # Last: until it is set, a call finds the packs stale and waits on the lock for this refresh.
-            state.packed_from = [(name, w, version_of(w), w.data_ptr()) for name, w in zip(names, weights)]
+    def _packed_names(self) -> list:
+        return list(_names(self))
+
+    def _native_obstacle(self) -> Optional[str]:
+        return native_obstacle(self)
+
+    def _new_native_packs(self, weights: list) -> NativePacks:
+        return NativePacks([w.detach() for w in weights], self.hidden_size, 1, False, self.bias, 0,
+                           isinstance(self, nn.GRUCell))
 
     def _weight_names(self):
         return _NAMES

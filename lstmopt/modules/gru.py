@@ -21,10 +21,8 @@ import torch
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lstmopt.kernels import native
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.native import NativePacks, run_native_gru
-from lstmopt.kernels.tensor_versions import version_of
 from lstmopt.modules import dispatch
 from lstmopt.modules.guards import plain_state, valid_for_kernel, valid_sequence
 from lstmopt.modules.pack_state import OneKernel, PackState
@@ -89,12 +87,7 @@ class PackedGRU(OneKernel, nn.GRU):
         """Turn ``gru`` itself into a ``PackedGRU`` (its identity, hooks and sharing kept)."""
         if not isinstance(gru, nn.GRU):
             raise ValueError(f"cannot pack this GRU: {type(gru).__name__} is not an nn.GRU")
-        if isinstance(gru, PackedGRU):
-            gru.use_kernel(kernel)
-        else:
-            gru.__class__ = cls
-            gru._init_packing(kernel)
-        return gru
+        return cls._become(gru, kernel)
 
     @torch.jit.export
     def repack(self) -> None:
@@ -106,30 +99,15 @@ class PackedGRU(OneKernel, nn.GRU):
             self.native_packs = NativePacks([w.detach() for w in self._weights_by_name()], self.hidden_size,
                                             self.num_layers, self.bidirectional, self.bias, 0, True)
 
-    def _refresh(self) -> None:
-        state = self._state
-        with state.lock:
-            if self.kernel == "native" and not native.load():  # load() said why, in one line
-                self.kernel = "stock"
-            names = list(self._flat_weights_names)
-            weights = [self._parameters.get(name) for name in names]
-            packs = None
-            if self.kernel == "native" and gru_obstacle(self) is None:
-                try:
-                    packs = NativePacks([w.detach() for w in weights], self.hidden_size, self.num_layers,
-                                        self.bidirectional, self.bias, 0, True)
-                except RuntimeError:  # weights reassigned with other shapes: nn.GRU's path judges them
-                    pass
-            # Concurrent calls read state.native once per call: it goes from the old packs to the new ones.
-            if packs is None:
-                self.__dict__.pop("native_packs", None)
-                state.native, state.packed_from = None, []
-                return
-            self.native_packs = packs
-            state.native = native.module().Packs(packs.weights, packs.biases, [], self.hidden_size, 0,
-                                                 self.bidirectional, True, names, weights)
-            # Last: until it is set, a call finds the packs stale and waits on the lock for this refresh.
-            state.packed_from = [(name, w, version_of(w), w.data_ptr()) for name, w in zip(names, weights)]
+    def _packed_names(self) -> list:
+        return list(self._flat_weights_names)
+
+    def _native_obstacle(self) -> Optional[str]:
+        return gru_obstacle(self)
+
+    def _new_native_packs(self, weights: list) -> NativePacks:
+        return NativePacks([w.detach() for w in weights], self.hidden_size, self.num_layers, self.bidirectional,
+                           self.bias, 0, True)
 
     def _weight_names(self):
         return getattr(self, "_flat_weights_names", ())

@@ -201,6 +201,17 @@ class OneKernel(FollowsWeights):
     KERNELS: tuple = ()  # names from the kernel table, for this class's inputs
     INPUTS = ""  # those inputs: kernel_table.CELL, GRU_CELL or GRU
 
+    @classmethod
+    def _become(cls, module: nn.Module, kernel: str):
+        """``module`` itself as an instance of ``cls`` running ``kernel`` (its identity, hooks and sharing kept;
+        the caller checked that it can be)."""
+        if isinstance(module, cls):
+            module.use_kernel(kernel)
+        else:
+            module.__class__ = cls
+            module._init_packing(kernel)
+        return module
+
     def _init_packing(self, kernel: str) -> None:
         self._check_kernel(kernel)
         self.kernel = kernel
@@ -217,6 +228,33 @@ class OneKernel(FollowsWeights):
     def uses_native_kernel(self) -> bool:
         """Whether the native kernel is in use (a TorchScript archive then needs ``native.LOAD_LINE``)."""
         return "native_packs" in self.__dict__
+
+    def _refresh(self) -> None:
+        """The native kernel's packs while it is in use (the only kernel of these classes that reads packs),
+        from ``_new_native_packs`` of the parameters ``_packed_names``, where ``_native_obstacle`` is None."""
+        state = self._state
+        with state.lock:
+            if self.kernel == "native" and not native.load():  # load() said why, in one line
+                self.kernel = kernel_table.names(self.INPUTS, exact_only=True)[0]
+            names = self._packed_names()
+            weights = [self._parameters.get(name) for name in names]
+            packs = handle = None
+            if self.kernel == "native" and all(w is not None for w in weights) and self._native_obstacle() is None:
+                try:
+                    packs = self._new_native_packs(weights)
+                    handle = native.module().Packs(packs.weights, packs.biases, [], self.hidden_size, 0,
+                                                   packs.bidirectional, packs.gru, names, weights)
+                except RuntimeError:  # weights reassigned with other shapes: the torch module's path judges them
+                    packs = handle = None
+            # Concurrent calls read state.native once per call: it goes from the old packs to the new ones.
+            if packs is None:
+                self.__dict__.pop("native_packs", None)
+                state.native, state.packed_from = None, []
+                return
+            self.native_packs = packs
+            state.native = handle
+            # Last: until it is set, a call finds the packs stale and waits on the lock for this refresh.
+            state.packed_from = [(name, w, version_of(w), w.data_ptr()) for name, w in zip(names, weights)]
 
     def use_kernel(self, kernel: str) -> None:
         """Switch to another of ``KERNELS`` (``"stock"``: the torch module's own forward)."""
