@@ -116,6 +116,17 @@ def latency(config, rounds):
 # --- 2. streaming against ONNX Runtime ----------------------------------------------------------------
 
 
+def timed_runs(setups: dict, rounds: int, runs: int) -> dict:
+    """Per label, ``runs`` timings of its variants (each run times every setup afresh, for the range of the
+    ratios). Every block starts after a pause and a warm-up (``SPINNING_PEER``), whether or not a peer spins."""
+    results = {label: [] for label in setups}
+    for _ in range(runs):
+        for label, variants in setups.items():
+            with torch.no_grad():
+                results[label].append(interleaved_medians(variants, rounds=rounds, **SPINNING_PEER))
+    return results
+
+
 def streaming(rounds, runs):
     setups = []
     for label, I, H, layers, B, T in STREAMING:
@@ -131,11 +142,7 @@ def streaming(rounds, runs):
         variants = {"eager": lambda e=eager, a=(x, (h, c)): e(*a), "lstmopt": lambda b=best, a=(x, (h, c)): b(*a),
                     "onnxruntime": run_ort}
         setups.append((label, (I, H, layers, B, T), kernels(best), variants))
-    results = {label: [] for label, *_ in setups}
-    for _ in range(runs):
-        for label, _, _, variants in setups:
-            with torch.no_grad():
-                results[label].append(interleaved_medians(variants, rounds=rounds, **SPINNING_PEER))
+    results = timed_runs({label: variants for label, _, _, variants in setups}, rounds, runs)
     rows = []
     for label, shape, kernel, _ in setups:
         times = results[label]
@@ -183,11 +190,7 @@ def cells(rounds, runs, with_ort, kind=nn.LSTMCell):
                                        rtol=1e-5)
             variants.update({"ORT cell graph": graph, "ORT LSTM op": op})
         setups.append((label, (I, H), variants))
-    results = {label: [] for label, *_ in setups}
-    for _ in range(runs if with_ort else 1):
-        for label, _, variants in setups:
-            with torch.no_grad():
-                results[label].append(interleaved_medians(variants, rounds=rounds, **SPINNING_PEER))
+    results = timed_runs({label: variants for label, _, variants in setups}, rounds, runs if with_ort else 1)
     rows = []
     for label, shape, _ in setups:
         times = results[label]
@@ -251,11 +254,7 @@ def grus(rounds, runs, with_ort):
             torch.testing.assert_close(y, expected[0], atol=1e-5, rtol=1e-5)
             variants["onnxruntime"] = run_ort
         setups.append((label, (I, H, layers, "bi" if bidirectional else "uni", B, T), variants))
-    results = {label: [] for label, *_ in setups}
-    for _ in range(runs):
-        for label, _, variants in setups:
-            with torch.no_grad():
-                results[label].append(interleaved_medians(variants, rounds=rounds, **SPINNING_PEER))
+    results = timed_runs({label: variants for label, _, variants in setups}, rounds, runs)
     rows = []
     for label, shape, _ in setups:
         times = results[label]
@@ -291,11 +290,7 @@ def projected(rounds, runs):
             torch.testing.assert_close(approx(x, (h, c)), eager(x, (h, c)), atol=1e-5, rtol=1e-5)
         setups.append((label, (I, H, P, layers, B, T), {"eager": lambda m=eager, a=(x, (h, c)): m(*a),
                                                         "lstmopt": lambda m=approx, a=(x, (h, c)): m(*a)}))
-    results = {label: [] for label, *_ in setups}
-    for _ in range(runs):
-        for label, _, variants in setups:
-            with torch.no_grad():
-                results[label].append(interleaved_medians(variants, rounds=rounds))
+    results = timed_runs({label: variants for label, _, variants in setups}, rounds, runs)
     rows = []
     for label, shape, _ in setups:
         times = results[label]
