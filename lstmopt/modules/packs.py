@@ -120,9 +120,19 @@ def calls_lstm_forward(function) -> bool:
 
 def tracked_copy(obj):
     """``copy.deepcopy`` made outside inference mode, even when called inside it: the copy's tensors are
-    normal tensors, whose in-place changes can be seen (and which autograd accepts later)."""
+    normal tensors, whose in-place changes can be seen (and which autograd accepts later).
+
+    A parameter that was an inference tensor (a model built inside ``torch.inference_mode()``) is copied
+    with ``requires_grad=False``: autograd never took the original either, and a normal tensor that
+    requires grad sends ``matmul`` down another path (it folds a non-contiguous batch otherwise), whose last
+    bits differ on some CPUs: the copy's other layers would not compute what the original's do."""
     with torch.inference_mode(False):
-        return copy.deepcopy(obj)
+        copied = copy.deepcopy(obj)
+    if isinstance(obj, nn.Module):
+        for original, copy_ in zip(obj.parameters(), copied.parameters()):
+            if original.is_inference():
+                copy_.requires_grad_(False)
+    return copied
 
 
 def _reorder(weight_ih: Tensor, weight_hh: Tensor, hidden_size: int, reverse: bool, has_biases: bool) -> List[Tensor]:
