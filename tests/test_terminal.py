@@ -111,7 +111,9 @@ def test_the_demo_screen_is_clean_on_a_machine_without_numpy(tmp_path):
     proc = subprocess.run([SCRIPT, "demo", "--output-dir", str(tmp_path / "demo")], capture_output=True, text=True,
                           env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == "" and "Warning" not in proc.stdout
+    # The one warning a run may give is lstmopt's own on a busy machine (CI's two suites share its cores).
+    noise = [line for line in proc.stderr.splitlines() if "timings did not settle" not in line]
+    assert noise == [] and "Warning" not in proc.stdout
 
 
 LONG = {"name": "encoder.layers.0.recurrent_lstm", "aliases": [], "input_size": 128, "hidden_size": 256,
