@@ -114,3 +114,26 @@ def test_the_cli_packs_a_subclass_in_both_formats_and_keeps_the_reimplementing_o
     x = torch.randn(3, 5, 3)
     with torch.no_grad():
         assert torch.equal(archive(x), build_subclass_forecaster().eval()(x))
+
+
+def test_a_subclass_with_an_abstract_mixin_is_traced_into_an_artifact():
+    # pytorch-forecasting's DeepAR: Python refuses to re-class an instance of a class with abc.ABC among its
+    # bases into one without (another layout), so tracing copies the module into its scripted twin instead.
+    from lstmopt.artifacts.tracing import trace_with_scripted_lstms
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = FlexibleLSTM(4, 8, batch_first=True)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    model = Encoder().eval()
+    x = torch.randn(2, 3, 4)
+    traced, _ = trace_with_scripted_lstms(optimize(model), (x,))
+    assert "scripted_lstm" in traced.lstm.code
+    with torch.no_grad():
+        for steps in (3, 7):
+            x = torch.randn(2, steps, 4)
+            assert torch.equal(traced(x), model(x))

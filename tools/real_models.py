@@ -22,7 +22,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-# (name, package, factory source defining build(), inputs source defining inputs(), extra optimize args)
+# (name, package, factory source defining build(), the example inputs as an expression (``factory``: the factory
+# module), extra optimize args)
 MODELS = [
     ("speechbrain CRDNN (LSTM wrapper)", "speechbrain", """
         import speechbrain as sb
@@ -62,6 +63,27 @@ MODELS = [
             return GRU(h=4, input_size=12, encoder_hidden_size=32, decoder_hidden_size=32, max_steps=1)
     """, """[({"insample_y": torch.randn(b, 12, 1), "futr_exog": torch.empty(b, 16, 0),
               "hist_exog": torch.empty(b, 12, 0), "stat_exog": torch.empty(b, 0)},) for b in (1, 8)]""", []),
+    ("pytorch-forecasting DeepAR (an nn.LSTM subclass)", "pytorch_forecasting", """
+        import numpy as np
+        import pandas as pd
+        from pytorch_forecasting import DeepAR, TimeSeriesDataSet
+        from pytorch_forecasting.data import GroupNormalizer
+
+        def dataset():
+            n = 60
+            df = pd.DataFrame({"time_idx": np.tile(np.arange(n), 2), "series": np.repeat(["a", "b"], n),
+                               "value": np.sin(np.arange(2 * n) / 5.0).astype("float32") + 2})
+            return TimeSeriesDataSet(df, time_idx="time_idx", target="value", group_ids=["series"],
+                                     max_encoder_length=24, max_prediction_length=6,
+                                     time_varying_unknown_reals=["value"],
+                                     target_normalizer=GroupNormalizer(groups=["series"]))
+
+        def build():
+            return DeepAR.from_dataset(dataset(), hidden_size=32, rnn_layers=2)
+
+        def batches():  # what the model's own dataloader gives it: a dict of tensors per batch
+            return [(x,) for x, _ in dataset().to_dataloader(train=False, batch_size=2)][:2]
+    """, "factory.batches()", []),
     ("pyannote PyanNet (LightningModule)", "pyannote.audio", """
         from pyannote.audio.core.task import Problem, Resolution, Specifications
         from pyannote.audio.models.segmentation import PyanNet
@@ -154,7 +176,8 @@ def try_model(name: str, package: str, factory: str, inputs: str, extra: list[st
     work = root / slug
     work.mkdir(parents=True, exist_ok=True)
     (work / f"{slug}_factory.py").write_text("import torch\n" + textwrap.dedent(factory))
-    save = (f"import torch, warnings\nwarnings.filterwarnings('ignore')\nfrom {slug}_factory import build\n"
+    save = (f"import torch, warnings\nwarnings.filterwarnings('ignore')\nimport {slug}_factory as factory\n"
+            f"from {slug}_factory import build\n"
             f"torch.manual_seed(0)\ntorch.save(build().state_dict(), 'model.pt')\ntorch.save({inputs}, 'inputs.pt')\n")
     proc = subprocess.run([sys.executable, "-c", save], cwd=work, env=dict(os.environ, PYTHONPATH=str(work)),
                           capture_output=True, text=True)

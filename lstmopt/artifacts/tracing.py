@@ -12,7 +12,6 @@ that specialized.
 """
 
 # No "from __future__ import annotations": TorchScript needs real annotations on the forward below.
-import copy
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -70,9 +69,16 @@ class TracedGRU(PackedGRU):
 
 def _scripted_lstm(lstm) -> torch.jit.ScriptModule:
     """A PackedLSTM's or PackedGRU's scripted copy with one tensor forward, for a traced caller."""
-    entry = tracked_copy(lstm)
-    entry.__class__ = TracedGRU if isinstance(lstm, PackedGRU) else TracedLSTM
-    return torch.jit.script(entry)
+    return torch.jit.script(_shallow_as(TracedGRU if isinstance(lstm, PackedGRU) else TracedLSTM, tracked_copy(lstm)))
+
+
+def _shallow_as(cls, module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (the same parameters) as an instance of ``cls``. Not by ``__class__``
+    assignment, which Python refuses where the layouts differ, as from a subclass of an ``abc.ABC`` nn.LSTM
+    subclass (pytorch-forecasting's ``LSTM``)."""
+    twin = cls.__new__(cls)
+    twin.__dict__.update(module.__dict__)
+    return twin
 
 
 class _ScriptedSuperForward(nn.LSTM):
@@ -91,9 +97,7 @@ def _under_own_forward(module: PackedLSTM) -> PackedLSTM:
     shell whose own forward the trace runs and records, with ``super().forward`` calling a scripted
     ``TracedLSTM`` on the same parameters (child ``scripted_lstm``, under whose name the artifact's state dict then
     holds them)."""
-    entry = copy.copy(module)  # shares the parameters, which scripting keeps as they are
-    entry.__class__ = TracedLSTM
-    twin = torch.jit.script(entry)
+    twin = torch.jit.script(_shallow_as(TracedLSTM, module))  # shares the parameters, which scripting keeps
     base = type(module).packed_base
     module.__class__ = type(base)(base.__name__, (base, _ScriptedSuperForward), {"__module__": base.__module__})
     del module._modules["packed_layers"]
