@@ -43,6 +43,22 @@ MODELS = [
                          rnn_layers=2, rnn_neurons=64, dnn_blocks=1, dnn_neurons=64, time_pooling=False,
                          using_2d_pooling=False)
     """, "[(torch.randn(2, 50, 40),), (torch.randn(1, 20, 40),)]", []),
+    ("speechbrain AttentionalRNNDecoder (GRUCells)", "speechbrain", """
+        from speechbrain.nnet.RNN import AttentionalRNNDecoder
+
+        def build():
+            return AttentionalRNNDecoder(rnn_type="gru", attn_type="content", hidden_size=128, attn_dim=64,
+                                         num_layers=2, enc_dim=96, input_size=32)
+    """, "[(torch.randn(b, t, 32), torch.randn(b, 3 * t, 96), torch.ones(b)) for b, t in [(1, 20), (2, 10)]]",
+     ["--format", "pickle"]),
+    ("speechbrain AttentionalRNNDecoder (LSTMCells)", "speechbrain", """
+        from speechbrain.nnet.RNN import AttentionalRNNDecoder
+
+        def build():
+            return AttentionalRNNDecoder(rnn_type="lstm", attn_type="location", hidden_size=128, attn_dim=64,
+                                         num_layers=2, enc_dim=96, input_size=32, channels=8, kernel_size=5)
+    """, "[(torch.randn(b, t, 32), torch.randn(b, 3 * t, 96), torch.ones(b)) for b, t in [(1, 20), (2, 10)]]",
+     ["--format", "pickle"]),
     ("asteroid DPRNN-TasNet", "asteroid", """
         from asteroid.models import DPRNNTasNet
 
