@@ -70,16 +70,6 @@ class PackedCell(OneKernel):
             raise ValueError(f"cannot pack this {cls.TORCH_CELL.__name__}: {obstacle}")
         return cls._become(cell, kernel)
 
-    @torch.jit.export
-    def repack(self) -> None:
-        """Pack the current weights again (see ``PackedLSTM.repack``)."""
-        if not torch.jit.is_scripting():
-            self._refresh()
-            return
-        if hasattr(self, "native_packs"):
-            self.native_packs = NativePacks([w.detach() for w in self._scripted_weights()], self.hidden_size, 1,
-                                            False, self.bias, 0, self.native_packs.gru)
-
     def _packed_names(self) -> list:
         return list(_names(self))
 
@@ -98,9 +88,9 @@ class PackedCell(OneKernel):
         return (self.kernel == "native" and not self.training and not torch.is_grad_enabled()
                 and not torch.is_autocast_cpu_enabled()
                 and valid_cell(input, states, self.input_size, self.hidden_size)
-                and self.native_packs.is_current(self._scripted_weights()))
+                and self.native_packs.is_current(self._weights_by_name()))
 
-    def _scripted_weights(self) -> List[Tensor]:
+    def _weights_by_name(self) -> List[Tensor]:
         weights = [self.weight_ih, self.weight_hh]
         bias_ih, bias_hh = self.bias_ih, self.bias_hh
         if bias_ih is not None and bias_hh is not None:

@@ -89,16 +89,6 @@ class PackedGRU(OneKernel, nn.GRU):
             raise ValueError(f"cannot pack this GRU: {type(gru).__name__} is not an nn.GRU")
         return cls._become(gru, kernel)
 
-    @torch.jit.export
-    def repack(self) -> None:
-        """Pack the current weights again (see ``PackedLSTM.repack``)."""
-        if not torch.jit.is_scripting():
-            self._refresh()
-            return
-        if hasattr(self, "native_packs"):
-            self.native_packs = NativePacks([w.detach() for w in self._weights_by_name()], self.hidden_size,
-                                            self.num_layers, self.bidirectional, self.bias, 0, True)
-
     def _packed_names(self) -> list:
         return list(self._flat_weights_names)
 

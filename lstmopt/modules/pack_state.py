@@ -195,8 +195,9 @@ class FollowsWeights:
 
 class OneKernel(FollowsWeights):
     """A packed module with one kernel in use, one of its class's ``KERNELS`` (``PackedLSTMCell``,
-    ``PackedGRUCell``, ``PackedGRU``): how it is set up, switched, and pickled. The class's ``repack`` makes the packs that
-    kernel reads."""
+    ``PackedGRUCell``, ``PackedGRU``): how it is set up, switched, packed and pickled. The class names its
+    packed weights (``_packed_names``, and ``_weights_by_name`` in TorchScript), what keeps it off the
+    native kernel (``_native_obstacle``) and its packs (``_new_native_packs``)."""
 
     KERNELS: tuple = ()  # names from the kernel table, for this class's inputs
     INPUTS = ""  # those inputs: kernel_table.CELL, GRU_CELL or GRU
@@ -228,6 +229,18 @@ class OneKernel(FollowsWeights):
     def uses_native_kernel(self) -> bool:
         """Whether the native kernel is in use (a TorchScript archive then needs ``native.LOAD_LINE``)."""
         return "native_packs" in self.__dict__
+
+    @torch.jit.export
+    def repack(self) -> None:
+        """Pack the current weights again (see ``PackedLSTM.repack``). Scripted, only the native packs, made
+        as the ones they replace were, from ``_weights_by_name``."""
+        if not torch.jit.is_scripting():
+            self._refresh()
+            return
+        if hasattr(self, "native_packs"):
+            old = self.native_packs
+            self.native_packs = NativePacks([w.detach() for w in self._weights_by_name()], old.hidden_size,
+                                            old.num_layers, old.bidirectional, old.has_biases, old.proj_size, old.gru)
 
     def _refresh(self) -> None:
         """The native kernel's packs while it is in use (the only kernel of these classes that reads packs),
