@@ -1,3 +1,25 @@
+"""``PackedLSTMCell`` and ``PackedGRUCell``: an ``nn.LSTMCell`` or ``nn.GRUCell`` whose step costs what
+its arithmetic needs.
+
+Decoders (Tacotron2, attention and RNN-T prediction networks) and streaming models roll a cell one frame
+at a time, hundreds of calls per utterance, where a small cell's time is mostly overhead. Two kernels cut
+it (``lstmopt.kernels.table``, CELL and GRU_CELL):
+
+- ``aten``, the default: ATen's own cell op (``torch._VF.lstm_cell`` or ``gru_cell``, what the torch
+  cell's forward calls) called directly, with a cached zero state. Bit-identical to the torch cell, less
+  the Python of its forward; at batch 1 the op's own GEMMs dominate, so this saves a few microseconds a
+  step (the benchmark's cell tables, docs/performance.md).
+- ``native``, where approximate kernels are allowed (``exact=False``, ``--approx``): lstmopt's native
+  kernel (``kernels/csrc/lstm.cpp``) runs the step as one pass over the input and recurrent weights with
+  the gates fused in, held to the approximate-kernel contract (``kernels/accuracy.py``). Where a cell's
+  weights are far larger than the cache (Tacotron2's), a step costs reading them, whichever kernel runs.
+
+As ``PackedLSTM``: the parameters are the real dense weights (same names, ``state_dict``, errors), the
+packs follow them (``load_state_dict``, ``.to()``, reassignment, in-place edits), training, autograd,
+autocast and other dtypes take the torch cell's own path, and pickles and TorchScript archives store the
+dense weights and pack again where they are loaded.
+"""
+
 # No "from __future__ import annotations": TorchScript needs real annotations on the class attributes.
 from typing import List, Optional, Tuple
 
