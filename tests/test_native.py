@@ -1,8 +1,10 @@
 """lstmopt's native kernel: within 1e-6 of nn.LSTM, independent of threads, thread-safe, optional."""
 
+import json
 import os
 import pickle
-import shutil
+import re
+import subprocess
 import threading
 
 import pytest
@@ -14,6 +16,8 @@ from torch.nn.utils.rnn import pack_sequence
 
 from conftest import NATIVE, lstm_pair, needs_native, run_python, run_python_json
 from lstmopt import PackedLSTM, native, optimize
+from lstmopt.environment import cpuinfo
+from lstmopt.kernels.compile import VARIANTS
 from lstmopt.job.verification import verify_artifact
 from lstmopt.artifacts.writing import read_metadata, write_artifact
 from models import build_forecaster
@@ -21,9 +25,95 @@ from models import build_forecaster
 TOLERANCE = dict(atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "c++")), reason="no C++ compiler here")
-def test_the_kernel_builds_wherever_there_is_a_compiler():
+def _cpu_variant():
+    """The variant liblstmopt.so must pick here, by the flags it checks (csrc/loader.cpp)."""
+    flags = set((cpuinfo("flags") or "").split())
+    if {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "baseline"
+
+
+def test_the_installed_library_loads_the_fastest_variant_this_cpu_runs():
     assert NATIVE, native.unavailable_reason()
+    assert native.library_path() == str(native.INSTALLED_LOADER)  # built by pip install, not on first use
+    assert native.variant() == torch.ops.lstmopt.variant() == _cpu_variant()
+
+
+def test_the_ops_library_needs_neither_python_nor_lstmopt():
+    needed = {}
+    for path in [native.INSTALLED_LOADER, *native.INSTALLED_LOADER.parent.glob("lstmopt_ops_*.so")]:
+        dynamic = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+        needed[path.name] = re.findall(r"\(NEEDED\).*\[(.+)\]", dynamic)
+    assert sorted(needed) == ["liblstmopt.so", "lstmopt_ops_avx2.so", "lstmopt_ops_avx512.so",
+                              "lstmopt_ops_baseline.so"]
+    assert not [lib for libs in needed.values() for lib in libs if "python" in lib]
+    result = run_python_json(f"""
+        import json, sys
+        sys.modules["lstmopt"] = None
+        import torch
+        torch.ops.load_library({native.library_path()!r})
+        print(json.dumps(torch.ops.lstmopt.variant()))
+    """)
+    assert result == _cpu_variant()
+
+
+VARIANT_CHECK = """
+    import json, sys, torch
+    from torch import nn
+    from lstmopt import native, optimize
+    loaded = native.load()
+    torch.manual_seed(0)
+    models = [nn.LSTM(9, 40, num_layers=2, bidirectional=True), nn.LSTM(9, 40, proj_size=12), nn.GRU(9, 40)]
+    errors = []
+    x = torch.randn(6, 3, 9)
+    with torch.no_grad():
+        for model in models:
+            fast = optimize(model.eval(), exact=False, autotune=[(x,)])
+            errors.append(max((a - b).abs().max().item() for a, b in zip(fast(x)[0:1], model(x)[0:1])))
+    print(json.dumps({"loaded": loaded, "variant": native.variant(), "max_error": max(errors)}))
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_variant_the_cpu_runs_is_exact_to_1e6_and_one_it_lacks_is_refused_in_one_line(name):
+    proc = run_python(VARIANT_CHECK, env_extra={"LSTMOPT_NATIVE_VARIANT": name})
+    assert proc.returncode == 0, proc.stderr[-2000:]  # never an illegal instruction
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs_here = list(VARIANTS).index(name) >= list(VARIANTS).index(_cpu_variant())
+    if runs_here:
+        assert result["loaded"] and result["variant"] == name and result["max_error"] < 1e-6
+    else:
+        notices = [line for line in proc.stderr.splitlines() if line.startswith("lstmopt:")]
+        assert not result["loaded"] and result["max_error"] < 1e-6  # served by the other kernels
+        assert notices == [f"lstmopt: native kernel unavailable (LSTMOPT_NATIVE_VARIANT={name}: this CPU lacks "
+                           "the instructions it needs); using the other kernels"]
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["torchscript", "pickle"])
+def test_an_artifact_packed_by_one_variant_is_packed_again_by_the_variant_that_loads_it(tmp_path, fmt):
+    model = build_forecaster().eval()
+    fast = optimize(model)
+    fast.decoder.use_kernel("native")
+    x = torch.randn(2, 5, 3)
+    out = write_artifact(fast, tmp_path / "m.pt", format=fmt, metadata={})
+    with torch.no_grad():
+        expected = model(x)
+    torch.save(x, tmp_path / "x.pt")
+    load = "torch.jit.load" if fmt == "torchscript" else "lambda p: torch.load(p, weights_only=False)"
+    result = run_python_json(f"""
+        import json, torch
+        from lstmopt import native
+        native.load()
+        model = ({load})({str(out)!r})
+        with torch.no_grad():
+            y = model(torch.load({str(tmp_path / 'x.pt')!r}))
+        torch.save(y, {str(tmp_path / 'y.pt')!r})
+        print(json.dumps(native.variant()))
+    """, cwd=os.path.dirname(__file__), env_extra={"LSTMOPT_NATIVE_VARIANT": "baseline"})
+    assert result == "baseline"
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, **TOLERANCE)
 
 
 def _call(ref, packed, x, hx):
@@ -200,7 +290,7 @@ def test_an_artifact_on_the_native_kernel_says_so_and_loads_with_the_load_line(t
 
 
 @needs_native
-def test_without_a_compiler_lstmopt_says_so_once_and_uses_its_other_kernels(tmp_path):
+def test_run_from_source_without_a_compiler_lstmopt_says_so_once_and_uses_its_other_kernels(tmp_path):
     torch.manual_seed(0)
     packed = PackedLSTM(12, 20, num_layers=2).eval()
     packed.use_kernel("native", sequence_kernel="native")
@@ -213,7 +303,8 @@ def test_without_a_compiler_lstmopt_says_so_once_and_uses_its_other_kernels(tmp_
         moved = pickle.loads(open({str(tmp_path / 'native.pkl')!r}, 'rb').read())  # made where it could be built
         print(json.dumps({{"timed": sorted(fast.decoder.autotune_ms), "moved": [moved.kernel, moved.sequence_kernel]}}))
     """, cwd=os.path.join(os.path.dirname(__file__)), env_extra={
-        "LSTMOPT_CACHE": str(tmp_path / "empty-cache"), "CXX": str(tmp_path / "no-such-compiler")})
+        "LSTMOPT_CACHE": str(tmp_path / "empty-cache"), "CXX": str(tmp_path / "no-such-compiler"),
+        "LSTMOPT_NATIVE_FROM_SOURCE": "1"})
     assert result == {"timed": ["cell", "onednn", "stock"], "moved": ["onednn", "onednn"]}
     proc = run_python("""
         import torch
@@ -222,7 +313,8 @@ def test_without_a_compiler_lstmopt_says_so_once_and_uses_its_other_kernels(tmp_
         optimize(build_forecaster().eval(), autotune=[(torch.randn(2, 9, 3),)], exact=False)
         optimize(build_forecaster().eval(), autotune=[(torch.randn(2, 9, 3),)], exact=False)
     """, cwd=os.path.dirname(__file__), env_extra={"LSTMOPT_CACHE": str(tmp_path / "empty-cache"),
-                                                   "CXX": str(tmp_path / "no-such-compiler")})
+                                                   "CXX": str(tmp_path / "no-such-compiler"),
+                                                   "LSTMOPT_NATIVE_FROM_SOURCE": "1"})
     assert proc.returncode == 0, proc.stderr
     notices = [line for line in proc.stderr.splitlines() if line.startswith("lstmopt:")]
     assert len(notices) == 1 and "native kernel unavailable (no C++ compiler" in notices[0]

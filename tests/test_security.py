@@ -191,7 +191,7 @@ def test_the_verification_child_dies_with_its_parent(tmp_path):
 
 # --- the native library: loaded only if it is the file lstmopt compiled ---------------------------------
 
-from conftest import needs_native, run_python  # noqa: E402
+from conftest import needs_compiler, run_python  # noqa: E402
 from lstmopt.kernels import build as native_build, native  # noqa: E402
 
 LOAD = """
@@ -201,18 +201,24 @@ LOAD = """
 """
 
 
-def _cache_copy(tmp_path):
-    """A cache holding a verified copy of this machine's build (so tests need not compile it again)."""
+@pytest.fixture(scope="session")
+def first_use_build(tmp_path_factory):
+    """A cache holding the first-use build (lstmopt run from a source tree never installed), made once."""
+    root = tmp_path_factory.mktemp("first-use") / "cache"
+    assert _load_with(root) == {"loaded": True, "reason": None}
+    return root
+
+
+def _cache_copy(tmp_path, built):
+    """A copy of a verified first-use build (so tests need not compile it again); the ops library's path."""
     root = tmp_path / "cache"
-    shutil.copytree(native.cache_dir(), root / native.cache_dir().name)
-    for entry in root.iterdir():
-        if entry.name.startswith("."):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    return root, root / native.cache_dir().name / f"{native.cache_dir().name}.so"
+    shutil.copytree(built, root, ignore=shutil.ignore_patterns(".*"))
+    ops = native.cache_dir().name
+    return root, root / ops / f"{ops}.so"
 
 
 def _load_with(root, *, compiler=True):
-    env = {"LSTMOPT_CACHE": str(root)}
+    env = {"LSTMOPT_CACHE": str(root), "LSTMOPT_NATIVE_FROM_SOURCE": "1"}
     if not compiler:
         env["CXX"] = "/nonexistent/c++"
     proc = run_python(LOAD, env_extra=env)
@@ -228,15 +234,15 @@ def _planted_library(path, marker):
     source.unlink()
 
 
-@needs_native
-def test_a_verified_cached_library_loads_without_a_compiler(tmp_path):
-    root, _ = _cache_copy(tmp_path)
+@needs_compiler
+def test_a_verified_cached_library_loads_without_a_compiler(tmp_path, first_use_build):
+    root, _ = _cache_copy(tmp_path, first_use_build)
     assert _load_with(root, compiler=False) == {"loaded": True, "reason": None}
 
 
-@needs_native
-def test_a_planted_library_in_the_cache_is_never_loaded(tmp_path):
-    root, library = _cache_copy(tmp_path)
+@needs_compiler
+def test_a_planted_library_in_the_cache_is_never_loaded(tmp_path, first_use_build):
+    root, library = _cache_copy(tmp_path, first_use_build)
     marker = tmp_path / "planted-ran"
     _planted_library(library, marker)
     result = _load_with(root, compiler=False)  # it would be rebuilt; without a compiler it cannot be
@@ -244,19 +250,19 @@ def test_a_planted_library_in_the_cache_is_never_loaded(tmp_path):
     assert not marker.exists()
 
 
-@needs_native
-def test_a_truncated_cached_library_is_rebuilt_and_loads(tmp_path):
-    root, library = _cache_copy(tmp_path)
+@needs_compiler
+def test_a_truncated_cached_library_is_rebuilt_and_loads(tmp_path, first_use_build):
+    root, library = _cache_copy(tmp_path, first_use_build)
     library.write_bytes(library.read_bytes()[:4096])  # a build killed mid-write, a full disk: SIGBUS before
     assert _load_with(root) == {"loaded": True, "reason": None}
     assert native_build._verified(library)
 
 
-@needs_native
+@needs_compiler
 @pytest.mark.parametrize("attack", ["group-writable cache", "world-writable library dir", "symlinked entry",
                                     "symlinked cache"])
-def test_a_cache_other_users_could_write_is_refused_in_one_line(tmp_path, attack):
-    root, library = _cache_copy(tmp_path)
+def test_a_cache_other_users_could_write_is_refused_in_one_line(tmp_path, attack, first_use_build):
+    root, library = _cache_copy(tmp_path, first_use_build)
     marker = tmp_path / "planted-ran"
     _planted_library(library, marker)
     (library.parent / "manifest.json").write_text(json.dumps({"sha256": native_build.sha256_file(library)}))
@@ -279,10 +285,10 @@ def test_a_cache_other_users_could_write_is_refused_in_one_line(tmp_path, attack
     assert not marker.exists()
 
 
-@needs_native
+@needs_compiler
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a file to another user")
-def test_a_library_of_another_user_is_not_loaded_even_by_root(tmp_path):
-    root, library = _cache_copy(tmp_path)
+def test_a_library_of_another_user_is_not_loaded_even_by_root(tmp_path, first_use_build):
+    root, library = _cache_copy(tmp_path, first_use_build)
     marker = tmp_path / "planted-ran"
     _planted_library(library, marker)
     (library.parent / "manifest.json").write_text(json.dumps({"sha256": native_build.sha256_file(library)}))

@@ -1,5 +1,5 @@
-"""Where the native library comes from: compiled by lstmopt into a private cache, loaded only if it is
-the very file lstmopt compiled.
+"""Where a first-use build of the native library lives (lstmopt run from a source tree that was never
+installed): a private cache, whose files are loaded only if they are the very files lstmopt compiled.
 
 Loading a shared library runs its constructors, so a cache another user (or a forged artifact that
 writes files) could plant a file in is code execution. A cached library is loaded only when
@@ -24,17 +24,14 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from lstmopt.digest import sha256_file
 
-__all__ = ["InsecureCacheError", "LOCK_TIMEOUT_S", "compile_library", "trusted_library"]
+__all__ = ["InsecureCacheError", "LOCK_TIMEOUT_S", "trusted_library"]
 
 MANIFEST = "manifest.json"
 LOCK_TIMEOUT_S = 900.0  # a build takes about 30 s; a holder alive this long is stuck, not building
@@ -144,25 +141,3 @@ def trusted_library(root: Path, name: str, build, *, lock_timeout: float = LOCK_
     if not _verified(library):
         raise InsecureCacheError(f"{library} changed while it was being installed")
     return library
-
-
-def compile_library(source: Path, output: Path, *, module_name: str, flags: Sequence[str]) -> None:
-    """Compile ``source`` into the torch extension module ``module_name`` at ``output`` (what
-    ``torch.utils.cpp_extension`` does, without its shared build directory, baton and module import)."""
-    import torch
-    from torch.utils import cpp_extension
-
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler ({compiler}) found")
-    print("lstmopt: building the native kernel for this CPU (once, about 30 s)", file=sys.stderr)
-    includes = [*cpp_extension.include_paths(), sysconfig.get_path("include", scheme="posix_prefix")]
-    command = [compiler, "-shared", "-fPIC", "-std=c++20", *flags,
-               f"-DTORCH_EXTENSION_NAME={module_name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *[f"-isystem{path}" for path in includes], str(source), "-o", str(output),
-               *[f"-L{path}" for path in cpp_extension.library_paths()],
-               "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"Error building the native kernel:\n{proc.stderr}")

@@ -1,19 +1,22 @@
-"""lstmopt's native LSTM kernel (``lstmopt/csrc/lstm.cpp``): built on first use, cached, optional.
+"""lstmopt's native LSTM kernel (``csrc/lstm.cpp``): installed with lstmopt, optional.
 
 The kernel runs a whole LSTM call (every layer, direction and step) in one native call, for tensors and
 PackedSequences: at one step or a short chunk, where per-call costs are the latency, it is several times
 faster than the oneDNN op. Its results are not bit-identical (kernels/accuracy.py), so it is only
 chosen where approximate kernels are allowed (``autotune(..., exact=False)``, ``--autotune --approx``).
 
-``load()`` compiles the kernel for this CPU (``-march=native``) the first time, into a private cache keyed
-by the source, the CPU, torch and Python, imports it and registers ``torch.ops.lstmopt.lstm``; a cached
-library is loaded only if it is the file lstmopt compiled (``lstmopt.kernels.build``). Where that is
-impossible (no C++ compiler, a failed build), it says so once, in one line, and lstmopt keeps to its other
-kernels. A TorchScript artifact whose LSTMs use this kernel needs the op registered before
-``torch.jit.load``: ``LOAD_LINE``.
+Installing lstmopt compiles it for every instruction-set variant (``lstmopt.kernels.compile``); ``load()``
+loads ``lib/liblstmopt.so``, which picks the variant for this CPU, and the Python module ``_packs``.
+Run from a source tree that was never installed (or with ``LSTMOPT_NATIVE_FROM_SOURCE=1``), ``load()``
+compiles the ``native`` variant for this CPU the first time, into a private cache keyed by the sources,
+the CPU, torch and Python; a cached library is loaded only if it is the file lstmopt compiled
+(``lstmopt.kernels.build``). Where neither is possible, it says so once, in one line, and lstmopt keeps
+to its other kernels. A TorchScript artifact whose LSTMs use this kernel needs the ops registered before
+``torch.jit.load``: ``LOAD_LINE``, or without lstmopt ``torch.ops.load_library(library_path())``.
 """
 
 # No "from __future__ import annotations": TorchScript needs real annotations on NativePacks.
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -27,46 +30,56 @@ import torch
 from torch import Tensor
 
 from lstmopt.environment import cpuinfo
+from lstmopt.kernels import compile as native_build
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since
 
-__all__ = ["LOAD_LINE", "NativePacks", "available", "library_path", "load", "module", "run_native", "run_native_cell", "run_native_gru_cell",
-           "run_native_gru", "unavailable_reason"]
+__all__ = ["LOAD_LINE", "NativePacks", "available", "library_path", "load", "module", "run_native", "run_native_cell",
+           "run_native_gru_cell", "run_native_gru", "unavailable_reason", "variant"]
 
 LOAD_LINE = "import lstmopt.native; lstmopt.native.load()"
-SOURCE = Path(__file__).parent / "csrc" / "lstm.cpp"
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+INSTALLED_LOADER = Path(__file__).parent / "lib" / native_build.LOADER_NAME
 
 _lock = threading.Lock()
-_state: dict = {}  # "module" once loaded, "error" once it failed
+_state: dict = {}  # "module", "library" and "variant" once loaded, "error" once it failed
 
 
 def _cpu_flags() -> str:
     return cpuinfo("flags") or platform.processor()
 
 
-def _build_name() -> str:
-    """The kernel is compiled for this CPU, torch and Python: a build serves only where all are the same."""
-    key = "|".join([SOURCE.read_text(), " ".join(FLAGS), _cpu_flags(), torch.__version__, sys.version])
-    return "lstmopt_native_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+def _build_name(kind: str) -> str:
+    """A first-use build serves only where the sources, the CPU, torch and Python are the same."""
+    key = "|".join([native_build.KERNEL.read_text(), native_build.PACKS.read_text(), " ".join(native_build.OPTIMIZE),
+                    " ".join(native_build.NATIVE), _cpu_flags(), torch.__version__, sys.version])
+    return f"lstmopt_{kind}_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    """Where first-use builds live: ``$LSTMOPT_CACHE``, else ``~/.cache/lstmopt``."""
+    return Path(os.environ.get("LSTMOPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lstmopt"))
 
 
 def cache_dir() -> Path:
-    """Where the build for this machine lives: ``$LSTMOPT_CACHE``, else ``~/.cache/lstmopt``."""
-    root = os.environ.get("LSTMOPT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lstmopt")
-    return Path(root) / _build_name()
+    """The directory of this machine's first-use build of the ops library."""
+    return cache_root() / _build_name("ops")
 
 
 def module():
-    """The loaded extension module (``Packs``), or None where ``load()`` has not succeeded."""
+    """The loaded Python module (``Packs``), or None where ``load()`` has not succeeded."""
     return _state.get("module")
 
 
 def library_path() -> Optional[str]:
-    """The file of the loaded kernel (``torch.ops.load_library`` registers its op where lstmopt is not
-    installed), or None where ``load()`` has not succeeded."""
-    loaded = _state.get("module")
-    return loaded.__file__ if loaded is not None else None
+    """The library that registers the ops (``torch.ops.load_library`` of it serves where lstmopt is not
+    installed; a C++ process ``dlopen``s it), or None where ``load()`` has not succeeded."""
+    return _state.get("library")
+
+
+def variant() -> Optional[str]:
+    """Which build of the kernel runs: ``avx512``, ``avx2`` or ``baseline`` (installed), ``native``
+    (first-use build), or None where ``load()`` has not succeeded."""
+    return _state.get("variant")
 
 
 def unavailable_reason() -> Optional[str]:
@@ -75,8 +88,8 @@ def unavailable_reason() -> Optional[str]:
 
 
 def load(*, quiet: bool = False) -> bool:
-    """Build (the first time on this machine) and load the native kernel; False, after a one-line notice
-    on stderr (unless ``quiet``), where that is impossible.
+    """Load the native kernel (building it the first time where lstmopt was not installed); False, after
+    a one-line notice on stderr (unless ``quiet``), where that is impossible.
 
     Example:
         >>> import lstmopt.native; lstmopt.native.load()  # before torch.jit.load of a native-kernel artifact
@@ -91,15 +104,20 @@ def load(*, quiet: bool = False) -> bool:
             _state["error"] = "LSTMOPT_NO_NATIVE is set"
             return False
         try:
-            _state["module"] = _import_or_build()
+            installed = INSTALLED_LOADER.exists() and not os.environ.get("LSTMOPT_NATIVE_FROM_SOURCE")
+            library, loaded = _load_installed() if installed else _load_or_build_from_source()
             _register_fake()
-            return True
-        except Exception as exc:  # no compiler, a failed build: lstmopt works without this kernel
+            _state.update(library=str(library), variant=torch.ops.lstmopt.variant(), module=loaded)
+        except Exception as exc:  # no compiler, a failed build, no variant for this CPU: lstmopt works without
             reason = _first_error(str(exc))
             _state["error"] = reason
             if not quiet:
                 print(f"lstmopt: native kernel unavailable ({reason}); using the other kernels", file=sys.stderr)
             return False
+    if _state["variant"] == "baseline" and not os.environ.get("LSTMOPT_NATIVE_VARIANT") and not quiet:
+        print("lstmopt: this CPU has no AVX2, so the native kernel runs its baseline (SSE2) build, "
+              "several times slower", file=sys.stderr)
+    return True
 
 
 def _first_error(text: str) -> str:
@@ -115,16 +133,44 @@ def available() -> bool:
     return load(quiet=True)
 
 
-def _import_or_build():
-    from lstmopt.kernels.build import compile_library, trusted_library
+def _load_installed():
+    """The library installed with lstmopt: its loader picks this CPU's variant (csrc/loader.cpp)."""
+    os.environ["LSTMOPT_LOADER_QUIET"] = "1"  # the loader's own line is for C++ processes; this one says why
+    try:
+        loader = ctypes.CDLL(str(INSTALLED_LOADER))
+    finally:
+        del os.environ["LSTMOPT_LOADER_QUIET"]
+    loader.lstmopt_variant.restype = loader.lstmopt_error.restype = ctypes.c_char_p
+    if not loader.lstmopt_variant():
+        raise RuntimeError(loader.lstmopt_error().decode())
+    torch.ops.load_library(str(INSTALLED_LOADER))  # the same handle: recorded in torch.ops.loaded_libraries
+    from lstmopt.kernels import _packs
 
-    name = _build_name()
-    library = trusted_library(cache_dir().parent, name, lambda path: compile_library(
-        SOURCE, path, module_name=name, flags=[*FLAGS, "-fopenmp"]))
-    spec = importlib.util.spec_from_file_location(name, library)
+    return INSTALLED_LOADER, _packs
+
+
+def _load_or_build_from_source():
+    """The first-use build for this CPU, in the cache (``-march=native``)."""
+    from lstmopt.kernels.build import trusted_library
+
+    root = cache_root()
+    info = native_build.torch_build_info()
+    ops_name, packs_name = _build_name("ops"), _build_name("packs")
+    ops = trusted_library(root, ops_name, lambda path: _compile(
+        native_build.ops_command(info, path, "native", native_build.NATIVE)))
+    packs = trusted_library(root, packs_name, lambda path: _compile(
+        native_build.packs_command(info, path, packs_name)))
+    torch.ops.load_library(str(ops))
+    spec = importlib.util.spec_from_file_location(packs_name, packs)
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
-    return loaded
+    return ops, loaded
+
+
+def _compile(command: List[str]) -> None:
+    native_build.require_compiler()
+    print("lstmopt: building the native kernel for this CPU (once, about 30 s)", file=sys.stderr)
+    native_build.run_all([command])
 
 
 def _register_fake() -> None:
