@@ -104,6 +104,8 @@ def _zip_kind(path: Path) -> str:
     # torch.load hands any archive with a constants.pkl record to torch.jit.load, which runs its code.
     if any(n.endswith("constants.pkl") for n in names) or any("/code/" in n for n in names):
         return "torchscript"
+    if any(n.endswith("/archive_format") for n in names):
+        return "pt2"
     if any(n.endswith("/data.pkl") for n in names):
         return "torch_zip"
     if names and all(n.endswith(".npy") for n in names):
@@ -264,6 +266,9 @@ def load_model(
     if kind == "torchscript":
         raise UsageError(f"{path} is a TorchScript archive: its modules are compiled code lstmopt cannot swap; "
                          f"{_PROVIDE}")
+    if kind == "pt2":
+        raise UsageError(f"{path} is a torch.export program: its graph holds no modules lstmopt can swap; "
+                         f"{_PROVIDE}")
     digest = sha256_file(path)
     if kind == "legacy_pickle":
         kind = _legacy_kind(path)
@@ -289,12 +294,18 @@ def load_model(
 
 
 def artifact_format(path: os.PathLike | str, *, trust: bool = False) -> str:
-    """The format of an optimized model someone hands us, by content: "torchscript" or "pickle". Both are
-    code (a TorchScript archive's methods, ``__setstate__`` included, run as ``torch.jit.load`` reads it),
-    so either is refused unless ``trust``. Metadata inside the file is not proof of origin: anyone can
-    write it."""
+    """The format of an optimized model someone hands us, by content: "torchscript", "pickle" or "pt2".
+    All are code (a TorchScript archive's methods, ``__setstate__`` included, run as ``torch.jit.load``
+    reads it; ``torch.export.load`` unpickles a program's weights with ``weights_only=False``), so each is
+    refused unless ``trust``. Metadata inside the file is not proof of origin: anyone can write it."""
     path = Path(path)
     kind = detect_format(path)
+    if kind == "pt2":
+        if not trust:
+            raise UntrustedPickleError(
+                f"{path} is a torch.export program: loading it unpickles its weights with weights_only=False, "
+                "which can run code. Pass --trust (trust=True) only if you trust its source")
+        return "pt2"
     if kind == "torchscript":
         if not trust:
             raise UntrustedPickleError(

@@ -91,13 +91,15 @@ def read_metadata(path: os.PathLike | str) -> dict:
 
 
 def calls_lstmopt_ops(path: os.PathLike | str) -> bool:
-    """Whether a TorchScript archive's code calls ``torch.ops.lstmopt.*`` (so loading it needs lstmopt's
-    native library registered first), read from the code records themselves."""
+    """Whether a TorchScript archive's code, or a torch.export program's graph, calls ``torch.ops.lstmopt.*``
+    (so loading it needs lstmopt's native library registered first), read from those records themselves."""
     try:
         with zipfile.ZipFile(path) as archive:
             budget = _MAX_CODE_BYTES
             for info in archive.infolist():
-                if "/code/" not in info.filename or not info.filename.endswith(".py"):
+                code = "/code/" in info.filename and info.filename.endswith(".py")
+                graph = "/models/" in info.filename and info.filename.endswith(".json")
+                if not (code or graph):
                     continue
                 with archive.open(info) as record:
                     text = record.read(budget)

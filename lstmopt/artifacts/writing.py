@@ -5,13 +5,16 @@
   scripted, or, when its code is not scriptable, traced with every LSTM scripted (``lstmopt.artifacts.tracing``).
 - Pickle (``torch.save`` of the module): loads with lstmopt and the model's own classes importable, and
   repacks on load the same way.
+- pt2 (``torch.export.save`` of a program exported on ``samples[0]``, ``lstmopt.artifacts.program``): loads
+  with ``torch.export.load`` after ``import lstmopt`` or ``torch.ops.load_library`` of lstmopt's library;
+  the ops pack the program's dense weights on their first call.
 
 An LSTM that autotune switched to the native kernel (``exact=False``) makes a TorchScript archive need
 lstmopt's native library registered before ``torch.jit.load`` (``lstmopt.native.LOAD_LINE``); the
 metadata and the returned record name those LSTMs (``native_kernel``).
 
-Both are zip archives; the metadata is the record ``<archive>/extra/lstmopt.json`` (TorchScript's
-``_extra_files``), so ``read_metadata`` never unpickles anything (see ``lstmopt.artifacts.metadata``). An artifact is
+All are zip archives; the metadata is the record ``<archive>/extra/lstmopt.json`` (TorchScript's
+``_extra_files``, torch.export's ``extra_files``), so ``read_metadata`` never unpickles anything (see ``lstmopt.artifacts.metadata``). An artifact is
 serialized in memory and then written by Python to a temporary file in the target directory, renamed over
 the output only once complete: a full disk is a one-line error (``torch.jit.save`` to a path aborts the
 process when a write fails).
@@ -55,10 +58,12 @@ def write_artifact(model, output: os.PathLike | str, *, format: str, metadata: d
 
 
 def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Sequence[tuple] = ()) -> dict:
-    """Save the optimized ``model`` to ``path`` in ``format`` ("torchscript" or "pickle"), with ``metadata``
-    as the ``lstmopt.json`` record. TorchScript scripts the model, or traces it on ``samples[0]`` when its
-    code is not scriptable. Returns how the artifact was made, ``{"method", "reason", "native_kernel"}``
-    (the LSTMs that need lstmopt's native library), which the metadata records too."""
+    """Save the optimized ``model`` to ``path`` in ``format`` ("torchscript", "pickle" or "pt2"), with
+    ``metadata`` as the ``lstmopt.json`` record. TorchScript scripts the model, or traces it on ``samples[0]``
+    when its code is not scriptable; pt2 exports it on ``samples[0]``. Returns how the artifact was made,
+    ``{"method", "reason", "native_kernel"}`` (the LSTMs that run lstmopt's native kernel; for pt2 also
+    ``lstmopt_ops``, whether loading needs lstmopt's library, and ``dynamic_dims``), which the metadata
+    records too."""
     if format not in FORMATS:
         raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     metadata = {**metadata, "native_kernel": native_lstms(model)}
@@ -73,6 +78,8 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
         how["native_kernel"] = metadata["native_kernel"]
         metadata = {**metadata, "torchscript": how}
         torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: _json(metadata)})
+    elif format == "pt2":
+        how = _export(model, samples, metadata, buffer)
     else:
         _pickle(prepare_for_inference(model), buffer)
         with zipfile.ZipFile(buffer, "a") as archive:
@@ -80,6 +87,18 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
             archive.writestr(f"{prefix}/extra/{METADATA_NAME}", _json(metadata))
         how = {"method": "pickled", "reason": "--format pickle", "native_kernel": metadata["native_kernel"]}
     write_bytes(path, buffer.getbuffer())
+    return how
+
+
+def _export(model, samples: Sequence[tuple], metadata: dict, buffer) -> dict:
+    from lstmopt.artifacts.program import calls_lstmopt_ops, dynamic_dims, export_program
+
+    if not samples:
+        raise UsageError("--format pt2 exports the model on an example input: give --example-inputs or --input-shape")
+    program = export_program(prepare_for_inference(model), samples[0])
+    how = {"method": "exported", "reason": "--format pt2", "native_kernel": metadata["native_kernel"],
+           "lstmopt_ops": calls_lstmopt_ops(program), "dynamic_dims": dynamic_dims(program)}
+    torch.export.save(program, buffer, extra_files={METADATA_NAME: _json({**metadata, "pt2": how})})
     return how
 
 
@@ -112,8 +131,18 @@ def native_kernel_note(lstms: Sequence[str], format: str) -> str:
     if format == "torchscript":
         return (f"{names} run lstmopt's native kernel: where the artifact is loaded, run `{LOAD_LINE}` "
                 "before torch.jit.load (or write it without --approx for an artifact that needs torch only)")
-    return (f"{names} run lstmopt's native kernel, which loading the artifact builds on first use (with a C++ "
-            "compiler; without one, the oneDNN kernels serve)")
+    if format == "pt2":
+        return program_note()
+    return f"{names} run lstmopt's native kernel, which the installed lstmopt loads with the artifact"
+
+
+def program_note() -> str:
+    """What loading a pt2 artifact that calls lstmopt's ops takes, in one sentence."""
+    from lstmopt.kernels.native import library_path
+
+    return ("the program calls lstmopt's ops: where it is loaded, `import lstmopt` (or, without lstmopt, "
+            f"`torch.ops.load_library({library_path() or '<lstmopt/kernels/lib/liblstmopt.so>'!r})`) before "
+            "torch.export.load")
 
 
 def native_lstms(model) -> list:

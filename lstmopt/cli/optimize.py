@@ -26,7 +26,8 @@ def optimize(
                                          show_default=False)],
     format: Annotated[Format, typer.Option(
         "--format", help="torchscript loads with plain torch.jit.load (no lstmopt needed); pickle needs lstmopt "
-                         "and your model classes importable.")] = Format["torchscript"],
+                         "and your model classes importable; pt2 is a torch.export program (torch.export.load, "
+                         "after import lstmopt or torch.ops.load_library where it calls lstmopt's ops).")] = Format["torchscript"],
     dtype: DtypeOpt = Dtype["float32"],
     factory: FactoryOpt = None,
     factory_kwargs: FactoryKwargsOpt = None,

@@ -69,7 +69,7 @@ def verify(
                                  rtol=default_rtol if rtol is None else rtol,
                                  artifact_prefix=meta.get("module_prefix", ""),
                                  # what the archive's own code calls, not what its metadata claims
-                                 native_kernel=artifact_kind == "torchscript" and calls_lstmopt_ops(optimized),
+                                 native_kernel=artifact_kind != "pickle" and calls_lstmopt_ops(optimized),
                                  seed=seed, float64_reference=(not exact and meta.get("dtype", "float32") == "float32"
                                                                and atol is None and rtol is None))
     ui.emit_json(result.to_dict())

@@ -218,7 +218,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
     from lstmopt.job.samples import samples_for
     from lstmopt.job.verification import check_deterministic, default_tolerance, verify_artifact
     from lstmopt.artifacts.tracing import tracing_caveat
-    from lstmopt.artifacts.writing import TRACED_AS_OP, native_kernel_note, save_artifact
+    from lstmopt.artifacts.writing import TRACED_AS_OP, native_kernel_note, program_note, save_artifact
 
     report.input = {"path": str(options.input), "factory": options.factory,
                     "factory_kwargs": options.factory_kwargs or None}
@@ -280,7 +280,9 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
             if how["method"] == "traced":
                 recorded = set(how.get("lstms_traced_as_ops", ()))
                 report.warnings.append(tracing_caveat(len([name for name in packed if name not in recorded])))
-            if how["native_kernel"]:
+            if how.get("lstmopt_ops"):
+                report.warnings.append(program_note())
+            elif how["native_kernel"]:
                 report.warnings.append(native_kernel_note(how["native_kernel"], options.format))
             # An LSTM a trace recorded as nn.LSTM's op is no longer a module of its own in the archive, and
             # runs none of lstmopt's kernels: the table and the report say so.
@@ -300,7 +302,8 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                 verification = verify_artifact(
                     loaded.model, tmp, format=options.format, samples=samples, lstm_names=lstms,
                     atol=atol, rtol=rtol, artifact_prefix=metadata["module_prefix"],
-                    native_kernel=bool(how["native_kernel"]), seed=options.seed, float64_reference=float64,
+                    native_kernel=bool(how["native_kernel"] or how.get("lstmopt_ops")), seed=options.seed,
+                    float64_reference=float64,
                 )
                 report.verification = verification.to_dict()
                 if how["method"] == "traced" and not verification.ok:
@@ -363,4 +366,6 @@ def _load_artifact(path: Path, format: str) -> Any:
 
     if format == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
+    if format == "pt2":
+        return torch.export.load(path).module()
     return torch.load(path, map_location="cpu", weights_only=False)  # we just wrote it

@@ -226,12 +226,15 @@ def verify_artifact(
 ) -> Verification:
     """Load ``artifact`` in a fresh interpreter and compare it with ``original`` on ``samples`` and, for
     each name in ``lstm_names`` (modules of ``original``), on that LSTM's own synthetic inputs.
-    ``native_kernel``: the artifact's LSTMs run the native kernel (its metadata says so). ``seed``: the
-    random generators are seeded with it before each compared model call, on both sides.
+    ``native_kernel``: the artifact needs lstmopt's library (an LSTM on the native kernel, a program calling
+    lstmopt's ops). ``seed``: the random generators are seeded with it before each compared model call, on
+    both sides; a pt2 program is compared on ``samples`` only (it has no LSTM modules of its own).
     ``float64_reference``: judge by the approximate-kernel contract (a float64 copy of ``original`` as the
     reference) instead of ``atol``/``rtol``; where the model cannot run in float64, the tolerance judges."""
     original = original.eval()
     native_library = _native_library() if native_kernel else None
+    if format == "pt2":
+        lstm_names = []  # a program is one graph: it has no LSTM modules to call on their own inputs
     # The child computes with these very settings: results depend on the thread count in their last bits.
     numerics = verify_child.numerics_settings()
     result = Verification(atol=atol, rtol=rtol, samples=[describe(s) for s in samples], numerics=numerics)

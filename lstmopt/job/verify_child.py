@@ -105,16 +105,18 @@ def _error(exc):
 
 
 def main(artifact, fmt, payload_path, result_path):
-    if fmt == "torchscript":
+    if fmt in ("torchscript", "pt2"):
         sys.modules["lstmopt"] = None  # the archive must not need lstmopt
     import torch
 
     payload = torch.load(payload_path, weights_only=True)
     sys.path.extend(p for p in payload["import_paths"] if p not in sys.path)  # after the installed packages
+    if payload["native_library"]:  # the one thing an archive needs beyond torch (lstmopt.native.LOAD_LINE)
+        torch.ops.load_library(payload["native_library"])
     if fmt == "torchscript":
-        if payload["native_library"]:  # the one thing the archive needs beyond torch (lstmopt.native.LOAD_LINE)
-            torch.ops.load_library(payload["native_library"])
         model = torch.jit.load(artifact, map_location="cpu")
+    elif fmt == "pt2":
+        model = torch.export.load(artifact).module()
     else:
         model = torch.load(artifact, map_location="cpu", weights_only=False)
     apply_numerics_settings(payload["numerics"])

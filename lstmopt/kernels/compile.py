@@ -8,7 +8,7 @@ in a build environment where neither is importable.
 
 What an installation holds, in ``lstmopt/kernels/lib/``:
 
-- ``lstmopt_ops_<variant>.so``: ``csrc/lstm.cpp`` built for one instruction-set level; it registers the
+- ``lstmopt_ops_<variant>.so``: ``csrc/lstm.cpp`` and ``csrc/dense.cpp`` built for one instruction-set level; it registers the
   ``torch.ops.lstmopt.*`` ops (``TORCH_LIBRARY``) and links libtorch only, no Python;
 - ``liblstmopt.so``: ``csrc/loader.cpp``, which picks the variant for the CPU it runs on and loads it;
 - ``_packs`` (a Python extension module, beside this file): ``csrc/packs.cpp``, Python's fast way in.
@@ -26,6 +26,7 @@ from typing import Sequence
 
 CSRC = Path(__file__).parent / "csrc"
 KERNEL, PACKS, LOADER = CSRC / "lstm.cpp", CSRC / "packs.cpp", CSRC / "loader.cpp"
+OPS_SOURCES = [KERNEL, CSRC / "dense.cpp"]  # with kernel.h: the ops library
 LOADER_NAME = "liblstmopt.so"
 OPTIMIZE = ["-O3", "-ffp-contract=fast", "-fopenmp"]
 
@@ -87,7 +88,7 @@ def _torch_flags(info: dict, *, python: bool) -> list[str]:
 def ops_command(info: dict, output: Path, variant: str, isa: Sequence[str]) -> list[str]:
     """``lstm.cpp`` as one variant's ops library: libtorch only, no Python."""
     return [compiler(), "-shared", "-fPIC", "-std=c++20", *OPTIMIZE, *isa, f'-DLSTMOPT_VARIANT="{variant}"',
-            str(KERNEL), "-o", str(output), *_torch_flags(info, python=False), "-lc10", "-ltorch_cpu"]
+            *map(str, OPS_SOURCES), "-o", str(output), *_torch_flags(info, python=False), "-lc10", "-ltorch_cpu"]
 
 
 def packs_command(info: dict, output: Path, module_name: str) -> list[str]:

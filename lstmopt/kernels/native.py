@@ -49,7 +49,8 @@ def _cpu_flags() -> str:
 
 def _build_name(kind: str) -> str:
     """A first-use build serves only where the sources, the CPU, torch and Python are the same."""
-    key = "|".join([native_build.KERNEL.read_text(), native_build.PACKS.read_text(), " ".join(native_build.OPTIMIZE),
+    sources = [*native_build.OPS_SOURCES, native_build.CSRC / "kernel.h", native_build.PACKS]
+    key = "|".join([*(path.read_text() for path in sources), " ".join(native_build.OPTIMIZE),
                     " ".join(native_build.NATIVE), _cpu_flags(), torch.__version__, sys.version])
     return f"lstmopt_{kind}_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -187,9 +188,28 @@ def _register_fake() -> None:
                                      batch_first, [], 0)
         return output, h_n
 
+    @torch.library.register_fake("lstmopt::lstm_dense")
+    def _(input, hx, cx, dense, hidden_size, num_layers, bidirectional, batch_first, has_biases, proj_size=0):
+        states = [None] * (num_layers * (2 if bidirectional else 1))
+        return _fake_lstmp(input, None, hx, cx, dense, states, hidden_size, bidirectional, batch_first, [], proj_size)
+
+    @torch.library.register_fake("lstmopt::onednn_lstm_dense")
+    def _(input, hx, cx, dense, hidden_size, num_layers, bidirectional, batch_first, has_biases):
+        states = [None] * (num_layers * (2 if bidirectional else 1))
+        return _fake_lstmp(input, None, hx, cx, dense, states, hidden_size, bidirectional, batch_first, [], 0)
+
+    @torch.library.register_fake("lstmopt::gru_dense")
+    def _(input, hx, dense, hidden_size, num_layers, bidirectional, batch_first, has_biases):
+        states = [None] * (num_layers * (2 if bidirectional else 1))
+        output, h_n, _ = _fake_lstmp(input, None, hx, None, dense, states, hidden_size, bidirectional, batch_first,
+                                     [], 0)
+        return output, h_n
+
     @torch.library.register_fake("lstmopt::lstmp")
     def _fake_lstmp(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first, projections,
                     proj_size):
+        if batch_sizes is None and weights and weights[0].dim() == 2:  # dense weights: the op checks this size
+            torch._check(input.size(-1) == weights[0].size(1))
         units = proj_size or hidden_size  # of the hidden state and the output; the cell state has hidden_size
         width = (2 if bidirectional else 1) * units
         states = len(biases)

@@ -7,6 +7,7 @@ call to the kernel in use if ``guards.kernel_accepts`` lets it and the packs are
 nn.LSTM's own path otherwise. The kernels themselves are in ``lstmopt/kernels``.
 """
 
+import contextlib
 import threading
 
 import torch
@@ -17,7 +18,7 @@ from lstmopt.kernels.aten import run_cells, run_onednn, run_onednn_sequence
 from lstmopt.modules.guards import aten_cell_call, kernel_accepts, plain_state
 from lstmopt.modules.packs import weights_obstacle
 
-__all__ = ["dispatch", "exported", "forward", "seqlocked", "stock_only"]
+__all__ = ["dispatch", "exported", "forward", "recording_dense_ops", "records_dense_ops", "seqlocked", "stock_only"]
 
 # Looked up once: a one-step call spends ~25 us in the op, and each attribute lookup on torch._C adds up.
 _tracing = torch._C._get_tracing_state
@@ -152,17 +153,51 @@ def run_sequence(module, state, input: PackedSequence, hx):
     return module._sequence_result(input, output, h_n, c_n)
 
 
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recording_dense_ops():
+    """Inside, torch.export records for each LSTM (and native-kernel GRU) lstmopt's op on the dense
+    parameters for the kernel it runs (``lstmopt/kernels/csrc/dense.cpp``: the op packs them on its first
+    call, where the program runs), instead of the aten graph that runs at eager speed. Needs the native
+    library loaded (``lstmopt.artifacts.program``)."""
+    previous = getattr(_recording, "on", False)
+    _recording.on = True
+    try:
+        yield
+    finally:
+        _recording.on = previous
+
+
+def records_dense_ops() -> bool:
+    return getattr(_recording, "on", False)
+
+
 def exported(module, input, hx):
     """What torch.export records: one aten.mkldnn_rnn_layer per layer and direction on the dense
     parameters (the op lays them out itself, as eager does), which does not depend on the sequence
-    length. An exported program holds no packs: it computes at eager speed, bit-identical to eager."""
+    length. Such a program holds no packs: it computes at eager speed, bit-identical to eager. Under
+    ``recording_dense_ops``, lstmopt's dense op for the module's kernel instead."""
     # Export traces with fake tensors (tensor subclasses) and with mkldnn switched off; the op itself
-    # runs whatever that flag says, so only what the op accepts is checked here.
-    weights = module._flat_weights
+    # runs whatever that flag says, so only what the op accepts is checked here. The weights are read by
+    # name: export swaps the parameters, not the list _flat_weights holds, whose tensors it would record
+    # as constants (a second copy, which the program's state dict would not change).
+    weights = [getattr(module, name) for name in module._flat_weights_names]
     dtype = weights[0].dtype
-    if (isinstance(input, PackedSequence) or module.training or _autocast_enabled() or module.proj_size > 0
-            or weights_obstacle(weights, dtype) is not None
+    if (isinstance(input, PackedSequence) or module.training or _autocast_enabled()
+            or weights_obstacle(module._flat_weights, dtype) is not None  # the real ones: not fake subclasses
             or not kernel_accepts(module, input, hx, dtype, exact_types=False)):
+        return _stock(module, input, hx)
+    if records_dense_ops() and dtype == torch.float32 and module.kernel != "stock":
+        h, c = (None, None) if hx is None else hx
+        sizes = (module.hidden_size, module.num_layers, module.bidirectional, module.batch_first, module.bias)
+        if module.kernel == "native":
+            output, h_n, c_n = torch.ops.lstmopt.lstm_dense(input, h, c, list(weights), *sizes, module.proj_size)
+        else:  # onednn, and cell: its one-step calls are the oneDNN op's too, exactly
+            output, h_n, c_n = torch.ops.lstmopt.onednn_lstm_dense(input, h, c, list(weights), *sizes)
+        return output, (h_n, c_n)
+    if module.proj_size > 0:
         return _stock(module, input, hx)
     per_layer = len(weights) // len(module.packed_layers)
     layers = []

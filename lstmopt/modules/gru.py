@@ -218,7 +218,9 @@ def _pair(hx: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
 # Eager: the native kernel's own checks first (nanoseconds), then Python's, then nn.GRU's own path.
 
 def _eager(gru: PackedGRU, input, hx):
-    if dispatch.stock_only(gru) or torch.compiler.is_exporting():
+    if torch.compiler.is_exporting():
+        return _exported(gru, input, hx)
+    if dispatch.stock_only(gru):
         return _stock(gru, input, hx)
     packs = gru._state.native
     if packs is not None and type(input) is Tensor:
@@ -226,6 +228,20 @@ def _eager(gru: PackedGRU, input, hx):
         if result is not None:
             return result
     return dispatch.seqlocked(gru, _once, input, hx)
+
+
+def _exported(gru: PackedGRU, input, hx):
+    """nn.GRU's graph, or under ``dispatch.recording_dense_ops`` lstmopt's dense op for a native-kernel
+    GRU's tensor calls (torch.export passes fake tensors: subclasses)."""
+    weights = gru._weights_by_name()
+    if (dispatch.records_dense_ops() and gru.kernel == "native" and not gru.training and isinstance(input, Tensor)
+            and (hx is None or isinstance(hx, Tensor)) and plain_state(_pair(hx), False)
+            and all(w.dtype == torch.float32 for w in weights)
+            and valid_for_kernel(input, _pair(hx), torch.float32, gru.input_size, gru.hidden_size,
+                                 gru.num_layers * (2 if gru.bidirectional else 1), gru.batch_first, False)):
+        return tuple(torch.ops.lstmopt.gru_dense(input, hx, weights, gru.hidden_size, gru.num_layers,
+                                                 gru.bidirectional, gru.batch_first, gru.bias))
+    return _stock(gru, input, hx)
 
 
 def _once(gru: PackedGRU, state: PackState, input, hx):

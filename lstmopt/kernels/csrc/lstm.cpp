@@ -33,6 +33,8 @@
 #include <omp.h>
 #include <torch/library.h>
 
+#include "kernel.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

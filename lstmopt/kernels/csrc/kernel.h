@@ -1,0 +1,22 @@
+// What lstm.cpp offers the other files of the ops library (dense.cpp): the kernel and its packing.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent(const at::Tensor& input,
+                                                         const std::optional<at::Tensor>& batch_sizes,
+                                                         const std::optional<at::Tensor>& hx,
+                                                         const std::optional<at::Tensor>& cx, at::TensorList weights,
+                                                         at::TensorList biases, int64_t hidden_size,
+                                                         bool bidirectional, bool batch_first,
+                                                         at::TensorList projections, int64_t proj_size, bool gru);
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack(at::TensorList dense, int64_t hidden_size,
+                                                                  bool has_biases, int64_t proj_size);
+std::vector<at::Tensor> pack_projections(at::TensorList dense, int64_t hidden_size, bool has_biases,
+                                         int64_t proj_size);
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_gru(at::TensorList dense, int64_t hidden_size,
+                                                                      bool has_biases);
