@@ -1,6 +1,6 @@
 """Vocabularies shared by the Python API, the CLI and batch configs (kept free of torch imports)."""
 
-FORMATS = ("torchscript", "pickle", "pt2")
+FORMATS = ("torchscript", "pickle", "pt2", "aoti")
 """Artifact formats: TorchScript (loads without lstmopt) or a pickled module (needs lstmopt to load)."""
 
 DTYPES = ("float32", "bfloat16")

@@ -161,23 +161,42 @@ def test_a_bad_call_of_a_dense_op_raises_a_clear_error_and_never_crashes(op, cas
     assert message in result
 
 
-def test_optimize_writes_a_verified_pt2_artifact_that_verify_checks_with_trust(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["pt2", "aoti"])
+def test_optimize_writes_a_verified_program_that_verify_checks_with_trust(tmp_path, monkeypatch, fmt):
     import models
 
     monkeypatch.chdir(tmp_path)
     torch.save(models.build_forecaster().state_dict(), "w.pt")
     args = ["--factory", "models:build_forecaster", "--input-shape", "2,7,3"]
-    result = invoke("optimize", "w.pt", "-o", "out.pt2", "--format", "pt2", "--autotune", "--approx", *args, "--json")
+    result = invoke("optimize", "w.pt", "-o", "out.pt2", "--format", fmt, "--autotune", "--approx", *args, "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["output"]["format"] == "pt2" and report["verification"]["ok"]
-    assert report["artifact"]["method"] == "exported" and report["artifact"]["lstmopt_ops"] is True
-    assert report["artifact"]["dynamic_dims"] == [[0, 1]]
+    assert report["output"]["format"] == fmt and report["verification"]["ok"]
+    assert report["artifact"]["method"] == {"pt2": "exported", "aoti": "compiled"}[fmt]
+    assert report["artifact"]["lstmopt_ops"] is True and report["artifact"]["dynamic_dims"] == [[0, 1]]
     assert any("torch.ops.load_library(" in warning for warning in report["warnings"])
     refused = invoke("verify", "w.pt", "out.pt2", *args)
-    assert refused.exit_code == 3 and "torch.export program" in refused.stderr and "--trust" in refused.stderr
+    what = {"pt2": "a torch.export program", "aoti": "an AOTInductor package"}[fmt]
+    assert refused.exit_code == 3 and what in refused.stderr and "--trust" in refused.stderr
     checked = invoke("verify", "w.pt", "out.pt2", *args, "--trust", "--json")
     assert checked.exit_code == 0, checked.stderr
     assert json.loads(checked.stdout)["ok"]
     as_input = invoke("optimize", "out.pt2", "-o", "again.pt")
-    assert as_input.exit_code != 0 and "torch.export program" in as_input.stderr
+    assert as_input.exit_code != 0 and what in as_input.stderr
+    # Where it runs: torch and the library, no lstmopt.
+    x = torch.randn(5, 12, 3)
+    torch.save(x, "x.pt")
+    loader = "torch.export.load(f).module()" if fmt == "pt2" else "torch._inductor.aoti_load_package(f)"
+    proc = run_python(f"""
+        import io, sys
+        sys.modules["lstmopt"] = None
+        import torch
+        torch.ops.load_library({native.library_path()!r})
+        f = io.BytesIO(open("out.pt2", "rb").read())
+        program = {loader}
+        with torch.inference_mode():
+            torch.save(program(torch.load("x.pt")), "y.pt")
+    """, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load("y.pt"), models.build_forecaster()(x), atol=1e-6, rtol=1e-6)

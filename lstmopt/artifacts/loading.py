@@ -104,6 +104,8 @@ def _zip_kind(path: Path) -> str:
     # torch.load hands any archive with a constants.pkl record to torch.jit.load, which runs its code.
     if any(n.endswith("constants.pkl") for n in names) or any("/code/" in n for n in names):
         return "torchscript"
+    if any("/data/aotinductor/" in n for n in names):
+        return "aoti"
     if any(n.endswith("/archive_format") for n in names):
         return "pt2"
     if any(n.endswith("/data.pkl") for n in names):
@@ -266,9 +268,9 @@ def load_model(
     if kind == "torchscript":
         raise UsageError(f"{path} is a TorchScript archive: its modules are compiled code lstmopt cannot swap; "
                          f"{_PROVIDE}")
-    if kind == "pt2":
-        raise UsageError(f"{path} is a torch.export program: its graph holds no modules lstmopt can swap; "
-                         f"{_PROVIDE}")
+    if kind in ("pt2", "aoti"):
+        what = "a torch.export program" if kind == "pt2" else "an AOTInductor package"
+        raise UsageError(f"{path} is {what}: its graph holds no modules lstmopt can swap; {_PROVIDE}")
     digest = sha256_file(path)
     if kind == "legacy_pickle":
         kind = _legacy_kind(path)
@@ -294,18 +296,19 @@ def load_model(
 
 
 def artifact_format(path: os.PathLike | str, *, trust: bool = False) -> str:
-    """The format of an optimized model someone hands us, by content: "torchscript", "pickle" or "pt2".
+    """The format of an optimized model someone hands us, by content: "torchscript", "pickle", "pt2", "aoti".
     All are code (a TorchScript archive's methods, ``__setstate__`` included, run as ``torch.jit.load``
     reads it; ``torch.export.load`` unpickles a program's weights with ``weights_only=False``), so each is
     refused unless ``trust``. Metadata inside the file is not proof of origin: anyone can write it."""
     path = Path(path)
     kind = detect_format(path)
-    if kind == "pt2":
+    if kind in ("pt2", "aoti"):
         if not trust:
-            raise UntrustedPickleError(
-                f"{path} is a torch.export program: loading it unpickles its weights with weights_only=False, "
-                "which can run code. Pass --trust (trust=True) only if you trust its source")
-        return "pt2"
+            why = ("a torch.export program: loading it unpickles its weights with weights_only=False, which can "
+                   "run code" if kind == "pt2" else "an AOTInductor package: loading it loads the shared library "
+                   "it holds")
+            raise UntrustedPickleError(f"{path} is {why}. Pass --trust (trust=True) only if you trust its source")
+        return kind
     if kind == "torchscript":
         if not trust:
             raise UntrustedPickleError(

@@ -91,20 +91,23 @@ def read_metadata(path: os.PathLike | str) -> dict:
 
 
 def calls_lstmopt_ops(path: os.PathLike | str) -> bool:
-    """Whether a TorchScript archive's code, or a torch.export program's graph, calls ``torch.ops.lstmopt.*``
-    (so loading it needs lstmopt's native library registered first), read from those records themselves."""
+    """Whether a TorchScript archive's code, a torch.export program's graph or an AOTInductor package's
+    wrapper calls ``torch.ops.lstmopt.*`` (so loading it needs lstmopt's native library registered first),
+    read from those records themselves."""
     try:
         with zipfile.ZipFile(path) as archive:
             budget = _MAX_CODE_BYTES
             for info in archive.infolist():
                 code = "/code/" in info.filename and info.filename.endswith(".py")
-                graph = "/models/" in info.filename and info.filename.endswith(".json")
+                # a program's graph; an AOTInductor package's calls of ops it has no C++ for
+                graph = ("/models/" in info.filename or "/aotinductor/" in info.filename) and \
+                    info.filename.endswith(".json")
                 if not (code or graph):
                     continue
                 with archive.open(info) as record:
                     text = record.read(budget)
                 budget -= len(text)
-                if b"ops.lstmopt." in text:
+                if b"ops.lstmopt." in text or b'"target": "lstmopt::' in text:
                     return True
                 if budget <= 0:
                     raise UsageError(f"{path} holds over {_MAX_CODE_BYTES >> 20} MB of TorchScript code; "

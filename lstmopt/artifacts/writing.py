@@ -8,6 +8,9 @@
 - pt2 (``torch.export.save`` of a program exported on ``samples[0]``, ``lstmopt.artifacts.program``): loads
   with ``torch.export.load`` after ``import lstmopt`` or ``torch.ops.load_library`` of lstmopt's library;
   the ops pack the program's dense weights on their first call.
+- aoti (AOTInductor's package of that program, ``torch._inductor.aoti_compile_and_package``): compiled C++
+  (for the instruction set of the machine that compiles it), no Python on its calls; loads with
+  ``torch._inductor.aoti_load_package`` (or C++'s ``AOTIModelPackageLoader``) after the same line.
 
 An LSTM that autotune switched to the native kernel (``exact=False``) makes a TorchScript archive need
 lstmopt's native library registered before ``torch.jit.load`` (``lstmopt.native.LOAD_LINE``); the
@@ -78,8 +81,8 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
         how["native_kernel"] = metadata["native_kernel"]
         metadata = {**metadata, "torchscript": how}
         torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: _json(metadata)})
-    elif format == "pt2":
-        how = _export(model, samples, metadata, buffer)
+    elif format in ("pt2", "aoti"):
+        how = _export(model, samples, metadata, buffer, compiled=format == "aoti")
     else:
         _pickle(prepare_for_inference(model), buffer)
         with zipfile.ZipFile(buffer, "a") as archive:
@@ -90,15 +93,26 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
     return how
 
 
-def _export(model, samples: Sequence[tuple], metadata: dict, buffer) -> dict:
+def _export(model, samples: Sequence[tuple], metadata: dict, buffer, *, compiled: bool) -> dict:
     from lstmopt.artifacts.program import calls_lstmopt_ops, dynamic_dims, export_program
 
+    flag = "--format aoti" if compiled else "--format pt2"
     if not samples:
-        raise UsageError("--format pt2 exports the model on an example input: give --example-inputs or --input-shape")
+        raise UsageError(f"{flag} exports the model on an example input: give --example-inputs or --input-shape")
     program = export_program(prepare_for_inference(model), samples[0])
-    how = {"method": "exported", "reason": "--format pt2", "native_kernel": metadata["native_kernel"],
+    how = {"method": "compiled" if compiled else "exported", "reason": flag, "native_kernel": metadata["native_kernel"],
            "lstmopt_ops": calls_lstmopt_ops(program), "dynamic_dims": dynamic_dims(program)}
-    torch.export.save(program, buffer, extra_files={METADATA_NAME: _json({**metadata, "pt2": how})})
+    if not compiled:
+        torch.export.save(program, buffer, extra_files={METADATA_NAME: _json({**metadata, "pt2": how})})
+        return how
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=buffer)
+    except Exception as exc:  # a compiler missing or failing: inductor's errors run to pages
+        raise UsageError(f"AOTInductor cannot compile this model ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}); write it with --format pt2") from exc
+    with zipfile.ZipFile(buffer, "a") as archive:
+        prefix = archive.namelist()[0].split("/", 1)[0]
+        archive.writestr(f"{prefix}/extra/{METADATA_NAME}", _json({**metadata, "pt2": how}))
     return how
 
 
@@ -131,18 +145,19 @@ def native_kernel_note(lstms: Sequence[str], format: str) -> str:
     if format == "torchscript":
         return (f"{names} run lstmopt's native kernel: where the artifact is loaded, run `{LOAD_LINE}` "
                 "before torch.jit.load (or write it without --approx for an artifact that needs torch only)")
-    if format == "pt2":
-        return program_note()
+    if format in ("pt2", "aoti"):
+        return program_note(format)
     return f"{names} run lstmopt's native kernel, which the installed lstmopt loads with the artifact"
 
 
-def program_note() -> str:
-    """What loading a pt2 artifact that calls lstmopt's ops takes, in one sentence."""
+def program_note(format: str) -> str:
+    """What loading a pt2 or aoti artifact that calls lstmopt's ops takes, in one sentence."""
     from lstmopt.kernels.native import library_path
 
+    loader = "torch.export.load" if format == "pt2" else "torch._inductor.aoti_load_package"
     return ("the program calls lstmopt's ops: where it is loaded, `import lstmopt` (or, without lstmopt, "
             f"`torch.ops.load_library({library_path() or '<lstmopt/kernels/lib/liblstmopt.so>'!r})`) before "
-            "torch.export.load")
+            f"{loader}")
 
 
 def native_lstms(model) -> list:

@@ -27,7 +27,9 @@ def optimize(
     format: Annotated[Format, typer.Option(
         "--format", help="torchscript loads with plain torch.jit.load (no lstmopt needed); pickle needs lstmopt "
                          "and your model classes importable; pt2 is a torch.export program (torch.export.load, "
-                         "after import lstmopt or torch.ops.load_library where it calls lstmopt's ops).")] = Format["torchscript"],
+                         "after import lstmopt or torch.ops.load_library where it calls lstmopt's ops); aoti is "
+                         "that program compiled by AOTInductor for this machine's CPU (needs a C++ compiler here, "
+                         "none where it runs).")] = Format["torchscript"],
     dtype: DtypeOpt = Dtype["float32"],
     factory: FactoryOpt = None,
     factory_kwargs: FactoryKwargsOpt = None,

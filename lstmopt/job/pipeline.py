@@ -281,7 +281,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                 recorded = set(how.get("lstms_traced_as_ops", ()))
                 report.warnings.append(tracing_caveat(len([name for name in packed if name not in recorded])))
             if how.get("lstmopt_ops"):
-                report.warnings.append(program_note())
+                report.warnings.append(program_note(options.format))
             elif how["native_kernel"]:
                 report.warnings.append(native_kernel_note(how["native_kernel"], options.format))
             # An LSTM a trace recorded as nn.LSTM's op is no longer a module of its own in the archive, and
@@ -366,6 +366,8 @@ def _load_artifact(path: Path, format: str) -> Any:
 
     if format == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
-    if format == "pt2":
-        return torch.export.load(path).module()
+    if format in ("pt2", "aoti"):
+        from lstmopt.job.verify_child import load_program
+
+        return load_program(path, format)
     return torch.load(path, map_location="cpu", weights_only=False)  # we just wrote it

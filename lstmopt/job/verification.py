@@ -233,7 +233,7 @@ def verify_artifact(
     reference) instead of ``atol``/``rtol``; where the model cannot run in float64, the tolerance judges."""
     original = original.eval()
     native_library = _native_library() if native_kernel else None
-    if format == "pt2":
+    if format in ("pt2", "aoti"):
         lstm_names = []  # a program is one graph: it has no LSTM modules to call on their own inputs
     # The child computes with these very settings: results depend on the thread count in their last bits.
     numerics = verify_child.numerics_settings()

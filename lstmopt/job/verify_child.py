@@ -100,12 +100,26 @@ def _submodule(model, name):
     return model
 
 
+def load_program(path, fmt):
+    """A pt2 program (as a module) or an AOTInductor package, from a file of any name: torch wants a .pt2
+    suffix on a path, not on a buffer."""
+    import io
+
+    import torch
+
+    with open(path, "rb") as f:
+        data = io.BytesIO(f.read())
+    if fmt == "pt2":
+        return torch.export.load(data).module()
+    return torch._inductor.aoti_load_package(data)
+
+
 def _error(exc):
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
 
 
 def main(artifact, fmt, payload_path, result_path):
-    if fmt in ("torchscript", "pt2"):
+    if fmt in ("torchscript", "pt2", "aoti"):
         sys.modules["lstmopt"] = None  # the archive must not need lstmopt
     import torch
 
@@ -115,8 +129,8 @@ def main(artifact, fmt, payload_path, result_path):
         torch.ops.load_library(payload["native_library"])
     if fmt == "torchscript":
         model = torch.jit.load(artifact, map_location="cpu")
-    elif fmt == "pt2":
-        model = torch.export.load(artifact).module()
+    elif fmt in ("pt2", "aoti"):
+        model = load_program(artifact, fmt)
     else:
         model = torch.load(artifact, map_location="cpu", weights_only=False)
     apply_numerics_settings(payload["numerics"])
