@@ -31,6 +31,8 @@
    original and on lstmopt's ``torch.export`` graph.
 5. bf16 against eager fp32 (where the CPU has native bf16), and the resident memory and conversion time
    of a 3-layer bidirectional LSTM with I=512, H=1024.
+6. Deployment formats: a streaming model's TorchScript, pickle, pt2 and (``--compile``) aoti artifacts,
+   each loaded as a deployment loads it, against the optimized model in Python, default and --approx.
 
 Peers that keep threads spinning after a call (ONNX Runtime by default) are given a pause before each
 timed block and a warm-up inside it, so that no variant is timed while another's threads hold the CPU.
@@ -391,6 +393,38 @@ def aot_inductor(rounds):
     return rows, ms(t["eager lstmopt"])
 
 
+# --- 6. deployment formats ---------------------------------------------------------------------------
+
+# (label, features, hidden, layers, batch, steps) of a Streamer
+DEPLOYED = [("one step", 80, 256, 2, 1, 1), ("16-step chunk", 80, 256, 2, 1, 16), ("batch", 80, 256, 2, 16, 50)]
+
+
+def deployment(rounds, with_aoti):
+    """Each artifact format loaded as a deployment loads it, against the optimized model in Python, for the
+    default and the --approx kernels. pt2 and aoti are exported on a (2, 4) example, so that batch and time
+    stay dynamic, and run on the timed shape."""
+    formats = ["torchscript", "pickle", "pt2"] + (["aoti"] if with_aoti else [])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, features, hidden, layers, batch, steps in DEPLOYED:
+            torch.manual_seed(0)
+            model = Streamer(features, hidden, layers).eval()
+            x, example = torch.randn(batch, steps, features), (torch.randn(2, 4, features),)
+            for exact in (True, False):
+                fast = optimize(model) if exact else optimize(model, exact=False, autotune=[(x,)])
+                variants = {"lstmopt": lambda f=fast: f(x)}
+                for fmt in formats:
+                    loaded = artifact(fast, fmt, tmp, example)
+                    torch.testing.assert_close(loaded(x), fast(x), atol=1e-6, rtol=1e-6)
+                    variants[fmt] = lambda m=loaded: m(x)
+                t = interleaved_medians(variants, rounds=rounds)
+                rows.append([label, f"{features},{hidden},{layers},{batch},{steps}",
+                             "default" if exact else f"--approx ({kernels(fast)})", us(t["lstmopt"])]
+                            + [f"{t[fmt] / t['lstmopt']:.2f}x" for fmt in formats])
+    return rows, formats
+
+
 # --- 5. bf16, memory --------------------------------------------------------------------------------
 
 def bf16_row(config, rounds):
@@ -420,7 +454,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     markdown = args.markdown or args.update_readme is not None
-    native_state = "built" if native.available() else f"unavailable: {native.unavailable_reason()}"
+    native_state = (f"variant {native.variant()}" if native.available()
+                    else f"unavailable: {native.unavailable_reason()}")
     out = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
            f"{torch.backends.cpu.get_cpu_capability()}, native kernel {native_state}; medians of {args.rounds} "
            "interleaved rounds"]
@@ -493,6 +528,13 @@ def main(argv=None):
         out += ["", f"AOTInductor (torch._inductor.aoti_compile_and_package) on the one-step model (40,128); "
                 f"lstmopt run eagerly: {eager_ms} ms",
                 table(["variant", "compile time", "latency ms", "vs eager lstmopt"], rows, markdown)]
+
+    rows, formats = deployment(args.rounds, args.compile)
+    out += ["", "Deployment formats: a Streamer (linear, 2-layer LSTM I=80 H=256, linear), each artifact loaded as a "
+            "deployment loads it (torch.jit.load, torch.load, torch.export.load(...).module()"
+            + (", torch._inductor.aoti_load_package" if args.compile else "") + "), latency relative to the "
+            "optimized model run in Python",
+            table(["shape", "I,H,layers,B,T", "kernels", "lstmopt us", *formats], rows, markdown)]
 
     if bf16_supported():
         rows = []

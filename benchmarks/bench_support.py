@@ -162,9 +162,15 @@ class Tagger(nn.Module):
         return self.out(padded)
 
 
-def artifact(model, fmt, directory):
-    path = Path(directory) / f"tagger.{fmt}.pt"
-    save_artifact(model, path, format=fmt, metadata={})
+def artifact(model, fmt, directory, example=None):
+    """``model`` written as an artifact of ``fmt`` (exported on ``example`` for pt2 and aoti) and loaded back
+    as a deployment loads it."""
+    from lstmopt.job.verify_child import load_program
+
+    path = Path(directory) / f"{type(model).__name__}.{len(list(Path(directory).iterdir()))}.{fmt}.pt"
+    save_artifact(model, path, format=fmt, metadata={}, samples=[example] if example is not None else [])
+    if fmt in ("pt2", "aoti"):
+        return load_program(path, fmt)
     return torch.jit.load(str(path)) if fmt == "torchscript" else torch.load(path, weights_only=False)
 
 

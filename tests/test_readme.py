@@ -32,9 +32,9 @@ def test_cli_reference_matches_every_commands_help():
 
 
 def test_setup_is_two_commands_and_ci_runs_the_second():
-    assert "pip install torch==2.13.0 -e . && lstmopt demo" in README
+    assert "pip install torch==2.13.0 && pip install -e . && lstmopt demo" in README
     block = re.search(r"<!-- ci:test-command -->\n```bash\n(.+?)\n```\n<!-- /ci:test-command -->", README, re.S)
-    assert block and block.group(1) == 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
+    assert block and block.group(1) == 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
     assert "ci:test-command" in (ROOT / ".ci" / "run").read_text()
 
 
