@@ -115,6 +115,24 @@ def test_a_program_loads_with_torch_and_the_library_alone(tmp_path):
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x), atol=1e-6, rtol=1e-6)
 
 
+def test_a_loaded_program_can_be_traced_again_where_only_the_library_is_loaded(tmp_path):
+    torch.manual_seed(0)
+    torch.export.save(export_program(optimize(Stream(input_size=4, hidden_size=8).eval()), (torch.randn(2, 3, 4),)),
+                      tmp_path / "m.pt2")
+    result = run_python_json(f"""
+        import json, sys
+        sys.modules["lstmopt"] = None
+        import torch
+        from torch.export import Dim
+        torch.ops.load_library({native.library_path()!r})
+        module = torch.export.load({str(tmp_path / 'm.pt2')!r}).module()
+        again = torch.export.export(module, (torch.randn(3, 5, 4),), dynamic_shapes=({{0: Dim.AUTO, 1: Dim.AUTO}},))
+        ops = [str(n.target) for n in again.graph.nodes if "lstmopt" in str(n.target)]
+        print(json.dumps([ops, list(again.module()(torch.randn(6, 2, 4)).shape)]))
+    """)
+    assert result == [["lstmopt.onednn_lstm_dense.default"], [6, 2, 3]]
+
+
 def test_without_the_native_library_a_program_is_nn_lstms_graph_that_needs_torch_only(tmp_path):
     result = run_python_json("""
         import json, torch

@@ -175,7 +175,8 @@ def _compile(command: List[str]) -> None:
 
 
 def _register_fake() -> None:
-    """Shapes for torch.compile and torch.export, which trace with fake tensors."""
+    """Shapes for torch.compile and torch.export, which trace with fake tensors (the dense ops that programs
+    call have theirs in the library itself, csrc/dense.cpp)."""
 
     @torch.library.register_fake("lstmopt::lstm")
     def _(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first):
@@ -188,28 +189,9 @@ def _register_fake() -> None:
                                      batch_first, [], 0)
         return output, h_n
 
-    @torch.library.register_fake("lstmopt::lstm_dense")
-    def _(input, hx, cx, dense, hidden_size, num_layers, bidirectional, batch_first, has_biases, proj_size=0):
-        states = [None] * (num_layers * (2 if bidirectional else 1))
-        return _fake_lstmp(input, None, hx, cx, dense, states, hidden_size, bidirectional, batch_first, [], proj_size)
-
-    @torch.library.register_fake("lstmopt::onednn_lstm_dense")
-    def _(input, hx, cx, dense, hidden_size, num_layers, bidirectional, batch_first, has_biases):
-        states = [None] * (num_layers * (2 if bidirectional else 1))
-        return _fake_lstmp(input, None, hx, cx, dense, states, hidden_size, bidirectional, batch_first, [], 0)
-
-    @torch.library.register_fake("lstmopt::gru_dense")
-    def _(input, hx, dense, hidden_size, num_layers, bidirectional, batch_first, has_biases):
-        states = [None] * (num_layers * (2 if bidirectional else 1))
-        output, h_n, _ = _fake_lstmp(input, None, hx, None, dense, states, hidden_size, bidirectional, batch_first,
-                                     [], 0)
-        return output, h_n
-
     @torch.library.register_fake("lstmopt::lstmp")
     def _fake_lstmp(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first, projections,
                     proj_size):
-        if batch_sizes is None and weights and weights[0].dim() == 2:  # dense weights: the op checks this size
-            torch._check(input.size(-1) == weights[0].size(1))
         units = proj_size or hidden_size  # of the hidden state and the output; the cell state has hidden_size
         width = (2 if bidirectional else 1) * units
         states = len(biases)

@@ -257,6 +257,48 @@ Triple onednn_lstm_dense(const Tensor& input, const MaybeTensor& hx, const Maybe
   return {batch_first ? x.transpose(0, 1) : x, h_n, c_n};
 }
 
+// The shapes of a call, for torch.export and torch.compile (fake tensors, symbolic batch and time): here,
+// so that a program can be traced again (re-exported, compiled by AOTInductor) where lstmopt is not
+// installed, only this library loaded. The feature size is specialized: the weights fix it.
+Triple dense_shapes(const Tensor& input, at::TensorList dense, int64_t hidden_size, int64_t num_layers,
+                    bool bidirectional, bool batch_first, int64_t proj_size, const char* op) {
+  const int64_t D = bidirectional ? 2 : 1, S = num_layers * D, units = proj_size > 0 ? proj_size : hidden_size;
+  TORCH_CHECK((input.dim() == 2 || input.dim() == 3) && !dense.empty() && dense[0].dim() == 2, op,
+              ": input must be 2-D or 3-D");
+  TORCH_CHECK(input.sym_size(-1).guard_int(__FILE__, __LINE__) == dense[0].size(1), op,
+              ": the input has another feature size than the weights");
+  if (input.dim() == 2) {
+    const c10::SymInt T = input.sym_size(0);
+    return {input.new_empty_symint({T, D * units}), input.new_empty_symint({S, units}),
+            input.new_empty_symint({S, hidden_size})};
+  }
+  const c10::SymInt T = input.sym_size(batch_first ? 1 : 0), B = input.sym_size(batch_first ? 0 : 1);
+  Tensor output = input.new_empty_symint({T, B, D * units});  // computed time-major: batch_first gets a view
+  return {batch_first ? output.transpose(0, 1) : output, input.new_empty_symint({S, B, units}),
+          input.new_empty_symint({S, B, hidden_size})};
+}
+
+Triple lstm_dense_meta(const Tensor& input, const MaybeTensor&, const MaybeTensor&, at::TensorList dense,
+                       int64_t hidden_size, int64_t num_layers, bool bidirectional, bool batch_first, bool,
+                       int64_t proj_size) {
+  return dense_shapes(input, dense, hidden_size, num_layers, bidirectional, batch_first, proj_size,
+                      "lstmopt::lstm_dense");
+}
+
+Triple onednn_lstm_dense_meta(const Tensor& input, const MaybeTensor&, const MaybeTensor&, at::TensorList dense,
+                              int64_t hidden_size, int64_t num_layers, bool bidirectional, bool batch_first, bool) {
+  return dense_shapes(input, dense, hidden_size, num_layers, bidirectional, batch_first, 0,
+                      "lstmopt::onednn_lstm_dense");
+}
+
+std::tuple<Tensor, Tensor> gru_dense_meta(const Tensor& input, const MaybeTensor&, at::TensorList dense,
+                                          int64_t hidden_size, int64_t num_layers, bool bidirectional,
+                                          bool batch_first, bool) {
+  auto [output, h_n, scratch] =
+      dense_shapes(input, dense, hidden_size, num_layers, bidirectional, batch_first, 0, "lstmopt::gru_dense");
+  return {output, h_n};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lstmopt, m) {
@@ -272,4 +314,10 @@ TORCH_LIBRARY_IMPL(lstmopt, CPU, m) {
   m.impl("lstm_dense", &lstm_dense);
   m.impl("gru_dense", &gru_dense);
   m.impl("onednn_lstm_dense", &onednn_lstm_dense);
+}
+
+TORCH_LIBRARY_IMPL(lstmopt, Meta, m) {
+  m.impl("lstm_dense", &lstm_dense_meta);
+  m.impl("gru_dense", &gru_dense_meta);
+  m.impl("onednn_lstm_dense", &onednn_lstm_dense_meta);
 }
