@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, invoke
+from lstmopt.artifacts.metadata import read_metadata
 from lstmopt.job.batch import run_batch
 from lstmopt.job.config import load_config
 from lstmopt.errors import UsageError
@@ -87,7 +88,7 @@ def test_every_shipped_config_validates(monkeypatch):
     ("jobs:\n  - input: a.pt\n    ouput: b.pt\n", ":2: jobs[0].output: Field required"),
     ("jobs:\n  - input: a.pt\n    output: b.pt\n    dtyp: float32\n", ":4: jobs[0].dtyp: unknown key (check its spelling)"),
     ("defaults:\n  format: onnx\njobs:\n  - {input: a.pt, output: b.pt}\n",
-     ":2: defaults.format: Input should be 'torchscript' or 'pickle', got 'onnx'"),
+     ":2: defaults.format: Input should be 'torchscript', 'pickle', 'pt2' or 'aoti', got 'onnx'"),
     ("jobs:\n  - input: a.pt\n    output: b.pt\n    input_shape: [1, 0, 3]\n",
      ":4: jobs[0].input_shape[1]: Input should be greater than 0"),
     ("jobs:\n  - input: a.pt\n    output: b.pt\n    trust: 'yes'\n", ":4: jobs[0].trust: Input should be a valid boolean"),
@@ -373,3 +374,18 @@ def test_shard_reports_merge_into_the_report_of_the_whole_config(tmp_path, model
     (tmp_path / "other-2.json").write_text(json.dumps(dict(shard, config_sha256="0" * 64)))
     foreign = invoke("merge-reports", str(tmp_path / "shard-1.json"), str(tmp_path / "other-2.json"))
     assert foreign.exit_code == 2 and "different configs" in foreign.stderr
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "aoti"])
+def test_a_program_job_is_verified_reported_and_then_up_to_date(tmp_path, models, fmt):
+    jobs = ("- {name: forecaster, input: forecaster.pt, output: out/forecaster.pt2, factory: models:build_forecaster,\n"
+            f"   input_shape: [2, 8, 3], format: {fmt}, approx: true}}\n")
+    path = config(tmp_path, jobs)
+    first = json.loads(invoke("batch", str(path), "--json").stdout)
+    job = first["jobs"][0]
+    assert job["status"] == "ok", job
+    jsonschema.validate(job, schema())
+    assert job["output"]["format"] == fmt and job["artifact"]["lstmopt_ops"] and job["verification"]["ok"]
+    assert read_metadata(tmp_path / "out" / "forecaster.pt2")["format"] == fmt
+    second = json.loads(invoke("batch", str(path), "--json").stdout)
+    assert second["jobs"][0]["status"] == "skipped"
