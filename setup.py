@@ -44,4 +44,7 @@ class BuildNative(build_ext):
                 self.copy_file(source, target, level=self.verbose)
 
 
-setup(ext_modules=[Extension("lstmopt.kernels._packs", sources=[])], cmdclass={"build_ext": BuildNative})
+# Optional only where the kernel cannot exist (not x86-64): there lstmopt installs without it and says so when
+# it would load it. On x86-64 a failed build fails the install, rather than ship lstmopt without its kernel.
+setup(ext_modules=[Extension("lstmopt.kernels._packs", sources=[], optional=not native.X86_64)],
+      cmdclass={"build_ext": BuildNative})

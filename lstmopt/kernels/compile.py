@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,8 @@ VARIANTS = {
     "baseline": ["-march=x86-64"],
 }
 NATIVE = ["-march=native"]  # the first-use build, for this CPU only
+# The kernel is written with x86 intrinsics: elsewhere lstmopt installs and runs without it.
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def ops_name(variant: str) -> str:
@@ -128,6 +131,8 @@ def library_files() -> list[str]:
 
 def build_installed(lib_dir: Path, packs_output: Path) -> None:
     """Everything an installation holds (see the module docstring), for every variant."""
+    if not X86_64:
+        raise RuntimeError(f"lstmopt's native kernel is for x86-64 CPUs; this one is {platform.machine()}")
     info = torch_build_info()
     lib_dir.mkdir(parents=True, exist_ok=True)
     commands = [ops_command(info, lib_dir / ops_name(v), v, isa) for v, isa in VARIANTS.items()]

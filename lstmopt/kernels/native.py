@@ -105,6 +105,8 @@ def load(*, quiet: bool = False) -> bool:
             _state["error"] = "LSTMOPT_NO_NATIVE is set"
             return False
         try:
+            if not native_build.X86_64:
+                raise RuntimeError(f"it is for x86-64 CPUs; this one is {platform.machine()}")
             installed = INSTALLED_LOADER.exists() and not os.environ.get("LSTMOPT_NATIVE_FROM_SOURCE")
             library, loaded = _load_installed() if installed else _load_or_build_from_source()
             _register_fake()
