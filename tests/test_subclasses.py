@@ -8,7 +8,6 @@ import json
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from conftest import invoke
 from lstmopt import PackedLSTM, optimize, plan

@@ -5,7 +5,8 @@ parameters, which loads with torch alone but runs at eager speed: a program hold
 LSTM (and each native-kernel GRU) is recorded as lstmopt's op on its dense parameters for the kernel it
 runs (``lstmopt/kernels/csrc/dense.cpp``): the program's state dict holds the true weights, and the op
 packs them on its first call, for the CPU it runs on. Loading such a program needs the ops registered
-first, by ``import lstmopt`` or, without lstmopt, ``torch.ops.load_library(path)`` (``LOAD_LINE``).
+first, by ``import lstmopt`` or, without lstmopt, ``torch.ops.load_library(path)``
+(``lstmopt.artifacts.writing.program_note`` says it in the report).
 
 Every dimension of every tensor input is exported as ``Dim.AUTO``: torch.export keeps dynamic what the
 model lets be (batch, time) and specializes the rest (features; any dimension of size 0 or 1 in the
@@ -14,6 +15,7 @@ example); ``dynamic_dims`` says which stayed dynamic, for the report.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -23,9 +25,7 @@ from lstmopt.errors import UsageError
 from lstmopt.kernels import native
 from lstmopt.modules.dispatch import recording_dense_ops
 
-__all__ = ["LOAD_LINE", "calls_lstmopt_ops", "dynamic_dims", "export_program"]
-
-LOAD_LINE = "import lstmopt  # or, without lstmopt: torch.ops.load_library(<lstmopt.native.library_path()>)"
+__all__ = ["calls_lstmopt_ops", "dynamic_dims", "export_program"]
 
 
 def export_program(model: torch.nn.Module, example: tuple) -> ExportedProgram:
@@ -34,20 +34,12 @@ def export_program(model: torch.nn.Module, example: tuple) -> ExportedProgram:
     dynamic = tuple({i: Dim.AUTO for i in range(arg.dim())} if isinstance(arg, torch.Tensor) else None
                     for arg in example)
     try:
-        with recording_dense_ops() if native.load(quiet=True) else _nothing(), torch.no_grad():
+        with recording_dense_ops() if native.load(quiet=True) else contextlib.nullcontext(), torch.no_grad():
             return torch.export.export(model, example, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch.export's many refusals: data-dependent control flow, unsupported ops
         first = " ".join(str(exc).split())[:400]
         raise UsageError(f"torch.export cannot export this model ({type(exc).__name__}: {first}); "
                          "write it with --format torchscript or --format pickle") from exc
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def calls_lstmopt_ops(program: ExportedProgram) -> bool:

@@ -138,11 +138,13 @@ def available() -> bool:
 
 def _load_installed():
     """The library installed with lstmopt: its loader picks this CPU's variant (csrc/loader.cpp)."""
+    quiet = os.environ.get("LSTMOPT_LOADER_QUIET")
     os.environ["LSTMOPT_LOADER_QUIET"] = "1"  # the loader's own line is for C++ processes; this one says why
     try:
         loader = ctypes.CDLL(str(INSTALLED_LOADER))
     finally:
-        del os.environ["LSTMOPT_LOADER_QUIET"]
+        if quiet is None:
+            del os.environ["LSTMOPT_LOADER_QUIET"]
     loader.lstmopt_variant.restype = loader.lstmopt_error.restype = ctypes.c_char_p
     if not loader.lstmopt_variant():
         raise RuntimeError(loader.lstmopt_error().decode())
