@@ -10,6 +10,9 @@
    from call to call, lstmopt's fastest kernel against ORT's CPU LSTM on the same export, ORT with its
    default session options and the same number of intra-op threads. Each of ``--runs`` runs times every
    shape afresh; the table gives the median and the range of the ratios over the runs.
+2e. Low precision (``--onnxruntime``): at the streaming shapes, lstmopt's int8 (``optimize(m, dtype=torch.int8)``)
+   against ONNX Runtime's int8 LSTM (``quantize_dynamic`` at its defaults), with both fp32s beside them and
+   each int8 side's largest error against eager fp32 on the same inputs.
 2b. nn.LSTMCell: one step of a cell (batch 1, state given) eager, on lstmopt's default kernel (ATen's cell
    op called directly: bit-identical) and on its native kernel (``exact=False``), against ONNX Runtime
    (``--onnxruntime``) on the exported cell and with its fused LSTM operator; and a Tacotron2-like decoder
@@ -152,6 +155,39 @@ def streaming(rounds, runs):
         rows.append([label, ",".join(map(str, shape)), kernel, us(median(times, "eager")),
                      us(median(times, "onnxruntime")), us(median(times, "lstmopt")),
                      spread(ratios)])
+    return rows
+
+
+# --- 2e. low precision ----------------------------------------------------------------------------------
+
+
+def low_precision(rounds, runs):
+    """lstmopt's int8 (``optimize(m, dtype=torch.int8)``) against ONNX Runtime's int8 LSTM and both fp32s, at
+    the streaming shapes; each int8 side's largest error against eager fp32 on the same inputs."""
+    setups = []
+    for label, I, H, layers, B, T in STREAMING:
+        torch.manual_seed(0)
+        eager = nn.LSTM(I, H, num_layers=layers).eval()
+        x, h, c = torch.randn(T, B, I), torch.randn(layers, B, H), torch.randn(layers, B, H)
+        int8 = optimize(eager, dtype=torch.int8)
+        with torch.no_grad():
+            expected, ours = eager(x, (h, c))[0], int8(x, (h, c))[0]
+            best = fastest(eager, (x, (h, c)))
+        run_ort, _ = ort_session(eager, x, h, c)
+        run_ort8, theirs = ort_session(eager, x, h, c, int8=True)
+        errors = [(y - expected).abs().max().item() for y in (ours, theirs)]
+        variants = {"lstmopt int8": lambda m=int8, a=(x, (h, c)): m(*a), "onnxruntime int8": run_ort8,
+                    "lstmopt fp32": lambda m=best, a=(x, (h, c)): m(*a), "onnxruntime": run_ort}
+        setups.append((label, (I, H, layers, B, T), errors, variants))
+    results = timed_runs({label: variants for label, _, _, variants in setups}, rounds, runs)
+    rows = []
+    for label, shape, errors, _ in setups:
+        times = results[label]
+        rows.append([label, ",".join(map(str, shape)), us(median(times, "onnxruntime")),
+                     us(median(times, "onnxruntime int8")), f"{errors[1]:.1e}", us(median(times, "lstmopt fp32")),
+                     us(median(times, "lstmopt int8")), f"{errors[0]:.1e}",
+                     spread([t["lstmopt int8"] / t["onnxruntime int8"] for t in times]),
+                     spread([t["lstmopt fp32"] / t["onnxruntime"] for t in times])])
     return rows
 
 
@@ -480,6 +516,15 @@ def main(argv=None):
                 f"latency ratio, median and range over {args.runs} runs (below 1: lstmopt is faster)",
                 table(["shape", "I,H,layers,B,T", "lstmopt kernel", "eager us", "ORT us", "lstmopt us",
                        "lstmopt / ORT"], rows, markdown)]
+        rows = low_precision(args.rounds, args.runs)
+        out += ["", f"Low precision, streaming, state carried: lstmopt int8 (optimize(m, dtype=torch.int8): int8 "
+                f"weights, a scale per gate row, activations int16 per row, on the native kernel) against ONNX "
+                f"Runtime's int8 LSTM (quantize_dynamic at its defaults: DynamicQuantizeLSTM); errors are the "
+                f"largest absolute difference of the output from eager fp32 on the same inputs; ratios median and "
+                f"range over {args.runs} runs (below 1: lstmopt is faster)",
+                table(["shape", "I,H,layers,B,T", "ORT fp32 us", "ORT int8 us", "ORT int8 error", "lstmopt fp32 us",
+                       "lstmopt int8 us", "lstmopt int8 error", "lstmopt int8 / ORT int8",
+                       "lstmopt fp32 / ORT fp32"], rows, markdown)]
 
     header = ["cell", "I,H", "eager us", "lstmopt default us", "vs eager", "lstmopt --approx us", "vs eager"]
     if args.onnxruntime:

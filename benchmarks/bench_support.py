@@ -5,6 +5,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,14 +58,24 @@ def _session(onnx: bytes):
     return ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
 
 
-def ort_session(rnn: nn.Module, x, *state):
-    """ONNX Runtime on the exported LSTM (state h, c) or GRU (state h): a callable and its output."""
+def ort_session(rnn: nn.Module, x, *state, int8: bool = False):
+    """ONNX Runtime on the exported LSTM (state h, c) or GRU (state h): a callable and its output. ``int8``:
+    the model as ``onnxruntime.quantization.quantize_dynamic`` makes it at its defaults (int8 weights; ORT
+    runs its DynamicQuantizeLSTM, activations quantized per call)."""
     buf = io.BytesIO()
     names = ["h0", "c0"][:len(state)]
     torch.onnx.export(WithState(rnn), (x, *state), buf, input_names=["x", *names],
                       output_names=["y", "h", "c"][:1 + len(state)], dynamo=False,
                       dynamic_axes={"x": {0: "T", 1: "B"}, **{name: {1: "B"} for name in names}})
-    session = _session(buf.getvalue())
+    model = buf.getvalue()
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "fp32.onnx").write_bytes(model)
+            quantize_dynamic(Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx", weight_type=QuantType.QInt8)
+            model = (Path(tmp) / "int8.onnx").read_bytes()
+    session = _session(model)
     feed = {"x": x.numpy(), **{name: s.numpy() for name, s in zip(names, state)}}
     y = session.run(None, feed)[0]
     return (lambda: session.run(None, feed)), torch.from_numpy(y)

@@ -144,7 +144,8 @@ def native_kernel_note(lstms: Sequence[str], format: str) -> str:
     names = ", ".join(name or "<model>" for name in lstms)
     if format == "torchscript":
         return (f"{names} run lstmopt's native kernel: where the artifact is loaded, run `{LOAD_LINE}` "
-                "before torch.jit.load (or write it without --approx for an artifact that needs torch only)")
+                "before torch.jit.load (or write it without --approx and --dtype int8 for an artifact that needs "
+                "torch only)")
     if format in ("pt2", "aoti"):
         return program_note(format)
     return f"{names} run lstmopt's native kernel, which the installed lstmopt loads with the artifact"

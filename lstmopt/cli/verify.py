@@ -60,7 +60,10 @@ def verify(
             raise UsageError(f"{original} has no module {name!r}, which {optimized} optimized; was it made from "
                              "this model?") from None
     exact = all(m.get("exact", True) for m in meta.get("modules", []))
-    default_atol, default_rtol = default_tolerance(meta.get("dtype", "float32"), exact=exact)
+    # int8 artifacts carry the tolerance derived from the errors measured when they were made
+    derived = meta.get("low_precision") or {}
+    default_atol, default_rtol = ((derived["atol"], derived["rtol"]) if "atol" in derived
+                                  else default_tolerance(meta.get("dtype", "float32"), exact=exact))
     samples = options.load_samples(example_inputs, input_shape)
     check_deterministic(loaded.model.eval(), samples, seed, from_shape=input_shape is not None)
     with ui.status("verifying in a fresh process"):

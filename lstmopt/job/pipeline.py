@@ -65,6 +65,8 @@ class OptimizeOptions:
             raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.dtype not in DTYPES:
             raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "int8" and self.format in ("pt2", "aoti"):  # their dense ops compute in fp32
+            raise UsageError(f"--dtype int8 writes torchscript or pickle artifacts, not {self.format}")
         if self.example_inputs is not None and self.input_shape is not None:
             raise UsageError("give either example inputs or an input shape, not both")
         if self.min_speedup is not None and self.min_speedup <= 0:
@@ -121,6 +123,7 @@ class Report:
     modules: list[dict] = field(default_factory=list)
     verification: Optional[dict] = None
     benchmark: Optional[dict] = None
+    low_precision: Optional[dict] = None  # int8: the errors against fp32 and the tolerance derived (job/low_precision.py)
     timings: dict = field(default_factory=dict)
     started: str = ""
     finished: str = ""
@@ -152,7 +155,8 @@ class Report:
             "error": self.error, "warnings": self.warnings, "input": self.input, "output": self.output,
             "artifact": self.artifact,
             "options": self.options.to_dict(), "environment": self.environment, "modules": self.modules,
-            "verification": self.verification, "benchmark": self.benchmark, "timings": self.timings,
+            "verification": self.verification, "benchmark": self.benchmark, "low_precision": self.low_precision,
+            "timings": self.timings,
             "started": self.started, "finished": self.finished,
         }
 
@@ -241,7 +245,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
             check_deterministic(loaded.model.eval(), samples, options.seed, from_shape=options.input_shape is not None)
 
     with step("optimize"):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.dtype]
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}[options.dtype]
         decisions = plan(loaded.model, dtype=dtype, exact=not options.approx)
         report.modules = [d.to_dict() for d in decisions]
         packed = [d.name for d in decisions if d.packed]
@@ -258,6 +262,17 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
             autotune(optimized, samples, exact=not options.approx)
             decisions = with_kernels(decisions, optimized)
             report.modules = [d.to_dict() for d in decisions]
+    measured = None
+    if options.dtype == "int8" and packed:
+        from lstmopt.job.low_precision import measure
+
+        with step("accuracy"):
+            measured = measure(loaded.model, optimized, samples)
+            decisions = [replace(d, error_vs_fp32=measured.lstms[d.name]["max_abs_error"],
+                                 error_inputs=measured.lstms[d.name]["inputs"]) if d.name in measured.lstms else d
+                         for d in decisions]
+            report.modules = [d.to_dict() for d in decisions]
+            report.low_precision = measured.to_dict()
     if not samples:
         report.warnings.append("no example inputs or input shape: only each LSTM was checked on its own "
                                "inputs, not the model as a whole" + (", and nothing was benchmarked"
@@ -267,7 +282,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
         "schema": "lstmopt.artifact/1", "lstmopt": report.environment["lstmopt"],
         "torch": report.environment["torch"], "format": options.format, "dtype": options.dtype,
         "source": dict(report.input), "modules": report.modules, "created": _now(),
-        "options": options.to_dict(), "options_sha256": options.fingerprint(),
+        "options": options.to_dict(), "options_sha256": options.fingerprint(), "low_precision": report.low_precision,
         "user_code": user_code(imported_before, options.factory),
         # A bare LSTM is scripted behind an entry module, so its modules gain a prefix in the archive.
         "module_prefix": "lstm." if options.format == "torchscript" and isinstance(
@@ -294,7 +309,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
         if options.verify:
             with step("verify"):
                 exact = all(d.exact for d in decisions)
-                atol, rtol = default_tolerance(options.dtype, exact=exact)
+                atol, rtol = measured.tolerance if measured is not None else default_tolerance(options.dtype, exact=exact)
                 atol = atol if options.atol is None else options.atol
                 rtol = rtol if options.rtol is None else options.rtol
                 # Approximate fp32 kernels are held to their contract, unless a tolerance was asked for

@@ -16,7 +16,9 @@ in it. Only a pickle artifact, whose classes live in the user's code, gets the u
 after the installed packages. It dies with its parent (``PR_SET_PDEATHSIG``).
 
 A check passes when ``|optimized - original| <= atol + rtol * |original|`` everywhere (NaNs must match);
-the fp32 default tolerance is zero (bit-identical), the bf16 default is ``BF16_TOLERANCE``. An fp32 artifact
+the fp32 default tolerance is zero (bit-identical), the bf16 default is ``BF16_TOLERANCE``, and an int8
+artifact's is derived from the errors measured against fp32 when it was made (``lstmopt.job.low_precision``:
+4x the largest, absolute). An fp32 artifact
 with approximate kernels is held instead to their contract (``lstmopt.kernels.accuracy``): against the
 original computed in float64 on the same inputs, its error is at most ``FACTOR`` times the fp32 original's
 own, unless ``--atol``/``--rtol`` are given.
@@ -58,8 +60,9 @@ APPROX_TOLERANCE = (1e-6, 1e-6)
 
 def default_tolerance(dtype: str, exact: bool = True) -> tuple[float, float]:
     """(atol, rtol): zero (bit-identical) for float32 with exact kernels, ``APPROX_TOLERANCE`` when a kernel
-    is not bit-identical, ``BF16_TOLERANCE`` for bfloat16."""
-    if dtype == "bfloat16":
+    is not bit-identical, ``BF16_TOLERANCE`` for bfloat16 (and for int8 where no measured errors say
+    better: ``lstmopt.job.low_precision`` derives int8's from them)."""
+    if dtype in ("bfloat16", "int8"):
         return BF16_TOLERANCE
     return (0.0, 0.0) if exact else APPROX_TOLERANCE
 

@@ -221,11 +221,12 @@ class NativePacks:
     A TorchScript class (compiled when a scripted module holds one). Like ``LayerPacks`` it stores the
     dense weights it came from, not the laid-out copy, and lays them out again when loaded: the layout
     follows the vector width of the machine's build. ``sources``: data pointer and version of each dense
-    tensor when packed.
+    tensor when packed. ``weights_format``: ``"float32"``, or ``"int8"`` (an LSTM without a projection):
+    int8 weights with a scale per gate row (``optimize(dtype=torch.int8)``, csrc/lstm.cpp's "int8 weights").
     """
 
     def __init__(self, dense: List[Tensor], hidden_size: int, num_layers: int, bidirectional: bool,
-                 has_biases: bool, proj_size: int = 0, gru: bool = False):
+                 has_biases: bool, proj_size: int = 0, gru: bool = False, weights_format: str = "float32"):
         self.dense = dense
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -233,7 +234,8 @@ class NativePacks:
         self.has_biases = has_biases
         self.proj_size = proj_size
         self.gru = gru
-        weights, biases = _pack(dense, hidden_size, has_biases, proj_size, gru)
+        self.weights_format = weights_format
+        weights, biases = _pack(dense, hidden_size, has_biases, proj_size, gru, weights_format)
         self.weights = weights
         self.biases = biases
         self.projections = _pack_projections(dense, hidden_size, has_biases, proj_size)
@@ -244,12 +246,12 @@ class NativePacks:
         cannot read data pointers, only in-place changes are seen)."""
         return unchanged_since(self.sources, dense)
 
-    def __getstate__(self) -> Tuple[List[Tensor], int, int, bool, bool, int, bool]:
+    def __getstate__(self) -> Tuple[List[Tensor], int, int, bool, bool, int, bool, str]:
         return (self.dense, self.hidden_size, self.num_layers, self.bidirectional, self.has_biases, self.proj_size,
-                self.gru)
+                self.gru, self.weights_format)
 
-    def __setstate__(self, state: Tuple[List[Tensor], int, int, bool, bool, int, bool]) -> None:
-        weights, biases = _pack(state[0], state[1], state[4], state[5], state[6])
+    def __setstate__(self, state: Tuple[List[Tensor], int, int, bool, bool, int, bool, str]) -> None:
+        weights, biases = _pack(state[0], state[1], state[4], state[5], state[6], state[7])
         self.dense = state[0]
         self.hidden_size = state[1]
         self.num_layers = state[2]
@@ -257,16 +259,19 @@ class NativePacks:
         self.has_biases = state[4]
         self.proj_size = state[5]
         self.gru = state[6]
+        self.weights_format = state[7]
         self.weights = weights
         self.biases = biases
         self.projections = _pack_projections(state[0], state[1], state[4], state[5])
         self.sources = sources_of(state[0])
 
 
-def _pack(dense: List[Tensor], hidden_size: int, has_biases: bool, proj_size: int, gru: bool
+def _pack(dense: List[Tensor], hidden_size: int, has_biases: bool, proj_size: int, gru: bool, weights_format: str
           ) -> Tuple[List[Tensor], List[Tensor]]:
     if gru:
         return torch.ops.lstmopt.pack_gru(dense, hidden_size, has_biases)
+    if weights_format != "float32":  # a float32 call stays the one archives made before int8 existed
+        return torch.ops.lstmopt.pack(dense, hidden_size, has_biases, proj_size, weights_format)
     return torch.ops.lstmopt.pack(dense, hidden_size, has_biases, proj_size)
 
 

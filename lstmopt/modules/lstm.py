@@ -78,6 +78,9 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
     kernel_dtype: Optional[torch.dtype]
     sequence_dtype: Optional[torch.dtype]
     io_dtype: Optional[torch.dtype]
+    # What the native kernel's packs hold: "float32", or "int8" (optimize(dtype=torch.int8)); the other
+    # kernels compute on the fp32 parameters either way.
+    native_weights: str
     # Present only while a native kernel is in use: scripted code tests hasattr(self, "native_packs"), so
     # a module that does not use it compiles (and loads) without the native library.
     native_packs: NativePacks
@@ -118,6 +121,7 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
 
     def _init_packing(self, io_dtype: Optional[torch.dtype]) -> None:
         self.io_dtype = io_dtype
+        self.native_weights = "float32"
         # An LSTMP has no exact kernel but nn.LSTM's own (oneDNN has no projection).
         self.kernel = "stock" if self.proj_size > 0 else kernel_table.default(kernel_table.TENSOR)
         self.sequence_kernel = kernel_table.default(kernel_table.SEQUENCE)
@@ -148,13 +152,21 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
         native library registered before ``torch.jit.load`` (``lstmopt.native.LOAD_LINE``)."""
         return "native_packs" in self.__dict__
 
-    def use_kernel(self, kernel: Optional[str] = None, *, sequence_kernel: Optional[str] = None) -> None:
+    def use_kernel(self, kernel: Optional[str] = None, *, sequence_kernel: Optional[str] = None,
+                   native_weights: Optional[str] = None) -> None:
         """Switch the kernel for tensors (``KERNELS``) and/or for PackedSequences (``SEQUENCE_KERNELS``); the
-        packs are kept only while a kernel in use reads them.
+        packs are kept only while a kernel in use reads them. ``native_weights``: what the native kernel
+        computes with, ``"float32"`` or ``"int8"`` (weights rounded to int8 with a scale per gate row,
+        activations to int16 per row; no projection: see ``lstmopt.kernels.native.NativePacks``).
 
         Example:
             >>> lstm.use_kernel("native", sequence_kernel="native")  # what --autotune --approx may pick
+            >>> lstm.use_kernel("native", sequence_kernel="native", native_weights="int8")  # dtype=torch.int8
         """
+        if native_weights not in (None, "float32", "int8"):
+            raise ValueError(f"native_weights must be 'float32' or 'int8', got {native_weights!r}")
+        if native_weights == "int8" and self.proj_size > 0:
+            raise ValueError("int8 weights serve LSTMs without a projection (proj_size=0)")
         projection = self.proj_size > 0
         kernels = kernel_table.names(kernel_table.TENSOR, projection=projection)
         sequence_kernels = kernel_table.names(kernel_table.SEQUENCE, projection=projection)
@@ -167,6 +179,7 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
         with self._state.lock:
             self.kernel = kernel or self.kernel
             self.sequence_kernel = sequence_kernel or self.sequence_kernel
+            self.native_weights = native_weights or self.native_weights
             self.repack()
 
     # ---------------------------------------------------------------------------------------------
@@ -198,6 +211,7 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
     def __setstate__(self, state):
         for legacy in ("_loads", "_loading_thread", "_loading"):  # pickles of lstmopt <= 78d9f1b: now in _state
             state.pop(legacy, None)
+        state.setdefault("native_weights", "float32")  # pickles from before int8
         super().__setstate__(state)
         self._state = PackState()
         self._state.refresh(self, force=False)  # the unpickled LayerPacks have packed already, from the same storage
@@ -238,6 +252,8 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
             s += f", sequence_kernel={self.sequence_kernel}"
         if self.io_dtype is not None:
             s += f", io_dtype={self.io_dtype}"
+        if self.native_weights != "float32":
+            s += f", native_weights={self.native_weights}"
         return s
 
 

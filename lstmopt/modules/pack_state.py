@@ -97,7 +97,7 @@ class PackState:
             self.native = None
             return
         packs = NativePacks([w.detach() for w in weights], module.hidden_size, module.num_layers,
-                            module.bidirectional, module.bias, module.proj_size)
+                            module.bidirectional, module.bias, module.proj_size, False, module.native_weights)
         module.native_packs = packs
         names = list(module._flat_weights_names)
         self.native = native.module().Packs(packs.weights, packs.biases, packs.projections, module.hidden_size,

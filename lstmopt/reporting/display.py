@@ -23,6 +23,8 @@ def _decision(module: dict) -> Text:
     text = f"packed {module['packed_dtype']}" + ("" if kernel == "onednn" else f", {kernel} kernel")
     if sequences != "stock":
         text += f", sequences: {sequences}"
+    if module.get("error_vs_fp32") is not None:
+        text += f", error vs fp32 {module['error_vs_fp32']:.1e} ({module.get('error_inputs')})"
     return Text(text, style="green")
 
 

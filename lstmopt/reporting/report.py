@@ -105,6 +105,8 @@ def report_markdown(data: dict, *, heading: str = "##") -> str:
             kernels = [k for k in (m.get("kernel"), m.get("sequence_kernel") and f"sequences: {m['sequence_kernel']}")
                        if k and k not in ("onednn", "sequences: stock")]
             decision += f", {', '.join(kernels)}" if kernels and m["packed"] else ""
+            if m.get("error_vs_fp32") is not None:
+                decision += f", error vs fp32 {format_error(m['error_vs_fp32'])} ({m.get('error_inputs')})"
             lines.append(f"| `{m['name'] or '<model>'}` | {m['input_size']} | {m['hidden_size']} | {m['num_layers']} "
                          f"| {_direction(m)} | {decision} | {m['reason']} |")
         lines.append("")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lstmopt.errors import UnsupportedError
-from lstmopt.kernels import table as kernel_table
+from lstmopt.kernels import native, table as kernel_table
 from lstmopt.kernels.accuracy import CONTRACT
 from lstmopt.modules.cell import EXACT_CELL_KERNELS, PackedCell, PackedGRUCell, PackedLSTMCell, cell_obstacle, native_obstacle
 from lstmopt.modules.gru import PackedGRU, gru_obstacle
@@ -49,6 +49,9 @@ class Decision:
     sequence_kernel: Optional[str] = None  # for PackedSequence inputs: "stock", "onednn" or "native"
     sequence_autotune_ms: Optional[dict] = None
     kind: str = "LSTM"  # or "LSTMCell", "GRUCell" (one layer, one direction, one step per call), or "GRU"
+    # int8: the largest error of its outputs against fp32, and on which inputs (lstmopt.job.low_precision)
+    error_vs_fp32: Optional[float] = None
+    error_inputs: Optional[str] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,8 +71,11 @@ def _check_request(model: nn.Module, dtype: Optional[torch.dtype]) -> None:
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("TorchScript modules cannot be rewritten: optimize the Python model, then script it")
-    if dtype is not None and dtype not in PACKABLE_DTYPES:
-        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if dtype is not None and dtype not in (*PACKABLE_DTYPES, torch.int8):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.int8, got {dtype}")
+    if dtype == torch.int8 and not native.load():
+        raise UnsupportedError(f"int8 runs on lstmopt's native kernel, which is unavailable here "
+                               f"({native.unavailable_reason()})")
     if dtype == torch.bfloat16 and not bf16_supported():
         raise UnsupportedError(
             "bfloat16 was requested but this CPU has no native bf16 support in oneDNN "
@@ -85,9 +91,15 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
     if isinstance(lstm, PackedLSTM):
         packed, reason = True, "already a PackedLSTM"
         target, kernel, autotune_ms = found, lstm.kernel, lstm.autotune_ms
+        if lstm.native_weights == "int8":
+            target = torch.int8
         sequence_kernel, sequence_autotune_ms = lstm.sequence_kernel, lstm.sequence_autotune_ms
     elif filter_fn is not None and not filter_fn(lstm, name):
         packed, reason = False, "excluded by filter_fn"
+    elif dtype == torch.int8:
+        obstacle = _int8_obstacle(lstm)
+        packed, reason = obstacle is None, obstacle or INT8_REASON
+        kernel = sequence_kernel = "native"
     else:
         obstacle = packing_obstacle(lstm, dtype)
         if obstacle is None and lstm.proj_size > 0:  # only the native kernel serves it, where it is allowed
@@ -114,6 +126,20 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
         kernel=(kernel or kernel_table.default(kernel_table.TENSOR)) if packed else None, autotune_ms=autotune_ms,
         sequence_kernel=(sequence_kernel or kernel_table.default(kernel_table.SEQUENCE)) if packed else None, sequence_autotune_ms=sequence_autotune_ms,
     )
+
+
+INT8_REASON = ("int8 weights (a scale per gate row) on lstmopt's native kernel, activations int16 per row, "
+               "state and sums fp32: changes numerics")
+
+
+def _int8_obstacle(lstm: nn.LSTM) -> Optional[str]:
+    """Why ``optimize(dtype=torch.int8)`` keeps ``lstm`` as it is, or None."""
+    obstacle = packing_obstacle(lstm)
+    if obstacle is None and lstm.proj_size > 0:
+        obstacle = "int8 serves LSTMs without a projection (proj_size=0)"
+    if obstacle is None:
+        obstacle = native_weights_obstacle([lstm._parameters[name] for name in lstm._flat_weights_names])
+    return None if obstacle is None else f"not int8: {obstacle}"
 
 
 def _native_projection_obstacle(lstm: nn.LSTM, dtype: torch.dtype) -> Optional[str]:
@@ -213,7 +239,9 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     Args:
         model: the model to optimize; copied first unless ``inplace=True``.
         dtype: None keeps each LSTM's dtype (bit-identical results); ``torch.bfloat16`` packs in bf16 and
-            casts at the LSTM's boundary, which changes numerics.
+            casts at the LSTM's boundary, which changes numerics; ``torch.int8`` runs each fp32 LSTM
+            without a projection on lstmopt's native kernel with int8 weights (``INT8_REASON``; the
+            parameters stay fp32), which changes numerics too: ``lstmopt.job.low_precision`` measures how much.
         filter_fn: ``filter_fn(module, name)`` returning False keeps that LSTM as it is.
         inplace: swap the LSTMs of ``model`` itself (each keeps its identity, see ``PackedLSTM.convert_``).
         autotune: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
@@ -238,6 +266,9 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
             cls.convert_(model.get_submodule(decision.name), decision.kernel)
         elif decision.packed and decision.kind == "GRU":
             PackedGRU.convert_(model.get_submodule(decision.name), decision.kernel)
+        elif decision.packed and dtype == torch.int8:
+            lstm = PackedLSTM.convert_(model.get_submodule(decision.name))
+            lstm.use_kernel("native", sequence_kernel="native", native_weights="int8")
         elif decision.packed:
             lstm = PackedLSTM.convert_(model.get_submodule(decision.name), dtype)
             if lstm.proj_size > 0 and decision.kernel == "native":

@@ -28,6 +28,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -40,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -245,6 +247,180 @@ inline void multiply(float* acc, const Inputs& in, int64_t n, const Rows& m) {
   }
 }
 
+// --- int8 weights -----------------------------------------------------------------------------------
+//
+// Packs made with weights="int8" (pack_int8) hold each gate row's input and recurrent weights as int8
+// with a scale per row and part (w ~ q * s, s = max|w| / 127): a quarter of the bytes a step streams. The
+// activations (a step's input rows and hidden state) are quantized per row to int16 (v ~ q * max|v| /
+// 32767), so their rounding is ~1e-5 of the row's largest value and the weights' rounding dominates the
+// error. Products run as int16 pairs (x[k], x[k+1]) . (w[k], w[k+1]), one pmaddwd per pair of rows and
+// vector of columns: twice the multiply-adds per instruction of fp32 FMAs, with exact int32 sums (results
+// do not depend on the batch tiling or the thread count). State, gates and accumulation stay fp32.
+//
+// Layout: weights (blocks, SLABS, Kq, SLAB) int8 as fp32 packs are, but with rows paired: pair p of slab
+// s holds, for each of its SLAB columns, rows 2p and 2p + 1 side by side. Kq = Iq + Rq, each part padded to
+// an even number of rows (zeros), so that no pair mixes input and state, which have their own scales.
+// Biases (blocks, 3, WIDTH): the summed biases, then the input part's scales and the recurrent part's.
+
+// Pairs per int32 sum: |x| <= 32767 and |w| <= 127 keep 256 pairs of products below 2^31.
+constexpr int64_t QCHUNK_PAIRS = 256;
+
+inline int64_t even(int64_t n) { return n + (n & 1); }
+
+// q[0:padded) = v[0:n) as int16 (the rest zeros); returns the scale. A NaN or infinity makes the scale
+// NaN, so that it reaches the outputs as fp32 arithmetic would carry it.
+inline float quantize_row(const float* __restrict v, int64_t n, int64_t padded, int16_t* __restrict q) {
+  vec top = splat(0.0f);
+  ivec bad{};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    const vec x = load(v + i);
+    const vec a = x < 0 ? -x : x;
+    bad |= a != a || a == splat(INFINITY);  // NaN or infinity
+    top = a > top ? a : top;
+  }
+  float m = 0.0f;
+  bool finite = true;
+  for (int64_t l = 0; l < LANES; ++l) {
+    m = std::max(m, top[l]);
+    finite &= bad[l] == 0;
+  }
+  for (int64_t k = i; k < n; ++k) {
+    m = std::max(m, std::fabs(v[k]));
+    finite &= std::isfinite(v[k]);
+  }
+  if (!finite || m == 0.0f) {
+    std::memset(q, 0, sizeof(int16_t) * padded);
+    return finite ? 0.0f : NAN;
+  }
+  const float inv = 32767.0f / m;
+  // Round to nearest by the 1.5 * 2^23 trick (|v * inv| <= 32767), as vexp does.
+  for (i = 0; i + LANES <= n; i += LANES) {
+    const vec r = (load(v + i) * splat(inv) + splat(12582912.0f)) - splat(12582912.0f);
+    const ivec k = __builtin_convertvector(r, ivec);
+    for (int64_t l = 0; l < LANES; ++l) q[i + l] = static_cast<int16_t>(k[l]);
+  }
+  for (int64_t k = i; k < n; ++k) q[k] = static_cast<int16_t>(std::nearbyint(v[k] * inv));
+  for (int64_t k = n; k < padded; ++k) q[k] = 0;
+  return m / 32767.0f;
+}
+
+#if defined(__AVX512BW__) && LSTMOPT_VECTOR_BYTES == 64
+typedef __m512i qacc;
+inline qacc qzero() { return _mm512_setzero_si512(); }
+inline qacc qwiden(const int8_t* w) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))); }
+inline qacc qpair(const int16_t* x) { int32_t v; std::memcpy(&v, x, 4); return _mm512_set1_epi32(v); }
+inline qacc qmadd(qacc a, qacc x, qacc w) { return _mm512_add_epi32(a, _mm512_madd_epi16(x, w)); }
+inline void qstore(int32_t* p, qacc a) { _mm512_storeu_si512(p, a); }
+inline void qpin(qacc& v) { asm("" : "+v"(v)); }
+#elif defined(__AVX2__) && LSTMOPT_VECTOR_BYTES == 32
+typedef __m256i qacc;
+inline qacc qzero() { return _mm256_setzero_si256(); }
+inline qacc qwiden(const int8_t* w) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
+inline qacc qpair(const int16_t* x) { int32_t v; std::memcpy(&v, x, 4); return _mm256_set1_epi32(v); }
+inline qacc qmadd(qacc a, qacc x, qacc w) { return _mm256_add_epi32(a, _mm256_madd_epi16(x, w)); }
+inline void qstore(int32_t* p, qacc a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a); }
+inline void qpin(qacc& v) { asm("" : "+x"(v)); }
+#else
+// Any other width (SSE2 builds, the wide test build): the same sums in plain code.
+struct qacc { int32_t v[LANES]; int16_t w[2 * LANES]; };
+inline qacc qzero() { return qacc{}; }
+inline qacc qwiden(const int8_t* w) { qacc a{}; for (int64_t i = 0; i < 2 * LANES; ++i) a.w[i] = w[i]; return a; }
+inline qacc qpair(const int16_t* x) { qacc a{}; a.w[0] = x[0]; a.w[1] = x[1]; return a; }
+inline qacc qmadd(qacc a, const qacc& x, const qacc& w) {
+  for (int64_t i = 0; i < LANES; ++i) a.v[i] += int32_t{x.w[0]} * w.w[2 * i] + int32_t{x.w[1]} * w.w[2 * i + 1];
+  return a;
+}
+inline void qstore(int32_t* p, const qacc& a) { std::memcpy(p, a.v, sizeof(a.v)); }
+inline void qpin(qacc&) {}
+#endif
+
+// C (R rows, stride WIDTH), columns [c0, c0 + V vectors) = int32 sums over `pairs` row pairs of
+// x[r] (int16, pair-aligned) . the weights. w: the block's slab 0 at its first pair; slabs `stride` bytes apart.
+template <int R, int V, bool PIN>
+__attribute__((noinline)) void qtile(int32_t* __restrict C, const int16_t* const* x, const int8_t* w0, int64_t stride,
+                                     int64_t c0, int64_t pairs) {
+  qacc a[R][V];
+  const int8_t* w[V];
+#pragma GCC unroll 8
+  for (int j = 0; j < V; ++j) {
+    const int64_t c = c0 + j * LANES;
+    w[j] = w0 + (c / SLAB) * stride + (c % SLAB) * 2;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) a[r][j] = qzero();
+  for (int64_t p = 0; p < pairs; ++p) {
+    qacc b[V];
+#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) {
+      b[j] = qwiden(w[j] + p * SLAB * 2);
+      if (PIN) qpin(b[j]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const qacc xr = qpair(x[r] + 2 * p);
+#pragma GCC unroll 8
+      for (int j = 0; j < V; ++j) a[r][j] = qmadd(a[r][j], xr, b[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) qstore(C + r * WIDTH + c0 + j * LANES, a[r][j]);
+}
+
+template <int R, int V = TV, bool PIN = true>
+inline void qtile_all(int32_t* C, const int16_t* const* x, const int8_t* w0, int64_t stride, int64_t pairs) {
+  static_assert(VECS % V == 0, "tiles cover a block's columns exactly");
+  for (int64_t c0 = 0; c0 < WIDTH; c0 += V * LANES) qtile<R, V, PIN>(C, x, w0, stride, c0, pairs);
+}
+
+inline void qmultiply_rows(int32_t* C, const int16_t* const* x, int64_t n, const int8_t* w0, int64_t stride,
+                           int64_t pairs) {
+  switch (n) {
+    case 6: qtile_all<6>(C, x, w0, stride, pairs); return;
+    case 5: qtile_all<5>(C, x, w0, stride, pairs); return;
+    case 4: qtile_all<4>(C, x, w0, stride, pairs); return;
+    case 3: qtile_all<3>(C, x, w0, stride, pairs); return;
+    case 2: qtile_all<2, std::min<int64_t>(2 * TV, VECS)>(C, x, w0, stride, pairs); return;
+    default: qtile_all<1, std::min<int64_t>(4, VECS), false>(C, x, w0, stride, pairs);
+  }
+}
+
+// acc (n rows, stride WIDTH) += the rows x[r] (int16, scale[r]) . one part of a block's int8 weights
+// (`pairs` row pairs from w0, column scales wscale), in int32 sums of up to QCHUNK_PAIRS pairs.
+inline void qmultiply(float* acc, const int16_t* const* x, const float* scale, int64_t n, const int8_t* w0,
+                      int64_t stride, int64_t pairs, const float* wscale) {
+  alignas(64) int32_t part[TILE_ROWS * WIDTH];
+  const int16_t* xs[TILE_ROWS];
+  for (int64_t p0 = 0; p0 < pairs; p0 += QCHUNK_PAIRS) {
+    for (int64_t r = 0; r < n; ++r) xs[r] = x[r] + 2 * p0;
+    qmultiply_rows(part, xs, n, w0 + p0 * SLAB * 2, stride, std::min(QCHUNK_PAIRS, pairs - p0));
+    for (int64_t r = 0; r < n; ++r) {
+      const vec s = splat(scale[r]);
+      for (int64_t c = 0; c < WIDTH; c += LANES) {
+        ivec sums;
+        std::memcpy(&sums, part + r * WIDTH + c, sizeof(sums));
+        store(acc + r * WIDTH + c, load(acc + r * WIDTH + c) + __builtin_convertvector(sums, vec) * (s * load(wscale + c)));
+      }
+    }
+  }
+}
+
+// Each thread's quantized activations: a pass's input rows (N, Iq) and a step's hidden state (B, Rq).
+struct Quantized {
+  std::vector<int16_t> x, h;
+  std::vector<float> x_scale, h_scale;
+  void rows(std::vector<int16_t>& q, std::vector<float>& scale, const float* v, int64_t n, int64_t width,
+            int64_t padded) {
+    if (q.size() < static_cast<size_t>(n * padded)) q.resize(n * padded);
+    if (scale.size() < static_cast<size_t>(n)) scale.resize(n);
+    for (int64_t r = 0; r < n; ++r) scale[r] = quantize_row(v + r * width, width, padded, q.data() + r * padded);
+  }
+};
+
 // The cell update of one block's 16 units for one row: gates in, c updated, h written to the state buffer
 // and to the output (units < 16 only in the last block of a hidden size that is not a multiple of 16: the
 // rest are padding, updated in copies).
@@ -320,6 +496,7 @@ struct Pass {
   float* xp;                // the inputs' projections (blocks, SLABS, N, SLAB), bias included; null for one step
   bool projected;           // xp already filled (by a GEMM, before the threads started)
   const float* h0;          // (B, R) initial states; null: zeros
+  const float* h_start;     // what the first step reads: h0, or (B, R) zeros
   const float* c0;          // (B, H)
   float* h;                 // (B, R) final states
   float* c;                 // (B, H) the cell state, updated in place
@@ -333,6 +510,9 @@ struct Pass {
   const float* wp;
   float* m;                 // (B, H)
   bool gru;                 // a GRU's layer: gru_cell, no cell state
+  // int8 packs (pack_int8): the weights, with w null; bias then points at (blocks, 3, WIDTH).
+  const int8_t* wq = nullptr;
+  int64_t bias_stride() const { return wq ? 3 * WIDTH : WIDTH; }
 };
 
 // The blocks [b0, b1) one thread runs in every pass, the projection's blocks [p0, p1) (LSTMP), and whether
@@ -348,10 +528,33 @@ struct Share {
   }
 };
 
+// gates() on int8 packs: the input's part (projected, or here for a single step), then the hidden state's.
+inline void gates_int8(float* acc, const Pass& p, const Steps& steps, int64_t blk, int64_t row, int64_t r0, int64_t n,
+                       const Quantized& q) {
+  const int64_t Iq = even(p.I), Rq = even(p.R), stride = (Iq + Rq) * SLAB, N = steps.rows;
+  const int8_t* wb = p.wq + blk * SLABS * stride;
+  const float* bias = p.bias + blk * p.bias_stride();
+  const int16_t* rows[TILE_ROWS];
+  if (p.xp) {
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t s = 0; s < SLABS; ++s)
+        std::memcpy(acc + r * WIDTH + s * SLAB, p.xp + ((blk * SLABS + s) * N + row + r) * SLAB, sizeof(float) * SLAB);
+  } else {
+    for (int64_t r = 0; r < n; ++r) {
+      std::memcpy(acc + r * WIDTH, bias, sizeof(float) * WIDTH);
+      rows[r] = q.x.data() + (row + r) * Iq;
+    }
+    qmultiply(acc, rows, q.x_scale.data() + row, n, wb, stride, Iq / 2, bias + WIDTH);
+  }
+  for (int64_t r = 0; r < n; ++r) rows[r] = q.h.data() + (r0 + r) * Rq;
+  qmultiply(acc, rows, q.h_scale.data() + r0, n, wb + Iq * SLAB, stride, Rq / 2, bias + 2 * WIDTH);
+}
+
 // acc (n rows, stride WIDTH) = the gates of rows [r0, r0 + n) at step t, for one block, before the cell.
 inline void gates(float* acc, const Pass& p, const Steps& steps, int64_t blk, int64_t t, int64_t r0, int64_t n,
-                  const float* h_in) {
+                  const float* h_in, const Quantized& q) {
   const int64_t R = p.R, K = p.I + R, N = steps.rows, row = steps.offsets[t] + r0;
+  if (p.wq) return gates_int8(acc, p, steps, blk, row, r0, n, q);
   const float* wb = p.w + blk * SLABS * K * SLAB;
   const float *x[TILE_ROWS], *h[TILE_ROWS];
   for (int64_t r = 0; r < n; ++r) h[r] = h_in + (r0 + r) * R;
@@ -394,11 +597,33 @@ void project(const Pass& p, const Steps& steps, int64_t H, int64_t t, const Shar
 // Each step makes one pass over each block's weights (six rows at a time for batches, one for streaming),
 // with the cell update of the block's units right after, while the gates are in cache. The inputs of all
 // steps are projected first (here for up to GEMM_ROWS rows, else by a GEMM before the threads start).
-void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) {
+//
+// closing: the parallel region ends after this pass, and its end is the barrier the last step needs.
+void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share, bool closing) {
   const int64_t N = steps.rows, T = steps.count(), B = steps.batch(), R = p.R, K = p.I + R;
   const int64_t b0 = share.b0, b1 = share.b1;
   alignas(64) float acc[TILE_ROWS * WIDTH];
-  if (p.xp && !p.projected) {
+  thread_local Quantized q;  // this thread's: every thread quantizes all rows it reads
+  if (p.wq) q.rows(q.x, q.x_scale, p.x, N, p.I, even(p.I));
+  if (p.xp && p.wq) {  // int8: the inputs' part of the gates, as gates_int8 computes it for a single step
+    const int64_t Iq = even(p.I), stride = (Iq + even(R)) * SLAB;
+    const int16_t* rows[TILE_ROWS];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const float* bias = p.bias + blk * p.bias_stride();
+      for (int64_t r0 = 0; r0 < N; r0 += TILE_ROWS) {
+        const int64_t n = std::min(TILE_ROWS, N - r0);
+        for (int64_t r = 0; r < n; ++r) {
+          std::memcpy(acc + r * WIDTH, bias, sizeof(float) * WIDTH);
+          rows[r] = q.x.data() + (r0 + r) * Iq;
+        }
+        qmultiply(acc, rows, q.x_scale.data() + r0, n, p.wq + blk * SLABS * stride, stride, Iq / 2, bias + WIDTH);
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t s = 0; s < SLABS; ++s)
+            std::memcpy(p.xp + ((blk * SLABS + s) * N + r0 + r) * SLAB, acc + r * WIDTH + s * SLAB,
+                        sizeof(float) * SLAB);
+      }
+    }
+  } else if (p.xp && !p.projected) {
     const float* in[TILE_ROWS];
     for (int64_t blk = b0; blk < b1; ++blk)
       for (int64_t r0 = 0; r0 < N; r0 += TILE_ROWS) {
@@ -430,13 +655,13 @@ void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) 
     initial(p.hs + B * R + at, p.h0 ? p.h0 + at : nullptr, own_h);
     initial(p.c + r * H + first_unit, p.c0 ? p.c0 + r * H + first_unit : nullptr, own);
   }
-  if (share.team) {
-#pragma omp barrier
-  }
+  // No barrier after these writes: the first step reads h_start, and each thread's own units of the
+  // buffers are read only after that step's barrier.
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = p.reverse ? T - 1 - s : s, rows = steps.sizes[t];
-    const float* h_in = p.hs + (s % 2) * B * R;
+    const float* h_in = s == 0 ? p.h_start : p.hs + (s % 2) * B * R;
     float* h_out = p.hs + ((s + 1) % 2) * B * R;
+    if (p.wq) q.rows(q.h, q.h_scale, h_in, rows, R, even(R));
     // Steps alternate the order in which they visit the blocks: the weights last read are read first,
     // while still in cache, where a call's working set is a little larger than the cache.
     for (int64_t i = b0; i < b1; ++i) {
@@ -444,7 +669,7 @@ void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) 
       const int64_t first = blk * UNITS, units = std::min(UNITS, H - first);
       for (int64_t r0 = 0; r0 < rows; r0 += TILE_ROWS) {
         const int64_t n = std::min(TILE_ROWS, rows - r0);
-        gates(acc, p, steps, blk, t, r0, n, h_in);
+        gates(acc, p, steps, blk, t, r0, n, h_in, q);
         for (int64_t r = 0; r < n; ++r) {
           float* c_row = p.c + (r0 + r) * H + first;
           if (p.gru) {
@@ -466,7 +691,7 @@ void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share) 
       }
       project(p, steps, H, t, share, h_out);
     }
-    if (share.team) {
+    if (share.team && !(closing && s == T - 1)) {
 #pragma omp barrier
     }
   }
@@ -515,13 +740,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
   TORCH_CHECK(projected ? static_cast<int64_t>(projections.size()) == S && proj_size > 0 && proj_size < H && !gru
                         : proj_size == 0,
               "lstmopt::lstm: one projection per layer and direction, to 0 < proj_size < hidden_size units");
+  const bool int8 = weights[0].scalar_type() == at::kChar;  // packs of pack_int8
+  TORCH_CHECK(!int8 || (!gru && !projected), "lstmopt::lstm: int8 packs serve LSTMs without a projection");
   for (int64_t s = 0; s < S; ++s) {
     const int64_t I = s < D ? I0 : D * R;
-    TORCH_CHECK(weights[s].scalar_type() == at::kFloat && weights[s].is_contiguous() && weights[s].is_cpu() &&
-                    weights[s].sizes() == at::IntArrayRef({blocks, SLABS, I + R, SLAB}),
+    const std::vector<int64_t> packed_bias = int8 ? std::vector<int64_t>{blocks, 3, WIDTH} : std::vector<int64_t>{blocks, WIDTH};
+    TORCH_CHECK(weights[s].scalar_type() == (int8 ? at::kChar : at::kFloat) && weights[s].is_contiguous() &&
+                    weights[s].is_cpu() &&
+                    weights[s].sizes() == at::IntArrayRef({blocks, SLABS, int8 ? even(I) + even(R) : I + R, SLAB}),
                 "lstmopt::lstm: weights of layer ", s / D, " are not packed for this input");
     TORCH_CHECK(biases[s].scalar_type() == at::kFloat && biases[s].is_contiguous() && biases[s].is_cpu() &&
-                    biases[s].sizes() == at::IntArrayRef({blocks, WIDTH}),
+                    biases[s].sizes() == at::IntArrayRef(packed_bias),
                 "lstmopt::lstm: biases of layer ", s / D, " are not packed");
     TORCH_CHECK(!projected || (projections[s].scalar_type() == at::kFloat && projections[s].is_contiguous() &&
                                projections[s].is_cpu() &&
@@ -537,6 +766,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
     return given->contiguous();
   };
   const at::Tensor h0 = given_state(hx, R), c0 = given_state(cx, H);
+  const std::vector<float> zero_state(h0.defined() ? 0 : B * R);  // the first step's, without hx
   at::Tensor h_n = at::empty({S, B, R}, rows_in.options()), c_n = at::empty({S, B, H}, rows_in.options());
 
   // The work per step (multiply-adds) decides whether to split the call between threads.
@@ -544,7 +774,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), blocks));
   const bool parallel = threads > 1 && step_work >= PARALLEL_STEP && step_work * T * S >= PARALLEL_CALL &&
                         !at::in_parallel_region();
-  const bool gemm = T > 1 && N > GEMM_ROWS;  // the inputs' projections by a GEMM, which runs on the threads itself
+  // The inputs' projections by a GEMM, which runs on the threads itself (int8 packs: always the kernel's own).
+  const bool gemm = T > 1 && N > GEMM_ROWS && !int8;
 
   std::vector<at::Tensor> outs, xps;
   std::vector<Pass> passes;
@@ -564,12 +795,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
     if (T > 1) xp = at::empty({blocks, SLABS, N, SLAB}, rows_in.options());
     xps.push_back(xp);
     float* const buffers = hs + s * per_pass;
-    passes.push_back(Pass{x.data_ptr<float>(), I, weights[s].data_ptr<float>(), biases[s].data_ptr<float>(),
+    passes.push_back(Pass{x.data_ptr<float>(), I, int8 ? nullptr : weights[s].data_ptr<float>(), biases[s].data_ptr<float>(),
                           d == 1, xp.defined() ? xp.data_ptr<float>() : nullptr, false,
-                          h0_base ? h0_base + s * B * R : nullptr, c0_base ? c0_base + s * B * H : nullptr,
+                          h0_base ? h0_base + s * B * R : nullptr, nullptr /* h_start, below */,
+                          c0_base ? c0_base + s * B * H : nullptr,
                           h_base + s * B * R, c_base + s * B * H, buffers, outs[layer].data_ptr<float>(), D * R,
                           d * R, R, projected ? projections[s].data_ptr<float>() : nullptr,
                           projected ? buffers + 2 * B * R : nullptr, gru});
+    passes.back().h_start = passes.back().h0 ? passes.back().h0 : zero_state.data();
+    if (int8) passes.back().wq = weights[s].const_data_ptr<int8_t>();
   }
   auto project_by_gemm = [&](int64_t s) {  // before the threads of a layer start: its input is complete
     const int64_t layer = s / D;
@@ -582,7 +816,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
   if (!parallel) {
     for (int64_t s = 0; s < S; ++s) {
       if (gemm) project_by_gemm(s);
-      run_pass(passes[s], steps, H, Share::of(0, 1, blocks, pblocks));
+      run_pass(passes[s], steps, H, Share::of(0, 1, blocks, pblocks), true);
     }
   } else if (!gemm) {
     // One parallel region for the whole call: each thread owns a range of blocks (hidden units) in every
@@ -591,7 +825,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
     {
       const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();  // the team may be smaller
       const Share share = Share::of(id, team, blocks, pblocks);
-      for (int64_t s = 0; s < S; ++s) run_pass(passes[s], steps, H, share);
+      for (int64_t s = 0; s < S; ++s) run_pass(passes[s], steps, H, share, s == S - 1);
     }
   } else {
     for (int64_t first = 0; first < S; first += D) {
@@ -600,7 +834,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
       {
         const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();
         const Share share = Share::of(id, team, blocks, pblocks);
-        for (int64_t s = first; s < first + D; ++s) run_pass(passes[s], steps, H, share);
+        for (int64_t s = first; s < first + D; ++s) run_pass(passes[s], steps, H, share, s == first + D - 1);
       }
     }
   }
@@ -664,13 +898,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent(const at::Tensor& input
   return {batch_first ? output.transpose(0, 1) : output, h_n, c_n};
 }
 
+// nn.LSTM's flat weights (no projection) as int8 packs (see "int8 weights" above): per layer and
+// direction, weights (blocks, SLABS, Iq + Rq, SLAB) int8, rows paired within each slab, and (blocks, 3,
+// WIDTH) fp32: b_ih + b_hh, then the scales of each gate row's input part and recurrent part.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_int8(at::TensorList dense, int64_t hidden_size,
+                                                                       bool has_biases) {
+  const int64_t H = hidden_size, per_layer = has_biases ? 4 : 2;
+  const int64_t blocks = (H + UNITS - 1) / UNITS, padded = blocks * UNITS;
+  TORCH_CHECK(H > 0 && !dense.empty() && static_cast<int64_t>(dense.size()) % per_layer == 0,
+              "lstmopt::pack: expected nn.LSTM's flat weights");
+  // Rows as (4, padded, n) int8 and their scales (4, padded): w ~ q * scale, per row.
+  auto quantize = [&](const at::Tensor& w, int64_t n) {
+    const at::Tensor rows = w.reshape({4, H, n});
+    const at::Tensor scale = rows.abs().amax(2, true).div(127.0f);
+    const at::Tensor safe = scale.clamp_min(std::numeric_limits<float>::min());
+    at::Tensor q = at::zeros({4, padded, even(n)}, w.options().dtype(at::kChar));
+    q.narrow(1, 0, H).narrow(2, 0, n).copy_(rows.div(safe).round().clamp(-127, 127));
+    at::Tensor s = at::zeros({4, padded}, w.options());
+    s.narrow(1, 0, H).copy_(scale.squeeze(2));
+    return std::make_pair(q, s);
+  };
+  auto by_block = [&](const at::Tensor& per_gate_row) {  // (4, padded) -> (blocks, WIDTH)
+    return per_gate_row.view({4, blocks, UNITS}).permute({1, 0, 2}).reshape({blocks, WIDTH});
+  };
+  std::vector<at::Tensor> weights, biases;
+  for (size_t i = 0; i < dense.size(); i += per_layer) {
+    const at::Tensor &w_ih = dense[i], &w_hh = dense[i + 1];
+    TORCH_CHECK(w_ih.scalar_type() == at::kFloat && w_hh.scalar_type() == at::kFloat && w_ih.dim() == 2 &&
+                    w_ih.size(0) == 4 * H && w_hh.sizes() == at::IntArrayRef({4 * H, H}),
+                "lstmopt::pack: weights must be float32 (4 * hidden, input) and (4 * hidden, hidden)");
+    const auto [q_ih, s_ih] = quantize(w_ih, w_ih.size(1));
+    const auto [q_hh, s_hh] = quantize(w_hh, H);
+    const at::Tensor full = at::cat({q_ih, q_hh}, 2);  // (4, padded, Kq)
+    const int64_t Kq = full.size(2);
+    weights.push_back(full.view({4, blocks, UNITS, Kq}).permute({1, 3, 0, 2}).reshape({blocks, Kq, SLABS, SLAB})
+                          .permute({0, 2, 1, 3}).reshape({blocks, SLABS, Kq / 2, 2, SLAB}).transpose(3, 4)
+                          .contiguous().view({blocks, SLABS, Kq, SLAB}));
+    at::Tensor bias = at::zeros({4, padded}, w_ih.options());
+    if (has_biases) {
+      TORCH_CHECK(dense[i + 2].numel() == 4 * H && dense[i + 3].numel() == 4 * H, "lstmopt::pack: bias sizes");
+      bias.narrow(1, 0, H).copy_(dense[i + 2].add(dense[i + 3]).reshape({4, H}));
+    }
+    biases.push_back(at::stack({by_block(bias), by_block(s_ih), by_block(s_hh)}, 1).contiguous());
+  }
+  return {weights, biases};
+}
+
 // nn.LSTM's flat weights (w_ih, w_hh[, b_ih, b_hh][, w_hr] per layer and direction) in this kernel's layout:
 // per layer and direction, weights (blocks, SLABS, I + R, SLAB), whose column c of slab s is gate
 // (s * SLAB + c) / 16 of unit 16 * block + (s * SLAB + c) % 16, and biases (blocks, WIDTH), b_ih + b_hh;
 // R is proj_size, or hidden_size without a projection. The layout depends on the vector width the kernel
 // was built for, so the kernel makes it, wherever it runs.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack(at::TensorList dense, int64_t hidden_size,
-                                                                  bool has_biases, int64_t proj_size) {
+                                                                  bool has_biases, int64_t proj_size,
+                                                                  std::string weights_format) {
+  TORCH_CHECK(weights_format == "float32" || (weights_format == "int8" && proj_size == 0),
+              "lstmopt::pack: weights must be \"float32\" or (without a projection) \"int8\", got ", weights_format);
+  if (weights_format == "int8") return pack_int8(dense, hidden_size, has_biases);
   const int64_t H = hidden_size, R = proj_size > 0 ? proj_size : H;
   const int64_t per_layer = (has_biases ? 4 : 2) + (proj_size > 0 ? 1 : 0);
   const int64_t blocks = (H + UNITS - 1) / UNITS, padded = blocks * UNITS;
@@ -804,7 +1088,9 @@ TORCH_LIBRARY(lstmopt, m) {
   m.def("lstmp(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, Tensor[] biases, "
         "int hidden_size, bool bidirectional, bool batch_first, Tensor[] projections, int proj_size) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("pack(Tensor[] dense, int hidden_size, bool has_biases, int proj_size=0) -> (Tensor[], Tensor[])");
+  // weights: "float32", or "int8" (pack_int8), which lstm reads from the packs' dtype.
+  m.def("pack(Tensor[] dense, int hidden_size, bool has_biases, int proj_size=0, str weights=\"float32\") "
+        "-> (Tensor[], Tensor[])");
   m.def("pack_projections(Tensor[] dense, int hidden_size, bool has_biases, int proj_size) -> Tensor[]");
   m.def("gru(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor[] weights, Tensor[] biases, int hidden_size, "
         "bool bidirectional, bool batch_first) -> (Tensor, Tensor)");

@@ -57,7 +57,9 @@ class Packs {
         hidden_size_(hidden_size), proj_size_(proj_size), bidirectional_(bidirectional), gru_(gru) {
     TORCH_CHECK(!weights_.empty() && names.size() == sources.size(), "lstmopt: bad Packs arguments");
     state_size_ = proj_size_ > 0 ? proj_size_ : hidden_size_;
-    input_size_ = weights_[0].size(2) - state_size_;  // (blocks, SLABS, I + R, SLAB)
+    // (blocks, SLABS, I + R, SLAB); int8 packs pad I and R to even row counts: the first dense weight says I.
+    input_size_ = weights_[0].scalar_type() == at::kChar && !sources.empty() ? sources[0].size(1)
+                                                                              : weights_[0].size(2) - state_size_;
     for (size_t i = 0; i < names.size(); ++i) {
       const at::Tensor& t = sources[i];
       // An inference tensor has no version counter: it can only change under inference_mode, where

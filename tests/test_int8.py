@@ -1,0 +1,225 @@
+"""int8 weights on the native kernel: ``optimize(m, dtype=torch.int8)`` and ``--dtype int8``.
+
+What int8 means is an LSTM on the weights rounded to int8 with a scale per gate row and part (input,
+recurrent): the kernel must compute that LSTM (to the int16 rounding of its activations), and the error
+that rounding makes against fp32 is reported, bounded here on PyTorch's initial weights.
+"""
+
+import io
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+
+from lstmopt import PackedLSTM, optimize, plan
+from lstmopt.job.low_precision import TOLERANCE_FACTOR, measure
+from conftest import invoke, needs_native
+
+pytestmark = needs_native
+
+# Against eager on the rounded weights: what is left is the activations' int16 rounding (~1e-5 of each
+# row's largest value per step; measured up to 2e-5 over 300 steps).
+TO_ROUNDED = 2e-4
+# Against fp32, on PyTorch's initial weights and N(0, 1) inputs and states: measured up to 4e-3.
+TO_FP32 = 2e-2
+
+
+def rounded(lstm: nn.LSTM) -> nn.LSTM:
+    """``lstm`` with its weights as int8 packs hold them: per gate row and part, w = round(w / s) * s with
+    s = max|w| / 127."""
+    copy = nn.LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias, batch_first=lstm.batch_first,
+                   bidirectional=lstm.bidirectional).eval()
+    copy.load_state_dict(lstm.state_dict())
+    with torch.no_grad():
+        for name, p in copy.named_parameters():
+            if name.startswith("weight"):
+                scale = p.abs().amax(1, keepdim=True) / 127
+                p.copy_((p / scale.clamp_min(1e-38)).round().clamp(-127, 127) * scale)
+    return copy
+
+
+def outputs(result):
+    y, (h, c) = result
+    return [getattr(y, "data", y), h, c]
+
+
+def max_error(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(outputs(a), outputs(b)))
+
+
+@st.composite
+def configs(draw):
+    lstm = dict(input_size=draw(st.sampled_from([1, 7, 16, 33])), hidden_size=draw(st.sampled_from([1, 15, 16, 40])),
+                num_layers=draw(st.integers(1, 3)), bidirectional=draw(st.booleans()), bias=draw(st.booleans()),
+                batch_first=draw(st.booleans()))
+    return lstm, draw(st.integers(1, 9)), draw(st.sampled_from([1, 2, 17])), draw(st.booleans()), draw(st.integers(0, 999))
+
+
+@settings(max_examples=60, deadline=None)
+@given(configs())
+def test_int8_computes_the_lstm_on_its_rounded_weights_within_the_fp32_bound(case):
+    config, batch, steps, with_state, seed = case
+    torch.manual_seed(seed)
+    lstm = nn.LSTM(**config).eval()
+    fast = optimize(lstm, dtype=torch.int8)
+    shape = (batch, steps, config["input_size"]) if config["batch_first"] else (steps, batch, config["input_size"])
+    x = torch.randn(shape)
+    states = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    hx = (torch.randn(states, batch, config["hidden_size"]), torch.randn(states, batch, config["hidden_size"]))
+    args = (x, hx) if with_state else (x,)
+    with torch.no_grad():
+        result = fast(*args)
+        assert max_error(result, rounded(lstm)(*args)) < TO_ROUNDED
+        assert max_error(result, lstm(*args)) < TO_FP32
+
+
+def test_optimize_int8_runs_the_native_kernel_on_int8_packs_and_keeps_fp32_parameters():
+    lstm = nn.LSTM(8, 32, num_layers=2)
+    fast = optimize(lstm, dtype=torch.int8)
+    assert isinstance(fast, PackedLSTM) and fast.native_weights == "int8"
+    assert fast.kernel == fast.sequence_kernel == "native"
+    assert fast.native_packs.weights[0].dtype == torch.int8
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+    assert fast.state_dict().keys() == lstm.state_dict().keys()
+    (decision,) = plan(fast)
+    assert decision.packed_dtype == "int8" and not decision.exact
+    assert "native_weights=int8" in repr(fast)
+
+
+def test_lstms_int8_cannot_serve_are_kept_and_say_why():
+    model = nn.ModuleDict({"plain": nn.LSTM(4, 8), "projected": nn.LSTM(4, 8, proj_size=3)})
+    decisions = {d.name: d for d in plan(model, dtype=torch.int8)}
+    assert decisions["plain"].packed and decisions["plain"].packed_dtype == "int8"
+    assert not decisions["projected"].packed
+    assert decisions["projected"].reason == "not int8: int8 serves LSTMs without a projection (proj_size=0)"
+    assert type(optimize(model, dtype=torch.int8)["projected"]) is nn.LSTM
+
+
+def test_packed_sequences_run_on_int8_as_tensors_do():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 24, bidirectional=True).eval()
+    fast = optimize(lstm, dtype=torch.int8)
+    sequences = [torch.randn(n, 5) for n in (9, 4, 1)]
+    with torch.no_grad():
+        packed = fast(pack_sequence(sequences))
+        assert max_error(packed, rounded(lstm)(pack_sequence(sequences))) < TO_ROUNDED
+        alone = fast(sequences[1][:, None])
+    assert torch.allclose(packed[1][0][:, 1], alone[1][0][:, 0], atol=TO_ROUNDED)
+
+
+def test_each_row_of_a_batch_gets_exactly_what_it_gets_alone():
+    # int32 sums are exact and the scaling is per row: the batch's tiling and thread split change nothing
+    torch.manual_seed(1)
+    fast = optimize(nn.LSTM(80, 256, num_layers=2).eval(), dtype=torch.int8)
+    x = torch.randn(1, 16, 80)
+    with torch.no_grad():
+        batched = fast(x)[0]
+        for row in (0, 7, 15):
+            assert torch.equal(batched[:, row], fast(x[:, row:row + 1])[0][:, 0])
+
+
+def test_nan_in_the_input_reaches_the_output_as_in_fp32():
+    fast = optimize(nn.LSTM(3, 16).eval(), dtype=torch.int8)
+    x = torch.randn(4, 2, 3)
+    x[1, 0, 2] = float("nan")
+    with torch.no_grad():
+        y = fast(x)[0]
+    assert y[1:, 0].isnan().all() and not y[:, 1].isnan().any()
+
+
+def test_new_and_edited_weights_repack_as_int8():
+    torch.manual_seed(2)
+    fast = optimize(nn.LSTM(6, 20).eval(), dtype=torch.int8)
+    other = nn.LSTM(6, 20).eval()
+    x = torch.randn(3, 2, 6)
+    with torch.no_grad():
+        fast.load_state_dict(other.state_dict())
+        assert max_error(fast(x), rounded(other)(x)) < TO_ROUNDED
+        fast.weight_hh_l0.mul_(0.5)
+        other.weight_hh_l0.mul_(0.5)
+        assert max_error(fast(x), rounded(other)(x)) < TO_ROUNDED
+    assert fast.native_packs.weights[0].dtype == torch.int8
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pickle"])
+def test_artifacts_store_fp32_weights_and_pack_int8_again_when_loaded(fmt):
+    torch.manual_seed(3)
+    fast = optimize(nn.Sequential(nn.LSTM(10, 32, num_layers=2)).eval(), dtype=torch.int8)
+    buffer = io.BytesIO()
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.script(fast), buffer)
+    else:
+        torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer) if fmt == "torchscript" else torch.load(buffer, weights_only=False)
+    assert all(t.dtype == torch.float32 for t in loaded.state_dict().values())
+    x = torch.randn(5, 3, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], fast(x)[0])
+
+
+def test_autotune_keeps_int8_on_the_native_kernel():
+    x = torch.randn(1, 1, 8)
+    fast = optimize(nn.LSTM(8, 16).eval(), dtype=torch.int8, autotune=[(x,)])
+    assert fast.kernel == "native" and fast.native_weights == "int8"
+
+
+def test_an_int8_lstm_refuses_to_be_exported_rather_than_compute_fp32():
+    fast = optimize(nn.LSTM(4, 8).eval(), dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="int8 PackedLSTM cannot be exported"):
+        torch.export.export(fast, (torch.randn(2, 1, 4),))
+
+
+def test_int8_packs_refuse_what_they_cannot_serve():
+    gru_like = [torch.randn(8, 3), torch.randn(8, 2), torch.randn(8), torch.randn(8), torch.randn(2, 2)]
+    with pytest.raises(RuntimeError, match="without a projection"):
+        torch.ops.lstmopt.pack(gru_like, 2, True, 2, "int8")
+    with pytest.raises(RuntimeError, match='"float32" or'):
+        torch.ops.lstmopt.pack(gru_like[:4], 2, True, 0, "int4")
+    with pytest.raises(ValueError, match="native_weights must be"):
+        optimize(nn.LSTM(3, 2)).use_kernel("native", native_weights="int4")
+
+
+def test_measure_reports_each_lstms_error_on_the_calls_the_examples_make():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.LSTM(6, 16)).eval()
+    fast = optimize(model, dtype=torch.int8)
+    samples = [(torch.randn(7, 2, 6),)]
+    measured = measure(model, fast, samples)
+    with torch.no_grad():
+        expected = max_error(fast[0](samples[0][0]), model[0](samples[0][0]))
+    assert measured.lstms["0"] == {"max_abs_error": expected, "inputs": "example inputs"}
+    assert 0 < measured.model_max_abs_error < TO_FP32
+    assert measured.tolerance == (TOLERANCE_FACTOR * measured.largest, 0.0)
+    assert measure(model, fast, []).lstms["0"]["inputs"] == "synthetic inputs"
+
+
+def test_the_cli_reports_int8_errors_and_verifies_with_the_tolerance_derived_from_them(tmp_path):
+    torch.manual_seed(5)
+    torch.save(nn.Sequential(nn.LSTM(12, 32, num_layers=2)), tmp_path / "model.pt")
+    torch.save([(torch.randn(9, 2, 12),)], tmp_path / "examples.pt")
+    result = invoke("optimize", str(tmp_path / "model.pt"), "-o", str(tmp_path / "int8.ts"), "--dtype", "int8",
+                     "--trust", "--example-inputs", str(tmp_path / "examples.pt"), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (module,) = report["modules"]
+    assert module["packed_dtype"] == "int8" and module["error_inputs"] == "example inputs"
+    assert 0 < module["error_vs_fp32"] < TO_FP32
+    low = report["low_precision"]
+    assert report["verification"]["ok"] and report["verification"]["atol"] == low["atol"] > 0
+    assert report["verification"]["max_abs_error"] <= low["atol"]
+    verified = invoke("verify", str(tmp_path / "model.pt"), str(tmp_path / "int8.ts"), "--trust", "--json")
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout)["atol"] == low["atol"]
+
+
+def test_int8_programs_are_refused_before_anything_runs(tmp_path):
+    torch.save(nn.LSTM(3, 4), tmp_path / "model.pt")
+    result = invoke("optimize", str(tmp_path / "model.pt"), "-o", str(tmp_path / "out.pt2"), "--dtype", "int8",
+                     "--format", "pt2", "--trust")
+    assert result.exit_code == 2
+    assert "--dtype int8 writes torchscript or pickle artifacts, not pt2" in result.stderr
+    assert not (tmp_path / "out.pt2").exists()
