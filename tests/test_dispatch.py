@@ -204,10 +204,11 @@ def test_bf16_optimized_lstm_casts_at_its_boundary():
         assert fast(x.bfloat16())[0].dtype == torch.bfloat16
 
 
-def test_bf16_is_refused_without_native_support(monkeypatch):
+def test_bf16_without_native_support_is_not_oneDNN_bf16(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr("lstmopt.rewrite.swap.native.load", lambda: False)
     ref, packed = lstm_pair()
-    with pytest.raises(UnsupportedError, match="no native bf16"):
+    with pytest.raises(UnsupportedError, match="no native bf16"):  # (tests/test_low_precision.py: native bf16)
         optimize(ref, dtype=torch.bfloat16)
     # a module that already is bf16 stays stock rather than running emulated bf16
     packed.bfloat16()

@@ -42,15 +42,15 @@ InputShapeOpt = Annotated[Optional[str], typer.Option(
     "--input-shape", metavar="B,T,F", rich_help_panel=CHECKS,
     help="For a model taking one (batch, time, features) tensor: random inputs at 2 batch sizes x 2 lengths.")]
 AtolOpt = Annotated[Optional[float], typer.Option(
-    "--atol", min=0, rich_help_panel=CHECKS, help="Absolute tolerance [default: 0 for float32, 0.02 for bfloat16; "
-                                                  "int8: 4x the largest error measured against float32].")]
+    "--atol", min=0, rich_help_panel=CHECKS, help="Absolute tolerance [default: 0 for float32; bfloat16 and int8: "
+                                                  "4x the largest error measured against float32].")]
 RtolOpt = Annotated[Optional[float], typer.Option(
-    "--rtol", min=0, rich_help_panel=CHECKS, help="Relative tolerance [default: 0 for float32, 0.02 for bfloat16, "
-                                                  "0 for int8].")]
+    "--rtol", min=0, rich_help_panel=CHECKS, help="Relative tolerance [default: 0].")]
 DtypeOpt = Annotated[Dtype, typer.Option(
-    "--dtype", help="LSTM compute dtype: float32 is bit-identical; bfloat16 is faster on large shapes but "
-                    "changes numerics (needs native bf16); int8 runs LSTMs (no projection) on the native kernel "
-                    "with int8 weights, and reports each one's error against float32.")]
+    "--dtype", help="LSTM compute dtype: float32 is bit-identical; bfloat16 is faster on large shapes where "
+                    "the CPU has native bf16 (elsewhere: the native kernel on bf16 weights); int8 runs LSTMs (no "
+                    "projection) on the native kernel with int8 weights. Both change numerics: each LSTM's "
+                    "error against float32 is reported.")]
 JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT,
                                        help="Print the result as JSON on stdout (nothing else on stdout).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUTPUT,

@@ -1,12 +1,12 @@
-"""How far an int8 model's results are from fp32: measured on the user's inputs, reported, and the
-tolerance its verification uses, derived from what was measured.
+"""How far a low-precision model's results are from fp32: measured on the user's inputs, reported, and
+the tolerance its verification uses, derived from what was measured.
 
-``optimize(dtype=torch.int8)`` changes numerics by design, so its error is a fact to report, not a
-bound to assume. Each int8 LSTM is run beside its fp32 original on the calls the example inputs make it
+``optimize(dtype=torch.int8)`` and ``dtype=torch.bfloat16`` change numerics by design, so their error is
+a fact to report, not a bound to assume. Each low-precision LSTM is run beside its fp32 original on the calls the example inputs make it
 receive (recorded from the original model) and on the synthetic inputs verification gives each LSTM
 (``verification.lstm_cases``); the whole model on the examples. An artifact is then verified against
 ``TOLERANCE_FACTOR`` times the largest error measured (absolute; relative 0): the artifact must compute what
-the in-process int8 model computed, and that margin absorbs only a different thread split of the input
+the in-process model computed, and that margin absorbs only a different thread split of the input
 GEMMs, not a different quantization. ``--atol``/``--rtol`` override it.
 """
 
@@ -22,17 +22,18 @@ from lstmopt.job.verification import lstm_cases
 from lstmopt.job.verify_child import flatten
 from lstmopt.modules.lstm import PackedLSTM
 
-__all__ = ["TOLERANCE_FACTOR", "Measured", "int8_names", "measure"]
+__all__ = ["TOLERANCE_FACTOR", "Measured", "low_precision_names", "measure"]
 
 TOLERANCE_FACTOR = 4.0
-# The floor of the derived tolerance, where everything measured was (nearly) exact: a model whose int8
-# LSTMs' outputs do not reach its outputs, say.
+# The floor of the derived tolerance, where everything measured was (nearly) exact: a model whose
+# low-precision LSTMs' outputs do not reach its outputs, say.
 MIN_ATOL = 1e-6
 
 
 @dataclass
 class Measured:
-    """Errors against fp32: per int8 LSTM (its outputs' max abs error, and on which inputs), and the model's."""
+    """Errors against fp32: per low-precision LSTM (its outputs' max abs error, and on which inputs), and
+    the model's."""
 
     lstms: dict = field(default_factory=dict)  # name -> {"max_abs_error", "inputs"}
     model_max_abs_error: Optional[float] = None  # on the example inputs; None without any
@@ -48,8 +49,11 @@ class Measured:
                 "factor": TOLERANCE_FACTOR}
 
 
-def int8_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, PackedLSTM) and m.native_weights == "int8"]
+def low_precision_names(model: nn.Module) -> list[str]:
+    """The PackedLSTMs of ``model`` that compute in bf16 or int8: on the native kernel's low-precision packs,
+    or on bf16 parameters (oneDNN's bf16)."""
+    return [name for name, m in model.named_modules() if isinstance(m, PackedLSTM)
+            and (m.native_weights != "float32" or m._flat_weights[0].dtype != torch.float32)]
 
 
 def _max_abs_error(expected, actual) -> float:
@@ -80,8 +84,8 @@ def _recorded_calls(original: nn.Module, names: Sequence[str], samples: Sequence
 
 
 def measure(original: nn.Module, optimized: nn.Module, samples: Sequence[tuple]) -> Measured:
-    """Errors of ``optimized``'s int8 LSTMs (and of the model) against ``original``, in eval mode."""
-    names = int8_names(optimized)
+    """Errors of ``optimized``'s low-precision LSTMs (and of the model) against ``original``, in eval mode."""
+    names = low_precision_names(optimized)
     result = Measured()
     if not names:
         return result
@@ -90,9 +94,9 @@ def measure(original: nn.Module, optimized: nn.Module, samples: Sequence[tuple])
     recorded = _recorded_calls(original, names, samples)
     with torch.no_grad():
         for name in names:
-            fp32, int8 = original.get_submodule(name), optimized.get_submodule(name)
-            synthetic = max((_max_abs_error(fp32(*args), int8(*args)) for args in lstm_cases(fp32)), default=0.0)
-            on_examples = max((_max_abs_error(fp32(*args, **kwargs), int8(*args, **kwargs))
+            fp32, low = original.get_submodule(name), optimized.get_submodule(name)
+            synthetic = max((_max_abs_error(fp32(*args), low(*args)) for args in lstm_cases(fp32)), default=0.0)
+            on_examples = max((_max_abs_error(fp32(*args, **kwargs), low(*args, **kwargs))
                                for args, kwargs in recorded[name]), default=None)
             result.largest = max(result.largest, synthetic, on_examples or 0.0)
             result.lstms[name] = ({"max_abs_error": on_examples, "inputs": "example inputs"} if on_examples is not None

@@ -67,6 +67,9 @@ class OptimizeOptions:
             raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.dtype == "int8" and self.format in ("pt2", "aoti"):  # their dense ops compute in fp32
             raise UsageError(f"--dtype int8 writes torchscript or pickle artifacts, not {self.format}")
+        if self.dtype == "bfloat16" and self.format in ("pt2", "aoti") and not _bf16_supported():
+            raise UsageError(f"--dtype bfloat16 runs on lstmopt's native kernel on this CPU (no native bf16 in "
+                             f"oneDNN), which writes torchscript or pickle artifacts, not {self.format}")
         if self.example_inputs is not None and self.input_shape is not None:
             raise UsageError("give either example inputs or an input shape, not both")
         if self.min_speedup is not None and self.min_speedup <= 0:
@@ -159,6 +162,12 @@ class Report:
             "timings": self.timings,
             "started": self.started, "finished": self.finished,
         }
+
+
+def _bf16_supported() -> bool:
+    from lstmopt.modules.packs import bf16_supported  # torch, only when asked
+
+    return bf16_supported()
 
 
 def _now() -> str:
@@ -263,7 +272,7 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
             decisions = with_kernels(decisions, optimized)
             report.modules = [d.to_dict() for d in decisions]
     measured = None
-    if options.dtype == "int8" and packed:
+    if options.dtype != "float32" and packed:
         from lstmopt.job.low_precision import measure
 
         with step("accuracy"):

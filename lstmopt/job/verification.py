@@ -16,9 +16,9 @@ in it. Only a pickle artifact, whose classes live in the user's code, gets the u
 after the installed packages. It dies with its parent (``PR_SET_PDEATHSIG``).
 
 A check passes when ``|optimized - original| <= atol + rtol * |original|`` everywhere (NaNs must match);
-the fp32 default tolerance is zero (bit-identical), the bf16 default is ``BF16_TOLERANCE``, and an int8
-artifact's is derived from the errors measured against fp32 when it was made (``lstmopt.job.low_precision``:
-4x the largest, absolute). An fp32 artifact
+the fp32 default tolerance is zero (bit-identical); a bf16 or int8 artifact's is derived from the errors
+measured against fp32 when it was made (``lstmopt.job.low_precision``: 4x the largest, absolute), or
+``BF16_TOLERANCE`` where none were recorded. An fp32 artifact
 with approximate kernels is held instead to their contract (``lstmopt.kernels.accuracy``): against the
 original computed in float64 on the same inputs, its error is at most ``FACTOR`` times the fp32 original's
 own, unless ``--atol``/``--rtol`` are given.

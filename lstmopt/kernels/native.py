@@ -221,8 +221,9 @@ class NativePacks:
     A TorchScript class (compiled when a scripted module holds one). Like ``LayerPacks`` it stores the
     dense weights it came from, not the laid-out copy, and lays them out again when loaded: the layout
     follows the vector width of the machine's build. ``sources``: data pointer and version of each dense
-    tensor when packed. ``weights_format``: ``"float32"``, or ``"int8"`` (an LSTM without a projection):
-    int8 weights with a scale per gate row (``optimize(dtype=torch.int8)``, csrc/lstm.cpp's "int8 weights").
+    tensor when packed. ``weights_format``: ``"float32"``, ``"bfloat16"`` (the weights rounded to bf16,
+    widened on load) or ``"int8"`` (an LSTM without a projection): int8 weights with a scale per gate row
+    (``optimize(dtype=...)``, csrc/lstm.cpp's "int8 weights").
     """
 
     def __init__(self, dense: List[Tensor], hidden_size: int, num_layers: int, bidirectional: bool,

@@ -183,9 +183,10 @@ def exported(module, input, hx):
     # runs whatever that flag says, so only what the op accepts is checked here. The weights are read by
     # name: export swaps the parameters, not the list _flat_weights holds, whose tensors it would record
     # as constants (a second copy, which the program's state dict would not change).
-    if module.native_weights == "int8":  # a program would compute it in fp32: not what was asked for
-        raise RuntimeError("an int8 PackedLSTM cannot be exported (torch.export, --format pt2/aoti): its int8 "
-                           "weights live in the native kernel's packs; save it as TorchScript or a pickle")
+    if module.native_weights != "float32":  # a program would compute it in fp32: not what was asked for
+        raise RuntimeError(f"a {module.native_weights} PackedLSTM on the native kernel cannot be exported "
+                           "(torch.export, --format pt2/aoti): its weights live in the native kernel's packs; "
+                           "save it as TorchScript or a pickle")
     weights = [getattr(module, name) for name in module._flat_weights_names]
     dtype = weights[0].dtype
     if (isinstance(input, PackedSequence) or module.training or _autocast_enabled()

@@ -78,8 +78,8 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
     kernel_dtype: Optional[torch.dtype]
     sequence_dtype: Optional[torch.dtype]
     io_dtype: Optional[torch.dtype]
-    # What the native kernel's packs hold: "float32", or "int8" (optimize(dtype=torch.int8)); the other
-    # kernels compute on the fp32 parameters either way.
+    # What the native kernel's packs hold: "float32", "bfloat16" or "int8" (optimize(dtype=...)); the
+    # other kernels compute on the fp32 parameters either way.
     native_weights: str
     # Present only while a native kernel is in use: scripted code tests hasattr(self, "native_packs"), so
     # a module that does not use it compiles (and loads) without the native library.
@@ -156,15 +156,16 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
                    native_weights: Optional[str] = None) -> None:
         """Switch the kernel for tensors (``KERNELS``) and/or for PackedSequences (``SEQUENCE_KERNELS``); the
         packs are kept only while a kernel in use reads them. ``native_weights``: what the native kernel
-        computes with, ``"float32"`` or ``"int8"`` (weights rounded to int8 with a scale per gate row,
-        activations to int16 per row; no projection: see ``lstmopt.kernels.native.NativePacks``).
+        computes with, ``"float32"``, ``"bfloat16"`` (weights rounded to bf16) or ``"int8"`` (weights rounded
+        to int8 with a scale per gate row, activations to int16 per row; no projection: see
+        ``lstmopt.kernels.native.NativePacks``).
 
         Example:
             >>> lstm.use_kernel("native", sequence_kernel="native")  # what --autotune --approx may pick
             >>> lstm.use_kernel("native", sequence_kernel="native", native_weights="int8")  # dtype=torch.int8
         """
-        if native_weights not in (None, "float32", "int8"):
-            raise ValueError(f"native_weights must be 'float32' or 'int8', got {native_weights!r}")
+        if native_weights not in (None, "float32", "bfloat16", "int8"):
+            raise ValueError(f"native_weights must be 'float32', 'bfloat16' or 'int8', got {native_weights!r}")
         if native_weights == "int8" and self.proj_size > 0:
             raise ValueError("int8 weights serve LSTMs without a projection (proj_size=0)")
         projection = self.proj_size > 0

@@ -202,8 +202,8 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
                 module.autotune_ms, module.autotune_notes = choice.ms_per_forward, {choice.inputs: choice.note}
                 choices.append(choice)
             continue
-        if module.native_weights == "int8":
-            continue  # int8 was asked for, and only the native kernel computes it
+        if module.native_weights != "float32":
+            continue  # low precision was asked for, and only the native kernel computes it
         by_kind: dict[str, list] = {"tensor": [], "sequence": []}
         for signature, (args, count) in recorded[name].items():
             if signature[0] in by_kind:

@@ -76,11 +76,22 @@ def _check_request(model: nn.Module, dtype: Optional[torch.dtype]) -> None:
     if dtype == torch.int8 and not native.load():
         raise UnsupportedError(f"int8 runs on lstmopt's native kernel, which is unavailable here "
                                f"({native.unavailable_reason()})")
-    if dtype == torch.bfloat16 and not bf16_supported():
+    if dtype == torch.bfloat16 and not bf16_supported() and not native.load():
         raise UnsupportedError(
-            "bfloat16 was requested but this CPU has no native bf16 support in oneDNN "
-            "(it would run slower than float32); use float32"
+            "bfloat16 was requested but this CPU has no native bf16 support in oneDNN (it would run slower "
+            f"than float32), and lstmopt's native kernel, which would serve it, is unavailable "
+            f"({native.unavailable_reason()}); use float32"
         )
+
+
+def _native_weights(dtype: Optional[torch.dtype]) -> Optional[str]:
+    """The native kernel's weight format ``dtype`` asks for, or None where the packed kernels serve it:
+    int8 always; bfloat16 where oneDNN has no native bf16 (its emulated bf16 is slower than fp32)."""
+    if dtype == torch.int8:
+        return "int8"
+    if dtype == torch.bfloat16 and not bf16_supported():
+        return "bfloat16"
+    return None
 
 
 def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[torch.dtype],
@@ -91,14 +102,14 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
     if isinstance(lstm, PackedLSTM):
         packed, reason = True, "already a PackedLSTM"
         target, kernel, autotune_ms = found, lstm.kernel, lstm.autotune_ms
-        if lstm.native_weights == "int8":
-            target = torch.int8
+        if lstm.native_weights != "float32":
+            target = getattr(torch, lstm.native_weights)
         sequence_kernel, sequence_autotune_ms = lstm.sequence_kernel, lstm.sequence_autotune_ms
     elif filter_fn is not None and not filter_fn(lstm, name):
         packed, reason = False, "excluded by filter_fn"
-    elif dtype == torch.int8:
-        obstacle = _int8_obstacle(lstm)
-        packed, reason = obstacle is None, obstacle or INT8_REASON
+    elif (weights_format := _native_weights(dtype)) is not None:
+        obstacle = _low_precision_obstacle(lstm, weights_format)
+        packed, reason = obstacle is None, obstacle or LOW_PRECISION_REASONS[weights_format]
         kernel = sequence_kernel = "native"
     else:
         obstacle = packing_obstacle(lstm, dtype)
@@ -128,18 +139,23 @@ def _decide(lstm: nn.LSTM, name: str, aliases: tuple[str, ...], dtype: Optional[
     )
 
 
-INT8_REASON = ("int8 weights (a scale per gate row) on lstmopt's native kernel, activations int16 per row, "
-               "state and sums fp32: changes numerics")
+LOW_PRECISION_REASONS = {
+    "int8": ("int8 weights (a scale per gate row) on lstmopt's native kernel, activations int16 per row, "
+             "state and sums fp32: changes numerics"),
+    "bfloat16": ("bf16 weights on lstmopt's native kernel (this CPU has no native bf16 in oneDNN), activations, "
+                 "state and sums fp32: changes numerics"),
+}
 
 
-def _int8_obstacle(lstm: nn.LSTM) -> Optional[str]:
-    """Why ``optimize(dtype=torch.int8)`` keeps ``lstm`` as it is, or None."""
+def _low_precision_obstacle(lstm: nn.LSTM, weights_format: str) -> Optional[str]:
+    """Why the native kernel cannot run ``lstm`` on ``weights_format`` weights (it stays as it is), or None."""
     obstacle = packing_obstacle(lstm)
-    if obstacle is None and lstm.proj_size > 0:
+    if obstacle is None and lstm.proj_size > 0 and weights_format == "int8":
         obstacle = "int8 serves LSTMs without a projection (proj_size=0)"
     if obstacle is None:
         obstacle = native_weights_obstacle([lstm._parameters[name] for name in lstm._flat_weights_names])
-    return None if obstacle is None else f"not int8: {obstacle}"
+    short = {"int8": "int8", "bfloat16": "bf16"}[weights_format]
+    return None if obstacle is None else f"not {short}: {obstacle}"
 
 
 def _native_projection_obstacle(lstm: nn.LSTM, dtype: torch.dtype) -> Optional[str]:
@@ -238,10 +254,11 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
 
     Args:
         model: the model to optimize; copied first unless ``inplace=True``.
-        dtype: None keeps each LSTM's dtype (bit-identical results); ``torch.bfloat16`` packs in bf16 and
-            casts at the LSTM's boundary, which changes numerics; ``torch.int8`` runs each fp32 LSTM
-            without a projection on lstmopt's native kernel with int8 weights (``INT8_REASON``; the
-            parameters stay fp32), which changes numerics too: ``lstmopt.job.low_precision`` measures how much.
+        dtype: None keeps each LSTM's dtype (bit-identical results). ``torch.bfloat16`` packs in bf16 for
+            oneDNN and casts at the LSTM's boundary where the CPU has native bf16, and elsewhere runs the
+            native kernel on bf16 weights; ``torch.int8`` runs each fp32 LSTM without a projection on the
+            native kernel with int8 weights (``LOW_PRECISION_REASONS``; on the native kernel the parameters
+            stay fp32). Both change numerics: ``lstmopt.job.low_precision`` measures how much.
         filter_fn: ``filter_fn(module, name)`` returning False keeps that LSTM as it is.
         inplace: swap the LSTMs of ``model`` itself (each keeps its identity, see ``PackedLSTM.convert_``).
         autotune: representative inputs (tuples of forward arguments); each packed LSTM is then timed with
@@ -266,9 +283,9 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
             cls.convert_(model.get_submodule(decision.name), decision.kernel)
         elif decision.packed and decision.kind == "GRU":
             PackedGRU.convert_(model.get_submodule(decision.name), decision.kernel)
-        elif decision.packed and dtype == torch.int8:
+        elif decision.packed and _native_weights(dtype) is not None:
             lstm = PackedLSTM.convert_(model.get_submodule(decision.name))
-            lstm.use_kernel("native", sequence_kernel="native", native_weights="int8")
+            lstm.use_kernel("native", sequence_kernel="native", native_weights=_native_weights(dtype))
         elif decision.packed:
             lstm = PackedLSTM.convert_(model.get_submodule(decision.name), dtype)
             if lstm.proj_size > 0 and decision.kernel == "native":

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent(const at::Tensor& input
                                                          at::TensorList biases, int64_t hidden_size,
                                                          bool bidirectional, bool batch_first,
                                                          at::TensorList projections, int64_t proj_size, bool gru);
-// weights_format: "float32", or "int8" (no projection; lstm.cpp's "int8 weights").
+// weights_format: "float32", "bfloat16" (weights rounded to bf16) or "int8" (no projection; lstm.cpp's "int8 weights").
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack(at::TensorList dense, int64_t hidden_size,
                                                                   bool has_biases, int64_t proj_size,
                                                                   std::string weights_format = "float32");

@@ -120,12 +120,35 @@ constexpr int64_t SLAB = TV * LANES;
 constexpr int64_t SLABS = WIDTH / SLAB;
 static_assert(WIDTH % SLAB == 0, "a block's columns split into whole slabs");
 
-// Rows [r, r + n) of one block's weights: w points at row r of slab 0; slab s starts stride floats later.
+// bfloat16 weights (packs made with weights="bfloat16"): the upper half of an fp32, widened exactly on
+// load, so that a step streams half the bytes and every sum stays fp32 (activations are not rounded).
+typedef uint16_t bf16_bits;
+
+// Rows [r, r + n) of one block's weights (W: float, or bf16_bits): w points at row r of slab 0; slab s
+// starts stride elements later.
+template <typename W>
 struct Rows {
-  const float* w;
+  const W* w;
   int64_t stride, n;
-  const float* column(int64_t c) const { return w + (c / SLAB) * stride + c % SLAB; }
+  const W* column(int64_t c) const { return w + (c / SLAB) * stride + c % SLAB; }
 };
+
+inline vec weight(const float* p) { return load(p); }
+inline vec weight(const bf16_bits* p) {
+#if LSTMOPT_VECTOR_BYTES == 64 && defined(__AVX512F__)
+  return (vec)_mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#elif LSTMOPT_VECTOR_BYTES == 32 && defined(__AVX2__)
+  return (vec)_mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#else
+  ivec bits;
+  for (int64_t i = 0; i < LANES; ++i) bits[i] = static_cast<int32_t>(uint32_t{p[i]} << 16);
+  vec v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
 
 // What a multiply reads: row r is x[r][0:nx] followed by h[r][0:m.n - nx], so that one pass over a
 // block's weights serves a step's input and hidden state alike (two passes measured 5-10% slower: the
@@ -149,8 +172,8 @@ inline void pin(vec& v) {
 }
 
 // a[r][*] += rows v[r][0:k1 - k0] . weights rows [k0, k1), for the columns w points at.
-template <int R, int V, bool PIN>
-__attribute__((always_inline)) inline void sweep(vec (&a)[R][V], const float* const (&w)[V], const float* const* v,
+template <int R, int V, bool PIN, typename W>
+__attribute__((always_inline)) inline void sweep(vec (&a)[R][V], const W* const (&w)[V], const float* const* v,
                                                  int64_t k0, int64_t k1) {
   if (k1 <= k0) return;
   const float* p[R];
@@ -160,7 +183,7 @@ __attribute__((always_inline)) inline void sweep(vec (&a)[R][V], const float* co
     vec b[V];
 #pragma GCC unroll 8
     for (int j = 0; j < V; ++j) {
-      b[j] = load(w[j] + k * SLAB);
+      b[j] = weight(w[j] + k * SLAB);
       if (PIN) pin(b[j]);
     }
 #pragma GCC unroll 8
@@ -176,34 +199,35 @@ __attribute__((always_inline)) inline void sweep(vec (&a)[R][V], const float* co
 // accumulators stay in registers; each weight vector loaded serves R rows (for one row, where they would
 // not all fit, the FMAs read the weights from memory). Not inlined: register allocation in a caller's
 // context spilled the accumulators.
-template <int R, int V, bool PIN = true>
-__attribute__((noinline)) void tile(float* __restrict C, const Inputs& in, const Rows& m, int64_t c0) {
+template <int R, int V, bool PIN, typename W>
+__attribute__((noinline)) void tile(float* __restrict C, const Inputs& in, const Rows<W>& m, int64_t c0) {
   vec a[R][V];
-  const float* w[V];
+  const W* w[V];
 #pragma GCC unroll 8
   for (int j = 0; j < V; ++j) w[j] = m.column(c0 + j * LANES);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < V; ++j) a[r][j] = load(in.init ? in.init + c0 + j * LANES : C + r * WIDTH + c0 + j * LANES);
-  sweep<R, V, PIN>(a, w, in.x, 0, in.nx);
-  sweep<R, V, PIN>(a, w, in.h, in.nx, m.n);
+  sweep<R, V, PIN, W>(a, w, in.x, 0, in.nx);
+  sweep<R, V, PIN, W>(a, w, in.h, in.nx, m.n);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < V; ++j) store(C + r * WIDTH + c0 + j * LANES, a[r][j]);
 }
 
-template <int R, int V = TV, bool PIN = true>
-inline void tile_all(float* C, const Inputs& in, const Rows& m) {
+template <int R, int V = TV, bool PIN = true, typename W>
+inline void tile_all(float* C, const Inputs& in, const Rows<W>& m) {
   static_assert(VECS % V == 0, "tiles cover a block's columns exactly");
-  for (int64_t c0 = 0; c0 < WIDTH; c0 += V * LANES) tile<R, V, PIN>(C, in, m, c0);
+  for (int64_t c0 = 0; c0 < WIDTH; c0 += V * LANES) tile<R, V, PIN, W>(C, in, m, c0);
 }
 
 // acc (n rows, stride WIDTH) = the inputs of n <= TILE_ROWS rows . m: one tile of exactly n rows (two
 // rows get twice as many columns, to keep enough FMAs in flight), or for one row a pass over all columns
 // at once.
-inline void multiply_rows(float* acc, const Inputs& in, int64_t n, const Rows& m) {
+template <typename W>
+inline void multiply_rows(float* acc, const Inputs& in, int64_t n, const Rows<W>& m) {
   switch (n) {
     case 6: tile_all<6>(acc, in, m); return;
     case 5: tile_all<5>(acc, in, m); return;
@@ -226,7 +250,8 @@ constexpr int64_t CHUNK = 64;
 // multiply_rows over blocks of CHUNK rows of m, each block's sum added to the total. Every column's sum
 // runs over the same blocks in the same order whichever tile computes it: results do not depend on the
 // batch size, the vector width or the thread count.
-inline void multiply(float* acc, const Inputs& in, int64_t n, const Rows& m) {
+template <typename W>
+inline void multiply(float* acc, const Inputs& in, int64_t n, const Rows<W>& m) {
   if (m.n <= CHUNK) return multiply_rows(acc, in, n, m);
   alignas(64) static const float zeros[WIDTH] = {};
   alignas(64) float part[TILE_ROWS * WIDTH];
@@ -237,7 +262,7 @@ inline void multiply(float* acc, const Inputs& in, int64_t n, const Rows& m) {
       if (k0 < x1) x[r] = in.x[r] + k0;
       if (h0 < k1) h[r] = in.h[r] + (h0 - in.nx);
     }
-    multiply_rows(part, Inputs{x, std::max<int64_t>(x1 - k0, 0), h, zeros}, n, Rows{m.w + k0 * SLAB, m.stride, k1 - k0});
+    multiply_rows(part, Inputs{x, std::max<int64_t>(x1 - k0, 0), h, zeros}, n, Rows<W>{m.w + k0 * SLAB, m.stride, k1 - k0});
     const float* start = k0 == 0 ? in.init : nullptr;  // the biases, or (null) what acc holds
     for (int64_t r = 0; r < n; ++r)
       for (int64_t c = 0; c < WIDTH; c += LANES) {
@@ -513,6 +538,8 @@ struct Pass {
   // int8 packs (pack_int8): the weights, with w null; bias then points at (blocks, 3, WIDTH).
   const int8_t* wq = nullptr;
   int64_t bias_stride() const { return wq ? 3 * WIDTH : WIDTH; }
+  // bf16 packs (pack with weights="bfloat16"): the weights, with w null (the projection stays fp32).
+  const bf16_bits* wh = nullptr;
 };
 
 // The blocks [b0, b1) one thread runs in every pass, the projection's blocks [p0, p1) (LSTMP), and whether
@@ -550,23 +577,32 @@ inline void gates_int8(float* acc, const Pass& p, const Steps& steps, int64_t bl
   qmultiply(acc, rows, q.h_scale.data() + r0, n, wb + Iq * SLAB, stride, Rq / 2, bias + 2 * WIDTH);
 }
 
-// acc (n rows, stride WIDTH) = the gates of rows [r0, r0 + n) at step t, for one block, before the cell.
-inline void gates(float* acc, const Pass& p, const Steps& steps, int64_t blk, int64_t t, int64_t r0, int64_t n,
-                  const float* h_in, const Quantized& q) {
-  const int64_t R = p.R, K = p.I + R, N = steps.rows, row = steps.offsets[t] + r0;
-  if (p.wq) return gates_int8(acc, p, steps, blk, row, r0, n, q);
-  const float* wb = p.w + blk * SLABS * K * SLAB;
+// gates() on the block's weights m (fp32 or bf16).
+template <typename W>
+inline void gates_of(float* acc, const Pass& p, const Rows<W>& m, const Steps& steps, int64_t blk, int64_t row,
+                     int64_t r0, int64_t n, const float* h_in) {
+  const int64_t R = p.R, K = p.I + R, N = steps.rows;
+  const W* wb = m.w;
   const float *x[TILE_ROWS], *h[TILE_ROWS];
   for (int64_t r = 0; r < n; ++r) h[r] = h_in + (r0 + r) * R;
   if (p.xp) {  // the input's part is projected: the hidden state's is added
     for (int64_t r = 0; r < n; ++r)
       for (int64_t s = 0; s < SLABS; ++s)
         std::memcpy(acc + r * WIDTH + s * SLAB, p.xp + ((blk * SLABS + s) * N + row + r) * SLAB, sizeof(float) * SLAB);
-    multiply(acc, Inputs{nullptr, 0, h, nullptr}, n, Rows{wb + p.I * SLAB, K * SLAB, R});
+    multiply(acc, Inputs{nullptr, 0, h, nullptr}, n, Rows<W>{wb + p.I * SLAB, K * SLAB, R});
   } else {  // a single step: input and hidden state in one pass
     for (int64_t r = 0; r < n; ++r) x[r] = p.x + (row + r) * p.I;
-    multiply(acc, Inputs{x, p.I, h, p.bias + blk * WIDTH}, n, Rows{wb, K * SLAB, K});
+    multiply(acc, Inputs{x, p.I, h, p.bias + blk * WIDTH}, n, Rows<W>{wb, K * SLAB, K});
   }
+}
+
+// acc (n rows, stride WIDTH) = the gates of rows [r0, r0 + n) at step t, for one block, before the cell.
+inline void gates(float* acc, const Pass& p, const Steps& steps, int64_t blk, int64_t t, int64_t r0, int64_t n,
+                  const float* h_in, const Quantized& q) {
+  const int64_t K = p.I + p.R, row = steps.offsets[t] + r0;
+  if (p.wq) return gates_int8(acc, p, steps, blk, row, r0, n, q);
+  if (p.wh) return gates_of(acc, p, Rows<bf16_bits>{p.wh + blk * SLABS * K * SLAB, K * SLAB, K}, steps, blk, row, r0, n, h_in);
+  gates_of(acc, p, Rows<float>{p.w + blk * SLABS * K * SLAB, K * SLAB, K}, steps, blk, row, r0, n, h_in);
 }
 
 // LSTMP: the hidden state of step t's rows, h = W_hr (o * tanh(c)), for the projection blocks
@@ -582,7 +618,7 @@ void project(const Pass& p, const Steps& steps, int64_t H, int64_t t, const Shar
     for (int64_t r0 = 0; r0 < rows; r0 += TILE_ROWS) {
       const int64_t n = std::min(TILE_ROWS, rows - r0);
       for (int64_t r = 0; r < n; ++r) m[r] = p.m + (r0 + r) * H;
-      multiply(acc, Inputs{m, H, nullptr, zeros}, n, Rows{p.wp + pb * SLABS * H * SLAB, H * SLAB, H});
+      multiply(acc, Inputs{m, H, nullptr, zeros}, n, Rows<float>{p.wp + pb * SLABS * H * SLAB, H * SLAB, H});
       for (int64_t r = 0; r < n; ++r) {
         std::memcpy(h_out + (r0 + r) * p.R + first, acc + r * WIDTH, sizeof(float) * units);
         std::memcpy(p.out + (steps.offsets[t] + r0 + r) * p.out_stride + p.col + first, acc + r * WIDTH,
@@ -629,7 +665,11 @@ void run_pass(const Pass& p, const Steps& steps, int64_t H, const Share& share, 
       for (int64_t r0 = 0; r0 < N; r0 += TILE_ROWS) {
         const int64_t n = std::min(TILE_ROWS, N - r0);
         for (int64_t r = 0; r < n; ++r) in[r] = p.x + (r0 + r) * p.I;
-        multiply(acc, Inputs{in, p.I, nullptr, p.bias + blk * WIDTH}, n, Rows{p.w + blk * SLABS * K * SLAB, K * SLAB, p.I});
+        const Inputs inputs{in, p.I, nullptr, p.bias + blk * WIDTH};
+        if (p.wh)
+          multiply(acc, inputs, n, Rows<bf16_bits>{p.wh + blk * SLABS * K * SLAB, K * SLAB, p.I});
+        else
+          multiply(acc, inputs, n, Rows<float>{p.w + blk * SLABS * K * SLAB, K * SLAB, p.I});
         for (int64_t r = 0; r < n; ++r)
           for (int64_t s = 0; s < SLABS; ++s)
             std::memcpy(p.xp + ((blk * SLABS + s) * N + r0 + r) * SLAB, acc + r * WIDTH + s * SLAB,
@@ -741,11 +781,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
                         : proj_size == 0,
               "lstmopt::lstm: one projection per layer and direction, to 0 < proj_size < hidden_size units");
   const bool int8 = weights[0].scalar_type() == at::kChar;  // packs of pack_int8
+  const bool bf16 = weights[0].scalar_type() == at::kBFloat16;  // packs made with weights="bfloat16"
+  const auto weights_type = int8 ? at::kChar : bf16 ? at::kBFloat16 : at::kFloat;
   TORCH_CHECK(!int8 || (!gru && !projected), "lstmopt::lstm: int8 packs serve LSTMs without a projection");
   for (int64_t s = 0; s < S; ++s) {
     const int64_t I = s < D ? I0 : D * R;
     const std::vector<int64_t> packed_bias = int8 ? std::vector<int64_t>{blocks, 3, WIDTH} : std::vector<int64_t>{blocks, WIDTH};
-    TORCH_CHECK(weights[s].scalar_type() == (int8 ? at::kChar : at::kFloat) && weights[s].is_contiguous() &&
+    TORCH_CHECK(weights[s].scalar_type() == weights_type && weights[s].is_contiguous() &&
                     weights[s].is_cpu() &&
                     weights[s].sizes() == at::IntArrayRef({blocks, SLABS, int8 ? even(I) + even(R) : I + R, SLAB}),
                 "lstmopt::lstm: weights of layer ", s / D, " are not packed for this input");
@@ -775,7 +817,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
   const bool parallel = threads > 1 && step_work >= PARALLEL_STEP && step_work * T * S >= PARALLEL_CALL &&
                         !at::in_parallel_region();
   // The inputs' projections by a GEMM, which runs on the threads itself (int8 packs: always the kernel's own).
-  const bool gemm = T > 1 && N > GEMM_ROWS && !int8;
+  const bool gemm = T > 1 && N > GEMM_ROWS && !int8 && !bf16;
 
   std::vector<at::Tensor> outs, xps;
   std::vector<Pass> passes;
@@ -795,7 +837,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
     if (T > 1) xp = at::empty({blocks, SLABS, N, SLAB}, rows_in.options());
     xps.push_back(xp);
     float* const buffers = hs + s * per_pass;
-    passes.push_back(Pass{x.data_ptr<float>(), I, int8 ? nullptr : weights[s].data_ptr<float>(), biases[s].data_ptr<float>(),
+    passes.push_back(Pass{x.data_ptr<float>(), I, int8 || bf16 ? nullptr : weights[s].data_ptr<float>(), biases[s].data_ptr<float>(),
                           d == 1, xp.defined() ? xp.data_ptr<float>() : nullptr, false,
                           h0_base ? h0_base + s * B * R : nullptr, nullptr /* h_start, below */,
                           c0_base ? c0_base + s * B * H : nullptr,
@@ -804,6 +846,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
                           projected ? buffers + 2 * B * R : nullptr, gru});
     passes.back().h_start = passes.back().h0 ? passes.back().h0 : zero_state.data();
     if (int8) passes.back().wq = weights[s].const_data_ptr<int8_t>();
+    if (bf16) passes.back().wh = reinterpret_cast<const bf16_bits*>(weights[s].const_data_ptr<at::BFloat16>());
   }
   auto project_by_gemm = [&](int64_t s) {  // before the threads of a layer start: its input is complete
     const int64_t layer = s / D;
@@ -952,8 +995,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_int8(at::Tenso
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack(at::TensorList dense, int64_t hidden_size,
                                                                   bool has_biases, int64_t proj_size,
                                                                   std::string weights_format) {
-  TORCH_CHECK(weights_format == "float32" || (weights_format == "int8" && proj_size == 0),
-              "lstmopt::pack: weights must be \"float32\" or (without a projection) \"int8\", got ", weights_format);
+  TORCH_CHECK(weights_format == "float32" || weights_format == "bfloat16" || (weights_format == "int8" && proj_size == 0),
+              "lstmopt::pack: weights must be \"float32\", \"bfloat16\" or (without a projection) \"int8\", got ",
+              weights_format);
   if (weights_format == "int8") return pack_int8(dense, hidden_size, has_biases);
   const int64_t H = hidden_size, R = proj_size > 0 ? proj_size : H;
   const int64_t per_layer = (has_biases ? 4 : 2) + (proj_size > 0 ? 1 : 0);
@@ -979,6 +1023,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack(at::TensorList
     }
     biases.push_back(bias.view({4, blocks, UNITS}).permute({1, 0, 2}).reshape({blocks, WIDTH}).contiguous());
   }
+  if (weights_format == "bfloat16")  // rounded to nearest even; biases (and projections) stay fp32
+    for (at::Tensor& w : weights) w = w.to(at::kBFloat16);
   return {weights, biases};
 }
 
@@ -1088,7 +1134,7 @@ TORCH_LIBRARY(lstmopt, m) {
   m.def("lstmp(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor? cx, Tensor[] weights, Tensor[] biases, "
         "int hidden_size, bool bidirectional, bool batch_first, Tensor[] projections, int proj_size) "
         "-> (Tensor, Tensor, Tensor)");
-  // weights: "float32", or "int8" (pack_int8), which lstm reads from the packs' dtype.
+  // weights: "float32", "bfloat16" or "int8" (pack_int8), which lstm reads from the packs' dtype.
   m.def("pack(Tensor[] dense, int hidden_size, bool has_biases, int proj_size=0, str weights=\"float32\") "
         "-> (Tensor[], Tensor[])");
   m.def("pack_projections(Tensor[] dense, int hidden_size, bool has_biases, int proj_size) -> Tensor[]");

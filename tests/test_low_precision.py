@@ -1,8 +1,10 @@
-"""int8 weights on the native kernel: ``optimize(m, dtype=torch.int8)`` and ``--dtype int8``.
+"""Low precision on the native kernel: ``optimize(m, dtype=torch.int8)`` / ``--dtype int8``, and
+``dtype=torch.bfloat16`` where oneDNN has no native bf16.
 
 What int8 means is an LSTM on the weights rounded to int8 with a scale per gate row and part (input,
-recurrent): the kernel must compute that LSTM (to the int16 rounding of its activations), and the error
-that rounding makes against fp32 is reported, bounded here on PyTorch's initial weights.
+recurrent); bf16, on the weights rounded to bf16. The kernel must compute that LSTM (for int8, to the
+int16 rounding of its activations), and the error the rounding makes against fp32 is reported, bounded
+here on PyTorch's initial weights.
 """
 
 import io
@@ -23,22 +25,35 @@ pytestmark = needs_native
 # Against eager on the rounded weights: what is left is the activations' int16 rounding (~1e-5 of each
 # row's largest value per step; measured up to 2e-5 over 300 steps).
 TO_ROUNDED = 2e-4
-# Against fp32, on PyTorch's initial weights and N(0, 1) inputs and states: measured up to 4e-3.
+# Against fp32, on PyTorch's initial weights and N(0, 1) inputs and states: measured up to 4e-3 (int8)
+# and 6e-4 (bf16).
 TO_FP32 = 2e-2
+# bf16 against eager on the rounded weights: the sums run in another order (as the fp32 native kernel's).
+BF16_TO_ROUNDED = 1e-5
 
 
-def rounded(lstm: nn.LSTM) -> nn.LSTM:
-    """``lstm`` with its weights as int8 packs hold them: per gate row and part, w = round(w / s) * s with
-    s = max|w| / 127."""
+def rounded(lstm: nn.LSTM, weights: str = "int8") -> nn.LSTM:
+    """``lstm`` with its weights as the native kernel's packs hold them: for int8, per gate row and part,
+    w = round(w / s) * s with s = max|w| / 127; for bf16, w rounded to bf16 (projections stay fp32)."""
     copy = nn.LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias, batch_first=lstm.batch_first,
-                   bidirectional=lstm.bidirectional).eval()
+                   bidirectional=lstm.bidirectional, proj_size=lstm.proj_size).eval()
     copy.load_state_dict(lstm.state_dict())
     with torch.no_grad():
         for name, p in copy.named_parameters():
-            if name.startswith("weight"):
+            if name.startswith("weight_hr"):
+                continue
+            if name.startswith("weight") and weights == "bfloat16":
+                p.copy_(p.bfloat16().float())
+            elif name.startswith("weight"):
                 scale = p.abs().amax(1, keepdim=True) / 127
                 p.copy_((p / scale.clamp_min(1e-38)).round().clamp(-127, 127) * scale)
     return copy
+
+
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    """A CPU without native bf16 in oneDNN, where dtype=torch.bfloat16 runs on the native kernel."""
+    monkeypatch.setattr("lstmopt.rewrite.swap.bf16_supported", lambda: False)
 
 
 def outputs(result):
@@ -169,7 +184,7 @@ def test_autotune_keeps_int8_on_the_native_kernel():
 
 def test_an_int8_lstm_refuses_to_be_exported_rather_than_compute_fp32():
     fast = optimize(nn.LSTM(4, 8).eval(), dtype=torch.int8)
-    with pytest.raises(RuntimeError, match="int8 PackedLSTM cannot be exported"):
+    with pytest.raises(RuntimeError, match="int8 PackedLSTM on the native kernel cannot be exported"):
         torch.export.export(fast, (torch.randn(2, 1, 4),))
 
 
@@ -177,7 +192,7 @@ def test_int8_packs_refuse_what_they_cannot_serve():
     gru_like = [torch.randn(8, 3), torch.randn(8, 2), torch.randn(8), torch.randn(8), torch.randn(2, 2)]
     with pytest.raises(RuntimeError, match="without a projection"):
         torch.ops.lstmopt.pack(gru_like, 2, True, 2, "int8")
-    with pytest.raises(RuntimeError, match='"float32" or'):
+    with pytest.raises(RuntimeError, match='"float32", "bfloat16" or'):
         torch.ops.lstmopt.pack(gru_like[:4], 2, True, 0, "int4")
     with pytest.raises(ValueError, match="native_weights must be"):
         optimize(nn.LSTM(3, 2)).use_kernel("native", native_weights="int4")
@@ -223,3 +238,54 @@ def test_int8_programs_are_refused_before_anything_runs(tmp_path):
     assert result.exit_code == 2
     assert "--dtype int8 writes torchscript or pickle artifacts, not pt2" in result.stderr
     assert not (tmp_path / "out.pt2").exists()
+
+
+@settings(max_examples=40, deadline=None)
+@given(configs(), st.sampled_from([0, 5]))
+def test_bf16_on_the_native_kernel_computes_the_lstm_on_its_rounded_weights(case, proj_size):
+    config, batch, steps, with_state, seed = case
+    if proj_size >= config["hidden_size"]:
+        proj_size = 0
+    torch.manual_seed(seed)
+    lstm = nn.LSTM(**config, proj_size=proj_size).eval()
+    fast = PackedLSTM.from_lstm(lstm)
+    fast.use_kernel("native", sequence_kernel="native", native_weights="bfloat16")
+    shape = (batch, steps, config["input_size"]) if config["batch_first"] else (steps, batch, config["input_size"])
+    x = torch.randn(shape)
+    with torch.no_grad():
+        result = fast(x)
+        assert max_error(result, rounded(lstm, "bfloat16")(x)) < BF16_TO_ROUNDED
+        assert max_error(result, lstm(x)) < TO_FP32
+
+
+def test_bf16_without_native_bf16_runs_the_native_kernel_on_bf16_weights(no_native_bf16):
+    model = nn.ModuleDict({"plain": nn.LSTM(6, 24), "projected": nn.LSTM(6, 24, proj_size=8)})
+    fast = optimize(model, dtype=torch.bfloat16)
+    for name in ("plain", "projected"):
+        lstm = fast[name]
+        assert isinstance(lstm, PackedLSTM) and lstm.native_weights == "bfloat16" and lstm.kernel == "native"
+        assert lstm.native_packs.weights[0].dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in lstm.parameters())
+    decisions = {d.name: d for d in plan(fast)}
+    assert decisions["plain"].packed_dtype == "bfloat16" and not decisions["plain"].exact
+    assert "bf16 weights on lstmopt's native kernel" in plan(model, dtype=torch.bfloat16)[0].reason
+
+
+def test_bf16_is_refused_where_neither_oneDNN_nor_the_native_kernel_serves_it(no_native_bf16, monkeypatch):
+    from lstmopt.errors import UnsupportedError
+
+    monkeypatch.setattr("lstmopt.rewrite.swap.native.load", lambda: False)
+    with pytest.raises(UnsupportedError, match="no native bf16 support in oneDNN"):
+        optimize(nn.LSTM(3, 4), dtype=torch.bfloat16)
+
+
+def test_bf16_artifacts_pack_bf16_again_when_loaded(no_native_bf16):
+    torch.manual_seed(6)
+    fast = optimize(nn.Sequential(nn.LSTM(10, 32, num_layers=2)).eval(), dtype=torch.bfloat16)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(fast), buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x = torch.randn(5, 3, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], fast(x)[0])
