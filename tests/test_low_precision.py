@@ -10,6 +10,8 @@ here on PyTorch's initial weights.
 import io
 import json
 
+import jsonschema
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -18,6 +20,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 from lstmopt import PackedLSTM, optimize, plan
 from lstmopt.job.low_precision import TOLERANCE_FACTOR, measure
+from lstmopt.reporting.report import schema
 from conftest import invoke, needs_native
 
 pytestmark = needs_native
@@ -220,6 +223,7 @@ def test_the_cli_reports_int8_errors_and_verifies_with_the_tolerance_derived_fro
                      "--trust", "--example-inputs", str(tmp_path / "examples.pt"), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    jsonschema.validate(report, schema())
     (module,) = report["modules"]
     assert module["packed_dtype"] == "int8" and module["error_inputs"] == "example inputs"
     assert 0 < module["error_vs_fp32"] < TO_FP32
