@@ -32,7 +32,8 @@
 4. torch.compile and AOTInductor (``--compile``): a model around an LSTM compiled as is and after
    ``optimize``, against the optimized model run eagerly; AOTInductor's compile time and latency on the
    original and on lstmopt's ``torch.export`` graph.
-5. bf16 against eager fp32 (where the CPU has native bf16), and the resident memory and conversion time
+5. bf16 against eager fp32 (oneDNN's bf16 where the CPU has native bf16, else lstmopt's native kernel on bf16
+   weights), and the resident memory and conversion time
    of a 3-layer bidirectional LSTM with I=512, H=1024.
 6. Deployment formats: a streaming model's TorchScript, pickle, pt2 and (``--compile``) aoti artifacts,
    each loaded as a deployment loads it, against the optimized model in Python, default and --approx.
@@ -169,15 +170,16 @@ def low_precision(rounds, runs):
         torch.manual_seed(0)
         eager = nn.LSTM(I, H, num_layers=layers).eval()
         x, h, c = torch.randn(T, B, I), torch.randn(layers, B, H), torch.randn(layers, B, H)
-        int8 = optimize(eager, dtype=torch.int8)
+        int8, bf16 = optimize(eager, dtype=torch.int8), optimize(eager, dtype=torch.bfloat16)
         with torch.no_grad():
-            expected, ours = eager(x, (h, c))[0], int8(x, (h, c))[0]
+            expected, ours, ours16 = eager(x, (h, c))[0], int8(x, (h, c))[0], bf16(x, (h, c))[0]
             best = fastest(eager, (x, (h, c)))
         run_ort, _ = ort_session(eager, x, h, c)
         run_ort8, theirs = ort_session(eager, x, h, c, int8=True)
-        errors = [(y - expected).abs().max().item() for y in (ours, theirs)]
+        errors = [(y - expected).abs().max().item() for y in (ours, theirs, ours16)]
         variants = {"lstmopt int8": lambda m=int8, a=(x, (h, c)): m(*a), "onnxruntime int8": run_ort8,
-                    "lstmopt fp32": lambda m=best, a=(x, (h, c)): m(*a), "onnxruntime": run_ort}
+                    "lstmopt fp32": lambda m=best, a=(x, (h, c)): m(*a), "onnxruntime": run_ort,
+                    "lstmopt bf16": lambda m=bf16, a=(x, (h, c)): m(*a)}
         setups.append((label, (I, H, layers, B, T), errors, variants))
     results = timed_runs({label: variants for label, _, _, variants in setups}, rounds, runs)
     rows = []
@@ -185,7 +187,8 @@ def low_precision(rounds, runs):
         times = results[label]
         rows.append([label, ",".join(map(str, shape)), us(median(times, "onnxruntime")),
                      us(median(times, "onnxruntime int8")), f"{errors[1]:.1e}", us(median(times, "lstmopt fp32")),
-                     us(median(times, "lstmopt int8")), f"{errors[0]:.1e}",
+                     us(median(times, "lstmopt int8")), f"{errors[0]:.1e}", us(median(times, "lstmopt bf16")),
+                     f"{errors[2]:.1e}",
                      spread([t["lstmopt int8"] / t["onnxruntime int8"] for t in times]),
                      spread([t["lstmopt fp32"] / t["onnxruntime"] for t in times])])
     return rows
@@ -463,6 +466,12 @@ def deployment(rounds, with_aoti):
 
 # --- 5. bf16, memory --------------------------------------------------------------------------------
 
+def bf16_kernel() -> str:
+    """What dtype=torch.bfloat16 runs on this CPU."""
+    return ("oneDNN's bf16" if bf16_supported()
+            else "no native bf16 in oneDNN here: lstmopt's native kernel on bf16 weights")
+
+
 def bf16_row(config, rounds):
     I, H, layers, bidirectional, B, T = config
     torch.manual_seed(0)
@@ -521,10 +530,11 @@ def main(argv=None):
                 f"weights, a scale per gate row, activations int16 per row, on the native kernel) against ONNX "
                 f"Runtime's int8 LSTM (quantize_dynamic at its defaults: DynamicQuantizeLSTM); errors are the "
                 f"largest absolute difference of the output from eager fp32 on the same inputs; ratios median and "
-                f"range over {args.runs} runs (below 1: lstmopt is faster)",
+                f"range over {args.runs} runs (below 1: lstmopt is faster); bf16 is optimize(m, dtype=torch.bfloat16): "
+                f"{bf16_kernel()}",
                 table(["shape", "I,H,layers,B,T", "ORT fp32 us", "ORT int8 us", "ORT int8 error", "lstmopt fp32 us",
-                       "lstmopt int8 us", "lstmopt int8 error", "lstmopt int8 / ORT int8",
-                       "lstmopt fp32 / ORT fp32"], rows, markdown)]
+                       "lstmopt int8 us", "lstmopt int8 error", "lstmopt bf16 us",
+                       "lstmopt bf16 error", "lstmopt int8 / ORT int8", "lstmopt fp32 / ORT fp32"], rows, markdown)]
 
     header = ["cell", "I,H", "eager us", "lstmopt default us", "vs eager", "lstmopt --approx us", "vs eager"]
     if args.onnxruntime:
@@ -581,17 +591,14 @@ def main(argv=None):
             "optimized model run in Python",
             table(["shape", "I,H,layers,B,T", "kernels", "lstmopt us", *formats], rows, markdown)]
 
-    if bf16_supported():
-        rows = []
-        for config in CONFIGS[2:]:
-            t, error = bf16_row(config, args.rounds)
-            rows.append([name(config), ms(t["eager fp32"]), ms(t["bf16"]), f"{t['eager fp32'] / t['bf16']:.2f}x",
-                         f"{error:.1e}"])
-        out += ["", "bfloat16 (optimize(dtype=torch.bfloat16)) against eager fp32",
-                table(["(I,H,layers,dir,B,T)", "eager fp32 ms", "lstmopt bf16 ms", "speedup", "max abs error vs fp32"],
-                      rows, markdown)]
-    else:
-        out += ["", "bfloat16: skipped, this CPU has no native bf16 support in oneDNN"]
+    rows = []
+    for config in CONFIGS[2:]:
+        t, error = bf16_row(config, args.rounds)
+        rows.append([name(config), ms(t["eager fp32"]), ms(t["bf16"]), f"{t['eager fp32'] / t['bf16']:.2f}x",
+                     f"{error:.1e}"])
+    out += ["", f"bfloat16 (optimize(dtype=torch.bfloat16): {bf16_kernel()}) against eager fp32",
+            table(["(I,H,layers,dir,B,T)", "eager fp32 ms", "lstmopt bf16 ms", "speedup", "max abs error vs fp32"],
+                  rows, markdown)]
 
     memory, copy_s = memory_and_conversion()
     big = f"3-layer bidirectional LSTM, I={BIG['input_size']}, H={BIG['hidden_size']}"
