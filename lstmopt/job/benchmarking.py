@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from lstmopt.job.samples import Sample, describe
+from lstmopt.job.samples import Sample, describe, recorded_calls
 from lstmopt.rewrite.timing import compare, interleaved_medians
 
 __all__ = ["Benchmark", "LatencyCase", "compare_latency"]
@@ -132,21 +132,12 @@ def per_lstm_latency(original: torch.nn.Module, optimized: torch.nn.Module, name
     loaded artifact) on the calls the samples make of it: what a slower artifact is to be blamed on."""
     from torch.nn.utils.rnn import PackedSequence
 
-    calls: dict[str, list] = {name: [] for name in names}
-    handles = [original.get_submodule(name).register_forward_pre_hook(
-        lambda module, args, name=name: calls[name].append(args)) for name in names]
-    try:
-        with torch.no_grad():
-            for args in samples:
-                original(*args)
-    finally:
-        for handle in handles:
-            handle.remove()
     results = []
     with torch.no_grad():
-        for name, recorded in calls.items():
-            if not recorded:
+        for name, calls in recorded_calls(original, names, samples).items():
+            if not calls:
                 continue
+            recorded = [args for args, _ in calls]
             stock = original.get_submodule(name)
             target = _submodule(optimized, name)
             medians = interleaved_medians(

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from lstmopt.job.samples import recorded_calls
 from lstmopt.job.verification import lstm_cases
 from lstmopt.job.verify_child import flatten
 from lstmopt.modules.lstm import PackedLSTM
@@ -67,22 +68,6 @@ def _max_abs_error(expected, actual) -> float:
     return worst
 
 
-def _recorded_calls(original: nn.Module, names: Sequence[str], samples: Sequence[tuple]) -> dict:
-    """The arguments each named LSTM of ``original`` receives while the model runs ``samples``."""
-    calls: dict = {name: [] for name in names}
-    hooks = [original.get_submodule(name).register_forward_pre_hook(
-        lambda module, args, kwargs, name=name: calls[name].append((args, kwargs)), with_kwargs=True)
-        for name in names]
-    try:
-        with torch.no_grad():
-            for args in samples:
-                original(*args)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return calls
-
-
 def measure(original: nn.Module, optimized: nn.Module, samples: Sequence[tuple]) -> Measured:
     """Errors of ``optimized``'s low-precision LSTMs (and of the model) against ``original``, in eval mode."""
     names = low_precision_names(optimized)
@@ -91,7 +76,7 @@ def measure(original: nn.Module, optimized: nn.Module, samples: Sequence[tuple])
         return result
     original.eval()
     optimized.eval()
-    recorded = _recorded_calls(original, names, samples)
+    recorded = recorded_calls(original, names, samples)
     with torch.no_grad():
         for name in names:
             fp32, low = original.get_submodule(name), optimized.get_submodule(name)

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from lstmopt.errors import UsageError
 
-__all__ = ["Sample", "describe", "load_samples", "parse_shape", "samples_for", "samples_from_shape", "shape_grid"]
+__all__ = ["Sample", "describe", "load_samples", "parse_shape", "recorded_calls", "samples_for", "samples_from_shape",
+           "shape_grid"]
 
 Sample = tuple  # positional arguments of one forward call
 
@@ -122,3 +123,20 @@ def describe(sample: Sample) -> str:
             return "{" + ", ".join(f"{k}: {one(v)}" for k, v in obj.items()) + "}"
         return repr(obj)
     return ", ".join(one(a) for a in sample)
+
+
+def recorded_calls(model: torch.nn.Module, names: Sequence[str], samples: Sequence[Sample]) -> dict:
+    """The calls each named submodule of ``model`` receives while the model runs ``samples`` (autograd off):
+    per name, a list of (args, kwargs)."""
+    calls: dict = {name: [] for name in names}
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, kwargs, name=name: calls[name].append((args, kwargs)), with_kwargs=True)
+        for name in names]
+    try:
+        with torch.no_grad():
+            for args in samples:
+                model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
