@@ -69,8 +69,11 @@ def ort_session(rnn: nn.Module, x, *state, int8: bool = False):
                       dynamic_axes={"x": {0: "T", 1: "B"}, **{name: {1: "B"} for name in names}})
     model = buf.getvalue()
     if int8:
+        import logging
+
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process, once per model
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "fp32.onnx").write_bytes(model)
             quantize_dynamic(Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx", weight_type=QuantType.QInt8)

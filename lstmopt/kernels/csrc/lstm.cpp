@@ -377,6 +377,12 @@ __attribute__((noinline)) void qtile(int32_t* __restrict C, const int16_t* const
 #pragma GCC unroll 8
     for (int j = 0; j < V; ++j) a[r][j] = qzero();
   for (int64_t p = 0; p < pairs; ++p) {
+    if constexpr (R == 1) {  // each weight vector serves one row: widen and use it at once (no spills)
+      const qacc xr = qpair(x[0] + 2 * p);
+#pragma GCC unroll 8
+      for (int j = 0; j < V; ++j) a[0][j] = qmadd(a[0][j], xr, qwiden(w[j] + p * SLAB * 2));
+      continue;
+    }
     qacc b[V];
 #pragma GCC unroll 8
     for (int j = 0; j < V; ++j) {
@@ -410,7 +416,7 @@ inline void qmultiply_rows(int32_t* C, const int16_t* const* x, int64_t n, const
     case 4: qtile_all<4>(C, x, w0, stride, pairs); return;
     case 3: qtile_all<3>(C, x, w0, stride, pairs); return;
     case 2: qtile_all<2, std::min<int64_t>(2 * TV, VECS)>(C, x, w0, stride, pairs); return;
-    default: qtile_all<1, std::min<int64_t>(4, VECS), false>(C, x, w0, stride, pairs);
+    default: qtile_all<1, VECS, false>(C, x, w0, stride, pairs);
   }
 }
 
