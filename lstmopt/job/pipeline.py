@@ -126,7 +126,7 @@ class Report:
     modules: list[dict] = field(default_factory=list)
     verification: Optional[dict] = None
     benchmark: Optional[dict] = None
-    low_precision: Optional[dict] = None  # int8: the errors against fp32 and the tolerance derived (job/low_precision.py)
+    low_precision: Optional[dict] = None  # bf16, int8: the errors against fp32 and the tolerance derived (job/low_precision.py)
     timings: dict = field(default_factory=dict)
     started: str = ""
     finished: str = ""
