@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 from lstmopt import PackedLSTM, optimize, plan
 from lstmopt.job.low_precision import TOLERANCE_FACTOR, measure
+from lstmopt.job.verification import BF16_TOLERANCE
 from lstmopt.reporting.report import schema
 from conftest import invoke, needs_native
 
@@ -293,3 +294,16 @@ def test_bf16_artifacts_pack_bf16_again_when_loaded(no_native_bf16):
     x = torch.randn(5, 3, 10)
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], fast(x)[0])
+
+
+def test_a_job_with_nothing_in_low_precision_keeps_the_usual_tolerance(tmp_path):
+    # --dtype int8 --approx on a GRU: the GRU runs the native fp32 kernel, nothing is int8
+    torch.manual_seed(7)
+    torch.save(nn.Sequential(nn.GRU(5, 16)), tmp_path / "model.pt")
+    result = invoke("optimize", str(tmp_path / "model.pt"), "-o", str(tmp_path / "out.ts"), "--dtype", "int8",
+                    "--approx", "--trust", "--input-shape", "2,6,5", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    verification = report["verification"]
+    assert report["low_precision"] is None and verification["ok"]
+    assert (verification["atol"], verification["rtol"]) == BF16_TOLERANCE  # the dtype's default, not a derived one

@@ -277,6 +277,9 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
 
         with step("accuracy"):
             measured = measure(loaded.model, optimized, samples)
+        if not measured.lstms:  # nothing computes in low precision (a GRU under --approx, say): the usual rules
+            measured = None
+        else:
             decisions = [replace(d, error_vs_fp32=measured.lstms[d.name]["max_abs_error"],
                                  error_inputs=measured.lstms[d.name]["inputs"]) if d.name in measured.lstms else d
                          for d in decisions]
