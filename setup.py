@@ -44,6 +44,9 @@ class BuildNative(build_ext):
                 self.copy_file(source, target, level=self.verbose)
 
 
+# Before anything is built or resolved: pip would replace an unsupported torch to satisfy pyproject's range.
+native.check_supported_torch(native.torch_build_info()["version"])
+
 # Optional only where the kernel cannot exist (not x86-64): there lstmopt installs without it and says so when
 # it would load it. On x86-64 a failed build fails the install, rather than ship lstmopt without its kernel.
 setup(ext_modules=[Extension("lstmopt.kernels._packs", sources=[], optional=not native.X86_64)],

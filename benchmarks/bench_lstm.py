@@ -13,6 +13,10 @@
 2e. Low precision (``--onnxruntime``): at the streaming shapes, lstmopt's int8 (``optimize(m, dtype=torch.int8)``)
    against ONNX Runtime's int8 LSTM (``quantize_dynamic`` at its defaults), with both fp32s beside them and
    each int8 side's largest error against eager fp32 on the same inputs.
+2f. torch.ao's dynamic-quantized LSTM and GRU (qint8): the module ``torch.ao.quantization.quantize_dynamic``
+   makes, against lstmopt's conversion of it (``optimize`` of the quantized model: the LSTM on its int8 weights,
+   the GRU on its dequantized weights, both on the native kernel), at the streaming shapes and at the tagger and
+   server shapes; each side's largest error against eager fp32 on the same inputs.
 2b. nn.LSTMCell: one step of a cell (batch 1, state given) eager, on lstmopt's default kernel (ATen's cell
    op called directly: bit-identical) and on its native kernel (``exact=False``), against ONNX Runtime
    (``--onnxruntime``) on the exported cell and with its fused LSTM operator; and a Tacotron2-like decoder
@@ -192,6 +196,50 @@ def low_precision(rounds, runs):
                      spread([t["lstmopt int8"] / t["onnxruntime int8"] for t in times]),
                      spread([t["lstmopt fp32"] / t["onnxruntime"] for t in times])])
     return rows
+
+
+# --- 2f. torch.ao's dynamic-quantized modules ----------------------------------------------------------
+
+# (name, kind, input_size, hidden_size, layers, bidirectional, batch, steps)
+QUANTIZED = [(f"LSTM, {label}", nn.LSTM, I, H, layers, False, B, T) for label, I, H, layers, B, T in STREAMING] + [
+    ("LSTM, tagger shape", nn.LSTM, 128, 256, 2, True, 8, 50), ("LSTM, server shape", nn.LSTM, 256, 512, 2, False, 16, 100),
+    ("GRU, one step", nn.GRU, 80, 256, 2, False, 1, 1), ("GRU, 16-step chunk", nn.GRU, 80, 256, 2, False, 1, 16),
+    ("GRU, tagger shape", nn.GRU, 128, 256, 2, True, 8, 50), ("GRU, server shape", nn.GRU, 256, 512, 2, False, 16, 100)]
+
+
+class _Holder(nn.Module):
+    """quantize_dynamic swaps children only (a bare module stays fp32): the recurrent module as a child."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, h):
+        return self.rnn(x, h)
+
+
+def quantized(rounds, runs):
+    """torch.ao's qint8 module against lstmopt's conversion of it, and both errors against eager fp32."""
+    setups = []
+    for label, kind, I, H, layers, bidirectional, B, T in QUANTIZED:
+        torch.manual_seed(0)
+        eager = _Holder(kind(I, H, num_layers=layers, bidirectional=bidirectional)).eval()
+        ao = torch.ao.quantization.quantize_dynamic(eager, {kind}, dtype=torch.qint8)
+        ours = optimize(ao)
+        assert kernels(ours.rnn) == "native", kernels(ours.rnn)
+        states = layers * (2 if bidirectional else 1)
+        x, h = torch.randn(T, B, I), torch.randn(states, B, H)
+        args = (x, (h, torch.randn(states, B, H)) if kind is nn.LSTM else h)
+        with torch.no_grad():
+            expected = eager(*args)[0]
+            errors = [(m(*args)[0] - expected).abs().max().item() for m in (ao, ours)]
+        variants = {"torch.ao": lambda m=ao, a=args: m(*a), "lstmopt": lambda m=ours, a=args: m(*a)}
+        setups.append((label, (I, H, layers, "bi" if bidirectional else "uni", B, T), errors, variants))
+    results = timed_runs({label: variants for label, _, _, variants in setups}, rounds, runs)
+    return [[label, ",".join(map(str, shape)), us(median(results[label], "torch.ao")), f"{errors[0]:.1e}",
+             us(median(results[label], "lstmopt")), f"{errors[1]:.1e}",
+             spread([t["lstmopt"] / t["torch.ao"] for t in results[label]])]
+            for label, shape, errors, _ in setups]
 
 
 # --- 2b. nn.LSTMCell ----------------------------------------------------------------------------------
@@ -535,6 +583,13 @@ def main(argv=None):
                 table(["shape", "I,H,layers,B,T", "ORT fp32 us", "ORT int8 us", "ORT int8 error", "lstmopt fp32 us",
                        "lstmopt int8 us", "lstmopt int8 error", "lstmopt bf16 us",
                        "lstmopt bf16 error", "lstmopt int8 / ORT int8", "lstmopt fp32 / ORT fp32"], rows, markdown)]
+
+    out += ["", f"torch.ao's dynamic-quantized modules (quantize_dynamic, qint8) against lstmopt's conversion of them "
+            f"(optimize of the quantized model: the LSTM on its int8 weights, the GRU on its dequantized weights, on "
+            f"the native kernel), state carried; errors against eager fp32 on the same inputs; latency ratio median "
+            f"and range over {args.runs} runs (below 1: lstmopt is faster)",
+            table(["module, shape", "I,H,layers,dir,B,T", "torch.ao us", "torch.ao error", "lstmopt us",
+                   "lstmopt error", "lstmopt / torch.ao"], quantized(args.rounds, args.runs), markdown)]
 
     header = ["cell", "I,H", "eager us", "lstmopt default us", "vs eager", "lstmopt --approx us", "vs eager"]
     if args.onnxruntime:

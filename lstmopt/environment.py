@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import warnings
 from functools import lru_cache
@@ -52,6 +53,15 @@ def cpuinfo(field: str) -> Optional[str]:
 
 def _cpu_name() -> str:
     return cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cache_root():
+    """Where lstmopt keeps what it made on this machine (first-use builds, the record of outputs it wrote):
+    ``$LSTMOPT_CACHE``, else ``~/.cache/lstmopt``."""
+    from pathlib import Path
+
+    return Path(os.environ.get("LSTMOPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lstmopt"))
 
 
 def hide_numpy_warning() -> None:

@@ -88,7 +88,7 @@ def test_every_shipped_config_validates(monkeypatch):
     ("jobs:\n  - input: a.pt\n    ouput: b.pt\n", ":2: jobs[0].output: Field required"),
     ("jobs:\n  - input: a.pt\n    output: b.pt\n    dtyp: float32\n", ":4: jobs[0].dtyp: unknown key (check its spelling)"),
     ("defaults:\n  format: onnx\njobs:\n  - {input: a.pt, output: b.pt}\n",
-     ":2: defaults.format: Input should be 'torchscript', 'pickle', 'pt2' or 'aoti', got 'onnx'"),
+     ":2: defaults.format: Input should be 'auto', 'torchscript', 'pickle', 'pt2' or 'aoti', got 'onnx'"),
     ("jobs:\n  - input: a.pt\n    output: b.pt\n    input_shape: [1, 0, 3]\n",
      ":4: jobs[0].input_shape[1]: Input should be greater than 0"),
     ("jobs:\n  - input: a.pt\n    output: b.pt\n    trust: 'yes'\n", ":4: jobs[0].trust: Input should be a valid boolean"),
@@ -106,6 +106,10 @@ def test_every_shipped_config_validates(monkeypatch):
     ("", ":1: the config must be a mapping with a 'jobs' list, got an empty file"),
     ("version: 2\njobs:\n  - {input: a.pt, output: b.pt}\n", ":1: version: Input should be 1"),
     ("jobs:\n  - {input: a.pt, output: b.pt, autotune: true}\n", ":2: jobs[0]: autotune needs inputs to time"),
+    ("jobs:\n  - {input: a.pt, output: b.pt, inputs: ['int64[B=2,T=5]']}\n",
+     ":2: jobs[0]: 'int64[B=2,T=5]': integers need their range as LOW..HIGH"),
+    ("jobs:\n  - {input: a.pt, output: b.pt, inputs: ['float32[B=2,T=5,3]'], input_shape: [2, 5, 3]}\n",
+     ":2: jobs[0]: give one of example_inputs, input_shape and inputs, not input_shape and inputs"),
 ])
 def test_config_errors_name_the_file_line_and_field(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -129,6 +133,9 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
      ":4: nested over 50 levels deep"),
     (b"jobs:\n  - input: a.pt\n    output: b\xff.pt\n", ":3: not UTF-8 text (byte 0xff)"),
     (b"# " + b"x" * (1 << 20) + b"\n", " is over 1 MB"),
+    (b"jobs:\n  - input: a.pt\n    output: b.pt\n    ? [a, b]\n    : 1\n",
+     ":4:7: not valid YAML: a key must be a plain value, not a list"),
+    (b"jobs:\n  - input: a.pt\n    output: b\x00.pt\n", ":3:14: not valid YAML: character '\\x00' is not allowed"),
 ])
 def test_a_hostile_config_fails_fast_with_a_line_and_exit_2(tmp_path, raw, message):
     path = tmp_path / "bad.yaml"
@@ -389,3 +396,88 @@ def test_a_program_job_is_verified_reported_and_then_up_to_date(tmp_path, models
     assert read_metadata(tmp_path / "out" / "forecaster.pt2")["format"] == fmt
     second = json.loads(invoke("batch", str(path), "--json").stdout)
     assert second["jobs"][0]["status"] == "skipped"
+
+
+def test_jobs_describe_integer_and_tuple_inputs_with_specs(tmp_path):
+    """A tagger taking token ids and lengths, described in the config instead of a file of examples."""
+    torch.save(build_tagger().state_dict(), tmp_path / "tagger.pt")
+    path = config(tmp_path, """\
+- input: tagger.pt
+  output: out/tagger.pt
+  factory: models:build_tagger
+  inputs: ["int64[B=3,T=9]:0..50", "lengths[B]"]
+""")
+    (job,) = run_batch(load_config(path)).reports
+    assert job["status"] == "ok", job["error"]
+    assert job["verification"]["samples"] == ["(3, 9) int64, (3,) int64", "(3, 2) int64, (3,) int64",
+                                              "(1, 9) int64, (1,) int64", "(1, 2) int64, (1,) int64"]
+
+
+def test_the_users_pythonpath_reaches_the_isolated_workers(tmp_path, models):
+    """The factory's module is only on PYTHONPATH, not in the config: as for lstmopt optimize, it imports."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "only_on_pythonpath.py").write_text("from models import build_forecaster as build\n")
+    path = tmp_path / "batch.yaml"
+    path.write_text("jobs:\n  - {input: forecaster.pt, output: out/f.pt, factory: only_on_pythonpath:build,"
+                    " input_shape: [2, 6, 3], format: pickle}\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(code), TESTS]))
+    proc = subprocess.run([sys.executable, "-m", "lstmopt", "batch", str(path), "--report", str(tmp_path / "r.json")],
+                          env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["jobs"][0]["status"] == "ok"
+
+
+def test_an_output_holding_only_a_copied_metadata_record_is_redone_not_skipped(tmp_path, models):
+    """Metadata is anyone's to write: a zip with nothing but a schema-valid lstmopt.json copied from a real
+    output is not "up to date"; only lstmopt's own record of what it wrote proves that."""
+    import zipfile
+
+    path = config(tmp_path, GOOD)
+    assert run_batch(load_config(path)).exit_code == 0
+    output = tmp_path / "out" / "tagger.pt"
+    with zipfile.ZipFile(output) as real:
+        name = next(n for n in real.namelist() if n.endswith("/extra/lstmopt.json"))
+        record = real.read(name)
+    with zipfile.ZipFile(output, "w") as forged:
+        forged.writestr(name, record)  # 400 bytes: no model in it
+    result = run_batch(load_config(path))
+    assert result.exit_code == 0 and [r["status"] for r in result.reports] == ["skipped", "ok"]
+    assert read_metadata(output)["source"]["sha256"] and output.stat().st_size > 10_000  # a real artifact again
+    assert torch.load(output, weights_only=False) is not None
+    # and the real one, untouched, is up to date
+    assert [r["status"] for r in run_batch(load_config(path)).reports] == ["skipped", "skipped"]
+
+
+def test_force_holds_for_a_run_that_waited_for_another_run_writing_the_same_output(tmp_path, models):
+    """Run B starts with --force while run A holds the output's lock; B waits, then redoes the output (the
+    decision to replace it is taken once B holds the lock, not before)."""
+    import fcntl
+
+    torch.save(build_forecaster(hidden=384).state_dict(), tmp_path / "big.pt")
+    path = config(tmp_path, "- name: big\n  input: big.pt\n  output: out/big.pt\n  factory: models:build_forecaster\n"
+                            "  factory_kwargs: {hidden: 384}\n  input_shape: [32, 200, 3]\n")
+    lock = tmp_path / "out" / ".big.pt.lstmopt-lock"
+    first = subprocess.Popen([sys.executable, "-m", "lstmopt", "batch", str(path), "--json"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # until A's worker holds the lock
+            if lock.exists():
+                fd = os.open(lock, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    break
+                finally:
+                    os.close(fd)
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "lstmopt", "batch", str(path), "--force", "--json"],
+                                capture_output=True, text=True, timeout=600)
+        first_out = first.communicate(timeout=600)[0]
+    finally:
+        first.kill()
+    assert first.returncode == 0, first_out
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert [j["status"] for j in json.loads(second.stdout)["jobs"]] == ["ok"]

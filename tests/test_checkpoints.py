@@ -87,7 +87,7 @@ def test_weights_of_another_model_name_the_closest_candidate_and_the_keys(tmp_pa
 def test_a_checkpoint_with_python_objects_needs_trust(tmp_path, weights):
     torch.save({"state_dict": weights, "hyper_parameters": {"data_dir": pathlib.PurePosixPath("/data")}},
                tmp_path / "ckpt.pt")
-    with pytest.raises(UntrustedPickleError, match=r"holds Python objects besides tensors.*PurePosixPath.*--trust"):
+    with pytest.raises(UntrustedPickleError, match=r"holds a dict with Python objects besides tensors.*PurePosixPath.*--trust"):
         load_model(tmp_path / "ckpt.pt", factory=FACTORY)
     assert_loaded(load_model(tmp_path / "ckpt.pt", factory=FACTORY, trust=True), weights, "state_dict")
 

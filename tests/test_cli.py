@@ -101,7 +101,7 @@ def test_quiet_mode_prints_nothing_on_success(work):
       "--force"], 2, "the output inputs.pt is the example inputs inputs.pt"),
     (["optimize", "tagger.pt", "-o", "o.pt", "--factory", "models:build_tagger", "--input-shape", "100000,100000,100000"],
      2, "--input-shape 100000,100000,100000 asks for inputs of 1e+15 values"),
-    (["optimize", "tagger_full.pt", "-o", "o.pt"], 3, "is a pickled module: loading it runs code"),
+    (["optimize", "tagger_full.pt", "-o", "o.pt"], 3, "is a pickled module (a models.Tagger object): loading it runs code"),
     (["optimize", "tagger.pt", "-o", "tagger.pt", "--factory", "models:build_tagger", "--force"], 2,
      "the output tagger.pt is the input tagger.pt"),
     (["frobnicate"], 2, "No such command 'frobnicate'"),

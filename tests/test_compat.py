@@ -20,8 +20,8 @@ DATA = ROOT / "tests" / "data"
 EXPECTED = torch.load(DATA / "forecaster-main-78d9f1b.expected.pt", weights_only=True)
 
 
-def _eager_here(model):
-    """``model``'s output on EXPECTED's input with every LSTM on nn.LSTM's own path: eager, on this machine."""
+def _eager_here(model, x=None):
+    """``model``'s output on ``x`` (EXPECTED's input) with every LSTM on nn.LSTM's own path: eager, on this machine."""
     from lstmopt.modules.lstm import PackedLSTM
 
     eager = copy.deepcopy(model)
@@ -29,7 +29,7 @@ def _eager_here(model):
         if isinstance(module, PackedLSTM):
             module.use_kernel("stock", sequence_kernel="stock")
     with torch.no_grad():
-        return eager(EXPECTED["input"])
+        return eager(EXPECTED["input"] if x is None else x)
 
 
 def _globals(path):
@@ -74,3 +74,38 @@ def test_the_old_import_paths_and_load_line_are_the_new_modules():
     assert (packed, packing, native) == (lstmopt.modules.lstm, lstmopt.modules.packs, lstmopt.kernels.native)
     assert LOAD_LINE == "import lstmopt.native; lstmopt.native.load()"
     exec(LOAD_LINE, {})
+
+
+# Artifacts written by tools/compat_artifacts.py under each supported torch release: each loads and computes the
+# same under every other (the suite runs under each release in CI).
+RELEASES = ["2.13", "2.14"]
+
+
+def _across(release: str, fmt: str):
+    expected = torch.load(DATA / f"forecaster-torch{release}.expected.pt", weights_only=True)
+    path = DATA / f"forecaster-torch{release}.{fmt}.pt"
+    return path, expected
+
+
+def _loaded(path, fmt):
+    if fmt == "torchscript":
+        return torch.jit.load(str(path))
+    if fmt == "pt2":
+        import io
+
+        return torch.export.load(io.BytesIO(path.read_bytes())).module()
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("fmt", ["torchscript", "pickle", pytest.param("pt2", marks=needs_native)])
+def test_an_artifact_written_under_each_supported_torch_loads_and_computes_the_same_here(release, fmt):
+    path, expected = _across(release, fmt)
+    model = _loaded(path, fmt)
+    with torch.no_grad():
+        output = model(expected["input"])
+    # The default kernel is bit-identical to eager on the CPU it runs on; across CPUs and releases oneDNN may give
+    # other last bits
+    eager = _eager_here(torch.load(DATA / f"forecaster-torch{release}.pickle.pt", weights_only=False), expected["input"])
+    torch.testing.assert_close(output, eager, atol=0, rtol=0)
+    torch.testing.assert_close(output, expected["output"], atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils import cpp_extension
 
@@ -107,3 +108,51 @@ print(json.dumps({{"variant": native.variant(), "library": native.library_path()
     assert loaded["library"].startswith(str(venv)) and loaded["variant"] == native.variant()
     for output in torch.load(tmp_path / "outputs.pt"):
         torch.testing.assert_close(output, artifacts["torchscript"][2], atol=1e-6, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """One native-kernel forecaster in every format, an input, and the optimized model's output for it."""
+    tmp_path = tmp_path_factory.mktemp("deployed")
+    torch.manual_seed(0)
+    fast = optimize(build_forecaster().eval())
+    fast.decoder.use_kernel("native")
+    x = torch.randn(3, 7, 3)
+    torch.save(x, tmp_path / "x.pt")
+    paths = {fmt: write_artifact(fast, tmp_path / f"m.{fmt}", format=fmt, metadata={}, samples=[(x,)])
+             for fmt in ("torchscript", "pickle", "pt2", "aoti")}
+    with torch.no_grad():
+        return paths, tmp_path / "x.pt", fast(x)
+
+
+# The README's deployment table, line by line: (format, what the loading process runs first, how it loads)
+LOAD_LINES = [
+    ("torchscript", "import sys; sys.modules['lstmopt'] = None; import torch; torch.ops.load_library(LIB)",
+     "torch.jit.load(PATH)"),
+    ("pt2", "import lstmopt; import torch", "torch.export.load(PATH).module()"),
+    ("pt2", "import torch; import lstmopt", "torch.export.load(PATH).module()"),
+    ("pt2", "import sys; sys.modules['lstmopt'] = None; import torch; torch.ops.load_library(LIB)",
+     "torch.export.load(PATH).module()"),
+    ("aoti", "import lstmopt; import torch", "torch._inductor.aoti_load_package(PATH)"),
+    ("aoti", "import sys; sys.modules['lstmopt'] = None; import torch; torch.ops.load_library(LIB)",
+     "torch._inductor.aoti_load_package(PATH)"),
+    ("pickle", "import torch", "torch.load(PATH, weights_only=False)"),
+]
+
+
+@needs_native
+@needs_compiler
+@pytest.mark.parametrize("fmt, first, load", LOAD_LINES, ids=[f"{f}: {s.split(';')[-1].strip()}" for f, s, _ in LOAD_LINES])
+def test_every_load_line_of_the_deployment_table_runs_its_artifact_in_a_fresh_process(deployed, tmp_path, fmt, first,
+                                                                                     load):
+    paths, x_path, expected = deployed
+    path = paths[fmt]
+    out = tmp_path / "y.pt"
+    proc = run_python(f"""
+        {first.replace("LIB", repr(native.library_path()))}
+        model = {load.replace("PATH", repr(str(path)))}
+        with torch.inference_mode():
+            torch.save(model(torch.load({str(x_path)!r})), {str(out)!r})
+    """, cwd=ROOT / "tests")  # a pickle's classes are in tests/models.py
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(torch.load(out), expected, atol=1e-6, rtol=1e-6)

@@ -1,5 +1,6 @@
 """Loading saved models: formats by content, weights-only by default, one-line errors for bad input."""
 
+import pathlib
 import sys
 import zipfile
 
@@ -241,3 +242,51 @@ def test_missing_files_and_directories_are_named(tmp_path):
         load_model(tmp_path / "absent.pt")
     with pytest.raises(UsageError, match="is a directory"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_what_a_pickle_holds_is_read_without_unpickling_it_at_every_protocol(tmp_path, protocol):
+    from lstmopt.artifacts.pickles import read_contents
+
+    module, checkpoint = tmp_path / "module.pt", tmp_path / "checkpoint.pt"
+    torch.save(build_tagger(), module, pickle_protocol=protocol)
+    torch.save({"state_dict": build_tagger().state_dict(), "where": pathlib.PurePosixPath("/data")}, checkpoint,
+               pickle_protocol=protocol)
+    held = read_contents(module)
+    assert held.root == "models.Tagger" and held.describe() == "a models.Tagger object" and held.protocol == protocol
+    assert "models.Tagger" in held.unsafe_globals() and "torch.nn.modules.rnn.LSTM" in held.globals_
+    held = read_contents(checkpoint)
+    assert held.root_is_mapping and held.unsafe_globals() == ["pathlib.PurePosixPath"]
+    assert held.weights_only_readable is False
+
+
+def test_a_package_save_file_pickled_with_protocol_4_says_what_it_holds_and_loads_with_trust(tmp_path):
+    path = tmp_path / "lm.pt"  # flair's LanguageModel.save(): a dict of weights and objects, protocol 4
+    torch.save({"state_dict": build_tagger().state_dict(), "dictionary": pathlib.PurePosixPath("/vocab")}, path,
+               pickle_protocol=4)
+    with pytest.raises(UntrustedPickleError, match=r"holds a dict with Python objects besides tensors "
+                                                   r"\(pathlib.PurePosixPath\).*--trust"):
+        load_model(path, factory=FACTORY)
+    with pytest.raises(UsageError, match=r"holds a dict with Python objects besides tensors.*not a module: pass "
+                                         r"--factory"):
+        load_model(path, trust=True)
+    loaded = load_model(path, factory=FACTORY, trust=True)
+    assert isinstance(loaded.model, Tagger) and loaded.state_dict_key == "state_dict"
+
+
+def test_a_state_dict_saved_with_protocol_5_needs_trust_because_the_weights_only_loader_cannot_read_it(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(build_tagger().state_dict(), path, pickle_protocol=5)
+    with pytest.raises(UntrustedPickleError, match="saved with pickle protocol 5, which torch's weights-only loader "
+                                                   "cannot read.*--trust"):
+        load_model(path, factory=FACTORY)
+    assert isinstance(load_model(path, factory=FACTORY, trust=True).model, Tagger)
+
+
+def test_a_pickled_module_is_refused_naming_its_class_and_loads_with_trust(tmp_path):
+    path = tmp_path / "full.pt"
+    torch.save(build_tagger(), path, pickle_protocol=5)
+    with pytest.raises(UntrustedPickleError, match=r"is a pickled module \(a models.Tagger object\).*it needs "
+                                                   r"models.Tagger"):
+        load_model(path)
+    assert isinstance(load_model(path, trust=True).model, Tagger)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
-from conftest import NATIVE, lstm_pair, needs_native, run_python, run_python_json
+from conftest import NATIVE, ROOT, lstm_pair, needs_native, run_python, run_python_json
 from lstmopt import PackedLSTM, native, optimize
 from lstmopt.environment import cpuinfo
 from lstmopt.kernels.compile import VARIANTS
@@ -336,3 +336,90 @@ def test_run_from_source_without_a_compiler_lstmopt_says_so_once_and_uses_its_ot
     assert proc.returncode == 0, proc.stderr
     notices = [line for line in proc.stderr.splitlines() if line.startswith("lstmopt:")]
     assert len(notices) == 1 and "native kernel unavailable (no C++ compiler" in notices[0]
+
+
+needs_installed = pytest.mark.skipif(not __import__("lstmopt.kernels.native", fromlist=["x"]).INSTALLED_LOADER.exists(),
+                                     reason="lstmopt runs from a source tree that was never installed")
+
+
+def _installation_copy(tmp_path):
+    """A copy of the installed library's files (lib/ and the _packs module beside it) and its manifest."""
+    import shutil
+
+    from lstmopt.kernels.native import INSTALLED_LOADER
+
+    lib = tmp_path / "kernels" / "lib"
+    shutil.copytree(INSTALLED_LOADER.parent, lib)
+    for packs in INSTALLED_LOADER.parent.parent.glob("_packs*.so"):
+        shutil.copy(packs, lib.parent / packs.name)
+    return lib, json.loads((lib / "manifest.json").read_text())
+
+
+@needs_installed
+def test_a_library_built_for_another_torch_is_refused_in_one_line_that_says_how_to_rebuild(tmp_path):
+    from lstmopt.kernels.native import check_installation
+
+    lib, manifest = _installation_copy(tmp_path)
+    check_installation(lib)  # the copy as installed: accepted
+    (lib / "manifest.json").write_text(json.dumps({**manifest, "torch": "2.12.0"}))
+    with pytest.raises(RuntimeError) as info:
+        check_installation(lib)
+    message = str(info.value)
+    assert f"built for torch 2.12.0 and this is torch {torch.__version__}" in message and "\n" not in message
+    assert "pip install --no-deps --no-build-isolation --force-reinstall" in message
+
+
+@needs_installed
+@pytest.mark.parametrize("damage", ["truncated", "corrupted", "missing", "no manifest"])
+def test_a_damaged_installed_library_is_refused_before_it_is_loaded(tmp_path, damage):
+    from lstmopt.kernels.native import check_installation
+
+    lib, manifest = _installation_copy(tmp_path)
+    victim = lib / "lstmopt_ops_avx2.so"
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:4096])  # a full disk during pip install
+    elif damage == "corrupted":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    elif damage == "missing":
+        victim.unlink()
+    else:
+        (lib / "manifest.json").unlink()
+    with pytest.raises(RuntimeError, match="damaged or missing|no readable manifest.json"):
+        check_installation(lib)
+
+
+@needs_installed
+def test_under_a_damaged_library_lstmopt_says_why_and_runs_its_other_kernels(tmp_path):
+    """An installed lstmopt copied badly into an image: the variant library's code zeroed half-way. Loaded, it
+    would crash the process (or compute garbage); it is refused, and a GRU with --approx stays nn.GRU's."""
+    import shutil
+
+    from lstmopt.kernels.native import INSTALLED_LOADER
+
+    package = tmp_path / "image" / "lstmopt"
+    shutil.copytree(ROOT / "lstmopt", package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("lstmopt_ops_avx512.so", "lstmopt_ops_avx2.so", "lstmopt_ops_baseline.so"):
+        victim = package / "kernels" / "lib" / name
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 4: 3 * len(data) // 4] = bytes(len(data) // 2)
+        victim.write_bytes(bytes(data))
+    assert INSTALLED_LOADER.exists()
+    proc = run_python(f"""
+        import json, sys
+        sys.path.insert(0, {str(package.parent)!r})
+        import torch, lstmopt
+        from lstmopt import plan, optimize
+        from lstmopt.kernels import native
+        assert native.__file__.startswith({str(package)!r})
+        gru = torch.nn.GRU(3, 4).eval()
+        (decision,) = plan(gru, exact=False)
+        with torch.no_grad():
+            optimize(gru, exact=False)(torch.randn(5, 2, 3))
+        print(json.dumps([native.load(quiet=True), native.unavailable_reason(), decision.packed, decision.reason]))
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded, reason, packed, why = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded is False and "damaged or missing" in reason and "rebuild it" in reason
+    assert packed is False and "native kernel" in why

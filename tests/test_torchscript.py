@@ -101,3 +101,55 @@ def test_saved_archive_loads_and_repacks_in_a_process_without_lstmopt(tmp_path, 
     assert result["importable"] is False
     assert result["repacked"] is True
     assert all(result["equal"]) and result["equal"]
+
+
+def _torchscript_ends(monkeypatch):
+    """torch.jit's entry points raising, as pytorch/pytorch#189705 makes them (its message, unchanged)."""
+    for name in ("script", "trace", "save", "load", "freeze"):
+        def refuse(*args, name=name, **kwargs):
+            raise RuntimeError(f"`torch.jit.{name}` is deprecated. Please switch to `torch.compile` or `torch.export`.")
+        monkeypatch.setattr(torch.jit, name, refuse)
+
+
+@pytest.mark.skipif(not __import__("conftest").NATIVE, reason="native kernel unavailable")
+def test_where_torchscript_is_gone_the_default_writes_a_program_and_says_why(tmp_path, monkeypatch):
+    from lstmopt.job.pipeline import OptimizeOptions, optimize_file
+    from models import build_forecaster
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_forecaster().state_dict(), "w.pt")
+    _torchscript_ends(monkeypatch)
+    report = optimize_file(OptimizeOptions(input="w.pt", output="out.pt", factory="models:build_forecaster",
+                                           input_shape=(2, 8, 3)))
+    assert report.status == "ok", report.error
+    assert report.output["format"] == "pt2"
+    (blocker,) = report.artifact["blockers"]
+    assert blocker["reason"].startswith("this torch has no TorchScript (`torch.jit.script` is deprecated.")
+
+
+@pytest.mark.skipif(not __import__("conftest").NATIVE, reason="native kernel unavailable")
+def test_where_torchscript_is_gone_asking_for_it_is_a_one_line_error_that_names_the_format_to_use(tmp_path,
+                                                                                                monkeypatch):
+    from conftest import invoke
+    from models import build_forecaster
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_forecaster().state_dict(), "w.pt")
+    _torchscript_ends(monkeypatch)
+    result = invoke("optimize", "w.pt", "-o", "out.pt", "--factory", "models:build_forecaster", "--input-shape",
+                    "2,8,3", "--format", "torchscript")
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: this torch has no TorchScript (`torch.jit.script` is deprecated.")
+    assert "write --format aoti or pt2" in line and "--format pt2 writes a verified artifact" in line
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_torch_refusing_torchscript_is_told_from_a_model_torchscript_cannot_compile():
+    from lstmopt.artifacts.scripting import torchscript_gone
+
+    assert torchscript_gone(RuntimeError("`torch.jit.load` is deprecated. Please switch to `torch.export`."))
+    assert torchscript_gone("RuntimeError: `torch.jit.load` is deprecated. Please switch to `torch.export`.")
+    assert torchscript_gone(AttributeError("module 'torch.jit' has no attribute 'script'"))
+    assert not torchscript_gone(RuntimeError("Comprehension ifs are not supported yet"))
+    assert not torchscript_gone(RuntimeError("Module 'MetricCollection' has no attribute '_groups'"))

@@ -65,7 +65,7 @@ def test_without_inputs_tracing_is_impossible_and_the_error_says_what_to_pass(tm
         write_artifact(optimize(UnscriptableForecaster()), tmp_path / "m.pt", format="torchscript", metadata={})
     message = str(info.value)
     assert "not scriptable" in message and "--example-inputs" in message and "--input-shape" in message
-    assert "--format pickle" in message and "\n" not in message and not (tmp_path / "m.pt").exists()
+    assert "--format pt2 or pickle" in message and "\n" not in message and not (tmp_path / "m.pt").exists()
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "pickle"])
@@ -83,14 +83,31 @@ def test_the_pipeline_reports_how_the_artifact_was_made(tmp_path, monkeypatch, f
         assert report.artifact["method"] == "pickled" and not report.warnings
 
 
-def test_a_trace_that_specialized_fails_verification_and_says_why(tmp_path, monkeypatch):
+def test_a_trace_that_specialized_fails_verification_and_says_why_and_which_format_works(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(__import__("models").build_branches_on_length().state_dict(), "model.pt")
     report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:build_branches_on_length",
-                                           input_shape=(2, 16, 3)))  # lengths 16 and 4: both sides of the branch
+                                           input_shape=(2, 16, 3), format="torchscript"))  # lengths 16 and 4
     assert report.status == "verification_failed" and report.exit_code == 5
-    assert "traced" in report.error and "specialize" in report.error and "--format pickle" in report.error
+    assert "trace specialized" in report.error and "scripting it failed: the model's code is not scriptable" in report.error
+    assert "(at models.py:" in report.error  # the blocker, by file and line
+    # A program specializes to the branch as well (torch.export guards the length): only a pickle holds it
+    assert "--format pickle writes a verified artifact of this model" in report.error
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_by_default_a_model_no_trace_nor_program_holds_is_pickled_and_the_report_says_why(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(__import__("models").build_branches_on_length().state_dict(), "model.pt")
+    report = optimize_file(OptimizeOptions(input="model.pt", output="out.pt", factory="models:build_branches_on_length",
+                                           input_shape=(2, 16, 3)))
+    assert report.status == "ok", report.error
+    assert report.output["format"] == "pickle" and report.artifact["requested_format"] == "auto"
+    assert [b["format"] for b in report.artifact["blockers"]] == ["torchscript", "pt2"]
+    assert "trace specialized" in report.artifact["blockers"][0]["reason"]
+    assert any(w.startswith("wrote pickle, not torchscript: torchscript: ") and "; pt2: " in w for w in report.warnings)
+    assert report.verification["ok"] and report.verification["max_abs_error"] == 0
+    assert report.verification["artifact_holds"]["modules"]["lstm"]["class"] == "lstmopt.modules.lstm.PackedLSTM"
 
 
 def test_the_cli_says_the_artifact_was_traced_and_why(tmp_path, monkeypatch):
@@ -141,7 +158,8 @@ def test_when_scripting_and_tracing_both_fail_the_error_keeps_both_reasons_and_s
         write_artifact(optimize(Untraceable()), tmp_path / "m.pt", format="torchscript", metadata={},
                        samples=[(torch.randn(5, 2, 3),)])
     message = str(caught.value)
-    assert "not scriptable" in message and "tracing it failed too" in message and "--format pickle" in message
+    assert "not scriptable" in message and "tracing it failed too" in message and "--format pt2 or pickle" in message
+    assert "its output holds a builtins.object object" in message
 
 
 @pytest.mark.skipif(not __import__("conftest").NATIVE, reason="native kernel unavailable")
@@ -153,7 +171,8 @@ def test_a_traced_lstm_fed_packed_sequences_is_reported_as_what_the_artifact_run
     torch.save([(torch.randint(0, 50, (4, 11), generator=g), torch.tensor([11, 3, 7, 1]))], tmp_path / "in.pt")
     report = optimize_file(OptimizeOptions(input=tmp_path / "tagger.pt", output=tmp_path / "t.ts.pt",
                                            factory="models:build_unscriptable_tagger",
-                                           example_inputs=tmp_path / "in.pt", autotune=True, approx=True))
+                                           example_inputs=tmp_path / "in.pt", autotune=True, approx=True,
+                                           format="torchscript"))  # by default, a format that keeps the kernels
     assert report.ok, report.error
     assert report.artifact["lstms_traced_as_ops"] == ["lstm"]
     (row,) = report.modules

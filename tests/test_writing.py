@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import run_python_json
+from conftest import ROOT, run_python_json
 from lstmopt import optimize
 from lstmopt.errors import UsageError
 from lstmopt.artifacts.files import stale_temp_files
@@ -17,9 +17,10 @@ METADATA = {"schema": "lstmopt.artifact/1", "dtype": "float32", "source": {"sha2
 def test_metadata_reads_back_without_loading_the_model(tmp_path, fmt):
     out = write_artifact(optimize(Encoder()), tmp_path / "m.pt", format=fmt, metadata=METADATA)
     expected = dict(METADATA, native_kernel=[])  # no LSTM needs the native library to load
-    if fmt == "torchscript":  # and how it was made
+    if fmt == "torchscript":  # and how it was made, and where its modules are in the archive
         expected["torchscript"] = {"method": "scripted", "reason": "the model's code is scriptable",
-                                   "native_kernel": []}
+                                   "native_kernel": [], "module_prefix": ""}
+        expected["module_prefix"] = ""
     assert read_metadata(out) == expected
 
 
@@ -88,12 +89,12 @@ def test_a_failed_or_interrupted_write_leaves_nothing(tmp_path, monkeypatch, int
     assert stale_temp_files(tmp_path / "m.pt") == []
 
 
-def test_unscriptable_code_is_named_and_pickle_suggested(tmp_path):
+def test_unscriptable_code_is_named_and_the_formats_that_need_no_scripting_suggested(tmp_path):
     with pytest.raises(UsageError) as info:
         write_artifact(optimize(Unscriptable()), tmp_path / "m.pt", format="torchscript", metadata=METADATA)
     message = str(info.value)
     assert "not scriptable" in message and "models.py:" in message and "**options" in message
-    assert "--format pickle" in message and "\n" not in message
+    assert "--format pt2 or pickle" in message and "\n" not in message
     assert not (tmp_path / "m.pt").exists()
 
 
@@ -115,3 +116,23 @@ def test_torchscript_artifact_repacks_on_load_without_lstmopt(tmp_path):
                                "packed": all(l.is_packed() for l in layers), "layers": len(layers)}}))
     """, cwd=tmp_path)
     assert result == {"equal": True, "packed": True, "layers": 6}
+
+
+def test_lstmopt_never_sets_the_umask_while_other_threads_may_create_files(tmp_path):
+    """os.umask can only be read by setting it: a file another thread creates in that window gets mode 0666.
+    Importing lstmopt's writers and writing an artifact read it without setting it, and outputs still get
+    the mode open() would give them."""
+    result = run_python_json(f"""
+        import json, os
+        calls = []
+        real = os.umask
+        os.umask = lambda mask: calls.append(mask) or real(mask)
+        real(0o027)
+        import torch
+        from lstmopt import optimize
+        from lstmopt.artifacts.writing import write_artifact
+        from models import Encoder
+        path = write_artifact(optimize(Encoder()), {str(tmp_path / 'm.pt')!r}, format="pickle", metadata={{}})
+        print(json.dumps([calls, oct(os.stat(path).st_mode & 0o777)]))
+    """, cwd=ROOT / "tests")
+    assert result == [[], "0o640"]

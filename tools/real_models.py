@@ -1,12 +1,16 @@
 """Run lstmopt as a user would on models built from the classes of public packages; print what each got.
 
-    pip install -c <(echo torch==2.13.0) speechbrain asteroid neuralforecast pyannote.audio torchaudio torch_geometric
-    python tools/real_models.py [--workdir DIR] [--markdown]
+    pip install -c <(echo torch==2.13.0) speechbrain asteroid neuralforecast pyannote.audio torchaudio torch_geometric \
+        darts flair
+    python tools/real_models.py [--workdir DIR] [--markdown] [--only NAME]
 
 Each model is built by a factory module written into the work directory from its package's own classes,
-saved as a state dict with example inputs, and given to the installed ``lstmopt optimize`` (TorchScript,
-the default format, ``--bench``), then once more with ``--autotune --approx``. A model whose package does
-not import here is listed as such. The README's table of real models comes from this script. (torchaudio
+saved as a state dict (or, for a model torch.ao quantized, as the pickled module its users save) with
+example inputs, and given to the installed ``lstmopt optimize`` as a user would (the default format, which
+writes the first of TorchScript, pt2 and pickle that holds the model; ``--bench``), then once more with
+``--autotune --approx``. Inputs are a file of examples, a function of the factory module (for inputs that
+hold the package's own classes), or ``--input`` specs. A model whose package does not import here is listed
+as such. The README's table of real models comes from this script. (torchaudio
 wheels are built for one torch version; with another, remove its ``lib/*.so`` files and its pure-Python
 model classes import, as in a pex deployment.)
 """
@@ -22,8 +26,10 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-# (name, package, factory source defining build(), the example inputs as an expression (``factory``: the factory
-# module), extra optimize args)
+# (name, package, factory source defining build(), the example inputs: an expression (``factory``: the factory
+# module), or "function" (the factory's examples()), or a list of --input specs; extra optimize args; and how the
+# model is saved: "state_dict" (with --factory), or "pickle" (build() returns the module its users torch.save,
+# loaded with --trust))
 MODELS = [
     ("speechbrain CRDNN (LSTM wrapper)", "speechbrain", """
         import speechbrain as sb
@@ -155,6 +161,60 @@ MODELS = [
         def build():
             return GatedGraphConv(out_channels=32, num_layers=3)
     """, """[(torch.randn(n, 32), torch.randint(0, n, (2, 4 * n))) for n in (10, 25)]""", []),
+    ("darts TFTModel's module (takes and returns dataclasses, Lightning metrics)", "darts", """
+        import numpy as np
+        from darts import TimeSeries
+        from darts.models import TFTModel
+
+        def _fitted():
+            t = np.arange(120, dtype=np.float32)
+            series = TimeSeries.from_values(np.stack([np.sin(t / 5), np.cos(t / 7)], axis=1))
+            model = TFTModel(input_chunk_length=24, output_chunk_length=6, hidden_size=32, lstm_layers=2,
+                             num_attention_heads=2, add_relative_index=True, n_epochs=1, random_state=0,
+                             pl_trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False, "logger": False,
+                                                "enable_model_summary": False, "enable_checkpointing": False})
+            model.fit(series, verbose=False)
+            return model, series
+
+        def build():
+            return _fitted()[0].model
+
+        def examples():  # what darts' own predict loop hands the module: its PLModuleInput dataclass
+            model, series = _fitted()
+            captured = []
+            handle = model.model.register_forward_pre_hook(lambda module, args: captured.append(args))
+            model.predict(n=6, series=series, verbose=False)
+            handle.remove()
+            return captured[:1]
+    """, "function", []),
+    ("flair LanguageModel, a character LM (its own __setstate__)", "flair", """
+        from flair.data import Dictionary
+        from flair.models import LanguageModel
+
+        def build():
+            characters = Dictionary(add_unk=True)
+            for ch in "abcdefghijklmnopqrstuvwxyz .,\\n":
+                characters.add_item(ch)
+            return LanguageModel(characters, is_forward_lm=True, hidden_size=256, nlayers=1, embedding_size=64)
+    """, ["int64[T=100,B=4]:0..31", "(float32[1,B,256], float32[1,B,256])"], []),
+    ("flair SequenceTagger quantized by torch.ao (qint8 LSTM)", "flair", """
+        import torch
+        from flair.data import Dictionary
+        from flair.embeddings import OneHotEmbeddings
+        from flair.models import SequenceTagger
+
+        def build():
+            vocab = Dictionary()
+            for word in "the cat sat on a mat".split():
+                vocab.add_item(word)
+            tags = Dictionary(add_unk=False)
+            for tag in ["O", "S-PER", "B-LOC", "I-LOC", "E-LOC"]:
+                tags.add_item(tag)
+            tagger = SequenceTagger(OneHotEmbeddings(vocab, field="text", embedding_length=64), tags, "ner",
+                                    hidden_size=128, use_crf=False).eval()
+            return torch.ao.quantization.quantize_dynamic(tagger, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
+    """, "[(torch.randn(4, 30, 64), torch.tensor([30, 22, 15, 7])), (torch.randn(1, 12, 64), torch.tensor([12]))]",
+     [], "pickle"),
 ]
 
 
@@ -173,7 +233,8 @@ def run(args: list[str], cwd: Path) -> dict:
 def outcome(report: dict) -> str:
     if report["exit_code"] != 0:
         return f"exit {report['exit_code']}: {' '.join(str(report.get('error')).split())[:160]}"
-    how = (report.get("artifact") or {}).get("method", "?")
+    artifact = report.get("artifact") or {}
+    how = f"{artifact.get('format', '?')} ({artifact.get('method', '?')})"
     packed = [m for m in report.get("modules", []) if m.get("packed")]
     kernels = sorted({m.get("kernel") for m in packed} | {m.get("sequence_kernel") for m in packed} - {None})
     verification = report.get("verification") or {}
@@ -187,20 +248,23 @@ def outcome(report: dict) -> str:
             f"{speed}")
 
 
-def try_model(name: str, package: str, factory: str, inputs: str, extra: list[str], root: Path) -> list[str]:
+def try_model(name: str, package: str, factory: str, inputs, extra: list[str], saved: str, root: Path) -> list[str]:
     slug = "".join(c if c.isalnum() else "_" for c in name.split()[0] + "_" + name.split()[1]).lower()
     work = root / slug
     work.mkdir(parents=True, exist_ok=True)
     (work / f"{slug}_factory.py").write_text("import torch\n" + textwrap.dedent(factory))
+    model = "build()" if saved == "pickle" else "build().state_dict()"
     save = (f"import torch, warnings\nwarnings.filterwarnings('ignore')\nimport {slug}_factory as factory\n"
-            f"from {slug}_factory import build\n"
-            f"torch.manual_seed(0)\ntorch.save(build().state_dict(), 'model.pt')\ntorch.save({inputs}, 'inputs.pt')\n")
+            f"from {slug}_factory import build\ntorch.manual_seed(0)\ntorch.save({model}, 'model.pt')\n"
+            + (f"torch.save({inputs}, 'inputs.pt')\n" if isinstance(inputs, str) and inputs != "function" else ""))
     proc = subprocess.run([sys.executable, "-c", save], cwd=work, env=dict(os.environ, PYTHONPATH=str(work)),
                           capture_output=True, text=True)
     if proc.returncode != 0:
         return [name, package, f"not built here: {(proc.stderr.strip().splitlines() or ['?'])[-1][:120]}", "", ""]
-    base = ["optimize", "model.pt", "--factory", f"{slug}_factory:build", "--example-inputs", "inputs.pt", "--bench",
-            "--force"]
+    loading = ["--trust"] if saved == "pickle" else ["--factory", f"{slug}_factory:build"]
+    given = ([arg for spec in inputs for arg in ("--input", spec)] if isinstance(inputs, list) else
+             ["--example-inputs", f"{slug}_factory:examples" if inputs == "function" else "inputs.pt"])
+    base = ["optimize", "model.pt", *loading, *given, "--bench", "--force"]
     default = run([*base, "-o", "out.ts.pt"], work)
     row = [name, package, outcome(default)]
     if extra and default["exit_code"] != 0:  # the documented way through (e.g. --seed for a model that samples)
@@ -216,8 +280,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="only the models whose name contains this")
     args = parser.parse_args(argv)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="lstmopt-real-"))
-    header = ["model", "package", "default (TorchScript, --bench)", "--autotune --approx"]
-    rows = [try_model(*entry, root) for entry in MODELS if args.only.lower() in entry[0].lower()]
+    header = ["model", "package", "default (--bench)", "--autotune --approx"]
+    rows = [try_model(*entry, *(() if len(entry) > 5 else ("state_dict",)), root)
+            for entry in MODELS if args.only.lower() in entry[0].lower()]
     if args.markdown:
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for row in rows:

@@ -35,9 +35,23 @@ TEMP_MARK = ".lstmopt-tmp-"
 # belong to a run that created it a moment ago and has not locked it yet.
 STALE_AFTER_S = 10.0
 
-# mkstemp creates files readable by the owner only; outputs get the permissions open() would give them.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it: ``os.umask`` can only be read by setting it, and a file
+    another thread creates meanwhile would get the mode set (0666 for a umask of 0). Linux reports it in
+    /proc/self/status; elsewhere, a file created now shows it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with tempfile.TemporaryDirectory(prefix="lstmopt-umask-") as directory:  # a file's mode is 0o666 & ~umask
+        probe = os.path.join(directory, "probe")
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o666))
+        return 0o666 & ~os.stat(probe).st_mode & 0o777
 
 
 def check_output_path(output: Path, *, force: bool, inputs: Tuple[Path, ...] = ()) -> Path:
@@ -109,7 +123,8 @@ def atomic_path(output: Path) -> Iterator[Path]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        # mkstemp creates files readable by the owner only; outputs get the permissions open() would give them
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, output)
     except BaseException as exc:  # including KeyboardInterrupt: never leave a partial file behind
         with contextlib.suppress(OSError):

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from lstmopt.artifacts.checkpoints import find_state_dict
-from lstmopt.errors import UntrustedPickleError, UsageError
+from lstmopt.artifacts.pickles import PickleContents, read_contents
+from lstmopt.errors import UntrustedPickleError, UsageError, one_line
 from lstmopt.artifacts.files import sha256_file
 
 __all__ = ["LoadedModel", "artifact_format", "detect_format", "load_model", "load_factory"]
@@ -115,26 +116,27 @@ def _zip_kind(path: Path) -> str:
     raise UsageError(f"{path} is a zip archive but not a PyTorch model; {_PROVIDE}")
 
 
-def load_factory(spec: str):
-    """Resolve ``package.module:callable`` (the current directory is importable, as with ``python -m``)."""
+def load_factory(spec: str, what: str = "--factory"):
+    """Resolve ``package.module:callable`` (the current directory is importable, as with ``python -m``);
+    ``what`` names the option in errors."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise UsageError(f"--factory must look like package.module:callable, got {spec!r}")
+        raise UsageError(f"{what} must look like package.module:callable, got {spec!r}")
     _importable_cwd()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(
-            f"cannot import {module_name!r} for --factory ({exc}); run from the directory that contains it "
+            f"cannot import {module_name!r} for {what} ({exc}); run from the directory that contains it "
             "or add that directory to PYTHONPATH"
         ) from exc
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise UsageError(f"{module_name} has no attribute {attr!r} (from --factory {spec})")
+            raise UsageError(f"{module_name} has no attribute {attr!r} (from {what} {spec})")
         target = getattr(target, part)
     if not callable(target):
-        raise UsageError(f"--factory {spec} is not callable")
+        raise UsageError(f"{what} {spec} is not callable")
     return target
 
 
@@ -153,21 +155,17 @@ def _build(spec: str, kwargs: Optional[Mapping[str, Any]]):
         model = factory(**dict(kwargs or {}))
     except Exception as exc:  # the user's code: report it, whatever it raised
         raise UsageError(f"--factory {spec}(**{json.dumps(dict(kwargs or {}))}) failed: "
-                         f"{type(exc).__name__}: {_one_line(exc)}") from exc
+                         f"{type(exc).__name__}: {one_line(exc)}") from exc
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"--factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _read_checkpoint(path: Path, kind: str, trust: bool) -> Any:
     """The file's content: a state dict, or a training checkpoint holding one (see ``lstmopt.artifacts.checkpoints``).
     Tensors, dicts and lists only, unless ``trust`` (a checkpoint may also hold other Python objects, such
-    as a LightningModule's hyperparameters, which only unpickling can rebuild)."""
+    as a LightningModule's hyperparameters or a package's vocabulary, which only unpickling can rebuild; and
+    torch's weights-only loader cannot read pickle protocols 4 and 5 at all)."""
     import torch
 
     if kind == "safetensors":
@@ -179,69 +177,66 @@ def _read_checkpoint(path: Path, kind: str, trust: bool) -> Any:
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise UsageError(f"{path} is a corrupt safetensors file ({_one_line(exc)})") from exc
-    needs = _unsafe_globals(path) if kind == "torch_zip" else []
-    if needs and not trust:
-        names = ", ".join(needs[:12]) + (f" and {len(needs) - 12} more" if len(needs) > 12 else "")
-        raise UntrustedPickleError(
-            f"{path} holds Python objects besides tensors ({names}): loading it runs code named by the file. "
-            "Pass --trust (trust=True) only if you trust its source, or save the weights alone")
+            raise UsageError(f"{path} is a corrupt safetensors file ({one_line(exc)})") from exc
+    contents = _contents(path)
+    if not contents.weights_only_readable and not trust:
+        raise _untrusted(path, contents)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not needs)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=contents.weights_only_readable)
     except pickle.UnpicklingError as exc:
-        raise _untrusted(path, _unsafe_globals(path, exc)) from exc
+        raise _untrusted(path, contents) from exc
     except Exception as exc:
-        raise UsageError(f"{path} is a corrupt or truncated PyTorch file ({_one_line(exc)})") from exc
+        raise UsageError(f"{path} is a corrupt or truncated PyTorch file ({one_line(exc)})") from exc
     if isinstance(checkpoint, torch.nn.Module):
         raise UsageError(f"{path} is a pickled module, not a state dict: drop --factory "
                          "(and pass --trust if you trust the file)")
     return checkpoint
 
 
-def _unsafe_globals(path: Path, exc: Optional[BaseException] = None) -> list[str]:
-    import torch
-
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:
-        # Legacy (non-zip) pickles cannot be disassembled by torch; its error names the first global.
-        text = str(exc or "")
-        marker = "GLOBAL "
-        if marker in text:
-            return [text.split(marker, 1)[1].split()[0].rstrip(".,")]
-        return []
+def _contents(path: Path) -> PickleContents:
+    """What the pickle in ``path`` holds, read without running it."""
+    contents = read_contents(path)
+    if contents is None:
+        raise UsageError(f"{path} is a corrupt or truncated PyTorch file (its pickle cannot be read)")
+    return contents
 
 
-def _untrusted(path: Path, needs: list[str]) -> UntrustedPickleError:
+def _untrusted(path: Path, contents: PickleContents) -> UntrustedPickleError:
+    """The refusal of a file that only unpickling can read, saying what it holds and why it is refused."""
+    needs = contents.unsafe_globals()
     names = ", ".join(needs[:12]) + (f" and {len(needs) - 12} more" if len(needs) > 12 else "")
+    if contents.root_is_container:
+        what = f"{contents.describe()} with Python objects besides tensors ({names})" if needs else (
+            f"{contents.describe()} saved with pickle protocol {contents.protocol}, which torch's weights-only "
+            "loader cannot read")
+        return UntrustedPickleError(
+            f"{path} holds {what}: loading it runs code named by the file. Pass --trust (trust=True) only if "
+            "you trust its source, or save the weights alone")
     needs_text = f"; it needs {names}" if names else ""
     return UntrustedPickleError(
-        f"{path} is a pickled module: loading it runs code named by the file{needs_text}. "
-        "Pass --trust (trust=True) only if you trust its source, or provide a state dict with --factory"
-    )
+        f"{path} is a pickled module ({contents.describe()}): loading it runs code named by the file{needs_text}. "
+        "Pass --trust (trust=True) only if you trust its source, or provide a state dict with --factory")
 
 
-def _load_pickled_module(path: Path, trust: bool):
+def _load_pickled_module(path: Path, trust: bool, contents: PickleContents):
     import torch
 
     if not trust:
-        raise _untrusted(path, _unsafe_globals(path))
+        raise _untrusted(path, contents)
     _importable_cwd()
     try:
         model = torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
-        missing = getattr(exc, "name", None) or _one_line(exc)
+        missing = getattr(exc, "name", None) or one_line(exc)
         raise UsageError(
-            f"{path} needs {missing!s}, which is not importable here ({_one_line(exc)}); install the package "
+            f"{path} needs {missing!s}, which is not importable here ({one_line(exc)}); install the package "
             "that defines it, or run from its directory / add it to PYTHONPATH"
         ) from exc
     except Exception as exc:
-        raise UsageError(f"{path} is a corrupt or truncated PyTorch file ({_one_line(exc)})") from exc
+        raise UsageError(f"{path} is a corrupt or truncated PyTorch file ({one_line(exc)})") from exc
     if not isinstance(model, torch.nn.Module):
-        if isinstance(model, Mapping):
-            raise UsageError(f"{path} holds a dict, not a module; if it is a state dict, drop --trust and "
-                             "pass --factory package.module:callable")
-        raise UsageError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module; {_PROVIDE}")
+        raise UsageError(f"{path} holds a {type(model).__module__}.{type(model).__qualname__} object, not a "
+                         f"torch.nn.Module; {_PROVIDE}")
     return model
 
 
@@ -272,16 +267,20 @@ def load_model(
         what = "a torch.export program" if kind == "pt2" else "an AOTInductor package"
         raise UsageError(f"{path} is {what}: its graph holds no modules lstmopt can swap; {_PROVIDE}")
     digest = sha256_file(path)
-    if kind == "legacy_pickle":
-        kind = _legacy_kind(path)
-    if kind == "pickled_module" or (kind == "torch_zip" and not factory and _unsafe_globals(path)):
+    contents = None if kind == "safetensors" else _contents(path)
+    if contents is not None and not contents.root_is_container:
         if factory:
-            raise UsageError(f"{path} is a pickled module, not a state dict: drop --factory "
-                             "(and pass --trust if you trust the file)")
-        model = _load_pickled_module(path, trust)
+            raise UsageError(f"{path} is a pickled module ({contents.describe()}), not a state dict: drop "
+                             "--factory (and pass --trust if you trust the file)")
+        model = _load_pickled_module(path, trust, contents)
         return LoadedModel(model.eval(), path, digest, "pickled_module")
 
     if not factory:
+        if contents is not None and contents.unsafe_globals():
+            raise UsageError(f"{path} holds {contents.describe()} with Python objects besides tensors (a training "
+                             "checkpoint, or a package's own save file), not a module: pass --factory "
+                             "package.module:callable that builds the model, whose weights lstmopt then finds "
+                             "in it (with --trust to read it)")
         raise UsageError(f"{path} holds only weights (a state dict); pass --factory package.module:callable "
                          "that builds the model (and --factory-kwargs for its arguments)")
     checkpoint = _read_checkpoint(path, kind, trust)
@@ -318,20 +317,8 @@ def artifact_format(path: os.PathLike | str, *, trust: bool = False) -> str:
     if kind == "safetensors":
         raise UsageError(f"{path} is a safetensors file (weights only), not a model lstmopt wrote")
     if not trust:
-        raise _untrusted(path, _unsafe_globals(path))
+        raise _untrusted(path, _contents(path))
     return "pickle"
-
-
-def _legacy_kind(path: Path) -> str:
-    import torch
-
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return "pickled_module"
-    except Exception as exc:
-        raise UsageError(f"{path} is a corrupt or truncated PyTorch file ({_one_line(exc)})") from exc
-    return "torch_zip"  # weights only: read it like a state dict
 
 
 def _load_into(model, state: Mapping[str, Any], path: Path, factory: str) -> None:

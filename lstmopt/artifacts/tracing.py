@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lstmopt.errors import UsageError
+from lstmopt.artifacts.outputs import FlatOutputs, describe_output, needs_rebuilding, rebuilt
+from lstmopt.errors import UsageError, one_line
 from lstmopt.modules.cell import PackedCell
 from lstmopt.modules.gru import PackedGRU
 from lstmopt.modules.lstm import PackedLSTM
@@ -110,13 +111,17 @@ def _under_own_forward(module: PackedLSTM) -> PackedLSTM:
     return module
 
 
-def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torch.jit.ScriptModule, list[str]]:
+def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torch.jit.ScriptModule, dict]:
     """``torch.jit.trace`` of a copy of ``model`` on ``example`` (a tuple of forward arguments), every
     ``PackedLSTM`` that receives tensors replaced by its scripted self. One that receives a PackedSequence
     (which a trace cannot hand a scripted module) stays as it is: the tracer records nn.LSTM's own op for
-    it, as eager runs it for packed sequences. Returns the trace and the names of those LSTMs."""
+    it, as eager runs it for packed sequences. An output a trace cannot return (a dataclass, a named tuple,
+    None in it) is flattened for the trace and rebuilt around it (``lstmopt.artifacts.outputs``). Returns the
+    trace and ``{"lstms_traced_as_ops": the names of those LSTMs, "module_prefix": where the model's modules
+    are in it}``."""
+    _check_traceable(example)
     copy = tracked_copy(model)
-    takes_sequences = _lstms_given_packed_sequences(copy, example)
+    takes_sequences, output = _lstms_given_packed_sequences(copy, example)
     recorded = [name for name, module in copy.named_modules() if id(module) in takes_sequences]
     scripted: dict[int, torch.jit.ScriptModule] = {}
     for name, module in list(copy.named_modules(remove_duplicate=False)):
@@ -141,17 +146,39 @@ def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torc
         parent_name, _, child = name.rpartition(".")
         replacement = scripted.setdefault(id(module), _scripted_lstm(module))  # shared LSTMs stay shared
         setattr(copy.get_submodule(parent_name), child, replacement)
+    structure = describe_output(output, []) if needs_rebuilding(output) else None
     try:
         with torch.no_grad():
-            traced = torch.jit.trace(copy.eval(), tuple(example), check_trace=False, strict=False)
+            traced = torch.jit.trace(copy.eval() if structure is None else FlatOutputs(copy).eval(), tuple(example),
+                                     check_trace=False, strict=False)
     except Exception as exc:
-        message = " ".join(str(exc).split())
-        raise UsageError(f"tracing it failed too ({type(exc).__name__}: {message[:300]})") from exc
-    return traced, recorded
+        raise UsageError(f"{type(exc).__name__}: {one_line(exc)}") from exc
+    if structure is None:
+        return traced, {"lstms_traced_as_ops": recorded, "module_prefix": ""}
+    return rebuilt(traced, structure), {"lstms_traced_as_ops": recorded, "module_prefix": "traced.model.",
+                                        "output_rebuilt": True}
 
 
-def _lstms_given_packed_sequences(model: nn.Module, example: Sequence) -> set[int]:
-    """ids of the PackedLSTMs that receive a PackedSequence when ``model`` runs on ``example``."""
+def _check_traceable(example: Sequence) -> None:
+    """A trace takes tensors, in tuples, lists and dicts: say which argument is something else."""
+    def bad(value):
+        if isinstance(value, Tensor):
+            return None
+        if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+            return next((b for b in map(bad, value) if b is not None), None)
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return next((b for b in map(bad, value.values()) if b is not None), None)
+        return "None" if value is None else f"a {type(value).__module__}.{type(value).__qualname__} object"
+
+    for i, argument in enumerate(example):
+        found = bad(argument)
+        if found is not None:
+            raise UsageError(f"a trace takes tensors (in tuples, lists and dicts) as inputs, and argument {i} of the "
+                             f"example input holds {found}")
+
+
+def _lstms_given_packed_sequences(model: nn.Module, example: Sequence) -> Tuple[set[int], object]:
+    """ids of the PackedLSTMs that receive a PackedSequence when ``model`` runs on ``example``, and its output."""
     found: set[int] = set()
 
     def note(module, args):
@@ -161,11 +188,10 @@ def _lstms_given_packed_sequences(model: nn.Module, example: Sequence) -> set[in
     handles = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, (PackedLSTM, PackedGRU))]
     try:
         with torch.no_grad():
-            model.eval()(*example)
+            output = model.eval()(*example)
     except Exception as exc:
-        raise UsageError(f"the model fails on the example input: {type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:300]}") from exc
+        raise UsageError(f"the model fails on the example input: {type(exc).__name__}: {one_line(exc)}") from exc
     finally:
         for handle in handles:
             handle.remove()
-    return found
+    return found, output

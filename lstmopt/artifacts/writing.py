@@ -23,23 +23,20 @@ the output only once complete: a full disk is a one-line error (``torch.jit.save
 process when a write fails).
 """
 
-import contextlib
 import io
 import json
 import os
-import re
 import zipfile
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
 
 from lstmopt.choices import FORMATS
-from lstmopt.errors import UsageError
+from lstmopt.errors import UsageError, one_line
 from lstmopt.artifacts.files import atomic_path, check_output_path, write_bytes
 from lstmopt.artifacts.metadata import METADATA_NAME, read_metadata
-from lstmopt.modules.packs import tracked_copy
+from lstmopt.artifacts.scripting import NO_TORCHSCRIPT, TorchScriptGone, script, to_torchscript, torchscript_gone
 
 __all__ = ["FORMATS", "METADATA_NAME", "native_lstms", "read_metadata", "save_artifact", "script", "to_torchscript",
            "write_artifact"]
@@ -64,9 +61,10 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
     """Save the optimized ``model`` to ``path`` in ``format`` ("torchscript", "pickle" or "pt2"), with
     ``metadata`` as the ``lstmopt.json`` record. TorchScript scripts the model, or traces it on ``samples[0]``
     when its code is not scriptable; pt2 exports it on ``samples[0]``. Returns how the artifact was made,
-    ``{"method", "reason", "native_kernel"}`` (the LSTMs that run lstmopt's native kernel; for pt2 also
-    ``lstmopt_ops``, whether loading needs lstmopt's library, and ``dynamic_dims``), which the metadata
-    records too."""
+    ``{"method", "reason", "native_kernel"}`` (the LSTMs that run lstmopt's native kernel; for TorchScript also
+    ``module_prefix``, where the model's modules are in the archive; for pt2 and aoti also ``lstmopt_ops``,
+    whether loading needs lstmopt's library, ``program_calls``, the (op, module) of each, ``pytree_types``, the
+    dataclasses a loading process must register, and ``dynamic_dims``), which the metadata records too."""
     if format not in FORMATS:
         raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     metadata = {**metadata, "native_kernel": native_lstms(model)}
@@ -79,8 +77,13 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
         if ops and "modules" in metadata:
             metadata["modules"] = [dict(m, **TRACED_AS_OP) if m.get("name") in ops else m for m in metadata["modules"]]
         how["native_kernel"] = metadata["native_kernel"]
-        metadata = {**metadata, "torchscript": how}
-        torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: _json(metadata)})
+        metadata = {**metadata, "torchscript": how, "module_prefix": how["module_prefix"]}
+        try:
+            torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: _json(metadata)})
+        except Exception as exc:
+            if torchscript_gone(exc):
+                raise TorchScriptGone(NO_TORCHSCRIPT.format(one_line(exc, 200))) from exc
+            raise
     elif format in ("pt2", "aoti"):
         how = _export(model, samples, metadata, buffer, compiled=format == "aoti")
     else:
@@ -94,25 +97,42 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
 
 
 def _export(model, samples: Sequence[tuple], metadata: dict, buffer, *, compiled: bool) -> dict:
-    from lstmopt.artifacts.program import calls_lstmopt_ops, dynamic_dims, export_program
+    from lstmopt.artifacts.program import (calls_lstmopt_ops, dynamic_dims, export_program, program_calls,
+                                           program_decisions, register_dataclasses)
 
     flag = "--format aoti" if compiled else "--format pt2"
     if not samples:
-        raise UsageError(f"{flag} exports the model on an example input: give --example-inputs or --input-shape")
-    program = export_program(prepare_for_inference(model), samples[0])
-    how = {"method": "compiled" if compiled else "exported", "reason": flag, "native_kernel": metadata["native_kernel"],
-           "lstmopt_ops": calls_lstmopt_ops(program), "dynamic_dims": dynamic_dims(program)}
+        raise UsageError(f"{flag} exports the model on an example input: give --example-inputs or --input")
+    model = prepare_for_inference(model)
+    try:
+        pytree_types = register_dataclasses(model, samples[0])
+    except UsageError:
+        raise
+    except Exception as exc:  # the model's own failure on its input: verification says it in full
+        raise UsageError(f"the model fails on example input 0: {type(exc).__name__}: {one_line(exc)}") from exc
+    program = export_program(model, samples[0])
+    calls = program_calls(program)
+    how = {"method": "compiled" if compiled else "exported", "reason": flag,
+           "native_kernel": [name for op, name in calls if op in ("lstm_dense", "gru_dense")],
+           "lstmopt_ops": calls_lstmopt_ops(program), "dynamic_dims": dynamic_dims(program),
+           "program_calls": [list(call) for call in calls], "pytree_types": [list(t) for t in pytree_types]}
+    metadata = {**metadata, "native_kernel": how["native_kernel"], "pt2": how}
+    if "modules" in metadata:  # what the program runs, which is not always what the module did
+        metadata["modules"] = program_decisions(metadata["modules"], calls)
     if not compiled:
-        torch.export.save(program, buffer, extra_files={METADATA_NAME: _json({**metadata, "pt2": how})})
+        try:
+            torch.export.save(program, buffer, extra_files={METADATA_NAME: _json(metadata)})
+        except Exception as exc:  # torch.export.save's refusals are assertions deep in its serializer
+            raise UsageError(f"torch.export cannot save this program ({type(exc).__name__}: {one_line(exc)})") from exc
         return how
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=buffer)
     except Exception as exc:  # a compiler missing or failing: inductor's errors run to pages
         raise UsageError(f"AOTInductor cannot compile this model ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:300]}); write it with --format pt2") from exc
+                         f"{one_line(exc)}); write it with --format pt2") from exc
     with zipfile.ZipFile(buffer, "a") as archive:
         prefix = archive.namelist()[0].split("/", 1)[0]
-        archive.writestr(f"{prefix}/extra/{METADATA_NAME}", _json({**metadata, "pt2": how}))
+        archive.writestr(f"{prefix}/extra/{METADATA_NAME}", _json(metadata))
     return how
 
 
@@ -180,101 +200,3 @@ def prepare_for_inference(model):
     other layers (at::matmul folds batched inputs differently when a weight requires grad), so run the
     artifact under torch.inference_mode() or torch.no_grad(), as any inference."""
     return model.eval()
-
-
-class LSTMEntry(nn.Module):
-    """TorchScript cannot call a scripted nn.LSTM directly (its forward is overloaded), so a model that is
-    a bare LSTM is scripted behind this Tensor-only entry point (its state_dict keys gain ``lstm.``)."""
-
-    def __init__(self, lstm: nn.Module) -> None:
-        super().__init__()
-        self.lstm = lstm
-
-    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        return self.lstm(input, hx)
-
-
-class GRUEntry(nn.Module):
-    """The same for a model that is a bare GRU (state_dict keys gain ``gru.``)."""
-
-    def __init__(self, gru: nn.Module) -> None:
-        super().__init__()
-        self.gru = gru
-
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        return self.gru(input, hx)
-
-
-def to_torchscript(model, samples: Sequence[tuple] = ()) -> Tuple[torch.jit.ScriptModule, dict]:
-    """The model as TorchScript: scripted when its code allows, else traced on ``samples[0]`` with every
-    LSTM scripted (see ``lstmopt.artifacts.tracing``); and how, ``{"method": "scripted" | "traced", "reason"}`` (a
-    trace also lists ``lstms_traced_as_ops``: those fed PackedSequences, recorded as nn.LSTM's own op)."""
-    model = prepare_for_inference(model)
-    with _scripting_flags(model):
-        return _script_or_trace(model, samples)
-
-
-@contextlib.contextmanager
-def _scripting_flags(model):
-    """Tell modules that guard attributes while not scripted that they are being scripted: a
-    LightningModule's ``trainer`` (which TorchScript and the tracer read) raises "not attached to a
-    Trainer" unless ``_jit_is_scripting`` is set, as Lightning's own ``to_torchscript`` sets it."""
-    owners = {cls for m in model.modules() for cls in type(m).__mro__ if "_jit_is_scripting" in vars(cls)}
-    saved = {cls: vars(cls)["_jit_is_scripting"] for cls in owners}
-    for cls in owners:
-        cls._jit_is_scripting = True
-    try:
-        yield
-    finally:
-        for cls, value in saved.items():
-            cls._jit_is_scripting = value
-
-
-def _script_or_trace(model, samples: Sequence[tuple]) -> Tuple[torch.jit.ScriptModule, dict]:
-    from lstmopt.artifacts.tracing import trace_with_scripted_lstms
-
-    try:
-        # On a copy: a failed torch.jit.script leaves marks on the modules it compiled (``__overloads__``),
-        # which would make the trace below compile their scripted LSTMs without a forward.
-        return script(tracked_copy(model)), {"method": "scripted", "reason": "the model's code is scriptable"}
-    except UsageError as exc:
-        why = str(exc)
-    if not samples:
-        raise UsageError(f"{why}; to trace it instead, pass inputs to run it on (--example-inputs FILE or "
-                         "--input-shape B,T,F), or write it with --format pickle")
-    try:
-        traced, recorded = trace_with_scripted_lstms(model, samples[0])
-    except UsageError as exc:
-        raise UsageError(f"{why}; {exc}; write it with --format pickle, which needs neither") from exc
-    return traced, {"method": "traced", "reason": why, "lstms_traced_as_ops": recorded}
-
-
-def script(model):
-    """``torch.jit.script``, with a one-line error that names the unscriptable part."""
-
-    if isinstance(model, nn.LSTM):
-        model = LSTMEntry(model)
-    elif isinstance(model, nn.GRU):
-        model = GRUEntry(model)
-    try:
-        return torch.jit.script(model)
-    except Exception as exc:
-        raise UsageError(f"the model's code is not scriptable: {_script_error(exc)}") from exc
-
-
-def _script_error(exc: BaseException) -> str:
-    """TorchScript's first line plus the culprit line it marks with ``<--- HERE``."""
-    text = str(exc)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    headline = (lines[0] if lines else type(exc).__name__).rstrip(":")
-    where = re.search(r'File "([^"]+)", line (\d+)', text)
-    if where:
-        snippet = text[where.end():].splitlines()[1:]
-        marker = next((i for i, line in enumerate(snippet) if "<--- HERE" in line), None)
-        if marker:
-            culprit, number = snippet[marker - 1].strip(), int(where.group(2)) + marker - 1
-        else:
-            culprit, number = "", int(where.group(2))
-        headline += f" (at {Path(where.group(1)).name}:{number}" + (f": {culprit}" if culprit else "") + ")"
-    return headline if len(headline) <= 400 else headline[:397] + "..."

@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from lstmopt import __version__
 from lstmopt.environment import hide_numpy_warning
-from lstmopt.errors import LstmoptError
+from lstmopt.errors import LstmoptError, one_line, without_tensor_values
 
 hide_numpy_warning()
 
@@ -92,7 +92,7 @@ class _Group(TyperGroup):
         except (LstmoptError, Failed) as exc:
             if debug:
                 traceback.print_exc()
-            _error(str(exc))
+            _error(without_tensor_values(str(exc)))
             raise typer.Exit(exc.exit_code) from None
         except _Terminated:
             _error("terminated; no partial output was left")
@@ -103,7 +103,7 @@ class _Group(TyperGroup):
         except Exception as exc:  # a bug in lstmopt or below it: say so, keep the traceback for --debug
             if debug:
                 traceback.print_exc()
-            _error(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            _error(f"internal error: {type(exc).__name__}: {one_line(exc)}"
                    + ("" if debug else " (re-run with --debug for the traceback)"))
             raise typer.Exit(1) from None
 

@@ -11,7 +11,7 @@ from lstmopt.errors import UsageError
 from lstmopt.cli import options
 from lstmopt.cli.app import app
 from lstmopt.cli.options import (CHECKS, DebugOpt, Dtype, DtypeOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
-                      InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, StateDictKeyOpt,
+                      InputOpt, InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
 from lstmopt.cli.ui import UI
 
@@ -40,6 +40,7 @@ def bench(
     dtype: DtypeOpt = Dtype["float32"],
     input_shape: InputShapeOpt = None,
     example_inputs: ExampleInputsOpt = None,
+    input_specs: InputOpt = None,
     seq_lens: Annotated[Optional[str], typer.Option(
         "--seq-lens", metavar="T1,T2,..", rich_help_panel=CHECKS,
         help="Sequence lengths to time [default: 1, T/8, T/2, T from --input-shape].")] = None,
@@ -62,13 +63,14 @@ def bench(
     if plot is not None:
         from lstmopt.artifacts.files import check_paths
 
-        check_paths({"the model": input, "the example inputs": example_inputs}, {"the plot": plot})
+        check_paths({"the model": input, "the example inputs": options.example_inputs_file(example_inputs)},
+                    {"the plot": plot})
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'lstmopt[plot]'") from None
-    if example_inputs is None and input_shape is None:
-        raise UsageError("bench needs inputs: pass --input-shape B,T,F (or --example-inputs FILE)")
+    if example_inputs is None and input_shape is None and not input_specs:
+        raise UsageError("bench needs inputs: pass --input-shape B,T,F (or --example-inputs, or --input)")
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -79,8 +81,8 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     loaded = options.load(ui, input, factory, factory_kwargs, trust, state_dict_key, strip_prefix)
-    if example_inputs is not None:
-        samples = options.load_samples(example_inputs, None)
+    if example_inputs is not None or input_specs:
+        samples = options.load_samples(example_inputs, None, input_specs)
     else:
         b, t, f = options.parse_shape(input_shape)
         lengths = _sweep(seq_lens, sorted({1, max(1, t // 8), max(1, t // 2), t}), "seq-lens")

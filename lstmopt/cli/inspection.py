@@ -33,6 +33,7 @@ def inspect(
     import torch
 
     from lstmopt.reporting.display import model_tree, modules_table
+    from lstmopt.rewrite.quantized import weight_count
     from lstmopt.rewrite.swap import plan
 
     ui = UI(quiet=quiet, json_mode=json_out)
@@ -41,9 +42,9 @@ def inspect(
     modules = []
     for d in plan(model, dtype=getattr(torch, dtype.value)):
         entry = d.to_dict()
-        entry["parameters"] = sum(p.numel() for p in model.get_submodule(d.name).parameters())
+        entry["parameters"] = weight_count(model.get_submodule(d.name))
         modules.append(entry)
-    total = sum(p.numel() for p in model.parameters())
+    total = weight_count(model)
     ui.emit_json({"input": {"path": str(input), "sha256": loaded.sha256, "format": loaded.format},
                   "model": type(model).__name__, "parameters": total,
                   "lstm_parameters": sum(m["parameters"] for m in modules), "modules": modules})

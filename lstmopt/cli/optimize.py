@@ -10,7 +10,7 @@ import typer
 from lstmopt.cli import options
 from lstmopt.cli.app import Failed, app
 from lstmopt.cli.options import (AtolOpt, CHECKS, DebugOpt, Dtype, DtypeOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
-                      Format, InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, RtolOpt, SeedOpt, StateDictKeyOpt,
+                      Format, InputOpt, InputShapeOpt, JsonOpt, OUTPUT, QuietOpt, RtolOpt, SeedOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
 from lstmopt.cli.ui import UI
 from lstmopt.kernels.accuracy import CONTRACT
@@ -25,11 +25,12 @@ def optimize(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model.",
                                          show_default=False)],
     format: Annotated[Format, typer.Option(
-        "--format", help="torchscript loads with plain torch.jit.load (no lstmopt needed); pickle needs lstmopt "
-                         "and your model classes importable; pt2 is a torch.export program (torch.export.load, "
-                         "after import lstmopt or torch.ops.load_library where it calls lstmopt's ops); aoti is "
-                         "that program compiled by AOTInductor for this machine's CPU (needs a C++ compiler here, "
-                         "none where it runs).")] = Format["torchscript"],
+        "--format", help="auto writes the first of torchscript, pt2 and pickle that holds the model and verifies, "
+                         "and says why it skipped any; torchscript loads with plain torch.jit.load (no lstmopt "
+                         "needed); pickle needs lstmopt and your model classes importable; pt2 is a torch.export "
+                         "program (torch.export.load, after import lstmopt or torch.ops.load_library where it "
+                         "calls lstmopt's ops); aoti is that program compiled by AOTInductor for this machine's "
+                         "CPU (needs a C++ compiler here, none where it runs).")] = Format["auto"],
     dtype: DtypeOpt = Dtype["float32"],
     factory: FactoryOpt = None,
     factory_kwargs: FactoryKwargsOpt = None,
@@ -38,6 +39,7 @@ def optimize(
     strip_prefix: StripPrefixOpt = None,
     example_inputs: ExampleInputsOpt = None,
     input_shape: InputShapeOpt = None,
+    input_specs: InputOpt = None,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     seed: SeedOpt = None,
@@ -82,17 +84,17 @@ def optimize(
     from lstmopt.artifacts.files import atomic_write_text, check_paths
 
     ui = UI(quiet=quiet, json_mode=json_out)
-    check_paths({"the input": input, "the example inputs": example_inputs},
+    check_paths({"the input": input, "the example inputs": options.example_inputs_file(example_inputs)},
                 {"the output": output, "the report": report, "the summary": summary})
     job = OptimizeOptions(
         input=input, output=output, format=format.value, dtype=dtype.value, factory=factory,
         factory_kwargs=options.parse_kwargs(factory_kwargs), trust=trust, state_dict_key=state_dict_key,
         strip_prefix=strip_prefix, example_inputs=example_inputs,
-        input_shape=options.parse_shape(input_shape), atol=atol, rtol=rtol, benchmark=bench, min_speedup=min_speedup,
+        input_shape=options.parse_shape(input_shape), inputs=input_specs or None, atol=atol, rtol=rtol, benchmark=bench, min_speedup=min_speedup,
         require_lstm=require_lstm, force=force, autotune=autotune, approx=approx, seed=seed,
     )
     steps = {"load": "loading", "optimize": "packing LSTMs", "autotune": "timing kernels per LSTM",
-             "write": f"writing {format.value}",
+             "write": "writing the artifact",
              "verify": "verifying in a fresh process", "benchmark": "benchmarking"}
     with ui.status("starting") as status:
         result = optimize_file(job, on_step=lambda name: status and status.update(steps.get(name, name)))
@@ -115,7 +117,7 @@ def optimize(
     if result.ok:
         how = data["artifact"] or {}
         method = f", {how['method']}" if how.get("method") in ("scripted", "traced") else ""
-        ui.show(f"[green]wrote[/] {output} ({format.value}{method}, {data['output']['bytes'] / 1e6:.1f} MB)")
+        ui.show(f"[green]wrote[/] {output} ({data['output']['format']}{method}, {data['output']['bytes'] / 1e6:.1f} MB)")
         if how.get("method") == "traced":
             ui.show(f"  traced because {how['reason']}")
         return

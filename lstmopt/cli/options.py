@@ -9,11 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from lstmopt.choices import DTYPES, FORMATS
+from lstmopt.choices import DTYPES, FORMAT_CHOICES
 from lstmopt.errors import UsageError
 from lstmopt.cli.ui import UI
 
-Format = Enum("Format", {f: f for f in FORMATS}, type=str)  # type: ignore[misc]
+Format = Enum("Format", {f: f for f in FORMAT_CHOICES}, type=str)  # type: ignore[misc]
 Dtype = Enum("Dtype", {d: d for d in DTYPES}, type=str)  # type: ignore[misc]
 
 LOADING, CHECKS, OUTPUT = "Loading the model", "Verification and benchmark", "Output"
@@ -35,12 +35,18 @@ StripPrefixOpt = Annotated[Optional[str], typer.Option(
     "--strip-prefix", metavar="PREFIX", rich_help_panel=LOADING,
     help="Remove this prefix from every key of the state dict (e.g. 'module.' from DDP); by default a prefix "
          "shared by every key is stripped when that makes the keys fit.")]
-ExampleInputsOpt = Annotated[Optional[Path], typer.Option(
-    "--example-inputs", metavar="FILE", rich_help_panel=CHECKS,
-    help="torch.save'd list of examples, each a tuple of the model's forward arguments.")]
+ExampleInputsOpt = Annotated[Optional[str], typer.Option(
+    "--example-inputs", metavar="FILE|PKG.MOD:FN", rich_help_panel=CHECKS,
+    help="torch.save'd list of examples, each a tuple of the model's forward arguments; or a function of yours "
+         "that returns that list (for inputs that hold your own classes, such as a dataclass batch).")]
 InputShapeOpt = Annotated[Optional[str], typer.Option(
     "--input-shape", metavar="B,T,F", rich_help_panel=CHECKS,
     help="For a model taking one (batch, time, features) tensor: random inputs at 2 batch sizes x 2 lengths.")]
+InputOpt = Annotated[Optional[list[str]], typer.Option(
+    "--input", metavar="SPEC", rich_help_panel=CHECKS,
+    help="One forward argument, repeated in order: float32[B=8,T=100,40] (random), int64[B,T]:0..1000 (ids in "
+         "[0, 1000)), lengths[B] (sequence lengths, longest first), (float32[1,B,64], float32[1,B,64]) (a "
+         "tuple). B and T are varied like --input-shape's.")]
 AtolOpt = Annotated[Optional[float], typer.Option(
     "--atol", min=0, rich_help_panel=CHECKS, help="Absolute tolerance [default: 0 for float32; bfloat16 and int8: "
                                                   "4x the largest error measured against float32].")]
@@ -93,10 +99,17 @@ def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
     return int(index), int(count)
 
 
-def load_samples(example_inputs: Optional[Path], input_shape: Optional[str]) -> list:
+def example_inputs_file(example_inputs: Optional[str]) -> Optional[Path]:
+    """The example inputs' file, or None where they come from a function (``package.module:function``)."""
+    from lstmopt.choices import names_a_function
+
+    return None if example_inputs is None or names_a_function(example_inputs) else Path(example_inputs)
+
+
+def load_samples(example_inputs: Optional[str], input_shape: Optional[str], inputs: Optional[list[str]] = None) -> list:
     from lstmopt.job.samples import samples_for
 
-    return samples_for(example_inputs, parse_shape(input_shape))
+    return samples_for(example_inputs, parse_shape(input_shape), inputs)
 
 
 def load(ui: UI, input: Path, factory: Optional[str], factory_kwargs: Optional[str], trust: bool,

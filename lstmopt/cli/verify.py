@@ -11,7 +11,7 @@ from lstmopt.errors import UsageError
 from lstmopt.cli import options
 from lstmopt.cli.app import app
 from lstmopt.cli.options import (AtolOpt, DebugOpt, ExampleInputsOpt, FactoryKwargsOpt, FactoryOpt,
-                      InputShapeOpt, JsonOpt, QuietOpt, RtolOpt, SeedOpt, StateDictKeyOpt,
+                      InputOpt, InputShapeOpt, JsonOpt, QuietOpt, RtolOpt, SeedOpt, StateDictKeyOpt,
                       StripPrefixOpt, TrustOpt)
 from lstmopt.cli.ui import UI
 
@@ -30,6 +30,7 @@ def verify(
     strip_prefix: StripPrefixOpt = None,
     example_inputs: ExampleInputsOpt = None,
     input_shape: InputShapeOpt = None,
+    input_specs: InputOpt = None,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     seed: SeedOpt = None,
@@ -64,8 +65,8 @@ def verify(
     derived = meta.get("low_precision") or {}
     default_atol, default_rtol = ((derived["atol"], derived["rtol"]) if "atol" in derived
                                   else default_tolerance(meta.get("dtype", "float32"), exact=exact))
-    samples = options.load_samples(example_inputs, input_shape)
-    check_deterministic(loaded.model.eval(), samples, seed, from_shape=input_shape is not None)
+    samples = options.load_samples(example_inputs, input_shape, input_specs)
+    check_deterministic(loaded.model.eval(), samples, seed, from_shape=input_shape is not None or bool(input_specs))
     with ui.status("verifying in a fresh process"):
         result = verify_artifact(loaded.model, optimized, format=artifact_kind, samples=samples, lstm_names=names,
                                  atol=default_atol if atol is None else atol,
@@ -74,9 +75,23 @@ def verify(
                                  # what the archive's own code calls, not what its metadata claims
                                  native_kernel=artifact_kind != "pickle" and calls_lstmopt_ops(optimized),
                                  seed=seed, float64_reference=(not exact and meta.get("dtype", "float32") == "float32"
-                                                               and atol is None and rtol is None))
+                                                               and atol is None and rtol is None),
+                                 # what the artifact claims it holds, counted in what loads
+                                 **_expected_holdings(meta, artifact_kind))
     ui.emit_json(result.to_dict())
     ui.show(verification_summary(result.to_dict()))
     if not samples:
         ui.warn("no --example-inputs or --input-shape: only each LSTM was checked, not the model as a whole")
     result.raise_if_failed()
+
+
+def _expected_holdings(meta: dict, kind: str) -> dict:
+    """What the artifact's metadata says it holds, as ``verify_artifact`` checks it in the fresh process."""
+    from lstmopt.job import holdings
+
+    decisions = holdings.as_decisions(meta.get("modules", []))
+    program = (meta.get("pt2") or {})
+    if kind in ("pt2", "aoti"):
+        return {"expected_ops": holdings.expected_ops(decisions),
+                "pytree_types": [tuple(t) for t in program.get("pytree_types", ())]}
+    return {"expected_modules": holdings.expected_modules(decisions)}

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 from lstmopt.job.children import isolated_python, preexec
 from lstmopt.job.config import BatchConfig, BatchJob
 from lstmopt.job.pipeline import Report
+from lstmopt.artifacts import ledger
 from lstmopt.job.user_code import code_changed
 
 __all__ = ["BatchResult", "merge_reports", "run_batch", "up_to_date"]
@@ -148,6 +149,13 @@ def _report(job: BatchJob, status: str, *, error: Optional[str] = None, exit_cod
     return {"job": job.name, **report.to_dict()}
 
 
+def import_paths(config: BatchConfig) -> tuple:
+    """Where a job's worker imports the user's code from: the config's ``pythonpath``, then the user's own
+    ``PYTHONPATH``, which the isolated worker (``python -I``) would ignore, as ``lstmopt optimize`` honours it."""
+    user = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return tuple(dict.fromkeys([*map(str, config.pythonpath), *user]))
+
+
 def up_to_date(job: BatchJob) -> Optional[dict]:
     """The skipped-job report if ``job``'s output already reflects its input and options, else None."""
     from lstmopt.errors import LstmoptError
@@ -161,8 +169,12 @@ def up_to_date(job: BatchJob) -> Optional[dict]:
         meta = read_metadata(options.output)
     except LstmoptError:
         return None  # not an lstmopt artifact: the job decides (it needs force to replace it)
-    digest = sha256_file(options.input)
-    if meta.get("source", {}).get("sha256") != digest or meta.get("options_sha256") != options.fingerprint():
+    digest, fingerprint, made = sha256_file(options.input), options.fingerprint(), sha256_file(options.output)
+    if meta.get("source", {}).get("sha256") != digest or meta.get("options_sha256") != fingerprint:
+        return None
+    # The metadata is anyone's to write: only lstmopt's own record of what it wrote proves the file is its
+    # output, complete, from this input and these options
+    if not ledger.proves(options.output, sha256=made, source_sha256=digest, options_sha256=fingerprint):
         return None
     if code_changed(meta.get("user_code", {})):
         return None
@@ -170,12 +182,12 @@ def up_to_date(job: BatchJob) -> Optional[dict]:
                                                "options (use --force to redo it)",))
     report["input"].update(sha256=digest, format=meta["source"].get("format"))
     report["modules"] = meta.get("modules", [])
-    report["output"] = {"path": str(options.output), "format": meta.get("format"),
-                        "sha256": sha256_file(options.output), "bytes": options.output.stat().st_size}
+    report["output"] = {"path": str(options.output), "format": meta.get("format"), "sha256": made,
+                        "bytes": options.output.stat().st_size}
     return report
 
 
-def _owned_by_lstmopt(job: BatchJob) -> bool:
+def owned_by_lstmopt(job: BatchJob) -> bool:
     from lstmopt.errors import LstmoptError
     from lstmopt.artifacts.writing import read_metadata
 
@@ -277,10 +289,10 @@ def run_batch(config: BatchConfig, *, parallel: int = 1, fail_fast: bool = False
                     finish(index, skipped)
                     continue
                 job.options.output.parent.mkdir(parents=True, exist_ok=True)  # a config describes a tree
-                if job.options.output.exists() and (force or _owned_by_lstmopt(job)):
-                    job = replace(job, options=replace(job.options, force=True))  # an outdated artifact is redone
-                worker = _Worker(index, job, {"job": job, "threads": threads, "pythonpath": config.pythonpath,
-                                              "warning": warning, "skip_if_up_to_date": not force})
+                # Whether to replace an existing output is decided by the worker, once it holds the output's lock:
+                # another run may be writing it now
+                worker = _Worker(index, job, {"job": job, "threads": threads, "pythonpath": import_paths(config),
+                                              "warning": warning, "force": force})
                 running[index] = worker
                 selector.register(worker.fd, selectors.EVENT_READ, worker)
                 notify("start", index, job)

@@ -41,7 +41,9 @@ def main(fd: int) -> None:
     hide_numpy_warning()
     import torch
 
-    from lstmopt.job.batch import EXIT_INTERRUPTED, up_to_date
+    from dataclasses import replace
+
+    from lstmopt.job.batch import EXIT_INTERRUPTED, owned_by_lstmopt, up_to_date
     from lstmopt.artifacts.files import output_lock
     from lstmopt.job.pipeline import optimize_file
 
@@ -49,10 +51,13 @@ def main(fd: int) -> None:
     batch_job = job["job"]
     try:
         with output_lock(batch_job.options.output, on_wait=lambda: send("step", "waiting for another run")):
-            skipped = up_to_date(batch_job) if job["skip_if_up_to_date"] else None
+            skipped = None if job["force"] else up_to_date(batch_job)
             if skipped is not None:
                 send("done", skipped)
                 return
+            # Decided here, holding the lock: another run may have written the output while this one waited
+            if batch_job.options.output.exists() and (job["force"] or owned_by_lstmopt(batch_job)):
+                batch_job = replace(batch_job, options=replace(batch_job.options, force=True))  # redone
             report = optimize_file(batch_job.options, on_step=lambda step: send("step", step))
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal; the parent reports it
         sys.exit(EXIT_INTERRUPTED)

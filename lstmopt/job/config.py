@@ -3,7 +3,7 @@
     version: 1                      # optional
     pythonpath: [../examples]       # importable for factories (relative to this file)
     defaults:                       # any job key but name/input/output
-      format: torchscript
+      format: auto
       input_shape: [8, 100, 40]
     jobs:
       - name: encoder               # optional, defaults to the output's path
@@ -17,8 +17,8 @@ only configs you trust. ``${VAR}`` values are kept out of reports and summaries 
 ``${VAR}``) unless ``lstmopt batch --show-variables``.
 
 Job keys: name, input, output, format, dtype, factory, factory_kwargs, trust, state_dict_key, strip_prefix,
-example_inputs, input_shape, atol, rtol, benchmark, autotune, approx, min_speedup, require_lstm, seed. Unknown keys
-are errors. Validation (pydantic) runs on
+example_inputs (a file, or a function ``package.module:function``), input_shape, inputs (``--input`` specs, one
+per argument), atol, rtol, benchmark, autotune, approx, min_speedup, require_lstm, seed. Unknown keys are errors. Validation (pydantic) runs on
 the whole file before any job starts.
 """
 
@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal, Mapping, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
-from lstmopt.choices import DTYPES, FORMATS
+from lstmopt.choices import DTYPES, FORMAT_CHOICES, names_a_function
 from lstmopt.digest import sha256_file
 from lstmopt.errors import UsageError
 from lstmopt.job.pipeline import OptimizeOptions
@@ -42,7 +42,7 @@ __all__ = ["BatchConfig", "BatchJob", "load_config"]
 
 Positive = Annotated[int, Field(gt=0, strict=True)]
 NonNegative = Annotated[float, Field(ge=0)]
-FormatName = Literal[FORMATS]  # type: ignore[valid-type]
+FormatName = Literal[FORMAT_CHOICES]  # type: ignore[valid-type]
 DtypeName = Literal[DTYPES]  # type: ignore[valid-type]
 
 
@@ -60,6 +60,7 @@ class _Settings(BaseModel):
     strip_prefix: Optional[StrictStr] = None
     example_inputs: Optional[StrictStr] = None
     input_shape: Optional[Annotated[list[Positive], Field(min_length=3, max_length=3)]] = None
+    inputs: Optional[Annotated[list[StrictStr], Field(min_length=1)]] = None
     atol: Optional[NonNegative] = None
     rtol: Optional[NonNegative] = None
     benchmark: Optional[StrictBool] = None
@@ -77,11 +78,19 @@ class _Job(_Settings):
 
     @model_validator(mode="after")
     def _inputs(self) -> "_Job":
-        if self.example_inputs is not None and self.input_shape is not None:
-            raise ValueError("give either example_inputs or input_shape, not both")
+        given = [key for key in ("example_inputs", "input_shape", "inputs") if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of example_inputs, input_shape and inputs, not {' and '.join(given)}")
         for wanted, key in ((self.min_speedup is not None, "min_speedup"), (self.autotune, "autotune")):
-            if wanted and self.example_inputs is None and self.input_shape is None:
-                raise ValueError(f"{key} needs inputs to time: set example_inputs or input_shape")
+            if wanted and not given:
+                raise ValueError(f"{key} needs inputs to time: set example_inputs, input_shape or inputs")
+        if self.inputs is not None:
+            from lstmopt.job.input_specs import parse_inputs
+
+            try:
+                parse_inputs(self.inputs)
+            except UsageError as exc:
+                raise ValueError(str(exc).replace("--input ", "", 1)) from None
         return self
 
 
@@ -218,6 +227,9 @@ class _Loader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:  # ? [a, b] : 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, not a {type(key).__name__}", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); a second one would "
@@ -262,6 +274,24 @@ def _expand(value: Any, loc: tuple, problems: _Problems, budget: _Budget) -> Any
     return value
 
 
+def _where(exc: yaml.YAMLError, text: str, path: Path) -> str:
+    """``file:line:column`` of a YAML error: the parser's mark, or a reader error's position (a NUL byte)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f"{path}:{mark.line + 1}:{mark.column + 1}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        return f"{path}:{line}:{exc.position - (text.rfind(chr(10), 0, exc.position) + 1) + 1}"
+    return str(path)
+
+
+def _problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.reader.ReaderError):
+        character = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        return f"character {character!r} is not allowed in YAML ({exc.reason})"
+    return getattr(exc, "problem", None) or str(exc).splitlines()[0]
+
+
 def load_config(path: os.PathLike | str) -> BatchConfig:
     """Read and validate a batch config; a UsageError names the first problem's file, line and field."""
     path = Path(path)
@@ -284,10 +314,7 @@ def load_config(path: os.PathLike | str) -> BatchConfig:
         root = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UsageError(f"{where}: not valid YAML: {problem}") from exc
+        raise UsageError(f"{_where(exc, text, path)}: not valid YAML: {_problem(exc)}") from exc
     problems = _Problems(path, root)
     if not isinstance(data, dict):
         raise UsageError(f"{path}:1: the config must be a mapping with a 'jobs' list, got "
@@ -340,7 +367,8 @@ def load_config(path: os.PathLike | str) -> BatchConfig:
         settings = job.model_dump(exclude_none=True, exclude={"name", "input", "output"})
         if "input_shape" in settings:
             settings["input_shape"] = tuple(settings["input_shape"])
-        if "example_inputs" in settings:
+        if "example_inputs" in settings and not (names_a_function(settings["example_inputs"])
+                                                 and not resolve(settings["example_inputs"]).exists()):
             settings["example_inputs"] = resolve(settings["example_inputs"])
         settings["factory_kwargs"] = settings.get("factory_kwargs") or {}
         jobs.append(BatchJob(name, OptimizeOptions(input=resolve(job.input), output=output, **settings),

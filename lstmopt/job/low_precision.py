@@ -68,9 +68,11 @@ def _max_abs_error(expected, actual) -> float:
     return worst
 
 
-def measure(original: nn.Module, optimized: nn.Module, samples: Sequence[tuple]) -> Measured:
-    """Errors of ``optimized``'s low-precision LSTMs (and of the model) against ``original``, in eval mode."""
-    names = low_precision_names(optimized)
+def measure(original: nn.Module, optimized: nn.Module, samples: Sequence[tuple],
+            names: Optional[Sequence[str]] = None) -> Measured:
+    """Errors of ``optimized``'s low-precision LSTMs (or of the modules ``names``: those that replace torch.ao's
+    quantized ones, say) and of the model against ``original``, in eval mode."""
+    names = low_precision_names(optimized) if names is None else list(names)
     result = Measured()
     if not names:
         return result

@@ -14,11 +14,12 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from lstmopt import __version__
-from lstmopt.errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError, VerificationError
-from lstmopt.choices import DTYPES, FORMATS
+from lstmopt.errors import LstmoptError, one_line, NothingToOptimizeError, SpeedupError, UsageError, VerificationError
+from lstmopt.choices import AUTO, DTYPES, FORMAT_CHOICES, QUANTIZED_DTYPES, names_a_function
+from lstmopt.artifacts import ledger
 from lstmopt.job.user_code import user_code
 
 __all__ = ["OptimizeOptions", "Report", "optimize_file", "SCHEMA"]
@@ -37,15 +38,16 @@ class OptimizeOptions:
 
     input: Path
     output: Path
-    format: str = "torchscript"
+    format: str = AUTO  # or one of FORMATS (lstmopt.job.route)
     dtype: str = "float32"
     factory: Optional[str] = None
     factory_kwargs: dict = field(default_factory=dict)
     trust: bool = False
     state_dict_key: Optional[str] = None  # where the weights are in a training checkpoint (see lstmopt.artifacts.checkpoints)
     strip_prefix: Optional[str] = None  # removed from every key of the checkpoint's state dict
-    example_inputs: Optional[Path] = None
+    example_inputs: Optional[Union[Path, str]] = None  # a file, or a function package.module:function
     input_shape: Optional[tuple[int, int, int]] = None
+    inputs: Optional[list[str]] = None  # --input specs, one per argument (lstmopt.job.input_specs)
     atol: Optional[float] = None  # None: the dtype's default (see verification.default_tolerance)
     rtol: Optional[float] = None
     verify: bool = True
@@ -59,10 +61,10 @@ class OptimizeOptions:
 
     def __post_init__(self) -> None:
         self.input, self.output = Path(self.input), Path(self.output)
-        if self.example_inputs is not None:
+        if self.example_inputs is not None and not names_a_function(str(self.example_inputs)):
             self.example_inputs = Path(self.example_inputs)
-        if self.format not in FORMATS:
-            raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format not in FORMAT_CHOICES:
+            raise UsageError(f"format must be one of {', '.join(FORMAT_CHOICES)}, got {self.format!r}")
         if self.dtype not in DTYPES:
             raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.dtype == "int8" and self.format in ("pt2", "aoti"):  # their dense ops compute in fp32
@@ -70,8 +72,8 @@ class OptimizeOptions:
         if self.dtype == "bfloat16" and self.format in ("pt2", "aoti") and not _bf16_supported():
             raise UsageError(f"--dtype bfloat16 runs on lstmopt's native kernel on this CPU (no native bf16 in "
                              f"oneDNN), which writes torchscript or pickle artifacts, not {self.format}")
-        if self.example_inputs is not None and self.input_shape is not None:
-            raise UsageError("give either example inputs or an input shape, not both")
+        if sum(x is not None and x != [] for x in (self.example_inputs, self.input_shape, self.inputs)) > 1:
+            raise UsageError("give one of example inputs, an input shape or input specs (--input), not several")
         if self.min_speedup is not None and self.min_speedup <= 0:
             raise UsageError(f"the minimum speedup must be positive, got {self.min_speedup}")
         for name in ("atol", "rtol"):
@@ -90,7 +92,7 @@ class OptimizeOptions:
 
         settings = self.to_dict()
         settings.pop("trust")
-        if self.example_inputs is not None:
+        if isinstance(self.example_inputs, Path):
             settings["example_inputs"] = sha256_file(self.example_inputs) if self.example_inputs.is_file() else None
         env = describe()
         settings["versions"] = [env["lstmopt"], env["torch"]]
@@ -103,6 +105,7 @@ class OptimizeOptions:
             "strip_prefix": self.strip_prefix,
             "example_inputs": str(self.example_inputs) if self.example_inputs else None,
             "input_shape": list(self.input_shape) if self.input_shape else None,
+            "inputs": list(self.inputs) if self.inputs else None,
             "atol": self.atol, "rtol": self.rtol, "verify": self.verify, "autotune": self.autotune,
             "approx": self.approx,
             "benchmark": self.benchmark or self.min_speedup is not None, "min_speedup": self.min_speedup,
@@ -139,7 +142,7 @@ class Report:
     def fail(self, exc: LstmoptError) -> None:
         self.status = STATUS_BY_ERROR.get(type(exc).__name__, "error")
         self.exit_code = exc.exit_code
-        self.error = str(exc)
+        self.error = one_line(exc, limit=2000)
         self.exception = exc
 
     def raise_for_status(self) -> None:
@@ -213,6 +216,9 @@ def optimize_file(options: OptimizeOptions, *, on_step: Optional[Callable[[str],
     try:
         _run(options, report, _Steps(report, on_step))
         report.status = "ok"
+        # What lets a batch skip this output later: a record only lstmopt writes (lstmopt.artifacts.ledger)
+        ledger.record(options.output, sha256=report.output["sha256"], source_sha256=report.input.get("sha256"),
+                      options_sha256=options.fingerprint())
     except LstmoptError as exc:
         report.fail(exc)
     finally:
@@ -221,26 +227,54 @@ def optimize_file(options: OptimizeOptions, *, on_step: Optional[Callable[[str],
 
 
 def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
-    import torch
-
-    from lstmopt.rewrite.autotune import autotune
-    from lstmopt.job.benchmarking import compare_latency, per_lstm_latency
     from lstmopt.artifacts.files import atomic_path, check_output_path, remove_stale_temp_files, sha256_file
-    from lstmopt.artifacts.loading import load_model
-    from lstmopt.rewrite.swap import optimize, plan, with_kernels
-    from lstmopt.job.samples import samples_for
-    from lstmopt.job.verification import check_deterministic, default_tolerance, verify_artifact
-    from lstmopt.artifacts.tracing import tracing_caveat
-    from lstmopt.artifacts.writing import TRACED_AS_OP, native_kernel_note, program_note, save_artifact
+    from lstmopt.job.route import Attempt, formats_for, write_verified
 
     report.input = {"path": str(options.input), "factory": options.factory,
                     "factory_kwargs": options.factory_kwargs or None}
-    check_output_path(options.output, force=options.force,
-                      inputs=tuple(p for p in (options.input, options.example_inputs) if p is not None))
+    check_output_path(options.output, force=options.force, inputs=tuple(
+        Path(p) for p in (options.input, options.example_inputs) if p is not None and Path(p).exists()))
     remove_stale_temp_files(options.output)  # what a run killed with SIGKILL left beside it
     for wanted, what in ((options.min_speedup is not None, "a minimum speedup"), (options.autotune, "autotune")):
-        if wanted and options.example_inputs is None and options.input_shape is None:
-            raise UsageError(f"{what} needs inputs to time: pass --example-inputs or --input-shape")
+        if wanted and options.example_inputs is None and options.input_shape is None and not options.inputs:
+            raise UsageError(f"{what} needs inputs to time: pass --example-inputs, --input-shape or --input")
+
+    loaded, samples, imported_before = _load(options, report, step)
+    optimized, decisions, measured = _optimize(options, report, step, loaded, samples)
+    if not samples:
+        report.warnings.append("no example inputs or input shape: only each LSTM was checked on its own "
+                               "inputs, not the model as a whole" + (", and nothing was benchmarked"
+                                                                     if options.benchmark else ""))
+    metadata = _metadata(options, report, loaded, imported_before)
+    attempt = Attempt(optimized=optimized, original=loaded.model, decisions=decisions, samples=samples,
+                      metadata=metadata, dtype=options.dtype, verify=options.verify,
+                      measured_tolerance=measured.tolerance if measured is not None else None,
+                      atol=options.atol, rtol=options.rtol, seed=options.seed)
+    with atomic_path(options.output) as tmp:
+        try:
+            written = write_verified(attempt, tmp, formats_for(options.format, options.dtype), step=step,
+                                     requested=options.format)
+        except LstmoptError as exc:
+            if getattr(exc, "verification", None) is not None:
+                report.verification = exc.verification.to_dict()
+            raise
+        report.artifact = {**written.how, "format": written.format, "requested_format": options.format,
+                           "blockers": [{"format": f, "reason": why} for f, why in written.blockers]}
+        report.modules = [d.to_dict() for d in written.decisions]
+        report.warnings.extend(written.warnings)
+        if written.verification is not None:
+            report.verification = written.verification.to_dict()
+        if (options.benchmark or options.min_speedup is not None) and samples:
+            _benchmark(options, report, step, loaded.model, tmp, written, samples)
+        report.output = {"path": str(options.output), "format": written.format, "sha256": sha256_file(tmp),
+                         "bytes": tmp.stat().st_size}
+
+
+def _load(options: OptimizeOptions, report: Report, step: _Steps):
+    """The model, its samples (checked to be deterministic) and the modules imported before it was loaded."""
+    from lstmopt.artifacts.loading import load_model
+    from lstmopt.job.samples import samples_for
+    from lstmopt.job.verification import check_deterministic
 
     with step("load"):
         imported_before = set(sys.modules)
@@ -249,34 +283,48 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                             strip_prefix=options.strip_prefix)
         report.input.update(sha256=loaded.sha256, format=loaded.format, state_dict_key=loaded.state_dict_key,
                             stripped_prefix=loaded.stripped_prefix)
-        samples = samples_for(options.example_inputs, options.input_shape)
+        samples = samples_for(options.example_inputs, options.input_shape, options.inputs)
         if options.verify:
-            check_deterministic(loaded.model.eval(), samples, options.seed, from_shape=options.input_shape is not None)
+            check_deterministic(loaded.model.eval(), samples, options.seed,
+                                from_shape=options.input_shape is not None or bool(options.inputs))
+    return loaded, samples, imported_before
+
+
+def _optimize(options: OptimizeOptions, report: Report, step: _Steps, loaded, samples):
+    """The optimized model, the decisions (with autotune's kernels and low precision's errors), and the
+    errors measured against fp32 (bf16, int8; None otherwise)."""
+    import torch
+
+    from lstmopt.rewrite.autotune import autotune
+    from lstmopt.rewrite.swap import optimize, plan, with_kernels
 
     with step("optimize"):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}[options.dtype]
         decisions = plan(loaded.model, dtype=dtype, exact=not options.approx)
         report.modules = [d.to_dict() for d in decisions]
-        packed = [d.name for d in decisions if d.packed]
-        if not packed:
+        if not any(d.packed for d in decisions):
             why = ("the model has no nn.LSTM, nn.LSTMCell, nn.GRU or nn.GRUCell" if not decisions
                    else "no module can be packed: " + "; ".join(f"{d.name or '<model>'}: {d.reason}"
                                                                 for d in decisions))
-            if options.require_lstm:
+            if options.require_lstm or options.min_speedup is not None:
                 raise NothingToOptimizeError(f"nothing to optimize: {why}")
             report.warnings.append(f"nothing was optimized ({why}); the output is the model as loaded")
         optimized = optimize(loaded.model, dtype=dtype, exact=not options.approx)
-    if options.autotune and packed:
+    if options.autotune and any(d.packed for d in decisions):
         with step("autotune"):
             autotune(optimized, samples, exact=not options.approx)
             decisions = with_kernels(decisions, optimized)
             report.modules = [d.to_dict() for d in decisions]
     measured = None
-    if options.dtype != "float32" and packed:
-        from lstmopt.job.low_precision import measure
+    # Numerics that change by design: low precision asked for, and torch.ao's quantized modules (whose own
+    # numerics no other kernel reproduces) turned into lstmopt's
+    from_quantized = [d.name for d in decisions if d.packed and d.dtype in QUANTIZED_DTYPES]
+    if (options.dtype != "float32" and any(d.packed for d in decisions)) or from_quantized:
+        from lstmopt.job.low_precision import low_precision_names, measure
 
         with step("accuracy"):
-            measured = measure(loaded.model, optimized, samples)
+            names = list(dict.fromkeys(low_precision_names(optimized) + from_quantized))
+            measured = measure(loaded.model, optimized, samples, names)
         if not measured.lstms:  # nothing computes in low precision (a GRU under --approx, say): the usual rules
             measured = None
         else:
@@ -285,83 +333,57 @@ def _run(options: OptimizeOptions, report: Report, step: _Steps) -> None:
                          for d in decisions]
             report.modules = [d.to_dict() for d in decisions]
             report.low_precision = measured.to_dict()
-    if not samples:
-        report.warnings.append("no example inputs or input shape: only each LSTM was checked on its own "
-                               "inputs, not the model as a whole" + (", and nothing was benchmarked"
-                                                                     if options.benchmark else ""))
+    return optimized, decisions, measured
 
-    metadata = {
+
+def _metadata(options: OptimizeOptions, report: Report, loaded, imported_before: set) -> dict:
+    """The artifact's ``lstmopt.json`` record (``save_artifact`` adds how it was made)."""
+    return {
         "schema": "lstmopt.artifact/1", "lstmopt": report.environment["lstmopt"],
-        "torch": report.environment["torch"], "format": options.format, "dtype": options.dtype,
+        "torch": report.environment["torch"], "dtype": options.dtype,
         "source": dict(report.input), "modules": report.modules, "created": _now(),
         "options": options.to_dict(), "options_sha256": options.fingerprint(), "low_precision": report.low_precision,
         "user_code": user_code(imported_before, options.factory),
-        # A bare LSTM is scripted behind an entry module, so its modules gain a prefix in the archive.
-        "module_prefix": "lstm." if options.format == "torchscript" and isinstance(
-            loaded.model, torch.nn.LSTM) else "",
     }
-    with atomic_path(options.output) as tmp:
-        with step("write"):
-            how = save_artifact(optimized, tmp, format=options.format, metadata=metadata, samples=samples)
-            report.artifact = how
-            if how["method"] == "traced":
-                recorded = set(how.get("lstms_traced_as_ops", ()))
-                report.warnings.append(tracing_caveat(len([name for name in packed if name not in recorded])))
-            if how.get("lstmopt_ops"):
-                report.warnings.append(program_note(options.format))
-            elif how["native_kernel"]:
-                report.warnings.append(native_kernel_note(how["native_kernel"], options.format))
-            # An LSTM a trace recorded as nn.LSTM's op is no longer a module of its own in the archive, and
-            # runs none of lstmopt's kernels: the table and the report say so.
-            ops = set(how.get("lstms_traced_as_ops", ()))
-            lstms = [name for name in packed if name not in ops]
-            if ops:
-                decisions = [replace(d, **TRACED_AS_OP) if d.name in ops else d for d in decisions]
-                report.modules = [d.to_dict() for d in decisions]
-        if options.verify:
-            with step("verify"):
-                exact = all(d.exact for d in decisions)
-                atol, rtol = measured.tolerance if measured is not None else default_tolerance(options.dtype, exact=exact)
-                atol = atol if options.atol is None else options.atol
-                rtol = rtol if options.rtol is None else options.rtol
-                # Approximate fp32 kernels are held to their contract, unless a tolerance was asked for
-                float64 = not exact and options.dtype == "float32" and options.atol is None and options.rtol is None
-                verification = verify_artifact(
-                    loaded.model, tmp, format=options.format, samples=samples, lstm_names=lstms,
-                    atol=atol, rtol=rtol, artifact_prefix=metadata["module_prefix"],
-                    native_kernel=bool(how["native_kernel"] or how.get("lstmopt_ops")), seed=options.seed,
-                    float64_reference=float64,
-                )
-                report.verification = verification.to_dict()
-                if how["method"] == "traced" and not verification.ok:
-                    raise VerificationError(f"{verification.failure_summary()}; the artifact was traced, and a trace "
-                                            "can specialize to its example inputs (Python control flow, shapes "
-                                            "used as numbers): make the model scriptable or use --format pickle")
-                verification.raise_if_failed()
-        if (options.benchmark or options.min_speedup is not None) and samples:
-            with step("benchmark"):
-                reloaded = _load_artifact(tmp, options.format)
-                bench = compare_latency(loaded.model, reloaded, samples)
-                report.benchmark = bench.to_dict()
-                # Verdicts only where the whole interval supports them: a busy machine widens it.
-                slower = [case for case in bench.cases if case.speedup_high < 1.0]
-                if slower:
-                    timed = per_lstm_latency(loaded.model, reloaded, lstms, samples)
-                    report.benchmark["lstms"] = [lstm.to_dict() for lstm in timed]
-                    report.warnings.append(_slower_warning(slower, len(bench.cases), timed, decisions))
-                low, high = bench.speedup_range
-                measured = (f"speedup {bench.speedup:.2f}x (95% interval {low:.2f}-{high:.2f}x, geometric mean "
-                            f"over {len(bench.cases)} inputs)")
-                if not bench.stable:
-                    report.warnings.append(f"timings did not settle within {4 * bench.rounds} rounds (a busy "
-                                           f"machine?): {measured}")
-                if options.min_speedup is not None and high < options.min_speedup:
-                    raise SpeedupError(f"{measured} is below the required {options.min_speedup:g}x")
-                if options.min_speedup is not None and low < options.min_speedup:
-                    report.warnings.append(f"{measured}: the noise cannot tell whether it is below the required "
-                                           f"{options.min_speedup:g}x, so --min-speedup does not fail it")
-        report.output = {"path": str(options.output), "format": options.format, "sha256": sha256_file(tmp),
-                         "bytes": tmp.stat().st_size}
+
+
+def _benchmark(options: OptimizeOptions, report: Report, step: _Steps, original, path: Path, written,
+               samples: list) -> None:
+    """Time the written artifact against the original, where it runs any of lstmopt's kernels: a speedup of
+    an artifact that holds no optimization would be TorchScript's over Python, not lstmopt's."""
+    from lstmopt.job.benchmarking import compare_latency, per_lstm_latency
+
+    from lstmopt.job.holdings import runs_lstmopt_kernels
+
+    if not any(runs_lstmopt_kernels(d) for d in written.decisions):
+        report.warnings.append("nothing in the artifact runs lstmopt's kernels, so nothing was benchmarked")
+        if options.min_speedup is not None:
+            raise NothingToOptimizeError("nothing to optimize: no module of the artifact runs lstmopt's kernels, so "
+                                         "no speedup can reach --min-speedup")
+        return
+    traced_as_ops = set(written.how.get("lstms_traced_as_ops", ()))
+    lstms = [d.name for d in written.decisions if d.packed and d.name not in traced_as_ops]
+    with step("benchmark"):
+        reloaded = _load_artifact(path, written.format)
+        bench = compare_latency(original, reloaded, samples)
+        report.benchmark = bench.to_dict()
+        # Verdicts only where the whole interval supports them: a busy machine widens it.
+        slower = [case for case in bench.cases if case.speedup_high < 1.0]
+        if slower:
+            timed = per_lstm_latency(original, reloaded, lstms, samples)
+            report.benchmark["lstms"] = [lstm.to_dict() for lstm in timed]
+            report.warnings.append(_slower_warning(slower, len(bench.cases), timed, written.decisions))
+        low, high = bench.speedup_range
+        measured = (f"speedup {bench.speedup:.2f}x (95% interval {low:.2f}-{high:.2f}x, geometric mean "
+                    f"over {len(bench.cases)} inputs)")
+        if not bench.stable:
+            report.warnings.append(f"timings did not settle within {4 * bench.rounds} rounds (a busy "
+                                   f"machine?): {measured}")
+        if options.min_speedup is not None and high < options.min_speedup:
+            raise SpeedupError(f"{measured} is below the required {options.min_speedup:g}x")
+        if options.min_speedup is not None and low < options.min_speedup:
+            report.warnings.append(f"{measured}: the noise cannot tell whether it is below the required "
+                                   f"{options.min_speedup:g}x, so --min-speedup does not fail it")
 
 
 def _slower_warning(slower: list, total: int, lstms: list, decisions: list) -> str:

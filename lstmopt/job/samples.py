@@ -1,29 +1,30 @@
-"""Sample inputs for verification and benchmarks: from a user's file, or generated from a shape.
+"""Sample inputs for verification and benchmarks: from a user's file or function, or generated from shapes.
 
 An example-inputs file is ``torch.save(samples)`` where ``samples`` is a list of examples, each a tuple of
 the model's positional forward arguments (a lone tensor stands for a one-argument tuple). It is loaded
-with ``weights_only=True``.
+with ``weights_only=True``. Inputs that hold objects of the model's own classes (darts' ``PLModuleInput``
+dataclass, say) come from a function in the user's code instead, named like a factory,
+``package.module:function``, which returns that list. ``--input-shape`` generates (batch, time, features)
+tensors; ``--input`` describes any tensor arguments, integer ids and lengths too (``lstmopt.job.input_specs``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from lstmopt.errors import UsageError
+from lstmopt.choices import names_a_function
+from lstmopt.errors import UsageError, one_line
+from lstmopt.job.grid import check_shape_size, shape_grid
 
-__all__ = ["Sample", "describe", "load_samples", "parse_shape", "recorded_calls", "samples_for", "samples_from_shape",
-           "shape_grid"]
+__all__ = ["Sample", "describe", "load_samples", "only_tensors", "parse_shape", "recorded_calls",
+           "samples_for", "samples_from_function", "samples_from_shape", "shape_grid"]
 
 Sample = tuple  # positional arguments of one forward call
-
-# Generated inputs are made whole in memory, twice over (the model runs on them in two processes): a
-# shape beyond this many values is a typo or a model lstmopt cannot check here, not a test input.
-MAX_SHAPE_VALUES = 1 << 28  # 1 GiB of float32
-
 
 def parse_shape(text: str) -> tuple[int, int, int]:
     """``"B,T,F"`` -> (B, T, F), all positive."""
@@ -38,33 +39,25 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
-def check_shape_size(dims: Sequence[int], what: str) -> None:
-    values = dims[0] * dims[1] * dims[2]
-    if values > MAX_SHAPE_VALUES:
-        raise UsageError(f"{what} asks for inputs of {values:.3g} values ({values * 4 / 2**30:.3g} GiB of float32), "
-                         f"over the {MAX_SHAPE_VALUES * 4 >> 30} GiB lstmopt generates; give a smaller batch or "
-                         "length (the LSTMs are checked at other sizes anyway), or pass --example-inputs")
-
-
-def shape_grid(shape: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Two batch sizes x two sequence lengths around the given (B, T, F), largest first."""
-    batch, steps, features = shape
-    batches = sorted({batch, 1 if batch > 1 else 2}, reverse=True)
-    lengths = sorted({steps, max(1, steps // 4) if steps > 1 else 2}, reverse=True)
-    return [(b, t, features) for b in batches for t in lengths]
-
-
 def samples_from_shape(shape: Sequence[int], *, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[Sample]:
     """Random (batch, time, features) inputs over ``shape_grid(shape)``."""
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(dims, generator=generator, dtype=dtype),) for dims in shape_grid(shape)]
 
 
-def samples_for(example_inputs: Optional[Path], input_shape: Optional[Sequence[int]]) -> list[Sample]:
-    """The samples a job checks and times: the user's file, or inputs generated from a shape, or none."""
-    if example_inputs is not None and input_shape is not None:
-        raise UsageError("give either example inputs or an input shape, not both")
+def samples_for(example_inputs: Optional[Union[Path, str]], input_shape: Optional[Sequence[int]],
+                inputs: Optional[Sequence[str]] = None) -> list[Sample]:
+    """The samples a job checks and times: the user's file or function, inputs generated from a shape or from
+    ``--input`` specs, or none."""
+    if sum(x is not None and x != [] for x in (example_inputs, input_shape, inputs)) > 1:
+        raise UsageError("give one of example inputs, an input shape or input specs, not several")
+    if inputs:
+        from lstmopt.job.input_specs import parse_inputs, samples_from_specs
+
+        return samples_from_specs(*parse_inputs(inputs))
     if example_inputs is not None:
+        if names_a_function(str(example_inputs)):
+            return samples_from_function(str(example_inputs))
         return load_samples(example_inputs)
     if input_shape is not None:
         check_shape_size(tuple(input_shape), f"the input shape {','.join(map(str, input_shape))}")
@@ -72,8 +65,31 @@ def samples_for(example_inputs: Optional[Path], input_shape: Optional[Sequence[i
             return samples_from_shape(input_shape)
         except (RuntimeError, MemoryError) as exc:  # within the cap, but more than this machine has
             raise UsageError(f"cannot allocate inputs of shape {','.join(map(str, input_shape))} here "
-                             f"({' '.join(str(exc).split())[:120]}); give a smaller batch or length") from exc
+                             f"({one_line(exc, 120)}); give a smaller batch or length") from exc
     return []
+
+
+def samples_from_function(spec: str) -> list[Sample]:
+    """The examples a user's function returns (a list of argument tuples, or one tuple, or one tensor)."""
+    from lstmopt.artifacts.loading import load_factory
+
+    function = load_factory(spec, what="--example-inputs")
+    try:
+        data = function()
+    except Exception as exc:  # the user's code: report it, whatever it raised
+        raise UsageError(f"--example-inputs {spec}() failed: {type(exc).__name__}: {one_line(exc)}") from exc
+    return _as_samples(data, f"--example-inputs {spec}()", "returned")
+
+
+def _as_samples(data: Any, where: str, verb: str) -> list[Sample]:
+    if isinstance(data, Tensor):
+        return [(data,)]
+    if isinstance(data, tuple):
+        return [data]
+    if isinstance(data, list) and data:
+        return [s if isinstance(s, tuple) else (s,) for s in data]
+    raise UsageError(f"{where} must hold a tensor, a tuple of arguments, or a non-empty list of such tuples; "
+                     f"it {verb} {type(data).__name__}")
 
 
 def load_samples(path: Path) -> list[Sample]:
@@ -83,31 +99,24 @@ def load_samples(path: Path) -> list[Sample]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"cannot read example inputs {path} ({' '.join(str(exc).split())[:200]}); save them "
-                         "with torch.save([(arg, ...), ...]) using tensors, tuples, lists and dicts only") from exc
-    if isinstance(data, Tensor):
-        samples = [(data,)]
-    elif isinstance(data, tuple):
-        samples = [data]
-    elif isinstance(data, list) and data:
-        samples = [s if isinstance(s, tuple) else (s,) for s in data]
-    else:
-        raise UsageError(f"example inputs {path} must hold a tensor, a tuple of arguments, or a non-empty list "
-                         f"of such tuples; found {type(data).__name__}")
+        raise UsageError(f"cannot read example inputs {path} ({one_line(exc, 200)}); save them "
+                         "with torch.save([(arg, ...), ...]) using tensors, tuples, lists and dicts only, or name a "
+                         "function that returns them, --example-inputs package.module:function") from exc
+    samples = _as_samples(data, f"example inputs {path}", "holds")
     for i, sample in enumerate(samples):
-        if not _only_tensors(sample):
+        if not only_tensors(sample):
             raise UsageError(f"example input {i} in {path} holds something other than tensors, tuples, lists and "
                              "dicts with string keys")
     return samples
 
 
-def _only_tensors(obj: Any) -> bool:
+def only_tensors(obj: Any) -> bool:
     if isinstance(obj, Tensor):
         return True
     if isinstance(obj, (tuple, list)):
-        return all(_only_tensors(o) for o in obj)
+        return all(only_tensors(o) for o in obj)
     if isinstance(obj, dict):  # a batch dict, as neuralforecast's models take
-        return all(isinstance(k, str) and _only_tensors(v) for k, v in obj.items())
+        return all(isinstance(k, str) and only_tensors(v) for k, v in obj.items())
     return obj is None or isinstance(obj, (int, float, bool))
 
 
@@ -121,7 +130,13 @@ def describe(sample: Sample) -> str:
             return "[" + ", ".join(one(o) for o in obj) + "]"
         if isinstance(obj, dict):
             return "{" + ", ".join(f"{k}: {one(v)}" for k, v in obj.items()) + "}"
-        return repr(obj)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # a batch object: its set fields
+            return f"{type(obj).__name__}(" + ", ".join(
+                f"{f.name}={one(getattr(obj, f.name))}" for f in dataclasses.fields(obj)
+                if getattr(obj, f.name) is not None) + ")"
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return repr(obj)
+        return type(obj).__name__  # never its repr, which may print the user's data
     return ", ".join(one(a) for a in sample)
 
 

@@ -41,9 +41,12 @@ from torch import Tensor, nn
 from lstmopt.job import verify_child
 from lstmopt.kernels import accuracy
 from lstmopt.job.children import in_installation, isolated_python, preexec
-from lstmopt.errors import UsageError, VerificationError
+from lstmopt.errors import UsageError, VerificationError, one_line
 from lstmopt.artifacts.files import private_temp_dir, write_bytes
-from lstmopt.job.samples import Sample, describe
+from lstmopt.artifacts.scripting import torchscript_gone
+from lstmopt.job import holdings
+from lstmopt.job.samples import Sample, describe, only_tensors
+from lstmopt.rewrite.quantized import is_quantized, quantized_kind
 
 __all__ = ["APPROX_TOLERANCE", "BF16_TOLERANCE", "Check", "Verification", "check_deterministic", "default_tolerance",
            "verify_artifact"]
@@ -96,10 +99,13 @@ class Verification:
     lstm_checks: list[Check] = field(default_factory=list)
     numerics: dict = field(default_factory=dict)  # settings both sides computed with (threads, precisions)
     criterion: str = "tolerance"  # or "float64": the approximate-kernel contract (see the module docstring)
+    # What the loaded artifact holds (lstmopt.job.holdings), and where it is not what the decisions say
+    holdings: dict = field(default_factory=dict)
+    holding_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.model_checks + self.lstm_checks)
+        return not self.holding_problems and all(c.ok for c in self.model_checks + self.lstm_checks)
 
     @property
     def max_abs_error(self) -> float:
@@ -120,10 +126,14 @@ class Verification:
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "model_outputs": [c.to_dict() for c in self.model_checks],
             "lstm_outputs": [c.to_dict() for c in self.lstm_checks],
+            "artifact_holds": self.holdings, "artifact_problems": self.holding_problems,
         }
 
     def failure_summary(self) -> str:
-        """One line: how many outputs differ and the worst of them."""
+        """One line: what the loaded artifact lacks, or how many outputs differ and the worst of them."""
+        if self.holding_problems:
+            return ("the artifact does not hold the optimization once loaded: " + "; ".join(self.holding_problems[:3])
+                    + (f" (and {len(self.holding_problems) - 3} more)" if len(self.holding_problems) > 3 else ""))
         failed = self.failures()
         worst = max(failed, key=lambda c: c.max_abs_error if c.error is None else float("inf"))
         if self.criterion == "float64":
@@ -139,13 +149,13 @@ class Verification:
                 f"{detail} (tolerance atol={self.atol:g}, rtol={self.rtol:g})")
 
     def raise_if_failed(self) -> None:
-        if self.failures():
+        if not self.ok:
             raise VerificationError(self.failure_summary())
 
 
 def compare(name: str, expected: Tensor, actual, atol: float, rtol: float) -> Check:
     if isinstance(actual, str):
-        return Check(name, list(expected.shape), float("inf"), float("inf"), False, error=actual)
+        return Check(name, list(expected.shape), float("inf"), float("inf"), False, error=one_line(actual, 500))
     if actual.shape != expected.shape:
         return Check(name, list(expected.shape), float("inf"), float("inf"), False,
                      error=f"shape {list(actual.shape)} instead of {list(expected.shape)}")
@@ -186,17 +196,21 @@ def _in_float64(obj):
     return obj
 
 
-def lstm_cases(lstm: nn.LSTM, *, seed: int = 0) -> list[tuple]:
-    """Synthetic inputs for one LSTM: 2 lengths x 2 batch sizes, once with initial states (for an
-    LSTMCell or GRUCell: batches of 1 and 3, an unbatched step, and a step from given states)."""
+def lstm_cases(lstm: nn.Module, *, seed: int = 0) -> list[tuple]:
+    """Synthetic inputs for one LSTM or GRU (torch's, or torch.ao's dynamic-quantized one): 2 lengths x 2 batch
+    sizes, once with initial states (for an LSTMCell or GRUCell: batches of 1 and 3, an unbatched step, and a
+    step from given states)."""
     generator = torch.Generator().manual_seed(seed)
-    if isinstance(lstm, (nn.LSTMCell, nn.GRUCell)):
-        dtype = lstm.weight_ih.dtype
+    flat = getattr(lstm, "_flat_weights", None)
+    dtype = flat[0].dtype if flat else getattr(getattr(lstm, "weight_ih", None), "dtype", torch.float32)
+    dtype = dtype if dtype.is_floating_point else torch.float32  # torch.ao's weights: inputs stay fp32
+    kind = _kind(lstm)
+    if kind in ("LSTMCell", "GRUCell"):
+        unbatched = [] if is_quantized(lstm) else [(lstm.input_size,)]  # torch.ao's cells take batches only
         cases = [(torch.randn(shape, generator=generator, dtype=dtype),)
-                 for shape in [(1, lstm.input_size), (3, lstm.input_size), (lstm.input_size,)]]
+                 for shape in [(1, lstm.input_size), (3, lstm.input_size), *unbatched]]
         h, c = (torch.randn(3, lstm.hidden_size, generator=generator, dtype=dtype) for _ in range(2))
-        return cases + [(cases[1][0], h if isinstance(lstm, nn.GRUCell) else (h, c))]
-    dtype = lstm._flat_weights[0].dtype
+        return cases + [(cases[1][0], h if kind == "GRUCell" else (h, c))]
     states = lstm.num_layers * (2 if lstm.bidirectional else 1)
     cases = []
     for steps, batch in [(1, 1), (7, 1), (1, 3), (7, 3)]:
@@ -205,11 +219,20 @@ def lstm_cases(lstm: nn.LSTM, *, seed: int = 0) -> list[tuple]:
         cases.append((x,))
     h = torch.randn(states, 3, getattr(lstm, "proj_size", 0) or lstm.hidden_size, generator=generator,
                     dtype=dtype)  # an LSTMP's is proj_size wide
-    if isinstance(lstm, nn.GRU):  # one state
+    if kind == "GRU":  # one state
         return cases + [(cases[-1][0], h)]
     c = torch.randn(states, 3, lstm.hidden_size, generator=generator, dtype=dtype)
     cases.append((cases[-1][0], (h, c)))
     return cases
+
+
+def _kind(module: nn.Module) -> str:
+    if is_quantized(module):
+        return quantized_kind(module)
+    for kind in (nn.LSTMCell, nn.GRUCell, nn.GRU):
+        if isinstance(module, kind):
+            return kind.__name__
+    return "LSTM"
 
 
 def verify_artifact(
@@ -225,6 +248,10 @@ def verify_artifact(
     native_kernel: bool = False,
     seed: Optional[int] = None,
     float64_reference: bool = False,
+    expected_modules: Optional[dict] = None,
+    expected_ops: Sequence[tuple[str, str]] = (),
+    optimized: Optional[nn.Module] = None,
+    pytree_types: Sequence[tuple[str, str, str]] = (),
     timeout: float = 900.0,
 ) -> Verification:
     """Load ``artifact`` in a fresh interpreter and compare it with ``original`` on ``samples`` and, for
@@ -233,7 +260,10 @@ def verify_artifact(
     lstmopt's ops). ``seed``: the random generators are seeded with it before each compared model call, on
     both sides; a pt2 program is compared on ``samples`` only (it has no LSTM modules of its own).
     ``float64_reference``: judge by the approximate-kernel contract (a float64 copy of ``original`` as the
-    reference) instead of ``atol``/``rtol``; where the model cannot run in float64, the tolerance judges."""
+    reference) instead of ``atol``/``rtol``; where the model cannot run in float64, the tolerance judges.
+    ``expected_modules`` (module formats) and ``expected_ops`` (programs): what the loaded artifact must hold
+    (``lstmopt.job.holdings``; ``optimized``, the model written, names a cause where it does not);
+    ``pytree_types``: the dataclasses a program's inputs and outputs hold, registered in the child as here."""
     original = original.eval()
     native_library = _native_library() if native_kernel else None
     if format in ("pt2", "aoti"):
@@ -250,7 +280,7 @@ def verify_artifact(
                 expected_samples.append(verify_child.flatten(original(*args)))
             except Exception as exc:
                 raise UsageError(f"the original model fails on example input {i} ({describe(args)}): "
-                                 f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+                                 f"{type(exc).__name__}: {one_line(exc)}") from exc
             reference_samples.append(_reference_outputs(reference, args, seed))
         lstm_payload, expected_lstms, reference_lstms = [], [], []
         for name in lstm_names:
@@ -264,8 +294,13 @@ def verify_artifact(
     if reference is not None and all(r is not None for r in reference_samples + reference_lstms):
         result.criterion = "float64"
 
+    expected = [artifact_prefix + name for name in expected_modules or {}]
     outputs = _run_child(Path(artifact), format, list(samples), lstm_payload, numerics, native_library, seed,
-                         timeout)
+                         timeout, expected, list(pytree_types))
+    result.holdings = outputs["inventory"]
+    if expected_modules is not None or expected_ops:
+        result.holding_problems = holdings.problems(expected_modules or {}, list(expected_ops), outputs["inventory"],
+                                                    prefix=artifact_prefix, model=optimized)
     if outputs["numerics"] != numerics:
         raise VerificationError(f"the fresh process computed with other settings ({outputs['numerics']}) than the "
                                 f"reference ({numerics}), so an exact comparison would mean nothing")
@@ -273,7 +308,7 @@ def verify_artifact(
     for i, (expected, actual) in enumerate(zip(expected_samples, outputs["samples"])):
         label = f"sample {i} {result.samples[i]}"
         if isinstance(actual, str):
-            result.model_checks.append(Check(label, [], float("inf"), float("inf"), False, error=actual))
+            result.model_checks.append(Check(label, [], float("inf"), float("inf"), False, error=one_line(actual, 500)))
             continue
         if len(actual) != len(expected):
             result.model_checks.append(Check(label, [], float("inf"), float("inf"), False,
@@ -283,7 +318,7 @@ def verify_artifact(
             result.model_checks.append(_judged(result, f"{label} {name}", e, a, reference_samples[i], k))
     for i, ((label, expected), actual) in enumerate(zip(expected_lstms, outputs["lstms"])):
         if isinstance(actual, str):
-            result.lstm_checks.append(Check(label, [], float("inf"), float("inf"), False, error=actual))
+            result.lstm_checks.append(Check(label, [], float("inf"), float("inf"), False, error=one_line(actual, 500)))
             continue
         for k, ((name, e), a) in enumerate(zip(expected, actual)):
             result.lstm_checks.append(_judged(result, f"{label} {name}", e, a, reference_lstms[i], k))
@@ -345,7 +380,7 @@ def check_deterministic(model: nn.Module, samples: Sequence[Sample], seed: Optio
             except Exception as exc:
                 hint = f"; {SHAPE_HINT}" if from_shape else ""
                 raise UsageError(f"the original model fails on example input 0 ({describe(samples[0])}): "
-                                 f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}{hint}") from exc
+                                 f"{type(exc).__name__}: {one_line(exc)}{hint}") from exc
     # Bit for bit, NaNs where NaNs were: the model against itself, not the artifact's comparison.
     differing = []
     for (name, e), (_, a) in zip(*runs):
@@ -388,21 +423,29 @@ def _native_library() -> str:
 
 
 def _run_child(artifact: Path, format: str, samples: list, lstm_payload: list, numerics: dict,
-               native_library: Optional[str], seed: Optional[int], timeout: float) -> dict:
+               native_library: Optional[str], seed: Optional[int], timeout: float, expected_modules: list,
+               pytree_types: list) -> dict:
     with private_temp_dir("lstmopt-verify-") as tmp:
-        payload, result = tmp / "payload.pt", tmp / "result.pt"
-        buffer = io.BytesIO()
-        # A pickle artifact's classes are the user's: the child imports them from where this process did.
-        torch.save({"samples": samples, "lstms": lstm_payload, "numerics": numerics,
-                    "native_library": native_library, "seed": seed,
-                    "import_paths": _user_paths() if format == "pickle" else []}, buffer)
-        try:
-            write_bytes(payload, buffer.getbuffer())
-        except OSError as exc:
-            raise UsageError(f"cannot write the verification inputs to {tmp}: {exc.strerror}") from exc
+        payload, samples_file, result = tmp / "payload.pt", tmp / "samples.pt", tmp / "result.pt"
+        objects = not all(only_tensors(sample) for sample in samples)
+        # A pickle artifact's classes are the user's, as are those of inputs or outputs that hold objects: the
+        # child imports them from where this process did.
+        user_classes = format == "pickle" or objects or bool(pytree_types)
+        for path, content in ((payload, {"lstms": lstm_payload, "numerics": numerics, "native_library": native_library,
+                                         "seed": seed, "import_paths": _user_paths() if user_classes else [],
+                                         "samples_hold_objects": objects, "expected_modules": expected_modules,
+                                         "pytree_types": pytree_types}),
+                              (samples_file, samples)):
+            buffer = io.BytesIO()
+            torch.save(content, buffer)
+            try:
+                write_bytes(path, buffer.getbuffer())
+            except OSError as exc:
+                raise UsageError(f"cannot write the verification inputs to {tmp}: {exc.strerror}") from exc
         try:
             proc = subprocess.run(
-                isolated_python(verify_child.__file__, str(artifact), format, str(payload), str(result)),
+                isolated_python(verify_child.__file__, str(artifact), format, str(payload), str(samples_file),
+                                str(result)),
                 capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=preexec(),
             )
         except subprocess.TimeoutExpired as exc:
@@ -413,6 +456,9 @@ def _run_child(artifact: Path, format: str, samples: list, lstm_payload: list, n
                     raise UsageError(f"lstmopt's {what} {path} was removed while the artifact was being verified "
                                      "(by another process, or a cleaner of temporary files); run again")
             lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-            last = lines[-1] if lines else f"exit status {proc.returncode}"
+            last = one_line(lines[-1]) if lines else f"exit status {proc.returncode}"
+            if format == "torchscript" and torchscript_gone(last):
+                raise UsageError(f"this torch cannot load TorchScript ({last}): the artifact needs a torch that "
+                                 "still has it; write --format pt2 or aoti")
             raise VerificationError(f"the artifact does not load and run in a fresh process: {last}")
         return torch.load(result, weights_only=True)

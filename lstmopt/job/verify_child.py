@@ -4,7 +4,7 @@
 it first makes ``lstmopt`` unimportable, which proves the archive loads where lstmopt is not installed.
 Only torch and the standard library are used here.
 
-    python -I verify_child.py ARTIFACT FORMAT PAYLOAD RESULT
+    python -I verify_child.py ARTIFACT FORMAT PAYLOAD SAMPLES RESULT
 """
 
 import functools
@@ -75,7 +75,11 @@ def seed_generators(seed):
 
 
 def flatten(obj):
-    """The tensors of a (possibly nested) model output, in a fixed order, with a name for each."""
+    """The tensors of a (possibly nested) model output, in a fixed order, with a name for each. A dataclass's
+    fields come in their order, as those of the named tuple a TorchScript artifact returns for it
+    (``lstmopt.artifacts.outputs``)."""
+    import dataclasses
+
     import torch
 
     found = []
@@ -89,9 +93,89 @@ def flatten(obj):
         elif isinstance(value, dict):
             for key in sorted(value, key=str):
                 walk(value[key], f"{name}[{key!r}]")
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for field in dataclasses.fields(value):
+                if field.init:
+                    walk(getattr(value, field.name), f"{name}.{field.name}")
 
     walk(obj, "output")
     return found
+
+
+def _class_name(module):
+    """A module's class as ``package.module.Class``; a scripted module's as TorchScript names it, without its
+    ``__torch__.`` prefix and name mangling."""
+    import re
+
+    if hasattr(module, "_c"):
+        name = module._c._type().qualified_name().removeprefix("__torch__.")
+        return re.sub(r"___torch_mangle_\d+\.", "", name)
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def inventory(model, fmt, names, artifact):
+    """What the loaded artifact holds: for a module format, the class and kernels of the module found at each
+    of ``names``; for a program, the lstmopt ops its graph calls, each with the module that called it."""
+    if fmt in ("pt2", "aoti"):
+        return {"ops": _program_ops(artifact, fmt)}
+    found = {}
+    for name in names:
+        try:
+            module = _submodule(model, name)
+        except AttributeError:
+            found[name] = {"class": None}
+            continue
+        if fmt == "torchscript":
+            module = getattr(module, "scripted_lstm", module)  # below a traced nn.LSTM subclass's own forward
+        found[name] = {"class": _class_name(module),
+                       **{key: _attribute(module, key) for key in ("kernel", "sequence_kernel", "native_weights")},
+                       # None where the module has no such attribute (written by an older lstmopt)
+                       "kernel_live": (_attribute(module, "kernel_dtype") is not None
+                                       if _has(module, "kernel_dtype") else None),
+                       "native_packs": _has(module, "native_packs")}
+    return {"modules": found}
+
+
+def _attribute(module, name):
+    try:
+        value = getattr(module, name)
+    except (AttributeError, RuntimeError):
+        return None
+    return value if value is None or isinstance(value, (str, bool, int, float)) else str(value)
+
+
+def _has(module, name):
+    try:
+        return hasattr(module, name)
+    except RuntimeError:
+        return False
+
+
+def _program_ops(artifact, fmt):
+    """The lstmopt ops a program calls: (op, module path) per call for pt2 (its graph keeps each node's module
+    stack); for an AOTInductor package, whose graph is compiled, the op names its files name, once per call."""
+    import io
+    import re
+    import zipfile
+
+    import torch
+
+    if fmt == "pt2":
+        with open(artifact, "rb") as f:
+            program = torch.export.load(io.BytesIO(f.read()))
+        calls = []
+        for node in program.graph.nodes:
+            if node.op == "call_function" and str(node.target).startswith("lstmopt."):
+                stack = list((node.meta.get("nn_module_stack") or {}).values())
+                calls.append([str(node.target).split(".")[1], stack[-1][0] if stack else None])
+        return calls
+    calls = []
+    with zipfile.ZipFile(artifact) as archive:
+        for entry in archive.namelist():
+            if entry.endswith((".json", ".cpp", ".wrapper.cpp")):
+                text = archive.read(entry).decode("utf-8", "replace")
+                calls += [[op, None] for op in re.findall(r"lstmopt::(\w+)", text)]
+    return calls
 
 
 def _submodule(model, name):
@@ -118,13 +202,34 @@ def _error(exc):
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
 
 
-def main(artifact, fmt, payload_path, result_path):
+def _register_pytree_types(types_):
+    """Register the dataclasses a program's inputs and outputs hold, as the exporting process did: loading a
+    program needs each under the name its tree spec was saved with."""
+    import importlib
+
+    import torch
+
+    for module_name, qualname, serialized in types_:
+        cls = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        try:
+            torch.export.register_dataclass(cls, serialized_type_name=serialized)
+        except ValueError:  # registered already (by its own package, say)
+            pass
+
+
+def main(artifact, fmt, payload_path, samples_path, result_path):
     if fmt in ("torchscript", "pt2", "aoti"):
         sys.modules["lstmopt"] = None  # the archive must not need lstmopt
     import torch
 
     payload = torch.load(payload_path, weights_only=True)
     sys.path.extend(p for p in payload["import_paths"] if p not in sys.path)  # after the installed packages
+    # Inputs that hold objects of the user's classes (a dataclass batch) are unpickled with those classes; the
+    # file is lstmopt's own, in its private directory.
+    samples = torch.load(samples_path, weights_only=not payload["samples_hold_objects"])
+    _register_pytree_types(payload["pytree_types"])
     if payload["native_library"]:  # the one thing an archive needs beyond torch (lstmopt.native.LOAD_LINE)
         torch.ops.load_library(payload["native_library"])
     if fmt == "torchscript":
@@ -134,9 +239,10 @@ def main(artifact, fmt, payload_path, result_path):
     else:
         model = torch.load(artifact, map_location="cpu", weights_only=False)
     apply_numerics_settings(payload["numerics"])
-    result = {"samples": [], "lstms": [], "numerics": numerics_settings()}
+    result = {"samples": [], "lstms": [], "numerics": numerics_settings(),
+              "inventory": inventory(model, fmt, payload["expected_modules"], artifact)}
     with torch.no_grad():
-        for args in payload["samples"]:
+        for args in samples:
             seed_generators(payload["seed"])
             try:
                 result["samples"].append([t for _, t in flatten(model(*args))])
@@ -164,7 +270,7 @@ def main(artifact, fmt, payload_path, result_path):
 
 if __name__ == "__main__":
     try:
-        main(*sys.argv[1:5])
+        main(*sys.argv[1:6])
     except Exception:
         traceback.print_exc()
         sys.exit(1)

@@ -72,7 +72,9 @@ def _check_ancestors(path: Path) -> None:
             raise InsecureCacheError(f"the cache is inside {parent}, which other users can write to")
 
 
-def _private_dir(path: Path, what: str) -> None:
+def private_dir(path: Path, what: str) -> None:
+    """Make ``path`` a directory only this user can write, on a path nobody else can replace (else
+    ``InsecureCacheError``)."""
     _check_ancestors(path)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_ancestors(path)
@@ -116,7 +118,7 @@ def _build_lock(path: Path, timeout: float) -> Iterator[None]:
 def trusted_library(root: Path, name: str, build, *, lock_timeout: float = LOCK_TIMEOUT_S) -> Path:
     """The path of ``root/name/name.so``, verified as described above; built with ``build(path)`` (which
     writes the library to ``path``) when missing or failing the content check."""
-    _private_dir(root, "the cache directory")
+    private_dir(root, "the cache directory")
     directory = root / name
     library = directory / f"{name}.so"
     if directory.exists():
@@ -124,7 +126,7 @@ def trusted_library(root: Path, name: str, build, *, lock_timeout: float = LOCK_
         if _verified(library):
             return library
     with _build_lock(root / f".{name}.lock", lock_timeout):
-        _private_dir(directory, "the cache directory")
+        private_dir(directory, "the cache directory")
         if _verified(library):  # another process built it while this one waited
             return library
         scratch = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=root))

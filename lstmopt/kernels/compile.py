@@ -11,7 +11,10 @@ What an installation holds, in ``lstmopt/kernels/lib/``:
 - ``lstmopt_ops_<variant>.so``: ``csrc/lstm.cpp`` and ``csrc/dense.cpp`` built for one instruction-set level; it registers the
   ``torch.ops.lstmopt.*`` ops (``TORCH_LIBRARY``) and links libtorch only, no Python;
 - ``liblstmopt.so``: ``csrc/loader.cpp``, which picks the variant for the CPU it runs on and loads it;
-- ``_packs`` (a Python extension module, beside this file): ``csrc/packs.cpp``, Python's fast way in.
+- ``_packs`` (a Python extension module, beside this file): ``csrc/packs.cpp``, Python's fast way in;
+- ``manifest.json``: the torch release they were built against and the SHA-256 of each of them, which
+  ``lstmopt.kernels.native`` checks before loading any (a library built for another torch, or truncated by a
+  full disk, would crash the process instead of failing to load).
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ CSRC = Path(__file__).parent / "csrc"
 KERNEL, PACKS, LOADER = CSRC / "lstm.cpp", CSRC / "packs.cpp", CSRC / "loader.cpp"
 OPS_SOURCES = [KERNEL, CSRC / "dense.cpp"]  # with kernel.h: the ops library
 LOADER_NAME = "liblstmopt.so"
+MANIFEST_NAME = "manifest.json"
 OPTIMIZE = ["-O3", "-ffp-contract=fast", "-fopenmp"]
+
+# The torch releases lstmopt supports: the current one and the one before (pyproject.toml's range says the same
+# to pip). Its private ops are checked against each by the suite; setup.py refuses to build against another.
+SUPPORTED_TORCH = ("2.13", "2.14")
 
 # Fastest first, as loader.cpp tries them. Each names the instructions it may use: loader.cpp checks
 # the same ones before loading it. -mtune stays generic: the code is vectorized by hand.
@@ -60,8 +68,9 @@ def torch_build_info() -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         proc = subprocess.run([sys.executable, "-I", __file__], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            raise RuntimeError("lstmopt builds its native library against the installed torch, and this "
-                               "environment has none: install torch first (pip install torch==2.13.0)") from None
+            raise RuntimeError("lstmopt builds its native library against the installed torch, and this environment "
+                               f"has none: install torch {' or '.join(SUPPORTED_TORCH)} first "
+                               f"(pip install torch=={SUPPORTED_TORCH[-1]}.*)") from None
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -74,6 +83,16 @@ def _probe() -> dict:
     return {"includes": cpp_extension.include_paths(), "libraries": cpp_extension.library_paths(),
             "abi": int(torch._C._GLIBCXX_USE_CXX11_ABI), "version": torch.__version__,
             "python_include": sysconfig.get_path("include", scheme="posix_prefix")}
+
+
+def check_supported_torch(version: str) -> None:
+    """Stop an installation against an unsupported torch before pip replaces it (``SystemExit``, one line)."""
+    release = ".".join(version.split("+")[0].split(".")[:2])
+    if release not in SUPPORTED_TORCH:
+        newest = SUPPORTED_TORCH[-1]
+        raise SystemExit(f"lstmopt supports torch {' and '.join(SUPPORTED_TORCH)} (the current release and the one "
+                         f"before); this environment has torch {version}. Install a supported torch first, e.g. "
+                         f"`pip install torch=={newest}.*`, then lstmopt: pip never replaces your torch for it")
 
 
 def compiler() -> str:
@@ -126,7 +145,7 @@ def run_all(commands: Sequence[Sequence[str]]) -> None:
 
 def library_files() -> list[str]:
     """The files of ``lib/`` in an installation."""
-    return [*map(ops_name, VARIANTS), LOADER_NAME]
+    return [*map(ops_name, VARIANTS), LOADER_NAME, MANIFEST_NAME]
 
 
 def build_installed(lib_dir: Path, packs_output: Path) -> None:
@@ -138,6 +157,16 @@ def build_installed(lib_dir: Path, packs_output: Path) -> None:
     commands = [ops_command(info, lib_dir / ops_name(v), v, isa) for v, isa in VARIANTS.items()]
     commands += [packs_command(info, packs_output, "_packs"), loader_command(lib_dir / LOADER_NAME)]
     run_all(commands)
+    write_manifest(lib_dir, info["version"], [*(lib_dir / name for name in library_files()
+                                                if name != MANIFEST_NAME), packs_output])
+
+
+def write_manifest(lib_dir: Path, torch_version: str, files: Sequence[Path]) -> None:
+    """Record the torch release and each built file's SHA-256 (named relative to ``lib_dir``)."""
+    import hashlib
+
+    digests = {os.path.relpath(path, lib_dir): hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in files}
+    (lib_dir / MANIFEST_NAME).write_text(json.dumps({"torch": torch_version, "files": digests}, indent=1) + "\n")
 
 
 if __name__ == "__main__":  # torch_build_info's probe, run in the interpreter's own environment

@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from lstmopt.environment import cpuinfo
+from lstmopt.environment import cache_root, cpuinfo
 from lstmopt.kernels import compile as native_build
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since
 
@@ -53,12 +53,6 @@ def _build_name(kind: str) -> str:
     key = "|".join([*(path.read_text() for path in sources), " ".join(native_build.OPTIMIZE),
                     " ".join(native_build.NATIVE), _cpu_flags(), torch.__version__, sys.version])
     return f"lstmopt_{kind}_" + hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def cache_root() -> Path:
-    """Where first-use builds live: ``$LSTMOPT_CACHE``, else ``~/.cache/lstmopt``."""
-    return Path(os.environ.get("LSTMOPT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lstmopt"))
 
 
 def cache_dir() -> Path:
@@ -100,6 +94,7 @@ def load(*, quiet: bool = False) -> bool:
         if "module" in _state:
             return True
         if "error" in _state:
+            _tell(quiet)
             return False
         if os.environ.get("LSTMOPT_NO_NATIVE"):
             _state["error"] = "LSTMOPT_NO_NATIVE is set"
@@ -112,15 +107,21 @@ def load(*, quiet: bool = False) -> bool:
             _register_fake()
             _state.update(library=str(library), variant=torch.ops.lstmopt.variant(), module=loaded)
         except Exception as exc:  # no compiler, a failed build, no variant for this CPU: lstmopt works without
-            reason = _first_error(str(exc))
-            _state["error"] = reason
-            if not quiet:
-                print(f"lstmopt: native kernel unavailable ({reason}); using the other kernels", file=sys.stderr)
+            _state["error"] = _first_error(str(exc))
+            _tell(quiet)
             return False
     if _state["variant"] == "baseline" and not os.environ.get("LSTMOPT_NATIVE_VARIANT") and not quiet:
         print("lstmopt: this CPU has no AVX2, so the native kernel runs its baseline (SSE2) build, "
               "several times slower", file=sys.stderr)
     return True
+
+
+def _tell(quiet: bool) -> None:
+    """Say once, at the first load that is not quiet, why the kernel is unavailable (``import lstmopt`` tries
+    quietly: the user hears of it where lstmopt is used)."""
+    if not quiet and not _state.get("told"):
+        _state["told"] = True
+        print(f"lstmopt: native kernel unavailable ({_state['error']}); using the other kernels", file=sys.stderr)
 
 
 def _first_error(text: str) -> str:
@@ -138,6 +139,7 @@ def available() -> bool:
 
 def _load_installed():
     """The library installed with lstmopt: its loader picks this CPU's variant (csrc/loader.cpp)."""
+    check_installation(INSTALLED_LOADER.parent)
     quiet = os.environ.get("LSTMOPT_LOADER_QUIET")
     os.environ["LSTMOPT_LOADER_QUIET"] = "1"  # the loader's own line is for C++ processes; this one says why
     try:
@@ -152,6 +154,35 @@ def _load_installed():
     from lstmopt.kernels import _packs
 
     return INSTALLED_LOADER, _packs
+
+
+REBUILD = "rebuild it: pip install --no-deps --no-build-isolation --force-reinstall <the lstmopt source you installed>"
+
+
+def check_installation(lib_dir: Path) -> None:
+    """Refuse (``RuntimeError``, one line) an installed library that was built for another torch, or whose files
+    are not the ones built (truncated by a full disk, a bad copy into an image): loading either would be
+    undefined behaviour, a crash at best. ``lib/manifest.json`` records both when lstmopt is installed."""
+    import json
+
+    manifest_path = lib_dir / native_build.MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        recorded, files = manifest["torch"], dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RuntimeError(f"the installed library has no readable {native_build.MANIFEST_NAME} (damaged, or from "
+                           f"an older lstmopt); {REBUILD}") from None
+    if recorded != torch.__version__:
+        raise RuntimeError(f"the installed library was built for torch {recorded} and this is torch "
+                           f"{torch.__version__}; {REBUILD}")
+    for name, digest in files.items():
+        try:
+            actual = hashlib.sha256((lib_dir / name).read_bytes()).hexdigest()
+        except OSError:
+            actual = None
+        if actual != digest:
+            raise RuntimeError(f"the installed {Path(name).name} is damaged or missing (it is not the file built); "
+                               f"{REBUILD}")
 
 
 def _load_or_build_from_source():

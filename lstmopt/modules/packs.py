@@ -17,7 +17,7 @@ from lstmopt.kernels import native
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since, version_of
 
 __all__ = ["NO_EXACT_PROJECTION", "PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported",
-           "calls_lstm_forward", "native_obstacle", "own_forward", "packing_obstacle", "tracked_copy",
+           "calls_lstm_forward", "native_obstacle", "own_forward", "packing_obstacle", "pickles_its_own_way", "tracked_copy",
            "sources_of", "unchanged_since", "version_of", "weights_obstacle"]
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -125,14 +125,61 @@ def tracked_copy(obj):
     A parameter that was an inference tensor (a model built inside ``torch.inference_mode()``) is copied
     with ``requires_grad=False``: autograd never took the original either, and a normal tensor that
     requires grad sends ``matmul`` down another path (it folds a non-contiguous batch otherwise), whose last
-    bits differ on some CPUs: the copy's other layers would not compute what the original's do."""
+    bits differ on some CPUs: the copy's other layers would not compute what the original's do.
+
+    Real models need two more things of a copy (``_model_copy``): a tensor a module keeps from a forward
+    run with autograd on (not a leaf, which ``deepcopy`` refuses) is copied detached; and a module whose
+    class pickles itself its own way (flair's ``LanguageModel.__setstate__`` builds a new model from its
+    constructor arguments) must not undo lstmopt's modules inside it."""
     with torch.inference_mode(False):
-        copied = copy.deepcopy(obj)
+        copied = _model_copy(obj) if isinstance(obj, nn.Module) else copy.deepcopy(obj)
     if isinstance(obj, nn.Module):
         for original, copy_ in zip(obj.parameters(), copied.parameters()):
             if original.is_inference():
                 copy_.requires_grad_(False)
     return copied
+
+
+def _model_copy(model: nn.Module) -> nn.Module:
+    copied = copy.deepcopy(model, _detached_intermediates(model))
+    if _swapped(copied) == _swapped(model):
+        return copied
+    # A class's own pickling undid them: copy the modules that hold them by their __dict__, as
+    # nn.Module's own pickling does (the memo hands deepcopy an empty shell for each, filled after).
+    memo = _detached_intermediates(model)
+    shells = {id(m): m for m in model.modules() if pickles_its_own_way(type(m)) and _swapped(m)}
+    for key, module in shells.items():
+        memo[key] = type(module).__new__(type(module))
+    copied = copy.deepcopy(model, memo)
+    for key, module in shells.items():
+        memo[key].__dict__.update(copy.deepcopy(module.__dict__, memo))
+    return copied
+
+
+def _swapped(model: nn.Module) -> list:
+    """The names and classes of the lstmopt modules in ``model``."""
+    return [(name, type(m)) for name, m in model.named_modules() if type(m).__module__.startswith("lstmopt.")]
+
+
+def pickles_its_own_way(cls: type) -> bool:
+    """Whether ``cls`` (or a base outside torch and lstmopt) defines how its instances are pickled or copied."""
+    for hook in ("__getstate__", "__setstate__", "__reduce__", "__reduce_ex__", "__deepcopy__"):
+        owner = next((base for base in cls.__mro__ if hook in vars(base)), object)
+        if not owner.__module__.split(".")[0] in ("torch", "lstmopt", "builtins"):
+            return True
+    return False
+
+
+def _detached_intermediates(model: nn.Module) -> dict:
+    """A deepcopy memo mapping each non-leaf tensor a module of ``model`` keeps (a forward run with autograd
+    on leaves some behind) to a detached copy: ``deepcopy`` refuses non-leaf tensors."""
+    memo: dict = {}
+    for module in model.modules():
+        for value in module.__dict__.values():
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, Tensor) and not item.is_leaf:
+                    memo[id(item)] = item.detach().clone()
+    return memo
 
 
 def _reorder(weight_ih: Tensor, weight_hh: Tensor, hidden_size: int, reverse: bool, has_biases: bool) -> List[Tensor]:

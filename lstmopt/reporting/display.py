@@ -107,12 +107,17 @@ def modules_table(modules: list[dict], *, title: str = "LSTMs") -> _ModulesTable
 def verification_summary(verification: dict, *, limit: int = 6) -> Table:
     checks = verification["model_outputs"] + verification["lstm_outputs"]
     failed = [c for c in checks if not c["ok"]]
-    verdict = "[green]passed[/]" if verification["ok"] else f"[red]failed ({len(failed)} of {len(checks)})[/]"
+    problems = verification.get("artifact_problems") or []
+    verdict = ("[green]passed[/]" if verification["ok"] else
+               "[red]failed: the loaded artifact does not hold the optimization[/]" if problems else
+               f"[red]failed ({len(failed)} of {len(checks)})[/]")
     threads = f", {verification['threads']} threads" if verification.get("threads") else ""
     table = Table(title=f"Verification in a fresh process: {verdict}  ({criterion_text(verification)}{threads})",
                   title_justify="left")
     for column in ("output", "shape", "max abs error", "max rel error", "result"):
         table.add_column(column, justify="right" if "error" in column else "left")
+    for problem in problems:  # what the loaded artifact lacks, before any output
+        table.add_row("the loaded artifact", "", "", "", Text(problem, style="red"))
     shown = failed[:limit] if failed else _worst(checks, limit)
     for c in shown:
         result = Text("ok", style="green") if c["ok"] else Text(c.get("error") or "above tolerance", style="red")
@@ -152,7 +157,9 @@ def benchmark_table(benchmark: dict, *, title: Optional[str] = None) -> Table:
 
 
 def _count(module: Any) -> int:
-    return sum(p.numel() for p in module.parameters())
+    from lstmopt.rewrite.quantized import weight_count
+
+    return weight_count(module)
 
 
 def model_tree(model: Any, modules: list[dict], *, label: str) -> Tree:
@@ -164,7 +171,7 @@ def model_tree(model: Any, modules: list[dict], *, label: str) -> Tree:
 
     def node_label(name: str, module: Any) -> Text:
         text = Text(f"{name.rsplit('.', 1)[-1] or label}: ", style="bold")
-        text.append(type(module).__name__)
+        text.append(module._get_name())  # torch.ao's modules say what they are: DynamicQuantizedLSTM
         text.append(f"  {_count(module):,} params", style="dim")
         if name in decisions:
             d = decisions[name]

@@ -12,6 +12,7 @@ from torch import nn
 
 from lstmopt.errors import UnsupportedError
 from lstmopt.kernels import native, table as kernel_table
+from lstmopt.rewrite import quantized
 from lstmopt.kernels.accuracy import CONTRACT
 from lstmopt.modules.cell import EXACT_CELL_KERNELS, PackedCell, PackedGRUCell, PackedLSTMCell, cell_obstacle, native_obstacle
 from lstmopt.modules.gru import PackedGRU, gru_obstacle
@@ -233,10 +234,15 @@ def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None, filter_fn: Op
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, (nn.LSTM, nn.LSTMCell, nn.GRU, nn.GRUCell)):
             names.setdefault(id(module), []).append(name)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if quantized.is_quantized(module):
+            names.setdefault(id(module), []).append(name)
     decisions = []
     for name, module in model.named_modules():
         aliases = tuple(names.get(id(module), [])[1:])
-        if isinstance(module, nn.LSTM):
+        if quantized.is_quantized(module):
+            decisions.append(_decide_quantized(module, name, aliases, filter_fn))
+        elif isinstance(module, nn.LSTM):
             decisions.append(_decide(module, name, aliases, dtype, filter_fn, exact))
         elif isinstance(module, (nn.LSTMCell, nn.GRUCell)):
             decisions.append(_decide_cell(module, name, aliases, exact, filter_fn))
@@ -278,7 +284,9 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         except Exception as exc:  # user models may hold uncopyable state (locks, files, ...)
             raise TypeError(f"cannot copy the model ({exc}); pass inplace=True") from exc
     for decision in decisions:
-        if decision.packed and decision.kind in ("LSTMCell", "GRUCell"):
+        if decision.packed and decision.dtype in quantized.QUANTIZED_DTYPES:
+            _replace_quantized(model, decision)
+        elif decision.packed and decision.kind in ("LSTMCell", "GRUCell"):
             cls = PackedGRUCell if decision.kind == "GRUCell" else PackedLSTMCell
             cls.convert_(model.get_submodule(decision.name), decision.kernel)
         elif decision.packed and decision.kind == "GRU":
@@ -295,6 +303,55 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
 
         tune(model, autotune, exact=exact)
     return model
+
+
+def _decide_quantized(module: nn.Module, name: str, aliases: tuple[str, ...],
+                      filter_fn: Optional[FilterFn]) -> Decision:
+    kind, found = quantized.quantized_kind(module), quantized.quantized_dtype(module)
+    what = f"torch.ao dynamic-quantized ({found}) {kind}"
+    kernel = sequence_kernel = packed_dtype = None
+    if filter_fn is not None and not filter_fn(module, name):
+        packed, reason = False, "excluded by filter_fn"
+    elif (obstacle := quantized.obstacle(module)) is not None:
+        packed, reason = False, obstacle
+    elif kind == "LSTM" and found == "qint8" and native.load(quiet=True):
+        packed, packed_dtype, kernel, sequence_kernel = True, "int8", "native", "native"
+        reason = (f"{what}: its int8 weights, requantized per gate row, on lstmopt's native kernel; error against "
+                  "the quantized original measured")
+    elif kind == "LSTM":
+        packed, packed_dtype = True, "float32"
+        kernel, sequence_kernel = kernel_table.default(kernel_table.TENSOR), kernel_table.default(kernel_table.SEQUENCE)
+        reason = f"{what}: its dequantized weights on the packed oneDNN kernel; error against the quantized original measured"
+    else:
+        packed, packed_dtype, kernel = True, "float32", "native"
+        sequence_kernel = "native" if kind == "GRU" else None
+        reason = (f"{what}: its dequantized weights on lstmopt's native kernel; error against the quantized "
+                  "original measured")
+    layered = kind in ("LSTM", "GRU")
+    return Decision(
+        name=name, aliases=aliases, input_size=module.input_size, hidden_size=module.hidden_size,
+        num_layers=module.num_layers if layered else 1, bidirectional=module.bidirectional if layered else False,
+        bias=module.bias, batch_first=module.batch_first if layered else False, proj_size=0, dtype=found,
+        packed=packed, packed_dtype=packed_dtype, exact=not packed, reason=reason, kernel=kernel,
+        sequence_kernel=sequence_kernel, kind=kind)
+
+
+def _replace_quantized(model: nn.Module, decision: Decision) -> None:
+    """Put lstmopt's module for the torch.ao module ``decision`` names in its place (and its aliases')."""
+    plain = quantized.dequantized(model.get_submodule(decision.name))
+    if decision.kind == "LSTM":
+        replacement = PackedLSTM.convert_(plain)
+        if decision.kernel == "native":
+            replacement.use_kernel("native", sequence_kernel="native", native_weights=decision.packed_dtype)
+    elif decision.kind == "GRU":
+        replacement = PackedGRU.convert_(plain, decision.kernel)
+    else:
+        replacement = (PackedGRUCell if decision.kind == "GRUCell" else PackedLSTMCell).convert_(plain, decision.kernel)
+    for name in (decision.name, *decision.aliases):
+        parent, _, child = name.rpartition(".")
+        if not name:
+            raise ValueError("a torch.ao module given alone is not rebuilt in place; optimize the model that holds it")
+        model.get_submodule(parent)._modules[child] = replacement
 
 
 def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[Decision]:
