@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -181,6 +182,22 @@ def test_an_internal_error_is_one_line_with_exit_1_and_a_traceback_only_with_deb
                                      "(re-run with --debug for the traceback)")
     result = invoke(*OPTIMIZE, "--debug")
     assert result.exit_code == 1 and "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+
+
+def test_an_internal_error_deep_in_a_job_still_writes_the_report(work, monkeypatch):
+    import lstmopt.rewrite.swap
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(lstmopt.rewrite.swap, "plan", broken)
+    result = invoke(*OPTIMIZE, "--report", "r.json")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: internal error: ZeroDivisionError: a bug "
+                                     "(re-run with --debug for the traceback)")
+    report = json.loads(Path("r.json").read_text())
+    assert (report["status"], report["exit_code"]) == ("error", 1)
+    assert report["error"] == "internal error: ZeroDivisionError: a bug"
 
 
 def test_trusted_pickle_is_optimized(work):

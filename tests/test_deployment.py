@@ -53,7 +53,7 @@ def _python_result(artifact: Path, x_path: Path, out_path: Path) -> torch.Tensor
 def test_a_cpp_libtorch_process_runs_a_native_kernel_artifact_with_pythons_exact_results(tmp_path):
     client = tmp_path / "run_artifact"
     torch_lib = cpp_extension.library_paths()[0]
-    subprocess.run([os.environ.get("CXX", "c++"), "-std=c++17", "-O1", str(ROOT / "tests/cpp/run_artifact.cpp"),
+    subprocess.run([os.environ.get("CXX", "c++"), "-std=c++20", "-O1", str(ROOT / "tests/cpp/run_artifact.cpp"),
                     "-o", str(client), *[f"-isystem{p}" for p in cpp_extension.include_paths()],
                     f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-L{torch_lib}",
                     f"-Wl,-rpath,{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"], check=True)
@@ -156,3 +156,35 @@ def test_every_load_line_of_the_deployment_table_runs_its_artifact_in_a_fresh_pr
     """, cwd=ROOT / "tests")  # a pickle's classes are in tests/models.py
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.testing.assert_close(torch.load(out), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_installing_lstmopt_beside_a_supported_torch_changes_nothing_of_torch(tmp_path):
+    """pip resolves lstmopt's dependencies against the installed torch and finds nothing to do for it."""
+    report = tmp_path / "install.json"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-build-isolation", "--report",
+                    str(report), str(ROOT)], check=True, capture_output=True, text=True, timeout=600)
+    planned = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
+    assert "torch" not in planned and "lstmopt" in planned
+
+
+@pytest.mark.parametrize("version", ["2.12.1", "2.15.0"])
+def test_building_against_an_unsupported_torch_stops_before_anything_is_replaced(version):
+    """setup.py, which pip runs before it resolves anything, refuses in one line naming the releases to install."""
+    proc = run_python(f"""
+        import runpy, sys, types
+        # the torch setup.py would build against, as its probe sees it
+        torch = types.ModuleType("torch")
+        torch.__version__ = {version!r}
+        torch._C = types.SimpleNamespace(_GLIBCXX_USE_CXX11_ABI=1)
+        utils, extension = types.ModuleType("torch.utils"), types.ModuleType("torch.utils.cpp_extension")
+        extension.include_paths = extension.library_paths = lambda: []
+        torch.utils, utils.cpp_extension = utils, extension
+        sys.modules.update({{"torch": torch, "torch.utils": utils, "torch.utils.cpp_extension": extension}})
+        sys.argv = ["setup.py", "--name"]
+        runpy.run_path("setup.py", run_name="__main__")
+    """)
+    assert proc.returncode == 1
+    (line,) = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert line.startswith(f"lstmopt supports torch 2.13 and 2.14 (the current release and the one before); this "
+                           f"environment has torch {version}")
+    assert "pip install torch==2.14.*" in line

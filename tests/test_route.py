@@ -136,3 +136,25 @@ def test_a_speedup_is_measured_only_for_what_was_optimized(tmp_path, monkeypatch
     refused = invoke("optimize", "model.pt", "-o", "out2.pt", "--factory", "linear:build", "--input-shape", "2,4,3",
                      "--min-speedup", "1.1")
     assert refused.exit_code == 4 and "nothing to optimize" in refused.stderr
+
+
+@pytest.mark.skipif(not __import__("conftest").NATIVE, reason="native kernel unavailable")
+def test_the_default_passes_over_a_format_that_would_lose_the_optimization_the_model_has(tmp_path, monkeypatch):
+    """A tagger fed PackedSequences: with --approx its LSTM runs the native sequence kernel, which a trace and a
+    program would replace by nn.LSTM's own op; by default (nothing fast for PackedSequences either way) the
+    trace is written."""
+    monkeypatch.chdir(tmp_path)
+    torch.save(__import__("models").build_unscriptable_tagger().state_dict(), "tagger.pt")
+    g = torch.Generator().manual_seed(0)
+    torch.save([(torch.randint(0, 50, (4, 11), generator=g), torch.tensor([11, 3, 7, 1]))], "in.pt")
+    options = dict(input="tagger.pt", factory="models:build_unscriptable_tagger", example_inputs="in.pt")
+    approx = optimize_file(OptimizeOptions(output="approx.pt", approx=True, autotune=True, **options))
+    assert approx.status == "ok", approx.error
+    assert approx.output["format"] == "pickle"
+    torchscript, pt2 = approx.artifact["blockers"]  # (the tagger's own code is no program either)
+    assert torchscript["format"] == "torchscript" and torchscript["reason"].startswith("lstm would lose its "
+                                                                                      "optimization (traced as")
+    assert approx.verification["artifact_holds"]["modules"]["lstm"]["sequence_kernel"] == "native"
+    default = optimize_file(OptimizeOptions(output="default.pt", **options))
+    assert default.status == "ok", default.error
+    assert default.output["format"] == "torchscript" and default.artifact["lstms_traced_as_ops"] == ["lstm"]

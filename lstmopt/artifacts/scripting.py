@@ -12,6 +12,7 @@ the model is scripted whenever the code its forward runs is scriptable. Where th
 # No "from __future__ import annotations": TorchScript needs real annotations on the entry points below.
 import contextlib
 import re
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -21,8 +22,8 @@ from torch import Tensor, nn
 from lstmopt.errors import UsageError, one_line
 from lstmopt.modules.packs import tracked_copy
 
-__all__ = ["GRUEntry", "LSTMEntry", "NO_TORCHSCRIPT", "TorchScriptGone", "script", "to_torchscript", "torchscript_gone",
-           "uncalled_modules"]
+__all__ = ["GRUEntry", "LSTMEntry", "NO_TORCHSCRIPT", "TorchScriptGone", "quiet_torchscript", "script", "to_torchscript",
+           "torchscript_gone", "uncalled_modules"]
 
 NO_TORCHSCRIPT = ("this torch has no TorchScript ({}): write --format aoti or pt2 (the default, --format auto, writes a "
                   "pt2 program where TorchScript cannot hold the model)")
@@ -31,6 +32,15 @@ NO_TORCHSCRIPT = ("this torch has no TorchScript ({}): write --format aoti or pt
 class TorchScriptGone(UsageError):
     """``torch.jit``'s entry points raise (torch is moving off TorchScript: pytorch/pytorch#189705 turns their
     deprecation warnings into errors) or are gone: no TorchScript artifact can be made or loaded."""
+
+
+@contextlib.contextmanager
+def quiet_torchscript():
+    """Inside, torch.jit's own deprecation warnings are not shown (torch 2.14 makes them FutureWarnings, which
+    print by default): the user asked lstmopt for an artifact, and calls no torch.jit entry point themselves."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is (deprecated|not supported)")
+        yield
 
 
 def torchscript_gone(error: "BaseException | str") -> bool:
@@ -71,7 +81,7 @@ def to_torchscript(model, samples: Sequence[tuple] = ()) -> Tuple[torch.jit.Scri
     never called, which scripting left out) or, for a trace, ``lstms_traced_as_ops`` (those fed
     PackedSequences, recorded as nn.LSTM's own op)."""
     model = model.eval()
-    with _scripting_flags(model):
+    with _scripting_flags(model), quiet_torchscript():
         return _script_or_trace(model, samples)
 
 

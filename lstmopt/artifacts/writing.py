@@ -36,7 +36,8 @@ from lstmopt.choices import FORMATS
 from lstmopt.errors import UsageError, one_line
 from lstmopt.artifacts.files import atomic_path, check_output_path, write_bytes
 from lstmopt.artifacts.metadata import METADATA_NAME, read_metadata
-from lstmopt.artifacts.scripting import NO_TORCHSCRIPT, TorchScriptGone, script, to_torchscript, torchscript_gone
+from lstmopt.artifacts.scripting import (NO_TORCHSCRIPT, TorchScriptGone, quiet_torchscript, script, to_torchscript,
+                                         torchscript_gone)
 
 __all__ = ["FORMATS", "METADATA_NAME", "native_lstms", "read_metadata", "save_artifact", "script", "to_torchscript",
            "write_artifact"]
@@ -79,7 +80,8 @@ def save_artifact(model, path: Path, *, format: str, metadata: dict, samples: Se
         how["native_kernel"] = metadata["native_kernel"]
         metadata = {**metadata, "torchscript": how, "module_prefix": how["module_prefix"]}
         try:
-            torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: _json(metadata)})
+            with quiet_torchscript():
+                torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: _json(metadata)})
         except Exception as exc:
             if torchscript_gone(exc):
                 raise TorchScriptGone(NO_TORCHSCRIPT.format(one_line(exc, 200))) from exc

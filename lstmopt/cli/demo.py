@@ -52,7 +52,11 @@ def demo(
              input_shape=",".join(map(str, INPUT_SHAPE)), atol=None, rtol=None, bench=True, min_speedup=None,
              autotune=False, approx=False, require_lstm=True, report=output_dir / "report.json", summary=output_dir / "summary.md", force=True,
              json_out=json_out, quiet=quiet, debug=debug)
-    load = (f"torch.jit.load('{target}')" if format.value == "torchscript"
-            else f"torch.load('{target}', weights_only=False)")
+    import json
+
+    written = json.loads((output_dir / "report.json").read_text())["output"]["format"]
+    load = {"torchscript": f"torch.jit.load('{target}')", "pickle": f"torch.load('{target}', weights_only=False)",
+            "pt2": f"torch.export.load('{target}').module() (after import lstmopt)",
+            "aoti": f"torch._inductor.aoti_load_package('{target}') (after import lstmopt)"}[written]
     ui.show(f"Report: {output_dir / 'report.json'}, summary: {output_dir / 'summary.md'}. "
             f"Load the optimized model with {load}.")

@@ -121,4 +121,7 @@ def optimize(
         if how.get("method") == "traced":
             ui.show(f"  traced because {how['reason']}")
         return
-    raise Failed(result.error or result.status, result.exit_code) from result.exception
+    message = result.error or result.status
+    if result.exit_code == 1 and not debug:  # lstmopt's own bug: the traceback is for its maintainers
+        message += " (re-run with --debug for the traceback)"
+    raise Failed(message, result.exit_code) from result.exception

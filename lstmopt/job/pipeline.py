@@ -221,6 +221,9 @@ def optimize_file(options: OptimizeOptions, *, on_step: Optional[Callable[[str],
                       options_sha256=options.fingerprint())
     except LstmoptError as exc:
         report.fail(exc)
+    except Exception as exc:  # a bug in lstmopt or below it: the report still says what happened (--report, CI)
+        report.status, report.exit_code, report.exception = "error", 1, exc
+        report.error = f"internal error: {type(exc).__name__}: {one_line(exc)}"
     finally:
         report.finished = _now()
     return report
@@ -414,7 +417,10 @@ def _load_artifact(path: Path, format: str) -> Any:
     import torch
 
     if format == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu")
+        from lstmopt.artifacts.scripting import quiet_torchscript
+
+        with quiet_torchscript():
+            return torch.jit.load(str(path), map_location="cpu")
     if format in ("pt2", "aoti"):
         from lstmopt.job.verify_child import load_program
 

@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 
 from lstmopt.choices import AUTO, AUTO_ROUTE
 from lstmopt.errors import LstmoptError, UsageError, VerificationError
-from lstmopt.job.holdings import runs_lstmopt_kernels
 
 __all__ = ["Attempt", "Written", "formats_for", "write_verified"]
 
@@ -75,15 +74,24 @@ def formats_for(requested: str, dtype: str) -> tuple[str, ...]:
 
 
 def write_verified(attempt: Attempt, path: Path, formats: Sequence[str], *, step, requested: str) -> Written:
-    """Write ``attempt``'s model to ``path`` in the first of ``formats`` that verifies (see the module docstring)."""
+    """Write ``attempt``'s model to ``path`` in the first of ``formats`` that verifies (see the module docstring).
+    The automatic route passes over a format that would lose optimization the model has on its inputs (a trace
+    records an LSTM fed PackedSequences as nn.LSTM's own op), and comes back to the first such one where no
+    later format holds the model at all."""
     blockers: list = []
     first_error: Optional[LstmoptError] = None
+    received = _received(attempt) if requested == AUTO else None
+    lossy = None
     for fmt in formats:
         try:
-            return _attempt(attempt, path, fmt, step, blockers, keep_optimization=requested == AUTO)
+            return _attempt(attempt, path, fmt, step, blockers, received=received)
         except _Blocked as blocked:
             blockers.append((fmt, _without_advice(str(blocked.error))))
             first_error = first_error or blocked.error
+            lossy = lossy or (fmt if blocked.loses_optimization else None)
+    if lossy is not None:
+        kept = [(fmt, why) for fmt, why in blockers if fmt != lossy]
+        return _attempt(attempt, path, lossy, step, kept, received=None)
     assert first_error is not None
     if requested != AUTO:
         works = _another_that_works(attempt, path, requested, step)
@@ -104,24 +112,48 @@ def _without_advice(message: str) -> str:
 
 
 class _Blocked(Exception):
-    """This format cannot hold the model: ``error`` says why."""
+    """This format cannot hold the model (or, ``loses_optimization``, not without losing some): ``error`` says why."""
 
-    def __init__(self, error: LstmoptError):
+    def __init__(self, error: LstmoptError, loses_optimization: bool = False):
         super().__init__(str(error))
-        self.error = error
+        self.error, self.loses_optimization = error, loses_optimization
 
 
-def _attempt(attempt: Attempt, path: Path, fmt: str, step, blockers: list, *, keep_optimization: bool) -> Written:
-    """Write and verify ``fmt``; ``keep_optimization``: an artifact in which nothing optimized remains (a trace
-    records LSTMs fed PackedSequences as nn.LSTM's own op) is no artifact of the automatic route either."""
+def _received(attempt: Attempt) -> dict:
+    """Per module of the decisions, the kinds of input ("tensor", "sequence") it received on the samples; both
+    where there are none to run."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    from lstmopt.job.samples import recorded_calls
+
+    names = [d.name for d in attempt.decisions if d.packed]
+    if not attempt.samples:
+        return {name: {"tensor", "sequence"} for name in names}
+    calls = recorded_calls(attempt.optimized, names, attempt.samples)
+    return {name: {"sequence" if isinstance(args[0], PackedSequence) else "tensor" for args, _ in calls[name] if args}
+            for name in names}
+
+
+def _serves(decision, kinds: set) -> bool:
+    """Whether ``decision``'s module serves any of the input ``kinds`` it receives with one of lstmopt's kernels."""
+    return decision.packed and any((decision.kernel if kind == "tensor" else decision.sequence_kernel)
+                                   not in (None, "stock") for kind in kinds)
+
+
+def _attempt(attempt: Attempt, path: Path, fmt: str, step, blockers: list, *, received: Optional[dict]) -> Written:
+    """Write and verify ``fmt``; with ``received`` (the automatic route), an artifact that would lose optimization
+    the model has on its inputs is blocked too, as lossy."""
     try:
         written = _write(attempt, path, fmt, step)
     except UsageError as exc:  # the format cannot hold the model
         raise _Blocked(exc) from exc
-    lost = [d for d in written.decisions if not runs_lstmopt_kernels(d) and d.name in
-            {p.name for p in attempt.decisions if runs_lstmopt_kernels(p)}]
-    if keep_optimization and lost and not any(runs_lstmopt_kernels(d) for d in written.decisions):
-        raise _Blocked(UsageError(f"nothing optimized would remain in it ({lost[0].name or '<model>'}: {lost[0].reason})"))
+    if received is not None:
+        before = {d.name: d for d in attempt.decisions}
+        lost = [d for d in written.decisions if d.name in received and _serves(before[d.name], received[d.name])
+                and not _serves(d, received[d.name])]
+        if lost:
+            raise _Blocked(UsageError(f"{lost[0].name or '<model>'} would lose its optimization ({lost[0].reason})"),
+                           loses_optimization=True)
     if attempt.verify:
         try:
             written.verification = _verify(attempt, path, written, step)
@@ -141,7 +173,7 @@ def _another_that_works(attempt: Attempt, path: Path, requested: str, step) -> O
         if fmt == requested:
             continue
         try:
-            _attempt(attempt, path, fmt, step, [], keep_optimization=True)
+            _attempt(attempt, path, fmt, step, [], received=None)
             return fmt
         except _Blocked:
             continue
