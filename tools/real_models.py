@@ -26,6 +26,24 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+# flair's SequenceTagger on one-hot embeddings of a toy vocabulary: forward(sentence_tensor, lengths), embedded
+# sentences in, tag features out
+FLAIR_TAGGER = """
+        from flair.data import Dictionary
+        from flair.embeddings import OneHotEmbeddings
+        from flair.models import SequenceTagger
+
+        def tagger(embedding_length, hidden_size, use_crf):
+            vocab = Dictionary()
+            for word in "the cat sat on a mat".split():
+                vocab.add_item(word)
+            tags = Dictionary(add_unk=False)
+            for tag in ["O", "S-PER", "B-LOC", "I-LOC", "E-LOC"]:
+                tags.add_item(tag)
+            return SequenceTagger(OneHotEmbeddings(vocab, field="text", embedding_length=embedding_length), tags,
+                                  "ner", hidden_size=hidden_size, use_crf=use_crf).eval()
+"""
+
 # (name, package, factory source defining build(), the example inputs: an expression (``factory``: the factory
 # module), or "function" (the factory's examples()), or a list of --input specs; extra optimize args; and how the
 # model is saved: "state_dict" (with --factory), or "pickle" (build() returns the module its users torch.save,
@@ -117,21 +135,9 @@ MODELS = [
             model.build()
             return model
     """, "[(torch.randn(1, 1, 16000),), (torch.randn(2, 1, 8000),)]", []),
-    ("flair SequenceTagger with CRF", "flair", """
-        from flair.data import Dictionary
-        from flair.embeddings import OneHotEmbeddings
-        from flair.models import SequenceTagger
-
+    ("flair SequenceTagger with CRF", "flair", FLAIR_TAGGER + """
         def build():
-            vocab = Dictionary()
-            for word in "the cat sat on a mat".split():
-                vocab.add_item(word)
-            tags = Dictionary(add_unk=False)
-            for tag in ["O", "S-PER", "B-LOC", "I-LOC", "E-LOC"]:
-                tags.add_item(tag)
-            # forward(sentence_tensor, lengths): embedded sentences in, CRF features out
-            return SequenceTagger(OneHotEmbeddings(vocab, field="text", embedding_length=32), tags, "ner",
-                                  hidden_size=64)
+            return tagger(32, 64, use_crf=True)
     """, "[(torch.randn(2, 9, 32), torch.tensor([9, 5])), (torch.randn(4, 20, 32), torch.tensor([20, 17, 9, 3]))]",
      []),
     ("torchaudio Tacotron2 inference (prenet dropout on)", "torchaudio", """
@@ -197,22 +203,10 @@ MODELS = [
                 characters.add_item(ch)
             return LanguageModel(characters, is_forward_lm=True, hidden_size=256, nlayers=1, embedding_size=64)
     """, ["int64[T=100,B=4]:0..31", "(float32[1,B,256], float32[1,B,256])"], []),
-    ("flair SequenceTagger quantized by torch.ao (qint8 LSTM)", "flair", """
-        import torch
-        from flair.data import Dictionary
-        from flair.embeddings import OneHotEmbeddings
-        from flair.models import SequenceTagger
-
+    ("flair SequenceTagger quantized by torch.ao (qint8 LSTM)", "flair", FLAIR_TAGGER + """
         def build():
-            vocab = Dictionary()
-            for word in "the cat sat on a mat".split():
-                vocab.add_item(word)
-            tags = Dictionary(add_unk=False)
-            for tag in ["O", "S-PER", "B-LOC", "I-LOC", "E-LOC"]:
-                tags.add_item(tag)
-            tagger = SequenceTagger(OneHotEmbeddings(vocab, field="text", embedding_length=64), tags, "ner",
-                                    hidden_size=128, use_crf=False).eval()
-            return torch.ao.quantization.quantize_dynamic(tagger, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
+            return torch.ao.quantization.quantize_dynamic(tagger(64, 128, use_crf=False), {torch.nn.LSTM, torch.nn.Linear},
+                                                          dtype=torch.qint8)
     """, "[(torch.randn(4, 30, 64), torch.tensor([30, 22, 15, 7])), (torch.randn(1, 12, 64), torch.tensor([12]))]",
      [], "pickle"),
 ]
