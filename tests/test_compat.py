@@ -87,6 +87,10 @@ def _across(release: str, fmt: str):
     return path, expected
 
 
+def _pickled_forecaster(release: str):
+    return torch.load(DATA / f"forecaster-torch{release}.pickle.pt", weights_only=False)
+
+
 def _loaded(path, fmt):
     if fmt == "torchscript":
         return torch.jit.load(str(path))
@@ -106,6 +110,24 @@ def test_an_artifact_written_under_each_supported_torch_loads_and_computes_the_s
         output = model(expected["input"])
     # The default kernel is bit-identical to eager on the CPU it runs on; across CPUs and releases oneDNN may give
     # other last bits
-    eager = _eager_here(torch.load(DATA / f"forecaster-torch{release}.pickle.pt", weights_only=False), expected["input"])
+    eager = _eager_here(_pickled_forecaster(release), expected["input"])
     torch.testing.assert_close(output, eager, atol=0, rtol=0)
+    torch.testing.assert_close(output, expected["output"], atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("release", RELEASES)
+def test_an_aoti_package_written_under_each_supported_torch_loads_and_runs_lstmopts_op_here(release):
+    # torch promises nothing for AOTInductor packages across releases; this is what holds for the supported ones.
+    # The packages were compiled on an AVX2 machine (tools/compat_artifacts.py), which every CI machine can run.
+    path = DATA / f"forecaster-torch{release}.aoti.pt2"
+    expected = torch.load(DATA / f"forecaster-torch{release}.expected.pt", weights_only=True)
+    with zipfile.ZipFile(path) as archive:
+        wrappers = [archive.read(n) for n in archive.namelist() if n.endswith(".wrapper.json")]
+    assert wrappers and all(b"lstmopt::onednn_lstm_dense" in w for w in wrappers)  # the LSTMs call lstmopt's op
+    with torch.no_grad():
+        output = torch._inductor.aoti_load_package(str(path))(expected["input"])
+        eager = _eager_here(_pickled_forecaster(release), expected["input"])
+    # Inductor compiles the layers around the LSTMs: close to eager, not bit-identical
+    torch.testing.assert_close(output, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(output, expected["output"], atol=1e-5, rtol=1e-5)

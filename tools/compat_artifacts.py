@@ -2,9 +2,10 @@
 
     python tools/compat_artifacts.py tests/data      # once per torch release, in an environment with that torch
 
-Writes ``forecaster-torch<X.Y>.{torchscript,pickle,pt2}.pt`` and ``forecaster-torch<X.Y>.expected.pt`` (the input
+Writes ``forecaster-torch<X.Y>.{torchscript,pickle,pt2}.pt``, ``forecaster-torch<X.Y>.aoti.pt2`` and ``forecaster-torch<X.Y>.expected.pt`` (the input
 and what the optimized model computed for it here): a forecaster (tests/models.py) with its LSTMs on lstmopt's
-default kernel, in each format. Run in the other release's environment, the test checks that each still loads
+default kernel, in each format. The AOTInductor package holds code compiled for this machine's instruction set:
+write it on an AVX2 machine, so that every machine that runs the suite can run it. Run in the other release's environment, the test checks that each still loads
 and computes the same.
 """
 
@@ -15,11 +16,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+FORMATS = {"torchscript": ".torchscript.pt", "pickle": ".pickle.pt", "pt2": ".pt2.pt", "aoti": ".aoti.pt2"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))  # the pickle names models.Forecaster, as tests import it
     from lstmopt import optimize
@@ -31,8 +34,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     fast = optimize(build_forecaster().eval())
     x = torch.randn(3, 9, 3, generator=torch.Generator().manual_seed(1))
-    for fmt in ("torchscript", "pickle", "pt2"):
-        write_artifact(fast, f"{stem}.{fmt}.pt", format=fmt, metadata={"written_by_torch": str(torch.__version__)},
+    for fmt in args.formats:
+        write_artifact(fast, f"{stem}{FORMATS[fmt]}", format=fmt, metadata={"written_by_torch": str(torch.__version__)},
                        force=True, samples=[(x,)])
     with torch.no_grad():
         torch.save({"input": x, "output": fast(x), "torch": str(torch.__version__)}, f"{stem}.expected.pt")
