@@ -8,7 +8,7 @@ in a build environment where neither is importable.
 
 What an installation holds, in ``lstmopt/kernels/lib/``:
 
-- ``lstmopt_ops_<variant>.so``: ``csrc/lstm.cpp`` and ``csrc/dense.cpp`` built for one instruction-set level; it registers the
+- ``lstmopt_ops_<variant>.so``: ``csrc/lstm.cpp``, ``csrc/pack.cpp`` and ``csrc/dense.cpp`` (with their headers) built for one instruction-set level; it registers the
   ``torch.ops.lstmopt.*`` ops (``TORCH_LIBRARY``) and links libtorch only, no Python;
 - ``liblstmopt.so``: ``csrc/loader.cpp``, which picks the variant for the CPU it runs on and loads it;
 - ``_packs`` (a Python extension module, beside this file): ``csrc/packs.cpp``, Python's fast way in;
@@ -30,7 +30,7 @@ from typing import Sequence
 
 CSRC = Path(__file__).parent / "csrc"
 KERNEL, PACKS, LOADER = CSRC / "lstm.cpp", CSRC / "packs.cpp", CSRC / "loader.cpp"
-OPS_SOURCES = [KERNEL, CSRC / "dense.cpp"]  # with kernel.h: the ops library
+OPS_SOURCES = [KERNEL, CSRC / "pack.cpp", CSRC / "dense.cpp"]  # with csrc/*.h: the ops library
 LOADER_NAME = "liblstmopt.so"
 MANIFEST_NAME = "manifest.json"
 OPTIMIZE = ["-O3", "-ffp-contract=fast", "-fopenmp"]

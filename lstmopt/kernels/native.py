@@ -49,7 +49,7 @@ def _cpu_flags() -> str:
 
 def _build_name(kind: str) -> str:
     """A first-use build serves only where the sources, the CPU, torch and Python are the same."""
-    sources = [*native_build.OPS_SOURCES, native_build.CSRC / "kernel.h", native_build.PACKS]
+    sources = [*native_build.OPS_SOURCES, *sorted(native_build.CSRC.glob("*.h")), native_build.PACKS]
     key = "|".join([*(path.read_text() for path in sources), " ".join(native_build.OPTIMIZE),
                     " ".join(native_build.NATIVE), _cpu_flags(), torch.__version__, sys.version])
     return f"lstmopt_{kind}_" + hashlib.sha256(key.encode()).hexdigest()[:16]

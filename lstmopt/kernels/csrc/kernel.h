@@ -1,4 +1,4 @@
-// What lstm.cpp offers the other files of the ops library (dense.cpp): the kernel and its packing.
+// What lstm.cpp and pack.cpp offer the other files of the ops library (dense.cpp): the kernel and its packing.
 #pragma once
 
 #include <ATen/core/Tensor.h>
