@@ -24,3 +24,10 @@ def build_keyword_spotter(seed: int = 0) -> KeywordSpotter:
     """The factory ``lstmopt demo`` names with ``--factory lstmopt.demo:build_keyword_spotter``."""
     torch.manual_seed(seed)
     return KeywordSpotter().eval()
+
+
+def demo_inputs() -> list:
+    """What ``lstmopt demo`` verifies and times (``--example-inputs lstmopt.demo:demo_inputs``): one 10 ms frame of
+    one stream, as a streaming recognizer calls the model, and one second of it."""
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(1, 1, 40, generator=generator),), (torch.randn(*INPUT_SHAPE, generator=generator),)]

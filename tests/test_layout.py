@@ -2,6 +2,7 @@
 (imports inside functions count), and the old import paths artifacts name keep working."""
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import ROOT
@@ -72,3 +73,64 @@ def test_no_module_imports_itself_back_through_others():
 
     cycles = [c for m in graph if (c := cycle_from(m))]
     assert not cycles, " -> ".join(cycles[0])
+
+
+# Sizes a newcomer can read: a source file on a few screens, a function on one.
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60  # of body, after the signature and the docstring
+SOURCES = [p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cpp", ".h") and "__pycache__" not in p.parts]
+
+
+def test_no_source_file_is_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in SOURCES if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}
+    assert SOURCES and not long, long
+
+
+def _python_bodies(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and len(body) > 1:
+                body = body[1:]  # the docstring
+            yield node.name, node.end_lineno - body[0].lineno + 1
+
+
+def _cpp_bodies(path: Path):
+    """Each function definition's name and body length: a line that opens a definition at namespace level (no
+    indentation, a name and an argument list, not a declaration), to its closing brace at the same depth."""
+    lines = [line.split("//")[0] for line in path.read_text().splitlines()]
+    definition = re.compile(r"^(?:template <[^>]*> )?[A-Za-z_][\w:<>,\s*&]*?\b(\w+)\(")
+    i = 0
+    while i < len(lines):
+        match = definition.match(lines[i])
+        if match and not lines[i].startswith(("namespace", "TORCH_LIBRARY", "struct", "class")):
+            j = i
+            while j < len(lines) and "{" not in lines[j] and not lines[j].rstrip().endswith(";"):
+                j += 1
+            if j < len(lines) and "{" in lines[j]:
+                depth, k = 0, j
+                while True:
+                    depth += lines[k].count("{") - lines[k].count("}")
+                    if depth <= 0:
+                        break
+                    k += 1
+                yield match.group(1), k - j + 1
+                i = k
+        i += 1
+
+
+def test_no_function_is_over_60_lines():
+    long = []
+    for path in SOURCES:
+        bodies = _python_bodies(path) if path.suffix == ".py" else _cpp_bodies(path)
+        long += [f"{path.relative_to(ROOT)}: {name} ({n} lines)" for name, n in bodies if n > MAX_FUNCTION_LINES]
+    assert not long, "\n".join(long)
+
+
+def test_the_size_checks_see_functions_in_both_languages():
+    # The checks above must measure something: the kernel's run() and the pipeline's optimize_file are found
+    cpp = dict(_cpp_bodies(PACKAGE / "kernels" / "csrc" / "lstm.cpp"))
+    python = dict(_python_bodies(PACKAGE / "job" / "pipeline.py"))
+    assert 20 < cpp["run"] <= MAX_FUNCTION_LINES and "recurrent" in cpp and "pack" in dict(
+        _cpp_bodies(PACKAGE / "kernels" / "csrc" / "pack.cpp"))
+    assert 10 < python["optimize_file"] <= MAX_FUNCTION_LINES

@@ -285,15 +285,15 @@ def test_numbers_the_noise_cannot_support_give_no_slower_verdict_and_never_fail_
 
 def test_the_slower_warning_blames_lstms():
     from lstmopt.job.benchmarking import LatencyCase, LstmLatency
-    from lstmopt.job.pipeline import _slower_warning
+    from lstmopt.job.benchmarking import slower_warning
     from lstmopt.rewrite.swap import plan
 
     decisions = plan(build_tagger())
-    text = _slower_warning([LatencyCase("x", 1.0, 1.1, 0.85, 0.95, 9)], 4,
+    text = slower_warning([LatencyCase("x", 1.0, 1.1, 0.85, 0.95, 9)], 4,
                            [LstmLatency("lstm", "PackedSequences", 1.0, 1.25)], decisions)
     assert "on 1 of 4 inputs beyond the timing noise (worst 0.91x, 95% interval 0.85-0.95x)" in text
     assert "lstm 0.80x on its PackedSequences: PackedSequences take nn.LSTM's own path" in text
-    text = _slower_warning([LatencyCase("x", 1.0, 1.5, 0.6, 0.7, 9)], 1, [LstmLatency("lstm", "tensors", 1.0, 0.9)],
+    text = slower_warning([LatencyCase("x", 1.0, 1.5, 0.6, 0.7, 9)], 1, [LstmLatency("lstm", "tensors", 1.0, 0.9)],
                            decisions)
     assert "no LSTM is slower on its own (lstm 1.11x): the difference lies elsewhere" in text
 

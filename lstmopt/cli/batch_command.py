@@ -42,12 +42,10 @@ def batch(
     debug: DebugOpt = False,
 ) -> None:
     """Optimize every model of a YAML config; up-to-date outputs are skipped, failures do not stop the others."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+    from lstmopt.artifacts.files import atomic_write_text
     from lstmopt.job.batch import run_batch
     from lstmopt.job.config import load_config
     from lstmopt.reporting.display import batch_table
-    from lstmopt.artifacts.files import atomic_write_text, check_paths
     from lstmopt.reporting.report import batch_markdown, write_json
 
     ui = UI(quiet=quiet, json_mode=json_out)
@@ -55,35 +53,9 @@ def batch(
     loaded = load_config(config)
     if slice_ is not None:
         loaded = loaded.sharded(*slice_)
-    reads: dict = {"the config": config}
-    writes: dict = {"the report": report, "the summary": summary}
-    for job in loaded.jobs:
-        reads[f"the input of job {job.name!r}"] = job.options.input
-        reads[f"the example inputs of job {job.name!r}"] = job.options.example_inputs
-        writes[f"the output of job {job.name!r}"] = job.options.output
-    check_paths(reads, writes, create_dirs=True)
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=ui.err, disable=not ui.chatty)
-    overall = progress.add_task(f"{config.name}", total=len(loaded.jobs))
-    tasks: dict[int, Any] = {}
-
+    _check_batch_paths(config, loaded, report, summary)
     redact = (lambda data: data) if show_variables else loaded.redact
-
-    def on_event(kind: str, index: int, payload: Any) -> None:
-        name = redact(loaded.jobs[index].name)
-        if kind == "done":
-            payload = redact(payload)
-        if kind == "start":
-            tasks[index] = progress.add_task(f"  {name}: starting", total=None)
-        elif kind == "step":
-            progress.update(tasks[index], description=f"  {name}: {payload}")
-        elif kind == "done":
-            if index in tasks:
-                progress.remove_task(tasks.pop(index))
-            progress.advance(overall)
-            if ui.chatty:
-                ui.err.print(Text.assemble(_status_text(payload["status"]), f" {name}",
-                                           f": {payload['error']}" if payload.get("error") else ""), soft_wrap=True)
+    progress, on_event = _progress(ui, config, loaded, redact)
 
     def write_outputs(result) -> None:
         data = redact(result.to_dict())
@@ -109,6 +81,47 @@ def batch(
         raise Failed(f"{counts['failed']} of {counts['total']} jobs failed; first: {failed['job']}: "
                       f"{failed['error']}", result.exit_code)
     ui.show(f"[green]{counts['ok']} optimized, {counts['skipped']} up to date[/] ({counts['total']} jobs)")
+
+
+def _check_batch_paths(config: Path, loaded, report: Optional[Path], summary: Optional[Path]) -> None:
+    """Every file the batch reads and writes, checked before any job starts (``check_paths``)."""
+    from lstmopt.artifacts.files import check_paths
+
+    reads: dict = {"the config": config}
+    writes: dict = {"the report": report, "the summary": summary}
+    for job in loaded.jobs:
+        reads[f"the input of job {job.name!r}"] = job.options.input
+        reads[f"the example inputs of job {job.name!r}"] = job.options.example_inputs
+        writes[f"the output of job {job.name!r}"] = job.options.output
+    check_paths(reads, writes, create_dirs=True)
+
+
+def _progress(ui: UI, config: Path, loaded, redact):
+    """The batch's progress display and the run_batch event handler that drives it (a line per finished job)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=ui.err, disable=not ui.chatty)
+    overall = progress.add_task(f"{config.name}", total=len(loaded.jobs))
+    tasks: dict[int, Any] = {}
+
+    def on_event(kind: str, index: int, payload: Any) -> None:
+        name = redact(loaded.jobs[index].name)
+        if kind == "done":
+            payload = redact(payload)
+        if kind == "start":
+            tasks[index] = progress.add_task(f"  {name}: starting", total=None)
+        elif kind == "step":
+            progress.update(tasks[index], description=f"  {name}: {payload}")
+        elif kind == "done":
+            if index in tasks:
+                progress.remove_task(tasks.pop(index))
+            progress.advance(overall)
+            if ui.chatty:
+                ui.err.print(Text.assemble(_status_text(payload["status"]), f" {name}",
+                                           f": {payload['error']}" if payload.get("error") else ""), soft_wrap=True)
+
+    return progress, on_event
 
 
 @app.command("merge-reports", epilog="Example: `lstmopt merge-reports shard-*.json --report batch.json --summary "

@@ -26,7 +26,7 @@ import selectors
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from lstmopt.job.children import isolated_python, preexec
@@ -244,87 +244,107 @@ def run_batch(config: BatchConfig, *, parallel: int = 1, fail_fast: bool = False
     interrupted jobs are reported as such, and the KeyboardInterrupt is re-raised with ``.batch_result``."""
     from lstmopt.environment import describe
 
-    notify = on_event or (lambda kind, index, payload: None)
     result = BatchResult(config, [None] * len(config.jobs), started=_now(), parallel=parallel, fail_fast=fail_fast,
                          environment=describe())
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    warning = (f"timed while up to {parallel} jobs ran in parallel: latencies are noisier than in a "
-               "sequential run") if parallel > 1 else None
-    pending = list(range(len(config.jobs)))
-    running: dict[int, _Worker] = {}
-    stopped_by: Optional[str] = None
-    selector = selectors.DefaultSelector()
-
-    def finish(index: int, report: dict) -> None:
-        nonlocal stopped_by
-        result.reports[index] = report
-        worker = running.pop(index, None)
-        if worker is not None:
-            worker.release(selector)
-        notify("done", index, report)
-        if fail_fast and report["exit_code"] != 0 and stopped_by is None:
-            stopped_by = config.jobs[index].name
-
-    def handle(worker: _Worker) -> None:
-        for kind, payload in worker.events():
-            if kind == "step":
-                notify("step", worker.index, payload)
-            elif worker.index in running:
-                worker.process.wait()
-                finish(worker.index, payload)
-        if worker.closed and worker.index in running:  # it ended without a report: a crash
-            code = worker.process.wait()
-            cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-            finish(worker.index, _report(config.jobs[worker.index], "error", exit_code=1,
-                                         error=f"the job's process died ({cause}) without a report"))
-
+    batch = _Scheduler(config, result, parallel, fail_fast, force, on_event or (lambda kind, index, payload: None))
     try:
-        while pending or running:
-            while pending and len(running) < parallel and stopped_by is None:
-                index = pending.pop(0)
-                job = config.jobs[index]
-                skipped = None if force else up_to_date(job)
-                if skipped is not None:
-                    notify("start", index, job)
-                    finish(index, skipped)
-                    continue
-                job.options.output.parent.mkdir(parents=True, exist_ok=True)  # a config describes a tree
-                # Whether to replace an existing output is decided by the worker, once it holds the output's lock:
-                # another run may be writing it now
-                worker = _Worker(index, job, {"job": job, "threads": threads, "pythonpath": import_paths(config),
-                                              "warning": warning, "force": force})
-                running[index] = worker
-                selector.register(worker.fd, selectors.EVENT_READ, worker)
-                notify("start", index, job)
-            if stopped_by is not None:
-                _stop_workers(running)
-                for index in list(running):
-                    finish(index, _report(config.jobs[index], "cancelled",
-                                          error=f"stopped: --fail-fast after job {stopped_by!r} failed"))
-                for index in pending:
-                    finish(index, _report(config.jobs[index], "cancelled",
-                                          error=f"not run: --fail-fast after job {stopped_by!r} failed"))
-                pending = []
+        while batch.pending or batch.running:
+            batch.start_workers()
+            if batch.stopped_by is not None:
+                batch.cancel_the_rest()
                 break
-            for key, _ in selector.select(timeout=0.5):
-                handle(key.data)
+            for key, _ in batch.selector.select(timeout=0.5):
+                batch.handle(key.data)
     except KeyboardInterrupt as exc:
-        _stop_workers(running)
-        for worker in list(running.values()):  # a job that finished as the interrupt came keeps its report
-            for kind, payload in worker.events():
-                if kind == "done" and worker.index in running:
-                    finish(worker.index, payload)
-        for index in list(running) + pending:
-            result.reports[index] = _report(config.jobs[index], "interrupted", exit_code=EXIT_INTERRUPTED,
-                                            error="interrupted before the job finished; no partial output was left")
-        result.interrupted = True
-        result.finished = _now()
+        batch.interrupted()
         exc.batch_result = result  # type: ignore[attr-defined]
         raise
     finally:
-        selector.close()
+        batch.selector.close()
     result.finished = _now()
     return result
+
+
+class _Scheduler:
+    """run_batch's state: the jobs not started, the workers running (read through one selector), and the job whose
+    failure stopped the batch under --fail-fast."""
+
+    def __init__(self, config: BatchConfig, result: BatchResult, parallel: int, fail_fast: bool, force: bool,
+                 notify: Event):
+        self.config, self.result, self.parallel, self.fail_fast, self.force = config, result, parallel, fail_fast, force
+        self.notify = notify
+        self.threads = max(1, (os.cpu_count() or 1) // parallel)
+        self.warning = (f"timed while up to {parallel} jobs ran in parallel: latencies are noisier than in a "
+                        "sequential run") if parallel > 1 else None
+        self.pending = list(range(len(config.jobs)))
+        self.running: dict[int, _Worker] = {}
+        self.stopped_by: Optional[str] = None
+        self.selector = selectors.DefaultSelector()
+
+    def finish(self, index: int, report: dict) -> None:
+        self.result.reports[index] = report
+        worker = self.running.pop(index, None)
+        if worker is not None:
+            worker.release(self.selector)
+        self.notify("done", index, report)
+        if self.fail_fast and report["exit_code"] != 0 and self.stopped_by is None:
+            self.stopped_by = self.config.jobs[index].name
+
+    def start_workers(self) -> None:
+        """Start pending jobs up to the parallel limit (a job whose output is up to date finishes at once)."""
+        while self.pending and len(self.running) < self.parallel and self.stopped_by is None:
+            index = self.pending.pop(0)
+            job = self.config.jobs[index]
+            skipped = None if self.force else up_to_date(job)
+            if skipped is not None:
+                self.notify("start", index, job)
+                self.finish(index, skipped)
+                continue
+            job.options.output.parent.mkdir(parents=True, exist_ok=True)  # a config describes a tree
+            # Whether to replace an existing output is decided by the worker, once it holds the output's lock:
+            # another run may be writing it now
+            worker = _Worker(index, job, {"job": job, "threads": self.threads, "pythonpath": import_paths(self.config),
+                                          "warning": self.warning, "force": self.force})
+            self.running[index] = worker
+            self.selector.register(worker.fd, selectors.EVENT_READ, worker)
+            self.notify("start", index, job)
+
+    def handle(self, worker: _Worker) -> None:
+        for kind, payload in worker.events():
+            if kind == "step":
+                self.notify("step", worker.index, payload)
+            elif worker.index in self.running:
+                worker.process.wait()
+                self.finish(worker.index, payload)
+        if worker.closed and worker.index in self.running:  # it ended without a report: a crash
+            code = worker.process.wait()
+            cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            self.finish(worker.index, _report(self.config.jobs[worker.index], "error", exit_code=1,
+                                              error=f"the job's process died ({cause}) without a report"))
+
+    def cancel_the_rest(self) -> None:
+        """--fail-fast: stop the running jobs and cancel the pending ones."""
+        _stop_workers(self.running)
+        for index in list(self.running):
+            self.finish(index, _report(self.config.jobs[index], "cancelled",
+                                       error=f"stopped: --fail-fast after job {self.stopped_by!r} failed"))
+        for index in self.pending:
+            self.finish(index, _report(self.config.jobs[index], "cancelled",
+                                       error=f"not run: --fail-fast after job {self.stopped_by!r} failed"))
+        self.pending = []
+
+    def interrupted(self) -> None:
+        _stop_workers(self.running)
+        for worker in list(self.running.values()):  # a job that finished as the interrupt came keeps its report
+            for kind, payload in worker.events():
+                if kind == "done" and worker.index in self.running:
+                    self.finish(worker.index, payload)
+        for index in list(self.running) + self.pending:
+            self.result.reports[index] = _report(
+                self.config.jobs[index], "interrupted", exit_code=EXIT_INTERRUPTED,
+                error="interrupted before the job finished; no partial output was left")
+        self.result.interrupted = True
+        self.result.finished = _now()
 
 
 def _stop_workers(running: dict) -> None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from lstmopt.job.samples import Sample, describe, recorded_calls
 from lstmopt.rewrite.timing import compare, interleaved_medians
 
-__all__ = ["Benchmark", "LatencyCase", "compare_latency"]
+__all__ = ["Benchmark", "LatencyCase", "compare_latency", "load_written", "per_lstm_latency", "slower_warning"]
 
 
 class _OriginalAgainstOptimized:
@@ -148,3 +149,41 @@ def per_lstm_latency(original: torch.nn.Module, optimized: torch.nn.Module, name
             results.append(LstmLatency(name, " and ".join(sorted(kinds)), medians["original"] * 1e3,
                                        medians["optimized"] * 1e3))
     return results
+
+
+def slower_warning(slower: list, total: int, lstms: list, decisions: list) -> str:
+    """Says, in words, that the artifact ran slower than the original, and which LSTMs it is down to."""
+    worst = min(slower, key=lambda case: case.speedup)
+    text = (f"the artifact ran slower than the original on {len(slower)} of {total} inputs beyond the timing "
+            f"noise (worst {worst.speedup:.2f}x, 95% interval {worst.speedup_low:.2f}-{worst.speedup_high:.2f}x)")
+    blamed = sorted((lstm for lstm in lstms if lstm.speedup < 1.0), key=lambda lstm: lstm.speedup)
+    reasons = {d.name: d for d in decisions}
+    if blamed:
+        parts = []
+        for lstm in blamed:
+            decision = reasons.get(lstm.name)
+            why = ""
+            if "PackedSequences" in lstm.inputs and decision is not None and decision.sequence_kernel == "stock":
+                why = ": PackedSequences take nn.LSTM's own path (--autotune --approx may pick the faster kernel)"
+            elif decision is not None and decision.kernel == "stock":
+                why = ": autotune kept nn.LSTM for its inputs"
+            parts.append(f"{lstm.name or '<model>'} {lstm.speedup:.2f}x on its {lstm.inputs}{why}")
+        text += "; LSTMs slower than the original's: " + "; ".join(parts)
+    elif lstms:
+        text += "; no LSTM is slower on its own (" + ", ".join(
+            f"{lstm.name or '<model>'} {lstm.speedup:.2f}x" for lstm in lstms) + "): the difference lies elsewhere"
+    return text
+
+
+def load_written(path: Path, format: str) -> Any:
+    """An artifact lstmopt just wrote, loaded as a deployment loads it (a program as a callable module)."""
+    if format == "torchscript":
+        from lstmopt.artifacts.scripting import quiet_torchscript
+
+        with quiet_torchscript():
+            return torch.jit.load(str(path), map_location="cpu")
+    if format in ("pt2", "aoti"):
+        from lstmopt.job.verify_child import load_program
+
+        return load_program(path, format)
+    return torch.load(path, map_location="cpu", weights_only=False)  # we just wrote it

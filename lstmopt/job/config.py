@@ -295,20 +295,7 @@ def _problem(exc: yaml.YAMLError) -> str:
 def load_config(path: os.PathLike | str) -> BatchConfig:
     """Read and validate a batch config; a UsageError names the first problem's file, line and field."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise UsageError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MB; a batch config is a page of YAML")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise UsageError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the config as UTF-8") from None
+    text = _read_text(path)
     try:
         _check_depth(text, path)
         root = yaml.compose(text, Loader=_Loader)
@@ -327,40 +314,68 @@ def load_config(path: os.PathLike | str) -> BatchConfig:
         problems.add_validation((), exc)
         problems.raise_if_any()
         raise AssertionError("unreachable")
+    _check_defaults(config.defaults, problems)
+    base = path.parent.resolve()
+    jobs = _jobs(config, problems, base)
+    problems.raise_if_any()
+    return BatchConfig(path=path, pythonpath=tuple(_resolved(p, base) for p in config.pythonpath), jobs=tuple(jobs),
+                       variables=budget.variables, sha256=sha256_file(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UsageError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MB; a batch config is a page of YAML")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the config as UTF-8") from None
+
+
+def _check_defaults(defaults: dict, problems: "_Problems") -> None:
     known = len(problems.items)
     for key in ("name", "input", "output"):
-        if key in config.defaults:
+        if key in defaults:
             problems.add(("defaults", key), f"'{key}' belongs in each job, not in defaults")
     try:
-        _Settings.model_validate({k: v for k, v in config.defaults.items() if k not in ("name", "input", "output")})
+        _Settings.model_validate({k: v for k, v in defaults.items() if k not in ("name", "input", "output")})
     except ValidationError as exc:
         problems.add_validation(("defaults",), exc)
     if len(problems.items) > known:
         problems.raise_if_any()  # a bad default would be reported again for every job
-    defaults = config.defaults
 
-    base = path.parent.resolve()
 
-    def resolve(value: Optional[str]) -> Optional[Path]:
-        if value is None:
-            return None
-        p = Path(value).expanduser()
-        return Path(os.path.normpath(p if p.is_absolute() else base / p))
+def _resolved(value: Optional[str], base: Path) -> Optional[Path]:
+    """A path of the config, relative to its directory."""
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
+
+def _jobs(config: "_File", problems: "_Problems", base: Path) -> list[BatchJob]:
+    """Each job with the defaults under it, its paths resolved; names and outputs unique, no output on its input."""
     jobs, names, outputs = [], {}, {}
     for i, raw in enumerate(config.jobs):
         try:
-            job = _Job.model_validate({**defaults, **raw})
+            job = _Job.model_validate({**config.defaults, **raw})
         except ValidationError as exc:
             problems.add_validation(("jobs", i), exc)
             continue
-        output = resolve(job.output)
+        output = _resolved(job.output, base)
         name = job.name or os.path.relpath(output, base)
         if output in outputs:
             problems.add(("jobs", i, "output"), f"{job.output} is also the output of jobs[{outputs[output]}]")
         elif name in names:
             problems.add(("jobs", i, "name"), f"job name {name!r} is already used by jobs[{names[name]}]")
-        if output == resolve(job.input):
+        if output == _resolved(job.input, base):
             problems.add(("jobs", i, "output"), "the output is the input file; lstmopt never modifies its input")
         names.setdefault(name, i)
         outputs.setdefault(output, i)
@@ -368,11 +383,9 @@ def load_config(path: os.PathLike | str) -> BatchConfig:
         if "input_shape" in settings:
             settings["input_shape"] = tuple(settings["input_shape"])
         if "example_inputs" in settings and not (names_a_function(settings["example_inputs"])
-                                                 and not resolve(settings["example_inputs"]).exists()):
-            settings["example_inputs"] = resolve(settings["example_inputs"])
+                                                 and not _resolved(settings["example_inputs"], base).exists()):
+            settings["example_inputs"] = _resolved(settings["example_inputs"], base)
         settings["factory_kwargs"] = settings.get("factory_kwargs") or {}
-        jobs.append(BatchJob(name, OptimizeOptions(input=resolve(job.input), output=output, **settings),
+        jobs.append(BatchJob(name, OptimizeOptions(input=_resolved(job.input, base), output=output, **settings),
                              problems.line(("jobs", i))))
-    problems.raise_if_any()
-    return BatchConfig(path=path, pythonpath=tuple(resolve(p) for p in config.pythonpath), jobs=tuple(jobs),
-                       variables=budget.variables, sha256=sha256_file(path))
+    return jobs

@@ -4,7 +4,7 @@ the tolerance its verification uses, derived from what was measured.
 ``optimize(dtype=torch.int8)`` and ``dtype=torch.bfloat16`` change numerics by design, so their error is
 a fact to report, not a bound to assume. Each low-precision LSTM is run beside its fp32 original on the calls the example inputs make it
 receive (recorded from the original model) and on the synthetic inputs verification gives each LSTM
-(``verification.lstm_cases``); the whole model on the examples. An artifact is then verified against
+(``samples.lstm_cases``); the whole model on the examples. An artifact is then verified against
 ``TOLERANCE_FACTOR`` times the largest error measured (absolute; relative 0): the artifact must compute what
 the in-process model computed, and that margin absorbs only a different thread split of the input
 GEMMs, not a different quantization. ``--atol``/``--rtol`` override it.
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lstmopt.job.samples import recorded_calls
-from lstmopt.job.verification import lstm_cases
+from lstmopt.job.samples import lstm_cases
 from lstmopt.job.verify_child import flatten
 from lstmopt.modules.lstm import PackedLSTM
 

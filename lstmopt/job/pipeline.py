@@ -14,10 +14,10 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 from lstmopt import __version__
-from lstmopt.errors import LstmoptError, one_line, NothingToOptimizeError, SpeedupError, UsageError, VerificationError
+from lstmopt.errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError, one_line
 from lstmopt.choices import AUTO, DTYPES, FORMAT_CHOICES, QUANTIZED_DTYPES, names_a_function
 from lstmopt.artifacts import ledger
 from lstmopt.job.user_code import user_code
@@ -354,8 +354,7 @@ def _benchmark(options: OptimizeOptions, report: Report, step: _Steps, original,
                samples: list) -> None:
     """Time the written artifact against the original, where it runs any of lstmopt's kernels: a speedup of
     an artifact that holds no optimization would be TorchScript's over Python, not lstmopt's."""
-    from lstmopt.job.benchmarking import compare_latency, per_lstm_latency
-
+    from lstmopt.job.benchmarking import compare_latency, load_written, per_lstm_latency, slower_warning
     from lstmopt.job.holdings import runs_lstmopt_kernels
 
     if not any(runs_lstmopt_kernels(d) for d in written.decisions):
@@ -367,7 +366,7 @@ def _benchmark(options: OptimizeOptions, report: Report, step: _Steps, original,
     traced_as_ops = set(written.how.get("lstms_traced_as_ops", ()))
     lstms = [d.name for d in written.decisions if d.packed and d.name not in traced_as_ops]
     with step("benchmark"):
-        reloaded = _load_artifact(path, written.format)
+        reloaded = load_written(path, written.format)
         bench = compare_latency(original, reloaded, samples)
         report.benchmark = bench.to_dict()
         # Verdicts only where the whole interval supports them: a busy machine widens it.
@@ -375,7 +374,7 @@ def _benchmark(options: OptimizeOptions, report: Report, step: _Steps, original,
         if slower:
             timed = per_lstm_latency(original, reloaded, lstms, samples)
             report.benchmark["lstms"] = [lstm.to_dict() for lstm in timed]
-            report.warnings.append(_slower_warning(slower, len(bench.cases), timed, written.decisions))
+            report.warnings.append(slower_warning(slower, len(bench.cases), timed, written.decisions))
         low, high = bench.speedup_range
         measured = (f"speedup {bench.speedup:.2f}x (95% interval {low:.2f}-{high:.2f}x, geometric mean "
                     f"over {len(bench.cases)} inputs)")
@@ -387,42 +386,3 @@ def _benchmark(options: OptimizeOptions, report: Report, step: _Steps, original,
         if options.min_speedup is not None and low < options.min_speedup:
             report.warnings.append(f"{measured}: the noise cannot tell whether it is below the required "
                                    f"{options.min_speedup:g}x, so --min-speedup does not fail it")
-
-
-def _slower_warning(slower: list, total: int, lstms: list, decisions: list) -> str:
-    """Says, in words, that the artifact ran slower than the original, and which LSTMs it is down to."""
-    worst = min(slower, key=lambda case: case.speedup)
-    text = (f"the artifact ran slower than the original on {len(slower)} of {total} inputs beyond the timing "
-            f"noise (worst {worst.speedup:.2f}x, 95% interval {worst.speedup_low:.2f}-{worst.speedup_high:.2f}x)")
-    blamed = sorted((lstm for lstm in lstms if lstm.speedup < 1.0), key=lambda lstm: lstm.speedup)
-    reasons = {d.name: d for d in decisions}
-    if blamed:
-        parts = []
-        for lstm in blamed:
-            decision = reasons.get(lstm.name)
-            why = ""
-            if "PackedSequences" in lstm.inputs and decision is not None and decision.sequence_kernel == "stock":
-                why = ": PackedSequences take nn.LSTM's own path (--autotune --approx may pick the faster kernel)"
-            elif decision is not None and decision.kernel == "stock":
-                why = ": autotune kept nn.LSTM for its inputs"
-            parts.append(f"{lstm.name or '<model>'} {lstm.speedup:.2f}x on its {lstm.inputs}{why}")
-        text += "; LSTMs slower than the original's: " + "; ".join(parts)
-    elif lstms:
-        text += "; no LSTM is slower on its own (" + ", ".join(
-            f"{lstm.name or '<model>'} {lstm.speedup:.2f}x" for lstm in lstms) + "): the difference lies elsewhere"
-    return text
-
-
-def _load_artifact(path: Path, format: str) -> Any:
-    import torch
-
-    if format == "torchscript":
-        from lstmopt.artifacts.scripting import quiet_torchscript
-
-        with quiet_torchscript():
-            return torch.jit.load(str(path), map_location="cpu")
-    if format in ("pt2", "aoti"):
-        from lstmopt.job.verify_child import load_program
-
-        return load_program(path, format)
-    return torch.load(path, map_location="cpu", weights_only=False)  # we just wrote it

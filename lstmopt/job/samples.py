@@ -1,4 +1,5 @@
-"""Sample inputs for verification and benchmarks: from a user's file or function, or generated from shapes.
+"""Sample inputs for verification and benchmarks: from a user's file or function, or generated from shapes, and
+each recurrent module's own synthetic inputs (``lstm_cases``).
 
 An example-inputs file is ``torch.save(samples)`` where ``samples`` is a list of examples, each a tuple of
 the model's positional forward arguments (a lone tensor stands for a one-argument tuple). It is loaded
@@ -20,8 +21,9 @@ from torch import Tensor
 from lstmopt.choices import names_a_function
 from lstmopt.errors import UsageError, one_line
 from lstmopt.job.grid import check_shape_size, shape_grid
+from lstmopt.rewrite.quantized import is_quantized, quantized_kind
 
-__all__ = ["Sample", "describe", "load_samples", "only_tensors", "parse_shape", "recorded_calls",
+__all__ = ["Sample", "describe", "load_samples", "lstm_cases", "only_tensors", "parse_shape", "recorded_calls",
            "samples_for", "samples_from_function", "samples_from_shape", "shape_grid"]
 
 Sample = tuple  # positional arguments of one forward call
@@ -155,3 +157,42 @@ def recorded_calls(model: torch.nn.Module, names: Sequence[str], samples: Sequen
         for handle in handles:
             handle.remove()
     return calls
+
+
+def lstm_cases(lstm: torch.nn.Module, *, seed: int = 0) -> list[tuple]:
+    """Synthetic inputs for one LSTM or GRU (torch's, or torch.ao's dynamic-quantized one): 2 lengths x 2 batch
+    sizes, once with initial states (for an LSTMCell or GRUCell: batches of 1 and 3, an unbatched step, and a
+    step from given states)."""
+    generator = torch.Generator().manual_seed(seed)
+    flat = getattr(lstm, "_flat_weights", None)
+    dtype = flat[0].dtype if flat else getattr(getattr(lstm, "weight_ih", None), "dtype", torch.float32)
+    dtype = dtype if dtype.is_floating_point else torch.float32  # torch.ao's weights: inputs stay fp32
+    kind = _kind(lstm)
+    if kind in ("LSTMCell", "GRUCell"):
+        unbatched = [] if is_quantized(lstm) else [(lstm.input_size,)]  # torch.ao's cells take batches only
+        cases = [(torch.randn(shape, generator=generator, dtype=dtype),)
+                 for shape in [(1, lstm.input_size), (3, lstm.input_size), *unbatched]]
+        h, c = (torch.randn(3, lstm.hidden_size, generator=generator, dtype=dtype) for _ in range(2))
+        return cases + [(cases[1][0], h if kind == "GRUCell" else (h, c))]
+    states = lstm.num_layers * (2 if lstm.bidirectional else 1)
+    cases = []
+    for steps, batch in [(1, 1), (7, 1), (1, 3), (7, 3)]:
+        shape = (batch, steps, lstm.input_size) if lstm.batch_first else (steps, batch, lstm.input_size)
+        x = torch.randn(shape, generator=generator, dtype=dtype)
+        cases.append((x,))
+    h = torch.randn(states, 3, getattr(lstm, "proj_size", 0) or lstm.hidden_size, generator=generator,
+                    dtype=dtype)  # an LSTMP's is proj_size wide
+    if kind == "GRU":  # one state
+        return cases + [(cases[-1][0], h)]
+    c = torch.randn(states, 3, lstm.hidden_size, generator=generator, dtype=dtype)
+    cases.append((cases[-1][0], (h, c)))
+    return cases
+
+
+def _kind(module: torch.nn.Module) -> str:
+    if is_quantized(module):
+        return quantized_kind(module)
+    for kind in (torch.nn.LSTMCell, torch.nn.GRUCell, torch.nn.GRU):
+        if isinstance(module, kind):
+            return kind.__name__
+    return "LSTM"

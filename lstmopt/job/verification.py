@@ -27,10 +27,7 @@ own, unless ``--atol``/``--rtol`` are given.
 from __future__ import annotations
 
 import functools
-import io
 import os
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,15 +35,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lstmopt.job import verify_child
-from lstmopt.kernels import accuracy
-from lstmopt.job.children import in_installation, isolated_python, preexec
 from lstmopt.errors import UsageError, VerificationError, one_line
-from lstmopt.artifacts.files import private_temp_dir, write_bytes
-from lstmopt.artifacts.scripting import torchscript_gone
-from lstmopt.job import holdings
-from lstmopt.job.samples import Sample, describe, only_tensors
-from lstmopt.rewrite.quantized import is_quantized, quantized_kind
+from lstmopt.job import fresh_process, holdings, verify_child
+from lstmopt.job.samples import Sample, describe, lstm_cases
+from lstmopt.kernels import accuracy
 
 __all__ = ["APPROX_TOLERANCE", "BF16_TOLERANCE", "Check", "Verification", "check_deterministic", "default_tolerance",
            "verify_artifact"]
@@ -196,45 +188,6 @@ def _in_float64(obj):
     return obj
 
 
-def lstm_cases(lstm: nn.Module, *, seed: int = 0) -> list[tuple]:
-    """Synthetic inputs for one LSTM or GRU (torch's, or torch.ao's dynamic-quantized one): 2 lengths x 2 batch
-    sizes, once with initial states (for an LSTMCell or GRUCell: batches of 1 and 3, an unbatched step, and a
-    step from given states)."""
-    generator = torch.Generator().manual_seed(seed)
-    flat = getattr(lstm, "_flat_weights", None)
-    dtype = flat[0].dtype if flat else getattr(getattr(lstm, "weight_ih", None), "dtype", torch.float32)
-    dtype = dtype if dtype.is_floating_point else torch.float32  # torch.ao's weights: inputs stay fp32
-    kind = _kind(lstm)
-    if kind in ("LSTMCell", "GRUCell"):
-        unbatched = [] if is_quantized(lstm) else [(lstm.input_size,)]  # torch.ao's cells take batches only
-        cases = [(torch.randn(shape, generator=generator, dtype=dtype),)
-                 for shape in [(1, lstm.input_size), (3, lstm.input_size), *unbatched]]
-        h, c = (torch.randn(3, lstm.hidden_size, generator=generator, dtype=dtype) for _ in range(2))
-        return cases + [(cases[1][0], h if kind == "GRUCell" else (h, c))]
-    states = lstm.num_layers * (2 if lstm.bidirectional else 1)
-    cases = []
-    for steps, batch in [(1, 1), (7, 1), (1, 3), (7, 3)]:
-        shape = (batch, steps, lstm.input_size) if lstm.batch_first else (steps, batch, lstm.input_size)
-        x = torch.randn(shape, generator=generator, dtype=dtype)
-        cases.append((x,))
-    h = torch.randn(states, 3, getattr(lstm, "proj_size", 0) or lstm.hidden_size, generator=generator,
-                    dtype=dtype)  # an LSTMP's is proj_size wide
-    if kind == "GRU":  # one state
-        return cases + [(cases[-1][0], h)]
-    c = torch.randn(states, 3, lstm.hidden_size, generator=generator, dtype=dtype)
-    cases.append((cases[-1][0], (h, c)))
-    return cases
-
-
-def _kind(module: nn.Module) -> str:
-    if is_quantized(module):
-        return quantized_kind(module)
-    for kind in (nn.LSTMCell, nn.GRUCell, nn.GRU):
-        if isinstance(module, kind):
-            return kind.__name__
-    return "LSTM"
-
-
 def verify_artifact(
     original: nn.Module,
     artifact: os.PathLike | str,
@@ -265,38 +218,20 @@ def verify_artifact(
     (``lstmopt.job.holdings``; ``optimized``, the model written, names a cause where it does not);
     ``pytree_types``: the dataclasses a program's inputs and outputs hold, registered in the child as here."""
     original = original.eval()
-    native_library = _native_library() if native_kernel else None
+    native_library = fresh_process.native_library() if native_kernel else None
     if format in ("pt2", "aoti"):
         lstm_names = []  # a program is one graph: it has no LSTM modules to call on their own inputs
     # The child computes with these very settings: results depend on the thread count in their last bits.
     numerics = verify_child.numerics_settings()
     result = Verification(atol=atol, rtol=rtol, samples=[describe(s) for s in samples], numerics=numerics)
     reference = _float64_copy(original) if float64_reference else None
-    expected_samples, reference_samples = [], []
-    with torch.no_grad():
-        for i, args in enumerate(samples):
-            verify_child.seed_generators(seed)
-            try:
-                expected_samples.append(verify_child.flatten(original(*args)))
-            except Exception as exc:
-                raise UsageError(f"the original model fails on example input {i} ({describe(args)}): "
-                                 f"{type(exc).__name__}: {one_line(exc)}") from exc
-            reference_samples.append(_reference_outputs(reference, args, seed))
-        lstm_payload, expected_lstms, reference_lstms = [], [], []
-        for name in lstm_names:
-            lstm = original.get_submodule(name)
-            for j, args in enumerate(lstm_cases(lstm)):
-                lstm_payload.append((artifact_prefix + name, args))
-                expected_lstms.append((f"{name or '<model>'} case {j} {describe(args)}",
-                                       verify_child.flatten(_below_own_forward(lstm)(*args))))
-                reference_lstms.append(_reference_outputs(
-                    None if reference is None else _below_own_forward(reference.get_submodule(name)), args, None))
-    if reference is not None and all(r is not None for r in reference_samples + reference_lstms):
+    wanted = _Expected.of(original, reference, samples, lstm_names, artifact_prefix, seed)
+    if reference is not None and all(r is not None for r in wanted.reference_samples + wanted.reference_lstms):
         result.criterion = "float64"
 
     expected = [artifact_prefix + name for name in expected_modules or {}]
-    outputs = _run_child(Path(artifact), format, list(samples), lstm_payload, numerics, native_library, seed,
-                         timeout, expected, list(pytree_types))
+    outputs = fresh_process.run_child(Path(artifact), format, list(samples), wanted.lstm_payload, numerics,
+                                      native_library, seed, timeout, expected, list(pytree_types))
     result.holdings = outputs["inventory"]
     if expected_modules is not None or expected_ops:
         result.holding_problems = holdings.problems(expected_modules or {}, list(expected_ops), outputs["inventory"],
@@ -304,25 +239,61 @@ def verify_artifact(
     if outputs["numerics"] != numerics:
         raise VerificationError(f"the fresh process computed with other settings ({outputs['numerics']}) than the "
                                 f"reference ({numerics}), so an exact comparison would mean nothing")
-
-    for i, (expected, actual) in enumerate(zip(expected_samples, outputs["samples"])):
-        label = f"sample {i} {result.samples[i]}"
-        if isinstance(actual, str):
-            result.model_checks.append(Check(label, [], float("inf"), float("inf"), False, error=one_line(actual, 500)))
-            continue
-        if len(actual) != len(expected):
-            result.model_checks.append(Check(label, [], float("inf"), float("inf"), False,
-                                             error=f"{len(actual)} output tensors instead of {len(expected)}"))
-            continue
-        for k, ((name, e), a) in enumerate(zip(expected, actual)):
-            result.model_checks.append(_judged(result, f"{label} {name}", e, a, reference_samples[i], k))
-    for i, ((label, expected), actual) in enumerate(zip(expected_lstms, outputs["lstms"])):
-        if isinstance(actual, str):
-            result.lstm_checks.append(Check(label, [], float("inf"), float("inf"), False, error=one_line(actual, 500)))
-            continue
-        for k, ((name, e), a) in enumerate(zip(expected, actual)):
-            result.lstm_checks.append(_judged(result, f"{label} {name}", e, a, reference_lstms[i], k))
+    wanted.judge(result, outputs)
     return result
+
+
+@dataclass
+class _Expected:
+    """What the original computes, here, for the samples and for each LSTM's own cases (and with a float64
+    reference, what that computes): the outputs the fresh process's must match."""
+
+    samples: list = field(default_factory=list)
+    reference_samples: list = field(default_factory=list)
+    lstm_payload: list = field(default_factory=list)  # (the artifact's module name, its inputs) for the child
+    lstms: list = field(default_factory=list)
+    reference_lstms: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, original: nn.Module, reference: Optional[nn.Module], samples: Sequence[Sample],
+           lstm_names: Sequence[str], artifact_prefix: str, seed: Optional[int]) -> "_Expected":
+        wanted = cls()
+        with torch.no_grad():
+            for i, args in enumerate(samples):
+                verify_child.seed_generators(seed)
+                try:
+                    wanted.samples.append(verify_child.flatten(original(*args)))
+                except Exception as exc:
+                    raise UsageError(f"the original model fails on example input {i} ({describe(args)}): "
+                                     f"{type(exc).__name__}: {one_line(exc)}") from exc
+                wanted.reference_samples.append(_reference_outputs(reference, args, seed))
+            for name in lstm_names:
+                lstm = original.get_submodule(name)
+                for j, args in enumerate(lstm_cases(lstm)):
+                    wanted.lstm_payload.append((artifact_prefix + name, args))
+                    wanted.lstms.append((f"{name or '<model>'} case {j} {describe(args)}",
+                                         verify_child.flatten(_below_own_forward(lstm)(*args))))
+                    wanted.reference_lstms.append(_reference_outputs(
+                        None if reference is None else _below_own_forward(reference.get_submodule(name)), args, None))
+        return wanted
+
+    def judge(self, result: Verification, outputs: dict) -> None:
+        """Add to ``result`` a check per output tensor of the child's ``outputs`` (or one failed check for a call
+        that raised, or that returned another number of tensors)."""
+        for i, (expected, actual) in enumerate(zip(self.samples, outputs["samples"])):
+            label = f"sample {i} {result.samples[i]}"
+            if not isinstance(actual, str) and len(actual) != len(expected):
+                actual = f"{len(actual)} output tensors instead of {len(expected)}"
+            result.model_checks += _checks(result, label, expected, actual, self.reference_samples[i])
+        for i, ((label, expected), actual) in enumerate(zip(self.lstms, outputs["lstms"])):
+            result.lstm_checks += _checks(result, label, expected, actual, self.reference_lstms[i])
+
+
+def _checks(result: Verification, label: str, expected: list, actual, references: Optional[list]) -> list[Check]:
+    if isinstance(actual, str):  # the call failed in the child, or returned the wrong number of tensors
+        return [Check(label, [], float("inf"), float("inf"), False, error=one_line(actual, 500))]
+    return [_judged(result, f"{label} {name}", e, a, references, k)
+            for k, ((name, e), a) in enumerate(zip(expected, actual))]
 
 
 def _below_own_forward(module: nn.Module):
@@ -401,64 +372,3 @@ def check_deterministic(model: nn.Module, samples: Sequence[Sample], seed: Optio
         f"the model is not deterministic even when its random generators are seeded with {seed} before each call: "
         f"two runs of the original on example input 0 differ{detail}; its randomness comes from elsewhere "
         "(another generator, threads, the clock)")
-
-
-def _user_paths() -> list[str]:
-    """The current directory and the import paths added to this interpreter beyond its installation."""
-    paths = [os.getcwd()]
-    for entry in sys.path:
-        entry = os.path.abspath(entry or ".")
-        if entry not in paths and not in_installation(entry) and os.path.isdir(entry):
-            paths.append(entry)
-    return paths
-
-
-def _native_library() -> str:
-    from lstmopt.kernels import native
-
-    if not native.load(quiet=True):
-        raise UsageError("the artifact runs lstmopt's native kernel, which cannot be built here "
-                         f"({native.unavailable_reason()})")
-    return native.library_path()
-
-
-def _run_child(artifact: Path, format: str, samples: list, lstm_payload: list, numerics: dict,
-               native_library: Optional[str], seed: Optional[int], timeout: float, expected_modules: list,
-               pytree_types: list) -> dict:
-    with private_temp_dir("lstmopt-verify-") as tmp:
-        payload, samples_file, result = tmp / "payload.pt", tmp / "samples.pt", tmp / "result.pt"
-        objects = not all(only_tensors(sample) for sample in samples)
-        # A pickle artifact's classes are the user's, as are those of inputs or outputs that hold objects: the
-        # child imports them from where this process did.
-        user_classes = format == "pickle" or objects or bool(pytree_types)
-        for path, content in ((payload, {"lstms": lstm_payload, "numerics": numerics, "native_library": native_library,
-                                         "seed": seed, "import_paths": _user_paths() if user_classes else [],
-                                         "samples_hold_objects": objects, "expected_modules": expected_modules,
-                                         "pytree_types": pytree_types}),
-                              (samples_file, samples)):
-            buffer = io.BytesIO()
-            torch.save(content, buffer)
-            try:
-                write_bytes(path, buffer.getbuffer())
-            except OSError as exc:
-                raise UsageError(f"cannot write the verification inputs to {tmp}: {exc.strerror}") from exc
-        try:
-            proc = subprocess.run(
-                isolated_python(verify_child.__file__, str(artifact), format, str(payload), str(samples_file),
-                                str(result)),
-                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=preexec(),
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise VerificationError(f"reloading the artifact in a fresh process took over {timeout:.0f} s") from exc
-        if proc.returncode != 0 or not result.exists():
-            for what, path in (("temporary directory", tmp), ("artifact", artifact)):
-                if not path.exists():
-                    raise UsageError(f"lstmopt's {what} {path} was removed while the artifact was being verified "
-                                     "(by another process, or a cleaner of temporary files); run again")
-            lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-            last = one_line(lines[-1]) if lines else f"exit status {proc.returncode}"
-            if format == "torchscript" and torchscript_gone(last):
-                raise UsageError(f"this torch cannot load TorchScript ({last}): the artifact needs a torch that "
-                                 "still has it; write --format pt2 or aoti")
-            raise VerificationError(f"the artifact does not load and run in a fresh process: {last}")
-        return torch.load(result, weights_only=True)

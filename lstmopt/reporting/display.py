@@ -156,6 +156,27 @@ def benchmark_table(benchmark: dict, *, title: Optional[str] = None) -> Table:
     return table
 
 
+def demo_table(runs: list[tuple[str, dict]]) -> Table:
+    """``lstmopt demo``'s runs side by side: each one's kernel, verification, largest error against the original
+    and speedup per input (one streaming frame, one second)."""
+    cases = list(dict.fromkeys(case["input"] for _, d in runs for case in (d.get("benchmark") or {}).get("cases", [])))
+    table = Table(title="The keyword spotter, three ways (speedup: the artifact against the original model)",
+                  title_justify="left")
+    for column in ("run", "kernel", "verified", "max error", *(f"speedup {c}" for c in cases)):
+        table.add_column(column, justify="left" if column in ("run", "kernel") else "right")
+    for name, data in runs:
+        modules = [m for m in data.get("modules", []) if m.get("packed")]
+        kernel = ", ".join(sorted({f"{m.get('kernel')} {m.get('packed_dtype')}" for m in modules})) or "—"
+        verification = data.get("verification") or {}
+        verified = Text("passed", style="green") if verification.get("ok") else Text(data.get("status", "—"), "red")
+        error = verification.get("max_abs_error")
+        error_text = "—" if error is None else "0 (bit-identical)" if error == 0 else f"{error:.1e}"
+        speedups = {case["input"]: case for case in (data.get("benchmark") or {}).get("cases", [])}
+        table.add_row(name, kernel, verified, error_text,
+                      *(Text(f"{speedups[c]['speedup']:.2f}x", style="bold") if c in speedups else "—" for c in cases))
+    return table
+
+
 def _count(module: Any) -> int:
     from lstmopt.rewrite.quantized import weight_count
 
