@@ -307,3 +307,34 @@ def test_a_job_with_nothing_in_low_precision_keeps_the_usual_tolerance(tmp_path)
     verification = report["verification"]
     assert report["low_precision"] is None and verification["ok"]
     assert (verification["atol"], verification["rtol"]) == BF16_TOLERANCE  # the dtype's default, not a derived one
+
+
+class _AllKinds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.gru = nn.LSTM(6, 16), nn.GRU(6, 16)
+        self.lstm_cell, self.gru_cell = nn.LSTMCell(6, 16), nn.GRUCell(6, 16)
+
+    def forward(self, x):
+        return self.lstm(x)[0] + self.gru(x)[0] + self.lstm_cell(x[0])[0] + self.gru_cell(x[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+@pytest.mark.parametrize("autotuned", [False, True])
+def test_a_kind_without_low_precision_weights_says_it_runs_float32(dtype, autotuned):
+    # GRUs and cells have no int8 or bf16 weights yet: asked for them, they run float32, and the reason says so
+    from lstmopt.rewrite.swap import with_kernels
+
+    torch.manual_seed(0)
+    model = _AllKinds().eval()
+    decisions = plan(model, dtype=dtype, exact=False)
+    if autotuned:
+        fast = optimize(model, dtype=dtype, exact=False, autotune=[(torch.randn(3, 2, 6),)])
+        decisions = with_kernels(decisions, fast, dtype=dtype)
+    asked = str(dtype).removeprefix("torch.")
+    by_name = {d.name: d for d in decisions}
+    for name in ("gru", "lstm_cell", "gru_cell"):
+        assert by_name[name].packed and by_name[name].packed_dtype == "float32", name
+        assert by_name[name].reason.startswith(f"float32, not {asked} ({asked} weights serve nn.LSTM only)"), name
+    assert not by_name["lstm"].reason.startswith("float32")
+    assert plan(model, exact=False)[1].reason.startswith("lstmopt's native kernel")  # fp32 asked: no note

@@ -316,7 +316,7 @@ def _optimize(options: OptimizeOptions, report: Report, step: _Steps, loaded, sa
     if options.autotune and any(d.packed for d in decisions):
         with step("autotune"):
             autotune(optimized, samples, exact=not options.approx)
-            decisions = with_kernels(decisions, optimized)
+            decisions = with_kernels(decisions, optimized, dtype=dtype)
             report.modules = [d.to_dict() for d in decisions]
     measured = None
     # Numerics that change by design: low precision asked for, and torch.ao's quantized modules (whose own

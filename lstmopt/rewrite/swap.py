@@ -4,8 +4,8 @@ allowed) its ``nn.GRU`` modules for ``PackedGRU``; ``plan``: what it would do an
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Callable, Optional, Sequence
+from dataclasses import replace
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from torch import nn
 from lstmopt.errors import UnsupportedError
 from lstmopt.kernels import native, table as kernel_table
 from lstmopt.rewrite import quantized
+from lstmopt.rewrite.decision import Decision, FilterFn
 from lstmopt.kernels.accuracy import CONTRACT
 from lstmopt.modules.cell import EXACT_CELL_KERNELS, PackedCell, PackedGRUCell, PackedLSTMCell, cell_obstacle, native_obstacle
 from lstmopt.modules.gru import PackedGRU, gru_obstacle
@@ -22,41 +23,6 @@ from lstmopt.modules.packs import (NO_EXACT_PROJECTION, PACKABLE_DTYPES, bf16_su
 from lstmopt.modules.packs import native_obstacle as native_weights_obstacle
 
 __all__ = ["Decision", "FilterFn", "optimize", "plan", "with_kernels"]
-
-FilterFn = Callable[[nn.Module, str], bool]
-"""Called with (module, qualified name); return False to keep that LSTM as it is."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What ``optimize`` does with one ``nn.LSTM`` of a model, and why."""
-
-    name: str  # qualified name in the model; "" when the model is the LSTM itself
-    aliases: tuple[str, ...]  # further names of the same module when it is shared
-    input_size: int
-    hidden_size: int
-    num_layers: int
-    bidirectional: bool
-    bias: bool
-    batch_first: bool
-    proj_size: int
-    dtype: str  # of the weights as found
-    packed: bool
-    packed_dtype: Optional[str]  # what the packed weights are stored in
-    exact: bool  # results bit-identical to the module as found
-    reason: str
-    kernel: Optional[str] = None  # for tensor inputs: "onednn", "cell", "native" or "stock" once packed
-    autotune_ms: Optional[dict] = None  # measured ms per kernel, when autotune chose the kernel
-    sequence_kernel: Optional[str] = None  # for PackedSequence inputs: "stock", "onednn" or "native"
-    sequence_autotune_ms: Optional[dict] = None
-    kind: str = "LSTM"  # or "LSTMCell", "GRUCell" (one layer, one direction, one step per call), or "GRU"
-    # bf16, int8: the largest error of its outputs against fp32, and on which inputs (lstmopt.job.low_precision)
-    error_vs_fp32: Optional[float] = None
-    error_inputs: Optional[str] = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def kernels_are_exact(kernel: Optional[str], sequence_kernel: Optional[str]) -> bool:
     return (kernel is None or kernel in EXACT_KERNELS) and (
@@ -245,10 +211,19 @@ def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None, filter_fn: Op
         elif isinstance(module, nn.LSTM):
             decisions.append(_decide(module, name, aliases, dtype, filter_fn, exact))
         elif isinstance(module, (nn.LSTMCell, nn.GRUCell)):
-            decisions.append(_decide_cell(module, name, aliases, exact, filter_fn))
+            decisions.append(_in_float32(_decide_cell(module, name, aliases, exact, filter_fn), dtype))
         elif isinstance(module, nn.GRU):
-            decisions.append(_decide_gru(module, name, aliases, exact, filter_fn))
+            decisions.append(_in_float32(_decide_gru(module, name, aliases, exact, filter_fn), dtype))
     return decisions
+
+
+def _in_float32(decision: Decision, dtype: Optional[torch.dtype]) -> Decision:
+    """Low-precision weights serve nn.LSTM only: a GRU or cell asked for them runs float32, and its reason says so
+    (the table and the report show it; nothing runs at float32 unsaid)."""
+    asked = _dtype_name(dtype) if dtype in (torch.bfloat16, torch.int8) else None
+    if asked and decision.packed and decision.packed_dtype == "float32" and not decision.reason.startswith("float32"):
+        return replace(decision, reason=f"float32, not {asked} ({asked} weights serve nn.LSTM only): {decision.reason}")
+    return decision
 
 
 def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
@@ -354,9 +329,10 @@ def _replace_quantized(model: nn.Module, decision: Decision) -> None:
         model.get_submodule(parent)._modules[child] = replacement
 
 
-def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[Decision]:
-    """``decisions`` (from ``plan`` on the original model) updated with the kernels each packed LSTM of
-    ``optimized`` ended up with (after ``autotune``) and whether its results stay bit-identical."""
+def with_kernels(decisions: Sequence[Decision], optimized: nn.Module, *,
+                 dtype: Optional[torch.dtype] = None) -> list[Decision]:
+    """``decisions`` (from ``plan`` on the original model, for ``dtype``) updated with the kernels each packed LSTM
+    of ``optimized`` ended up with (after ``autotune``) and whether its results stay bit-identical."""
     updated = []
     for decision in decisions:
         module = optimized.get_submodule(decision.name) if decision.packed else None
@@ -382,7 +358,7 @@ def with_kernels(decisions: Sequence[Decision], optimized: nn.Module) -> list[De
             elif measured:
                 decision = replace(decision, reason=f"{decision.reason}; autotune {'; '.join(measured.values())}")
         updated.append(decision)
-    return updated
+    return [_in_float32(decision, dtype) for decision in updated]
 
 
 def _note(kernel: kernel_table.Kernel, measured: Optional[str]) -> Optional[str]:
