@@ -2,6 +2,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import types
 import sys
@@ -67,6 +68,30 @@ def run_python(code: str, *, cwd=None, env_extra=None, timeout=300) -> subproces
     env = dict(os.environ, PYTHONWARNINGS="ignore", **(env_extra or {}))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+def _interruptible() -> None:
+    # A suite launched in the background inherits SIGINT ignored, and a child would too: Python then installs no
+    # KeyboardInterrupt handler, and a test's Ctrl-C would do nothing. Give the child the default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def started(args, **kwargs):
+    """``subprocess.Popen(args)`` in a session of its own, with SIGINT's default handler; whatever the test does,
+    the process and everything it started (a batch's workers) are killed when the block ends."""
+    proc = subprocess.Popen(args, preexec_fn=_interruptible, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def run_python_json(code: str, **kwargs):

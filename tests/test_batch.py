@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import torch
 
-from conftest import ROOT, invoke
+from conftest import ROOT, invoke, started
 from lstmopt.artifacts.metadata import read_metadata
 from lstmopt.job.batch import run_batch
 from lstmopt.job.config import load_config
@@ -267,15 +267,15 @@ def test_interrupting_a_batch_keeps_finished_outputs_and_leaves_no_partial_files
         "- name: big\n  input: big.pt\n  output: out/big.pt\n  factory: models:build_forecaster\n"
         "  factory_kwargs: {hidden: 512}\n  input_shape: [64, 400, 3]\n  benchmark: true\n")
     path = config(tmp_path, jobs)
-    proc = subprocess.Popen([sys.executable, "-m", "lstmopt", "batch", str(path), "--report", str(tmp_path / "r.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and not (tmp_path / "out" / "forecaster.pt").exists():
-        time.sleep(0.1)
-    time.sleep(4)  # the big job is running now
-    assert proc.poll() is None
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    with started([sys.executable, "-m", "lstmopt", "batch", str(path), "--report", str(tmp_path / "r.json")],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (tmp_path / "out" / "forecaster.pt").exists():
+            time.sleep(0.1)
+        time.sleep(4)  # the big job is running now
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["forecaster.pt"]
     report = json.loads((tmp_path / "r.json").read_text())
@@ -284,9 +284,10 @@ def test_interrupting_a_batch_keeps_finished_outputs_and_leaves_no_partial_files
 
 def test_two_runs_of_one_config_at_once_both_succeed_and_write_each_output_once(tmp_path, models):
     path = config(tmp_path, GOOD)
-    runs = [subprocess.Popen([sys.executable, "-m", "lstmopt", "batch", str(path), "--json"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    reports = [json.loads(run.communicate(timeout=600)[0]) for run in runs]
+    command = [sys.executable, "-m", "lstmopt", "batch", str(path), "--json"]
+    with started(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as one, \
+            started(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as two:
+        reports = [json.loads(run.communicate(timeout=600)[0]) for run in (one, two)]
     assert all(r["exit_code"] == 0 for r in reports), reports
     statuses = sorted(j["status"] for r in reports for j in r["jobs"])
     assert statuses == ["ok", "ok", "skipped", "skipped"]  # one wrote each output, the other found it done
@@ -458,9 +459,8 @@ def test_force_holds_for_a_run_that_waited_for_another_run_writing_the_same_outp
     path = config(tmp_path, "- name: big\n  input: big.pt\n  output: out/big.pt\n  factory: models:build_forecaster\n"
                             "  factory_kwargs: {hidden: 384}\n  input_shape: [32, 200, 3]\n")
     lock = tmp_path / "out" / ".big.pt.lstmopt-lock"
-    first = subprocess.Popen([sys.executable, "-m", "lstmopt", "batch", str(path), "--json"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
+    with started([sys.executable, "-m", "lstmopt", "batch", str(path), "--json"], stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True) as first:
         deadline = time.time() + 300
         while time.time() < deadline:  # until A's worker holds the lock
             if lock.exists():
@@ -476,8 +476,6 @@ def test_force_holds_for_a_run_that_waited_for_another_run_writing_the_same_outp
         second = subprocess.run([sys.executable, "-m", "lstmopt", "batch", str(path), "--force", "--json"],
                                 capture_output=True, text=True, timeout=600)
         first_out = first.communicate(timeout=600)[0]
-    finally:
-        first.kill()
     assert first.returncode == 0, first_out
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert [j["status"] for j in json.loads(second.stdout)["jobs"]] == ["ok"]

@@ -7,12 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import pytest
 from rich.console import Console
 
-from conftest import ROOT, SCRIPT, invoke, run_python
+from conftest import ROOT, SCRIPT, invoke, run_python, started
 from lstmopt.reporting.display import modules_table
 from models import build_speech_encoder, build_tagger
 
@@ -62,15 +63,15 @@ def test_interrupting_leaves_no_partial_output(tmp_path, sig, code):
     g = torch.Generator().manual_seed(0)
     torch.save([(torch.randint(0, 50, (8, 200), generator=g), torch.full((8,), 200))], tmp_path / "inputs.pt")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
-    proc = subprocess.Popen([SCRIPT, "optimize", "tagger.pt", "-o", "out.pt", "--factory", "models:build_tagger",
-                             "--example-inputs", "inputs.pt", "--bench"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name.startswith(".out.pt") for p in tmp_path.iterdir()):
-        time.sleep(0.05)  # wait until the artifact is being written or verified
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    with started([SCRIPT, "optimize", "tagger.pt", "-o", "out.pt", "--factory", "models:build_tagger",
+                  "--example-inputs", "inputs.pt", "--bench"],
+                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(p.name.startswith(".out.pt") for p in tmp_path.iterdir()):
+            time.sleep(0.05)  # wait until the artifact is being written or verified
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
     assert "no partial output" in stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs.pt", "tagger.pt"]
@@ -156,3 +157,39 @@ def test_tables_in_a_ci_log_keep_each_lstm_on_one_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (row,) = [line for line in proc.stdout.splitlines() if line.startswith("│ encoder │")]
     assert "bit-identical to eager" in row and "packed float32" in row
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has ended; only its parent's wait is left
+
+
+def test_a_process_a_test_starts_is_ended_with_what_it_started_when_the_test_fails():
+    # A test that fails mid-way must not leave a batch and its workers running (spinning) for the rest of the suite
+    code = ("import subprocess, sys, time\n"
+            "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+            "print(worker.pid, flush=True)\ntime.sleep(600)\n")
+    with pytest.raises(RuntimeError):
+        with started([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+            worker = int(proc.stdout.readline())
+            assert _alive(worker)
+            raise RuntimeError("the test failed here")
+    deadline = time.time() + 30
+    while time.time() < deadline and _alive(worker):
+        time.sleep(0.05)
+    assert proc.returncode is not None and not _alive(worker)
+
+
+def test_a_process_a_test_starts_takes_ctrl_c_even_in_a_suite_launched_in_the_background():
+    # `pytest &` in a non-interactive shell ignores SIGINT, and children inherit that
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with started([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is "
+                      "signal.default_int_handler)"], stdout=subprocess.PIPE, text=True) as proc:
+            out = proc.communicate(timeout=60)[0]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert out.strip() == "True"
