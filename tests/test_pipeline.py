@@ -332,3 +332,27 @@ def test_example_inputs_may_be_batch_dicts(tmp_path, monkeypatch):
     assert report.ok, report.error
     assert report.verification["max_abs_error"] == 0 and len(report.verification["model_outputs"]) == 2
     assert report.verification["samples"][0] == "{insample_y: (1, 12, 1), hist_exog: (1, 12, 2)}"
+
+
+class _ByKeyword(torch.nn.Module):
+    """Calls its LSTM with keyword arguments, as darts' models do (lstm(input=x, hx=h))."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(5, 8, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(input=x, hx=None)[0]
+
+
+@pytest.mark.parametrize("scripted", [False, True])
+def test_blaming_a_slower_lstm_times_calls_that_pass_the_input_by_keyword(scripted):
+    from lstmopt import optimize
+    from lstmopt.job.benchmarking import per_lstm_latency
+
+    torch.manual_seed(0)
+    original = _ByKeyword().eval()
+    fast = optimize(original)
+    target = torch.jit.script(fast) if scripted else fast
+    (timed,) = per_lstm_latency(original, target, ["lstm"], [(torch.randn(2, 4, 5),)], rounds=3, round_s=0.001)
+    assert timed.name == "lstm" and timed.inputs == "tensors" and timed.original_ms > 0 and timed.optimized_ms > 0

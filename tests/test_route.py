@@ -158,3 +158,25 @@ def test_the_default_passes_over_a_format_that_would_lose_the_optimization_the_m
     default = optimize_file(OptimizeOptions(output="default.pt", **options))
     assert default.status == "ok", default.error
     assert default.output["format"] == "torchscript" and default.artifact["lstms_traced_as_ops"] == ["lstm"]
+
+
+def test_the_inputs_a_module_receives_are_seen_when_the_model_passes_them_by_keyword():
+    # darts calls its LSTMs as lstm(input=x, hx=h): what the route judges a format by must see those calls
+    from torch.nn.utils.rnn import pack_sequence
+
+    from lstmopt import optimize, plan
+    from lstmopt.job.route import Attempt, _received
+
+    class ByKeyword(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(3, 4)
+
+        def forward(self, x, lengths):
+            packed = pack_sequence([x[:n, i] for i, n in enumerate(lengths.tolist())])
+            return self.lstm(input=x, hx=None)[0].sum() + self.lstm(input=packed)[0].data.sum()
+
+    model = ByKeyword().eval()
+    samples = [(torch.randn(5, 2, 3), torch.tensor([5, 3]))]
+    attempt = Attempt(optimize(model), model, plan(model), samples, {}, "float32")
+    assert _received(attempt) == {"lstm": {"tensor", "sequence"}}

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from lstmopt.job.samples import Sample, describe, recorded_calls
+from lstmopt.job.samples import Sample, call_input, describe, recorded_calls
 from lstmopt.rewrite.timing import compare, interleaved_medians
 
 __all__ = ["Benchmark", "LatencyCase", "compare_latency", "load_written", "per_lstm_latency", "slower_warning"]
@@ -138,14 +138,14 @@ def per_lstm_latency(original: torch.nn.Module, optimized: torch.nn.Module, name
         for name, calls in recorded_calls(original, names, samples).items():
             if not calls:
                 continue
-            recorded = [args for args, _ in calls]
             stock = original.get_submodule(name)
             target = _submodule(optimized, name)
+            # A model may pass the input by keyword (darts: lstm(input=x, hx=h)): calls keep their keywords
             medians = interleaved_medians(
-                {"original": lambda: [stock(*a) for a in recorded],
-                 "optimized": lambda: [_entry_point(target, a[0])(*a) for a in recorded]},
+                {"original": lambda: [stock(*a, **k) for a, k in calls],
+                 "optimized": lambda: [_entry_point(target, call_input(a, k))(*a, **k) for a, k in calls]},
                 rounds=rounds, round_s=round_s)
-            kinds = {"PackedSequences" if isinstance(a[0], PackedSequence) else "tensors" for a in recorded}
+            kinds = {"PackedSequences" if isinstance(call_input(a, k), PackedSequence) else "tensors" for a, k in calls}
             results.append(LstmLatency(name, " and ".join(sorted(kinds)), medians["original"] * 1e3,
                                        medians["optimized"] * 1e3))
     return results

@@ -124,14 +124,14 @@ def _received(attempt: Attempt) -> dict:
     where there are none to run."""
     from torch.nn.utils.rnn import PackedSequence
 
-    from lstmopt.job.samples import recorded_calls
+    from lstmopt.job.samples import call_input, recorded_calls
 
     names = [d.name for d in attempt.decisions if d.packed]
     if not attempt.samples:
         return {name: {"tensor", "sequence"} for name in names}
     calls = recorded_calls(attempt.optimized, names, attempt.samples)
-    return {name: {"sequence" if isinstance(args[0], PackedSequence) else "tensor" for args, _ in calls[name] if args}
-            for name in names}
+    return {name: {"sequence" if isinstance(call_input(*call), PackedSequence) else "tensor" for call in calls[name]
+                   if call_input(*call) is not None} for name in names}
 
 
 def _serves(decision, kinds: set) -> bool:

@@ -23,7 +23,7 @@ from lstmopt.errors import UsageError, one_line
 from lstmopt.job.grid import check_shape_size, shape_grid
 from lstmopt.rewrite.quantized import is_quantized, quantized_kind
 
-__all__ = ["Sample", "describe", "load_samples", "lstm_cases", "only_tensors", "parse_shape", "recorded_calls",
+__all__ = ["Sample", "call_input", "describe", "load_samples", "lstm_cases", "only_tensors", "parse_shape", "recorded_calls",
            "samples_for", "samples_from_function", "samples_from_shape", "shape_grid"]
 
 Sample = tuple  # positional arguments of one forward call
@@ -157,6 +157,12 @@ def recorded_calls(model: torch.nn.Module, names: Sequence[str], samples: Sequen
         for handle in handles:
             handle.remove()
     return calls
+
+
+def call_input(args: tuple, kwargs: dict):
+    """A recorded call's input, given by position or, as some models do (darts: ``lstm(input=x, hx=h)``), by
+    keyword."""
+    return args[0] if args else kwargs.get("input")
 
 
 def lstm_cases(lstm: torch.nn.Module, *, seed: int = 0) -> list[tuple]:
