@@ -364,7 +364,7 @@ def test_verification_directories_left_in_tmpdir_by_killed_runs_are_removed(tmp_
 
 def test_a_temporary_directory_removed_during_verification_is_said_so_not_blamed_on_the_artifact(tmp_path, monkeypatch):
     from lstmopt import optimize
-    from lstmopt.job import verification
+    from lstmopt.job import fresh_process, verification
     from lstmopt.artifacts.writing import write_artifact
 
     model = build_tagger()
@@ -375,7 +375,7 @@ def test_a_temporary_directory_removed_during_verification_is_said_so_not_blamed
         shutil.rmtree(Path(command[-1]).parent)
         return real_run([sys.executable, "-c", "raise SystemExit(1)"], **kwargs)
 
-    monkeypatch.setattr(verification.subprocess, "run", run_after_a_cleaner)
+    monkeypatch.setattr(fresh_process.subprocess, "run", run_after_a_cleaner)
     with pytest.raises(UsageError, match="was removed while the artifact was being verified"):
         verification.verify_artifact(model, tmp_path / "a.pt", format="torchscript", samples=[], lstm_names=["lstm"])
 
