@@ -58,6 +58,7 @@ def rounded(lstm: nn.LSTM, weights: str = "int8") -> nn.LSTM:
 def no_native_bf16(monkeypatch):
     """A CPU without native bf16 in oneDNN, where dtype=torch.bfloat16 runs on the native kernel."""
     monkeypatch.setattr("lstmopt.rewrite.swap.bf16_supported", lambda: False)
+    monkeypatch.setattr("lstmopt.rewrite.kinds.lstm.bf16_supported", lambda: False)
 
 
 def outputs(result):

@@ -185,12 +185,9 @@ def program_note(format: str) -> str:
 
 def native_lstms(model) -> list:
     """The names of the LSTMs, GRUs and cells in ``model`` that run the native kernel."""
-    from lstmopt.modules.cell import PackedCell
-    from lstmopt.modules.gru import PackedGRU
-    from lstmopt.modules.lstm import PackedLSTM
+    from lstmopt.modules.pack_state import PackedModule
 
-    return [name for name, m in model.named_modules()
-            if isinstance(m, (PackedLSTM, PackedCell, PackedGRU)) and m.uses_native_kernel]
+    return [name for name, m in model.named_modules() if isinstance(m, PackedModule) and m.uses_native_kernel]
 
 
 def _json(metadata: dict) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 from lstmopt.job.samples import recorded_calls
 from lstmopt.job.samples import lstm_cases
 from lstmopt.job.verify_child import flatten
-from lstmopt.modules.lstm import PackedLSTM
+from lstmopt.modules.pack_state import PackedModule
 
 __all__ = ["TOLERANCE_FACTOR", "Measured", "low_precision_names", "measure"]
 
@@ -53,8 +53,7 @@ class Measured:
 def low_precision_names(model: nn.Module) -> list[str]:
     """The PackedLSTMs of ``model`` that compute in bf16 or int8: on the native kernel's low-precision packs,
     or on bf16 parameters (oneDNN's bf16)."""
-    return [name for name, m in model.named_modules() if isinstance(m, PackedLSTM)
-            and (m.native_weights != "float32" or m._flat_weights[0].dtype != torch.float32)]
+    return [name for name, m in model.named_modules() if isinstance(m, PackedModule) and m.computes_in_low_precision()]
 
 
 def _max_abs_error(expected, actual) -> float:

@@ -29,7 +29,7 @@ from torch import Tensor, _VF, nn
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.native import NativePacks, run_native_cell, run_native_gru_cell
 from lstmopt.modules import dispatch
-from lstmopt.modules.guards import valid_cell
+from lstmopt.modules.guards import aten_cell_call, plain_state, valid_cell
 from lstmopt.modules.pack_state import OneKernel
 from lstmopt.modules.packs import native_obstacle as native_weights_obstacle, tracked_copy
 
@@ -64,6 +64,15 @@ def native_obstacle(cell: nn.Module) -> Optional[str]:
     if obstacle is not None:
         return obstacle
     return native_weights_obstacle([cell._parameters[name] for name in _names(cell)])
+
+
+def _plain_states(hx, gru: bool) -> Optional[list]:
+    """A cell call's states as ``valid_cell`` takes them, or None if they are not plain tensors."""
+    if hx is None:
+        return []
+    if gru:
+        return [hx] if type(hx) is Tensor else None
+    return list(hx) if plain_state(hx) else None
 
 
 def _names(cell: nn.Module) -> tuple:
@@ -111,6 +120,19 @@ class PackedCell(OneKernel):
                 and not torch.is_autocast_cpu_enabled()
                 and valid_cell(input, states, self.input_size, self.hidden_size)
                 and self.native_packs.is_current(self._weights_by_name()))
+
+    @torch.jit.unused  # Python only: a scripted module never asks
+    def serves(self, input, hx) -> bool:
+        """Whether the kernel in use takes this step itself rather than the torch cell's path (autotune asks).
+        Python only."""
+        gru = isinstance(self, nn.GRUCell)
+        if self.kernel == "stock":
+            return True
+        if self.kernel == "aten":
+            return aten_cell_call(input, hx, gru)
+        states = _plain_states(hx, gru)
+        return (self.uses_native_kernel and type(input) is Tensor and states is not None
+                and valid_cell(input, states, self.input_size, self.hidden_size))
 
     def _weights_by_name(self) -> List[Tensor]:
         weights = [self.weight_ih, self.weight_hh]

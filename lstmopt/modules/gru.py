@@ -190,6 +190,11 @@ class PackedGRU(OneKernel, nn.GRU):
         return (PackedSequence(output, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
                 self.permute_hidden(h_n, input.unsorted_indices))
 
+    @torch.jit.unused  # Python only: a scripted module never asks
+    def serves(self, input, hx) -> bool:
+        """Whether the kernel in use takes this call itself rather than nn.GRU's path (autotune asks). Python only."""
+        return self.kernel == "stock" or (self.uses_native_kernel and gru_serves(self, input, hx))
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel={self.kernel}"
 

@@ -30,7 +30,8 @@ from torch.nn.utils.rnn import PackedSequence
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.native import NativePacks
 from lstmopt.modules import dispatch
-from lstmopt.modules.pack_state import FollowsWeights, PackState
+from lstmopt.modules.guards import kernel_accepts
+from lstmopt.modules.pack_state import PackedModule, PackState
 from lstmopt.modules.packs import PackedLayer, packing_obstacle, tracked_copy
 from lstmopt.modules.scripted import ScriptedPaths
 
@@ -43,7 +44,7 @@ EXACT_KERNELS = kernel_table.names(kernel_table.TENSOR, exact_only=True)
 EXACT_SEQUENCE_KERNELS = kernel_table.names(kernel_table.SEQUENCE, exact_only=True)
 
 
-class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
+class PackedLSTM(PackedModule, ScriptedPaths, nn.LSTM):
     """Drop-in ``nn.LSTM`` for CPU inference on weights packed once for oneDNN (see the module docstring).
 
     Build one with ``PackedLSTM.from_lstm(lstm)`` (a copy), ``PackedLSTM(input_size, hidden_size, ...)``
@@ -182,6 +183,29 @@ class PackedLSTM(FollowsWeights, ScriptedPaths, nn.LSTM):
             self.sequence_kernel = sequence_kernel or self.sequence_kernel
             self.native_weights = native_weights or self.native_weights
             self.repack()
+
+    @torch.jit.unused  # Python only: a scripted module never asks
+    def serves(self, input, hx) -> bool:
+        """Whether the kernel in use for this kind of call (tensor, PackedSequence) takes it itself rather than
+        nn.LSTM's path: autotune asks it of every recorded call (inputs in ``io_dtype`` are cast first, as
+        ``forward`` does). Python only."""
+        sequence = isinstance(input, PackedSequence)
+        kernel = self.sequence_kernel if sequence else self.kernel
+        if kernel == "stock":
+            return True
+        data = input.data if sequence else input
+        if self.io_dtype is not None and data.dtype == self.io_dtype:
+            weight_dtype = self._flat_weights[0].dtype
+            input = input.to(weight_dtype)
+            hx = None if hx is None else tuple(h.to(weight_dtype) for h in hx)
+        facts = kernel_table.find(kernel, kernel_table.SEQUENCE if sequence else kernel_table.TENSOR)
+        return kernel_accepts(self, input, hx, self.sequence_dtype if sequence else self.kernel_dtype,
+                              single_step_only=facts.single_step)
+
+    @torch.jit.unused  # Python only: a scripted module never asks
+    def computes_in_low_precision(self) -> bool:
+        """On the native kernel's bf16 or int8 packs, or on bf16 parameters (oneDNN's bf16)."""
+        return self.native_weights != "float32" or self._flat_weights[0].dtype != torch.float32
 
     # ---------------------------------------------------------------------------------------------
     # Keeping the packs in step with the parameters (lstmopt/modules/pack_state.py)

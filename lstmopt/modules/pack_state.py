@@ -24,7 +24,7 @@ from lstmopt.kernels.native import NativePacks
 from lstmopt.kernels.tensor_versions import version_of
 from lstmopt.modules.packs import weights_obstacle
 
-__all__ = ["FollowsWeights", "OneKernel", "PackState"]
+__all__ = ["PackedModule", "OneKernel", "PackState"]
 
 
 class PackState:
@@ -167,13 +167,19 @@ def _expected_shapes(module: nn.LSTM) -> list[tuple[int, ...]]:
     return shapes
 
 
-class FollowsWeights:
-    """The ``nn.Module`` hooks through which a packed module's packs follow its weights: ``.to()`` and
-    friends, ``load_state_dict`` (under the load seqlock) and a reassigned parameter all repack. A mixin
-    before the torch class (``PackedLSTM`` and the ``OneKernel`` modules), which names its weights."""
+class PackedModule:
+    """The base of every packed module (``PackedLSTM`` and the ``OneKernel`` modules): a mixin before the
+    torch class, which names its weights. Its ``nn.Module`` hooks make the packs follow the weights:
+    ``.to()`` and friends, ``load_state_dict`` (under the load seqlock) and a reassigned parameter all
+    repack. Code outside ``lstmopt.modules`` asks ``isinstance(m, PackedModule)``, never for a kind."""
 
     def _weight_names(self):
         raise NotImplementedError
+
+    @torch.jit.unused  # Python only: a scripted module never asks
+    def computes_in_low_precision(self) -> bool:
+        """Whether its kernels compute in bf16 or int8 (``lstmopt.job.low_precision`` measures their error)."""
+        return False
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
@@ -193,7 +199,7 @@ class FollowsWeights:
                 self.repack()
 
 
-class OneKernel(FollowsWeights):
+class OneKernel(PackedModule):
     """A packed module with one kernel in use, one of its class's ``KERNELS`` (``PackedLSTMCell``,
     ``PackedGRUCell``, ``PackedGRU``): how it is set up, switched, packed and pickled. The class names its
     packed weights (``_packed_names``, and ``_weights_by_name`` in TorchScript), what keeps it off the

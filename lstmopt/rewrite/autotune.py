@@ -23,8 +23,8 @@ from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import tracked_copy, weights_obstacle
 from lstmopt.modules.cell import CELL_KERNELS, DEFAULT, EXACT_CELL_KERNELS, PackedCell, cell_obstacle, native_obstacle
-from lstmopt.modules.gru import GRU_KERNELS, PackedGRU, gru_serves
-from lstmopt.modules.guards import aten_cell_call, kernel_accepts, plain_state, valid_cell
+from lstmopt.modules.gru import GRU_KERNELS, PackedGRU
+from lstmopt.modules.pack_state import OneKernel, PackedModule
 from lstmopt.rewrite.timing import Ratio, compare
 
 __all__ = ["MARGIN", "KernelChoice", "autotune"]
@@ -90,40 +90,9 @@ def _record(model: nn.Module, modules: dict, samples: Sequence[tuple]) -> dict:
     return seen
 
 
-def _cell_states(hx, gru: bool) -> Optional[list]:
-    """A cell call's states as ``valid_cell`` takes them, or None if they are not plain tensors."""
-    if hx is None:
-        return []
-    if gru:
-        return [hx] if type(hx) is torch.Tensor else None
-    return list(hx) if plain_state(hx) else None
-
-
-def _serves(variant: PackedLSTM, kernel: str, inputs: str, calls: list) -> bool:
-    """Whether ``kernel`` (already switched on ``variant``) takes every recorded call itself."""
-    facts = kernel_table.find(kernel, inputs)
-    if kernel == "stock":
-        return True
-    if inputs == kernel_table.GRU:
-        return variant.uses_native_kernel and all(gru_serves(variant, input, hx) for (input, hx), _ in calls)
-    if inputs in (kernel_table.CELL, kernel_table.GRU_CELL):
-        gru = inputs == kernel_table.GRU_CELL
-        if kernel == "aten":
-            return all(aten_cell_call(input, hx, gru) for (input, hx), _ in calls)
-        return variant.uses_native_kernel and all(
-            type(input) is torch.Tensor and _cell_states(hx, gru) is not None
-            and valid_cell(input, _cell_states(hx, gru), variant.input_size, variant.hidden_size)
-            for (input, hx), _ in calls)
-    dtype = variant.kernel_dtype if inputs == kernel_table.TENSOR else variant.sequence_dtype
-    weight_dtype = variant._flat_weights[0].dtype
-    for (input, hx), _ in calls:
-        data = input.data if isinstance(input, PackedSequence) else input
-        if variant.io_dtype is not None and data.dtype == variant.io_dtype:  # cast at the boundary first
-            input = input.to(weight_dtype)
-            hx = None if hx is None else tuple(h.to(weight_dtype) for h in hx)
-        if not kernel_accepts(variant, input, hx, dtype, single_step_only=facts.single_step):
-            return False
-    return True
+def _serves(variant: nn.Module, calls: list) -> bool:
+    """Whether the kernel just switched on ``variant`` takes every recorded call itself (the module says)."""
+    return all(variant.serves(input, hx) for (input, hx), _ in calls)
 
 
 def _one_pass(variant: PackedLSTM, calls: list, scale: float):
@@ -145,7 +114,7 @@ def _fastest(module: PackedLSTM, inputs: str, calls: list, candidates: list[str]
     for kernel in candidates:
         variant = tracked_copy(module)
         switch(variant, kernel)
-        if kernel == baseline or _serves(variant, kernel, inputs, calls):
+        if kernel == baseline or _serves(variant, calls):
             variants[kernel] = variant
         else:
             not_serving.append(kernel)
@@ -187,16 +156,16 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
     Example:
         >>> choices = autotune(lstmopt.optimize(model), [(torch.randn(1, 1, 40),)], exact=False)
     """
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, (PackedLSTM, PackedCell, PackedGRU))}
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, PackedModule)}
     if not modules or not samples:
         return []
     model.eval()
     recorded = _record(model, modules, samples)
     choices = []
     for name, module in modules.items():
-        if isinstance(module, (PackedCell, PackedGRU)):
-            gru = isinstance(module, PackedGRU)
-            choice = (_choose_gru if gru else _choose_cell)(module, name, recorded[name], exact, rounds, round_s)
+        if isinstance(module, OneKernel):
+            choose = _choose_gru if module.INPUTS == kernel_table.GRU else _choose_cell
+            choice = choose(module, name, recorded[name], exact, rounds, round_s)
             if choice is not None:
                 module.use_kernel(choice.kernel)
                 module.autotune_ms, module.autotune_notes = choice.ms_per_forward, {choice.inputs: choice.note}

@@ -20,7 +20,7 @@ from torch import nn
 
 from lstmopt.choices import QUANTIZED_DTYPES
 
-__all__ = ["QUANTIZED_DTYPES", "dequantized", "is_quantized", "obstacle", "quantized_dtype", "quantized_kind",
+__all__ = ["QUANTIZED_DTYPES", "dequantized", "is_quantized", "obstacle", "quantized_classes", "quantized_dtype", "quantized_kind",
            "weight_count"]
 
 
@@ -29,6 +29,11 @@ def _classes() -> dict:
 
     return {dynamic.LSTM: ("LSTM", nn.LSTM), dynamic.GRU: ("GRU", nn.GRU),
             dynamic.LSTMCell: ("LSTMCell", nn.LSTMCell), dynamic.GRUCell: ("GRUCell", nn.GRUCell)}
+
+
+def quantized_classes() -> tuple[type, ...]:
+    """torch.ao's dynamic-quantized LSTM, GRU, LSTMCell and GRUCell classes."""
+    return tuple(_classes())
 
 
 def is_quantized(module: nn.Module) -> bool:
