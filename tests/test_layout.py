@@ -134,3 +134,19 @@ def test_the_size_checks_see_functions_in_both_languages():
     assert 20 < cpp["run"] <= MAX_FUNCTION_LINES and "recurrent" in cpp and "pack" in dict(
         _cpp_bodies(PACKAGE / "kernels" / "csrc" / "pack.cpp"))
     assert 10 < python["optimize_file"] <= MAX_FUNCTION_LINES
+
+
+# One place per kind: lstmopt.modules holds the packed modules, lstmopt.rewrite.kinds their handlers. Elsewhere
+# code asks isinstance(m, PackedModule) and the module's own methods, never which kind it is.
+KIND_HOMES = ("modules", "rewrite/kinds")
+STILL_NAMING_KINDS = {"artifacts/tracing.py", "job/verify_child.py"}  # left: tracing re-classes LSTMs and GRUs
+
+
+def test_only_the_modules_and_their_handlers_ask_which_packed_kind_a_module_is():
+    asks = re.compile(r"isinstance\([^)]*\bPacked(LSTM|GRU|Cell|LSTMCell|GRUCell)\b")
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        where = path.relative_to(PACKAGE).as_posix()
+        if not where.startswith(KIND_HOMES) and asks.search(path.read_text()):
+            found.add(where)
+    assert found == STILL_NAMING_KINDS, found

@@ -17,7 +17,7 @@ def doc(name):
 
 
 def test_the_readme_is_short_and_every_doc_it_links_exists():
-    assert len(README.splitlines()) <= 250
+    assert len(README.splitlines()) <= 160  # a first read; the rest is in docs/
     for link in re.findall(r"\]\((docs/[\w.-]+)\)", README):
         assert (ROOT / link).is_file(), link
     for path in DOCS.glob("*.md"):

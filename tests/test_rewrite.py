@@ -151,3 +151,58 @@ def _with_subclass_weights(lstm: nn.LSTM) -> nn.LSTM:
 def test_decision_is_a_plain_record():
     (d,) = plan(nn.LSTM(4, 8))
     assert isinstance(d, Decision) and d.to_dict()["reason"] == d.reason
+
+
+def test_each_torch_class_has_one_kind_and_subclasses_take_their_bases():
+    import torch.ao.nn.quantized.dynamic as dynamic
+
+    from lstmopt.rewrite.kinds import handler_for
+
+    class MyGRU(nn.GRU):
+        pass
+
+    class MyQuantizedLSTM(dynamic.LSTM):
+        pass
+
+    kinds = {m: getattr(handler_for(m), "kind", None) for m in [
+        nn.LSTM(2, 3), PackedLSTM(2, 3), Custom(2, 3), MyGRU(2, 3), nn.LSTMCell(2, 3), nn.GRUCell(2, 3)]}
+    assert list(kinds.values()) == ["LSTM", "LSTM", "LSTM", "GRU", "LSTMCell", "GRUCell"]
+    assert handler_for(nn.Linear(2, 3)) is None
+    assert type(handler_for(dynamic.LSTM(2, 3))).__name__ == "QuantizedHandler"
+    assert handler_for(MyQuantizedLSTM(2, 3)) is None  # its own code may compute otherwise: left as it is
+
+
+def test_plan_and_optimize_ask_the_registry_so_a_new_kind_is_one_handler(monkeypatch):
+    from dataclasses import replace
+
+    from lstmopt.rewrite import kinds
+    from lstmopt.rewrite.kinds.handler import Handler
+
+    class Doubler(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    class Halver(nn.Module):  # what the new kind is swapped for
+        def forward(self, x):
+            return x / 2
+
+    converted = []
+
+    class DoublerHandler(Handler):
+        kind = "Doubler"
+
+        def decide(self, module, name, aliases, request):
+            template = plan(nn.LSTM(1, 1))[0]
+            return replace(template, name=name, aliases=aliases, kind=self.kind, reason="doubled", packed=True)
+
+        def convert(self, model, decision, request):
+            converted.append(decision.name)
+            model.get_submodule(decision.name.rpartition(".")[0])._modules[decision.name.rpartition(".")[2]] = Halver()
+
+    monkeypatch.setitem(kinds.handlers(), Doubler, DoublerHandler())
+    model = nn.Sequential(nn.Linear(2, 2), Doubler(), nn.LSTM(2, 2))
+    assert [(d.name, d.kind, d.reason) for d in plan(model)] == [
+        ("1", "Doubler", "doubled"), ("2", "LSTM", "bit-identical to eager")]
+    fast = optimize(model)
+    assert converted == ["1"] and isinstance(fast[1], Halver) and isinstance(fast[2], PackedLSTM)
+    assert isinstance(model[1], Doubler)  # optimize works on a copy

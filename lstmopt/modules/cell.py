@@ -29,7 +29,7 @@ from torch import Tensor, _VF, nn
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.native import NativePacks, run_native_cell, run_native_gru_cell
 from lstmopt.modules import dispatch
-from lstmopt.modules.guards import aten_cell_call, plain_state, valid_cell
+from lstmopt.modules.guards import aten_cell_call, inference_call, plain_state, valid_cell
 from lstmopt.modules.pack_state import OneKernel
 from lstmopt.modules.packs import native_obstacle as native_weights_obstacle, tracked_copy
 
@@ -116,8 +116,7 @@ class PackedCell(OneKernel):
 
     def _serves_natively(self, input: Tensor, states: List[Tensor]) -> bool:
         """The scripted forward's check before the native kernel (the eager one is ``Packs.try_cell``)."""
-        return (self.kernel == "native" and not self.training and not torch.is_grad_enabled()
-                and not torch.is_autocast_cpu_enabled()
+        return (self.kernel == "native" and inference_call(self.training)
                 and valid_cell(input, states, self.input_size, self.hidden_size)
                 and self.native_packs.is_current(self._weights_by_name()))
 

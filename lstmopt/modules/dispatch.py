@@ -86,14 +86,19 @@ def seqlocked(module, once, input, hx):
             return result
 
 
+def stock_only(module) -> bool:
+    """The eager guard of every packed module: whether a call must take the torch module's own path whatever
+    its input. A tracer must record the stock op, not opaque constants; autocast would try to cast the
+    packs. With autograd on, eager runs oneDNN's training primitive, whose last bits differ from the
+    inference primitive's on some CPUs (AVX2): only nn.LSTM's own path gives its exact results then. Under
+    a dispatch mode (FakeTensorMode, a functionalization or profiling mode) tensors may hold no data for the
+    kernels to read. (Code being compiled is routed before, by each forward.)"""
+    return _tracing() or _autocast_enabled() or _grad_enabled() or module.training or _dispatch_modes() > 0
+
+
 def dispatch_once(module, state, input, hx):
-    # A tracer must record the stock op, not opaque constants; autocast would try to cast the packs;
-    # with mkldnn disabled, eager runs its native kernel. With autograd on, eager runs oneDNN's training
-    # primitive, whose last bits differ from the inference primitive's on some CPUs (AVX2): only
-    # nn.LSTM's own path gives its exact results then. Under a dispatch mode (FakeTensorMode, a
-    # functionalization or profiling mode) tensors may hold no data for the kernels to read.
-    if (_tracing() or _autocast_enabled() or not _mkldnn_enabled() or _grad_enabled() or module.training
-            or _dispatch_modes() or not plain_state(hx)):
+    # An LSTM's exact kernel is oneDNN's: with mkldnn disabled, eager runs its native kernel instead.
+    if stock_only(module) or not _mkldnn_enabled() or not plain_state(hx):
         return _stock(module, input, hx)
     kind = type(input)
     if kind is Tensor:
@@ -216,20 +221,12 @@ _stock_cell = nn.LSTMCell.forward
 _stock_gru_cell = nn.GRUCell.forward
 
 
-def stock_only(module) -> bool:
-    """Whether a cell's or GRU's call must take the torch module's own path whatever its input: a tracer,
-    autocast, autograd, training, a dispatch mode, torch.compile (as ``dispatch_once`` judges a PackedLSTM's
-    calls)."""
-    return (_tracing() or _autocast_enabled() or _grad_enabled() or module.training or _dispatch_modes() > 0
-            or torch.compiler.is_compiling())
-
-
 def cell_forward(cell, input, hx):
     """``PackedLSTMCell.forward`` and ``PackedGRUCell.forward`` outside TorchScript: the native kernel where
     it serves the call (its own checks refuse anything the torch cell would treat otherwise), else ATen's
     cell op or the torch cell's own path, which also raises its errors. torch.compile and torch.export
     trace that path (a cell is a few ops they fuse)."""
-    if stock_only(cell):
+    if torch.compiler.is_compiling() or stock_only(cell):
         return _stock_cell_of(cell)(cell, input, hx)
     packs = cell._state.native
     if packs is not None:

@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import PackedSequence
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.native import NativePacks, run_native_gru
 from lstmopt.modules import dispatch
-from lstmopt.modules.guards import plain_state, valid_for_kernel, valid_sequence
+from lstmopt.modules.guards import inference_call, plain_state, valid_for_kernel, valid_sequence
 from lstmopt.modules.pack_state import OneKernel, PackState
 from lstmopt.modules.packs import native_obstacle as native_weights_obstacle, tracked_copy
 from lstmopt.modules.scripted import ScriptedPaths
@@ -128,8 +128,7 @@ class PackedGRU(OneKernel, nn.GRU):
     # TorchScript: the same kernel behind the same checks, and nn.GRU.forward's two branches as fallback.
 
     def _kernel_allowed(self) -> bool:
-        return (self.kernel == "native" and not self.training and not torch.is_grad_enabled()
-                and not torch.is_autocast_cpu_enabled())
+        return self.kernel == "native" and inference_call(self.training)
 
     def _scripted_tensor(self, input: Tensor, hx: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         weights = self._weights_by_name()
@@ -225,7 +224,7 @@ def _pair(hx: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
 def _eager(gru: PackedGRU, input, hx):
     if torch.compiler.is_exporting():
         return _exported(gru, input, hx)
-    if dispatch.stock_only(gru):
+    if torch.compiler.is_compiling() or dispatch.stock_only(gru):
         return _stock(gru, input, hx)
     packs = gru._state.native
     if packs is not None and type(input) is Tensor:

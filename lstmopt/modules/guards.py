@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["kernel_accepts", "plain_state", "valid_cell", "valid_for_kernel", "valid_sequence"]
+__all__ = ["inference_call", "kernel_accepts", "plain_state", "valid_cell", "valid_for_kernel", "valid_sequence"]
+
+
+def inference_call(training: bool) -> bool:
+    """The scripted modules' guard before any fast kernel: an inference call (eval mode, no autograd, no
+    autocast); the rest takes the torch module's own path. TorchScript; eager calls are judged in
+    ``dispatch`` (``stock_only``), which also sees tracers and dispatch modes."""
+    return not training and not torch.is_grad_enabled() and not torch.is_autocast_cpu_enabled()
 
 
 def _plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:

@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lstmopt.kernels.aten import LayerArgs, run_cells, run_onednn, run_onednn_sequence
 from lstmopt.kernels.native import NativePacks, run_native
-from lstmopt.modules.guards import valid_for_kernel, valid_sequence
+from lstmopt.modules.guards import inference_call, valid_for_kernel, valid_sequence
 
 __all__ = ["MAX_SCRIPTED_LAYERS", "ScriptedPaths"]
 
@@ -114,9 +114,7 @@ class ScriptedPaths:
     ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
         if (
             self.sequence_dtype is not None
-            and not self.training
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_cpu_enabled()
+            and inference_call(self.training)
             and valid_sequence(input.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices, hx,
                                self.sequence_dtype, self.input_size, self.hidden_size,
                                self.num_layers * (2 if self.bidirectional else 1), self.proj_size)
@@ -159,9 +157,7 @@ class ScriptedPaths:
         self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor]
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         if (
-            not self.training
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_cpu_enabled()
+            inference_call(self.training)
             and valid_for_kernel(input, hx, self.kernel_dtype, self.input_size, self.hidden_size,
                                  self.num_layers * (2 if self.bidirectional else 1), self.batch_first,
                                  self.kernel == "cell", self.proj_size)
