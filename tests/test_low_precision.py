@@ -8,6 +8,7 @@ here on PyTorch's initial weights.
 """
 
 import io
+import re
 import json
 
 import jsonschema
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 from lstmopt import PackedLSTM, optimize, plan
+from lstmopt.kernels import table as kernel_table
 from lstmopt.job.low_precision import TOLERANCE_FACTOR, measure
 from lstmopt.job.verification import BF16_TOLERANCE
 from lstmopt.reporting.report import schema
@@ -201,6 +203,26 @@ def test_int8_packs_refuse_what_they_cannot_serve():
         torch.ops.lstmopt.pack(gru_like[:4], 2, True, 0, "int4")
     with pytest.raises(ValueError, match="native_weights must be"):
         optimize(nn.LSTM(3, 2)).use_kernel("native", native_weights="int4")
+
+
+@pytest.mark.parametrize("weights", kernel_table.WEIGHTS_FORMATS, ids=lambda w: w.name)
+def test_the_weights_formats_table_says_what_the_pack_op_takes(weights):
+    # The table is where plan, use_kernel and the reasons read these facts; the C++ op must agree with it.
+    plain = [w.detach() for w in nn.LSTM(3, 2)._flat_weights]
+    projected = [w.detach() for w in nn.LSTM(3, 2, proj_size=1)._flat_weights]
+    torch.ops.lstmopt.pack(plain, 2, True, 0, weights.name)
+    lstm = optimize(nn.LSTM(3, 2, proj_size=1), exact=False)
+    if weights.projection:
+        torch.ops.lstmopt.pack(projected, 2, True, 1, weights.name)
+        lstm.use_kernel("native", native_weights=weights.name)
+        assert lstm.native_weights == weights.name
+    else:
+        with pytest.raises(RuntimeError, match="without a projection"):
+            torch.ops.lstmopt.pack(projected, 2, True, 1, weights.name)
+        with pytest.raises(ValueError, match=re.escape(weights.projection_obstacle())):
+            lstm.use_kernel("native", native_weights=weights.name)
+        decision = plan(nn.LSTM(3, 2, proj_size=1), dtype=getattr(torch, weights.name))[0]
+        assert not decision.packed and weights.projection_obstacle() in decision.reason
 
 
 def test_measure_reports_each_lstms_error_on_the_calls_the_examples_make():

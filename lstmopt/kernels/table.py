@@ -13,7 +13,8 @@ from typing import Optional
 
 from lstmopt.kernels.accuracy import CONTRACT
 
-__all__ = ["CELL", "GRU", "GRU_CELL", "Kernel", "SEQUENCE", "TENSOR", "TABLE", "approximate_kernels_text", "default", "find", "markdown", "names"]
+__all__ = ["CELL", "GRU", "GRU_CELL", "Kernel", "SEQUENCE", "TENSOR", "TABLE", "WEIGHTS_FORMATS", "WeightsFormat",
+           "approximate_kernels_text", "default", "find", "markdown", "names", "weights_format"]
 
 TENSOR, SEQUENCE = "tensors", "PackedSequences"
 CELL = "nn.LSTMCell steps"  # the kernels of a PackedLSTMCell
@@ -81,6 +82,45 @@ TABLE = (
     Kernel("stock", GRU, exact=True, default=False, fp32_only=False, reads_packs=False, native=False,
            what="nn.GRU itself", chosen_because="nn.GRU itself measured fastest on these inputs"),
 )
+
+
+@dataclass(frozen=True)
+class WeightsFormat:
+    """A format the native kernel's packs hold weights in: ``PackedLSTM.use_kernel(native_weights=name)``, what
+    ``optimize(dtype=...)`` asks for (the parameters stay fp32). The C++ pack op refuses what this table does."""
+
+    name: str  # "float32", "bfloat16" or "int8", as torch names the dtype
+    short: str  # in reasons: "fp32", "bf16", "int8"
+    projection: bool  # serves LSTMs with proj_size > 0
+    kinds: tuple[str, ...]  # the kinds of module (``Decision.kind``) whose weights it serves
+    what: str  # a packed module's reason, for the low-precision formats
+
+    def projection_obstacle(self) -> str:
+        return f"{self.name} serves LSTMs without a projection (proj_size=0)"
+
+    def kind_obstacle(self) -> str:
+        """What a module of another kind, asked for these weights, is told (it runs float32)."""
+        return f"{self.name} weights serve nn.{' and nn.'.join(self.kinds)} only"
+
+
+_EVERY_KIND = ("LSTM", "GRU", "LSTMCell", "GRUCell")
+WEIGHTS_FORMATS = (
+    WeightsFormat("float32", "fp32", projection=True, kinds=_EVERY_KIND, what="fp32 weights"),
+    WeightsFormat("bfloat16", "bf16", projection=True, kinds=("LSTM",),
+                  what=("bf16 weights on lstmopt's native kernel (this CPU has no native bf16 in oneDNN), activations, "
+                        "state and sums fp32: changes numerics")),
+    WeightsFormat("int8", "int8", projection=False, kinds=("LSTM",),
+                  what=("int8 weights (a scale per gate row) on lstmopt's native kernel, activations int16 per row, "
+                        "state and sums fp32: changes numerics")),
+)
+
+
+def weights_format(name: str) -> WeightsFormat:
+    for found in WEIGHTS_FORMATS:
+        if found.name == name:
+            return found
+    known = [repr(w.name) for w in WEIGHTS_FORMATS]
+    raise ValueError(f"native_weights must be {', '.join(known[:-1])} or {known[-1]}, got {name!r}")
 
 
 def names(inputs: str, *, exact_only: bool = False, projection: bool = False) -> tuple[str, ...]:

@@ -165,10 +165,10 @@ class PackedLSTM(PackedModule, ScriptedPaths, nn.LSTM):
             >>> lstm.use_kernel("native", sequence_kernel="native")  # what --autotune --approx may pick
             >>> lstm.use_kernel("native", sequence_kernel="native", native_weights="int8")  # dtype=torch.int8
         """
-        if native_weights not in (None, "float32", "bfloat16", "int8"):
-            raise ValueError(f"native_weights must be 'float32', 'bfloat16' or 'int8', got {native_weights!r}")
-        if native_weights == "int8" and self.proj_size > 0:
-            raise ValueError("int8 weights serve LSTMs without a projection (proj_size=0)")
+        if native_weights is not None:
+            weights = kernel_table.weights_format(native_weights)
+            if self.proj_size > 0 and not weights.projection:
+                raise ValueError(weights.projection_obstacle())
         projection = self.proj_size > 0
         kernels = kernel_table.names(kernel_table.TENSOR, projection=projection)
         sequence_kernels = kernel_table.names(kernel_table.SEQUENCE, projection=projection)

@@ -76,7 +76,7 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         dtype: None keeps each LSTM's dtype (bit-identical results). ``torch.bfloat16`` packs in bf16 for
             oneDNN and casts at the LSTM's boundary where the CPU has native bf16, and elsewhere runs the
             native kernel on bf16 weights; ``torch.int8`` runs each fp32 LSTM without a projection on the
-            native kernel with int8 weights (``kinds.lstm.LOW_PRECISION_REASONS``; on the native kernel the parameters
+            native kernel with int8 weights (``kernels.table.WEIGHTS_FORMATS``; on the native kernel the parameters
             stay fp32). Both change numerics: ``lstmopt.job.low_precision`` measures how much.
         filter_fn: ``filter_fn(module, name)`` returning False keeps that LSTM as it is.
         inplace: swap the LSTMs of ``model`` itself (each keeps its identity, see ``PackedLSTM.convert_``).

@@ -62,11 +62,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def in_float32(decision: Decision, dtype: Optional[torch.dtype]) -> Decision:
-    """Low-precision weights serve nn.LSTM only: a GRU or cell asked for them runs float32, and its reason says so
-    (the table and the report show it; nothing runs at float32 unsaid)."""
+    """A module whose kind the weights ``dtype`` asks for do not serve (``kernels.table.WEIGHTS_FORMATS``) runs
+    float32, and its reason says so (the table and the report show it; nothing runs at float32 unsaid)."""
     asked = dtype_name(dtype) if dtype in (torch.bfloat16, torch.int8) else None
     if asked and decision.packed and decision.packed_dtype == "float32" and not decision.reason.startswith("float32"):
-        return replace(decision, reason=f"float32, not {asked} ({asked} weights serve nn.LSTM only): {decision.reason}")
+        weights = kernel_table.weights_format(asked)
+        if decision.kind not in weights.kinds:
+            return replace(decision, reason=f"float32, not {asked} ({weights.kind_obstacle()}): {decision.reason}")
     return decision
 
 

@@ -17,15 +17,7 @@ from lstmopt.modules.packs import native_obstacle as native_weights_obstacle
 from lstmopt.rewrite.decision import Decision
 from lstmopt.rewrite.kinds.handler import Handler, Request, autotune_note, dtype_name
 
-__all__ = ["LOW_PRECISION_REASONS", "LSTMHandler", "kernels_are_exact", "native_weights"]
-
-LOW_PRECISION_REASONS = {
-    "int8": ("int8 weights (a scale per gate row) on lstmopt's native kernel, activations int16 per row, "
-             "state and sums fp32: changes numerics"),
-    "bfloat16": ("bf16 weights on lstmopt's native kernel (this CPU has no native bf16 in oneDNN), activations, "
-                 "state and sums fp32: changes numerics"),
-}
-
+__all__ = ["LSTMHandler", "kernels_are_exact", "native_weights"]
 
 def kernels_are_exact(kernel: Optional[str], sequence_kernel: Optional[str]) -> bool:
     return (kernel is None or kernel in EXACT_KERNELS) and (
@@ -60,7 +52,7 @@ class LSTMHandler(Handler):
             packed, reason = False, "excluded by filter_fn"
         elif (weights_format := native_weights(request.dtype)) is not None:
             obstacle = _low_precision_obstacle(lstm, weights_format)
-            packed, reason = obstacle is None, obstacle or LOW_PRECISION_REASONS[weights_format]
+            packed, reason = obstacle is None, obstacle or kernel_table.weights_format(weights_format).what
             kernel = sequence_kernel = "native"
         else:
             obstacle = packing_obstacle(lstm, request.dtype)
@@ -119,15 +111,15 @@ def _packed_reason(lstm: nn.LSTM, found: torch.dtype, target: torch.dtype) -> st
     return reason
 
 
-def _low_precision_obstacle(lstm: nn.LSTM, weights_format: str) -> Optional[str]:
-    """Why the native kernel cannot run ``lstm`` on ``weights_format`` weights (it stays as it is), or None."""
+def _low_precision_obstacle(lstm: nn.LSTM, name: str) -> Optional[str]:
+    """Why the native kernel cannot run ``lstm`` on ``name`` weights (it stays as it is), or None."""
+    weights = kernel_table.weights_format(name)
     obstacle = packing_obstacle(lstm)
-    if obstacle is None and lstm.proj_size > 0 and weights_format == "int8":
-        obstacle = "int8 serves LSTMs without a projection (proj_size=0)"
+    if obstacle is None and lstm.proj_size > 0 and not weights.projection:
+        obstacle = weights.projection_obstacle()
     if obstacle is None:
         obstacle = native_weights_obstacle([lstm._parameters[name] for name in lstm._flat_weights_names])
-    short = {"int8": "int8", "bfloat16": "bf16"}[weights_format]
-    return None if obstacle is None else f"not {short}: {obstacle}"
+    return None if obstacle is None else f"not {weights.short}: {obstacle}"
 
 
 def _native_projection_obstacle(lstm: nn.LSTM, dtype: torch.dtype) -> Optional[str]:
