@@ -21,6 +21,19 @@
 
 namespace {
 
+// The block layout of every pack: gate rows (4, blocks * UNITS, K), four gate slots of each unit's rows, as
+// (blocks, SLABS, K, SLAB), whose column c of slab s is gate (s * SLAB + c) / 16 of unit 16 * block +
+// (s * SLAB + c) % 16 (a view: the caller makes it contiguous, in its element type).
+at::Tensor by_slab(const at::Tensor& rows, int64_t blocks) {
+  const int64_t K = rows.size(2);
+  return rows.view({4, blocks, UNITS, K}).permute({1, 3, 0, 2}).reshape({blocks, K, SLABS, SLAB}).permute({0, 2, 1, 3});
+}
+
+// One value per gate row, (4, blocks * UNITS), in the same order: (blocks, WIDTH).
+at::Tensor by_block(const at::Tensor& per_gate_row, int64_t blocks) {
+  return per_gate_row.view({4, blocks, UNITS}).permute({1, 0, 2}).reshape({blocks, WIDTH}).contiguous();
+}
+
 // nn.LSTM's flat weights (no projection) as int8 packs (see "int8 weights" above): per layer and
 // direction, weights (blocks, SLABS, Iq + Rq, SLAB) int8, rows paired within each slab, and (blocks, 3,
 // WIDTH) fp32: b_ih + b_hh, then the scales of each gate row's input part and recurrent part.
@@ -41,9 +54,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_int8(at::Tenso
     s.narrow(1, 0, H).copy_(scale.squeeze(2));
     return std::make_pair(q, s);
   };
-  auto by_block = [&](const at::Tensor& per_gate_row) {  // (4, padded) -> (blocks, WIDTH)
-    return per_gate_row.view({4, blocks, UNITS}).permute({1, 0, 2}).reshape({blocks, WIDTH});
-  };
   std::vector<at::Tensor> weights, biases;
   for (size_t i = 0; i < dense.size(); i += per_layer) {
     const at::Tensor &w_ih = dense[i], &w_hh = dense[i + 1];
@@ -54,15 +64,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_int8(at::Tenso
     const auto [q_hh, s_hh] = quantize(w_hh, H);
     const at::Tensor full = at::cat({q_ih, q_hh}, 2);  // (4, padded, Kq)
     const int64_t Kq = full.size(2);
-    weights.push_back(full.view({4, blocks, UNITS, Kq}).permute({1, 3, 0, 2}).reshape({blocks, Kq, SLABS, SLAB})
-                          .permute({0, 2, 1, 3}).reshape({blocks, SLABS, Kq / 2, 2, SLAB}).transpose(3, 4)
+    weights.push_back(by_slab(full, blocks).reshape({blocks, SLABS, Kq / 2, 2, SLAB}).transpose(3, 4)
                           .contiguous().view({blocks, SLABS, Kq, SLAB}));
     at::Tensor bias = at::zeros({4, padded}, w_ih.options());
     if (has_biases) {
       TORCH_CHECK(dense[i + 2].numel() == 4 * H && dense[i + 3].numel() == 4 * H, "lstmopt::pack: bias sizes");
       bias.narrow(1, 0, H).copy_(dense[i + 2].add(dense[i + 3]).reshape({4, H}));
     }
-    biases.push_back(at::stack({by_block(bias), by_block(s_ih), by_block(s_hh)}, 1).contiguous());
+    biases.push_back(at::stack({by_block(bias, blocks), by_block(s_ih, blocks), by_block(s_hh, blocks)}, 1));
   }
   return {weights, biases};
 }
@@ -70,8 +79,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_int8(at::Tenso
 }  // namespace
 
 // nn.LSTM's flat weights (w_ih, w_hh[, b_ih, b_hh][, w_hr] per layer and direction) in this kernel's layout:
-// per layer and direction, weights (blocks, SLABS, I + R, SLAB), whose column c of slab s is gate
-// (s * SLAB + c) / 16 of unit 16 * block + (s * SLAB + c) % 16, and biases (blocks, WIDTH), b_ih + b_hh;
+// per layer and direction, weights (blocks, SLABS, I + R, SLAB) (by_slab) and biases (blocks, WIDTH), b_ih + b_hh;
 // R is proj_size, or hidden_size without a projection. The layout depends on the vector width the kernel
 // was built for, so the kernel makes it, wherever it runs.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack(at::TensorList dense, int64_t hidden_size,
@@ -96,14 +104,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack(at::TensorList
     const int64_t K = w_ih.size(1) + R;
     at::Tensor full = at::zeros({4, padded, K}, w_ih.options());
     full.narrow(1, 0, H).copy_(at::cat({w_ih, w_hh}, 1).reshape({4, H, K}));
-    weights.push_back(full.view({4, blocks, UNITS, K}).permute({1, 3, 0, 2}).reshape({blocks, K, SLABS, SLAB})
-                          .permute({0, 2, 1, 3}).contiguous());
+    weights.push_back(by_slab(full, blocks).contiguous());
     at::Tensor bias = at::zeros({4, padded}, w_ih.options());
     if (has_biases) {
       TORCH_CHECK(dense[i + 2].numel() == 4 * H && dense[i + 3].numel() == 4 * H, "lstmopt::pack: bias sizes");
       bias.narrow(1, 0, H).copy_(dense[i + 2].add(dense[i + 3]).reshape({4, H}));
     }
-    biases.push_back(bias.view({4, blocks, UNITS}).permute({1, 0, 2}).reshape({blocks, WIDTH}).contiguous());
+    biases.push_back(by_block(bias, blocks));
   }
   if (weights_format == "bfloat16")  // rounded to nearest even; biases (and projections) stay fp32
     for (at::Tensor& w : weights) w = w.to(at::kBFloat16);
@@ -155,8 +162,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_gru(at::Tensor
     }
     full[2].narrow(0, 0, H).narrow(1, 0, I).copy_(gates_ih[2]);  // n_x
     full[3].narrow(0, 0, H).narrow(1, I, H).copy_(gates_hh[2]);  // n_h
-    weights.push_back(full.view({4, blocks, UNITS, K}).permute({1, 3, 0, 2}).reshape({blocks, K, SLABS, SLAB})
-                          .permute({0, 2, 1, 3}).contiguous());
+    weights.push_back(by_slab(full, blocks).contiguous());
     at::Tensor bias = at::zeros({4, padded}, w_ih.options());
     if (has_biases) {
       TORCH_CHECK(dense[i + 2].numel() == 3 * H && dense[i + 3].numel() == 3 * H, "lstmopt::pack_gru: bias sizes");
@@ -165,7 +171,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_gru(at::Tensor
       bias[2].narrow(0, 0, H).copy_(b_ih[2]);
       bias[3].narrow(0, 0, H).copy_(b_hh[2]);
     }
-    biases.push_back(bias.view({4, blocks, UNITS}).permute({1, 0, 2}).reshape({blocks, WIDTH}).contiguous());
+    biases.push_back(by_block(bias, blocks));
   }
   return {weights, biases};
 }
