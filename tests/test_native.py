@@ -5,6 +5,8 @@ import os
 import pickle
 import re
 import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -106,6 +108,63 @@ def test_each_variant_the_cpu_runs_is_exact_to_1e6_and_one_it_lacks_is_refused_i
         assert not result["loaded"] and result["max_error"] < 1e-6  # served by the other kernels
         assert notices == [f"lstmopt: native kernel unavailable (LSTMOPT_NATIVE_VARIANT={name}: this CPU lacks "
                            "the instructions it needs); using the other kernels"]
+
+
+WIDE_CHECK = """
+    import json, sys, torch
+    from torch import nn
+    torch.ops.load_library(sys.argv[-1])  # the wide build alone: lstmopt's own library is never loaded here
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 9)
+    ops = torch.ops.lstmopt
+    errors = {}
+    with torch.no_grad():
+        for name, lstm in [("lstm", nn.LSTM(9, 40, num_layers=2, bidirectional=True)),
+                           ("lstmp", nn.LSTM(9, 40, proj_size=12))]:
+            dense = [w.detach() for w in lstm._flat_weights]
+            out = ops.lstm_dense(x, None, None, dense, 40, lstm.num_layers, lstm.bidirectional, False, True,
+                                 lstm.proj_size)[0]
+            errors[name] = (out - lstm(x)[0]).abs().max().item()
+        gru = nn.GRU(9, 40, num_layers=2)
+        out = ops.gru_dense(x, None, [w.detach() for w in gru._flat_weights], 40, 2, False, False, True)[0]
+        errors["gru"] = (out - gru(x)[0]).abs().max().item()
+        lstm = nn.LSTM(9, 40, num_layers=2, bidirectional=True)
+        for weights in ("int8", "bfloat16"):  # against nn.LSTM on the weights as rounded
+            packs = ops.pack([w.detach() for w in lstm._flat_weights], 40, True, 0, weights)
+            out = ops.lstm(x, None, None, None, packs[0], packs[1], 40, True, False)[0]
+            reference = nn.LSTM(9, 40, num_layers=2, bidirectional=True)
+            reference.load_state_dict(lstm.state_dict())
+            for name, p in reference.named_parameters():
+                if name.startswith("weight") and weights == "bfloat16":
+                    p.copy_(p.bfloat16().float())
+                elif name.startswith("weight"):
+                    s = p.abs().amax(1, keepdim=True) / 127
+                    p.copy_((p / s).round() * s)
+            errors[weights] = (out - reference(x)[0]).abs().max().item()
+    print(json.dumps({"variant": ops.variant(), "errors": errors}))
+"""
+
+
+@needs_native
+@pytest.mark.skipif(_cpu_variant() == "baseline", reason="the wide test build needs AVX2")
+def test_the_avx512_layout_runs_on_avx2_in_the_wide_test_build(tmp_path):
+    # The avx512 build's packs and tiles are 64 bytes wide; a CPU without AVX-512 cannot run that build, but it can
+    # run the same code with 64-byte vectors in halves (LSTMOPT_VECTOR_BYTES=64 on the avx2 flags, simd.h): every
+    # layout, tile and cell of the wide build is tested here (only AVX-512's own intrinsics are not).
+    from lstmopt.kernels import compile as native_build
+
+    library = tmp_path / "lstmopt_ops_wide.so"
+    command = native_build.ops_command(native_build.torch_build_info(), library, "avx2-wide",
+                                       [*VARIANTS["avx2"], "-DLSTMOPT_VECTOR_BYTES=64", "-Wno-psabi"])
+    native_build.run_all([command])
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(WIDE_CHECK), str(library)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = result["errors"]
+    assert result["variant"] == "avx2-wide" and set(errors) == {"lstm", "lstmp", "gru", "int8", "bfloat16"}
+    assert max(errors["lstm"], errors["lstmp"], errors["gru"]) < 1e-6
+    assert errors["int8"] < 2e-4 and errors["bfloat16"] < 1e-5
 
 
 @needs_native
