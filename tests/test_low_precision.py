@@ -21,6 +21,10 @@ from torch.nn.utils.rnn import pack_sequence
 
 from lstmopt import PackedLSTM, optimize, plan
 from lstmopt.kernels import table as kernel_table
+from lstmopt.rewrite import autotune as autotuning
+from lstmopt.rewrite.autotune import autotune
+from lstmopt.rewrite.swap import with_kernels
+from lstmopt.rewrite.timing import Comparison, Ratio
 from lstmopt.job.low_precision import TOLERANCE_FACTOR, measure
 from lstmopt.job.verification import BF16_TOLERANCE
 from lstmopt.reporting.report import schema
@@ -223,6 +227,31 @@ def test_the_weights_formats_table_says_what_the_pack_op_takes(weights):
             lstm.use_kernel("native", native_weights=weights.name)
         decision = plan(nn.LSTM(3, 2, proj_size=1), dtype=getattr(torch, weights.name))[0]
         assert not decision.packed and weights.projection_obstacle() in decision.reason
+
+
+@pytest.mark.parametrize("fp32, kept", [
+    (Ratio(0.50, 0.45, 0.55), "float32"),  # fp32 weights faster beyond the noise: a bf16 request runs them
+    (Ratio(0.99, 0.90, 1.10), "bfloat16"),  # no faster: bf16, as asked
+])
+def test_autotune_keeps_bf16_weights_only_where_fp32_weights_are_not_faster(monkeypatch, no_native_bf16, fp32, kept):
+    def measured(fns, baseline, **kwargs):
+        assert baseline == "bfloat16" and set(fns) == {"bfloat16", "float32"}
+        return Comparison({name: 1e-3 for name in fns}, {"float32": fp32}, 9, True)
+
+    monkeypatch.setattr(autotuning, "compare", measured)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(6, 16)).eval()
+    fast = optimize(model, dtype=torch.bfloat16)
+    x = torch.randn(16, 1, 6)
+    (choice,) = autotune(fast, [(x,)])
+    assert (choice.inputs, choice.kernel, fast[0].native_weights, fast[0].kernel) == ("weights", kept, kept, "native")
+    (decision,) = with_kernels(plan(model, dtype=torch.bfloat16), fast, dtype=torch.bfloat16)
+    assert decision.packed_dtype == kept and decision.kernel == "native" and not decision.exact
+    faster = "float32 weights on lstmopt's native kernel measured faster than the bfloat16 asked for (0.50x"
+    assert (faster in decision.reason) == (kept == "float32")
+    assert fast[0].computes_in_low_precision() == (kept == "bfloat16")
+    with torch.no_grad():
+        assert max_error(fast[0](x), model[0](x)) < (TO_FP32 if kept == "bfloat16" else 1e-5)
 
 
 def test_measure_reports_each_lstms_error_on_the_calls_the_examples_make():

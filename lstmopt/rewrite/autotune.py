@@ -37,7 +37,8 @@ MAX_CALLS_PER_PASS = 64  # a recorded pass is replayed with counts scaled down t
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """What autotune chose for one module, for one kind of input ("tensor" or "sequence"), and why."""
+    """What autotune chose for one module, for one kind of input ("tensor", "sequence"; "cell", "gru"), and why;
+    or, for ``inputs == "weights"``, the weights format a bf16 LSTM on the native kernel keeps (``kernel``)."""
 
     name: str
     inputs: str
@@ -106,7 +107,7 @@ def _one_pass(variant: PackedLSTM, calls: list, scale: float):
     return run
 
 
-def _fastest(module: PackedLSTM, inputs: str, calls: list, candidates: list[str], baseline: str, switch,
+def _fastest(module: PackedLSTM, calls: list, candidates: list[str], baseline: str, switch,
              rounds: int, round_s: float) -> tuple[str, dict, dict, tuple]:
     """Time ``module`` switched (``switch(copy, kernel)``) to each candidate serving ``calls`` against
     ``baseline``; the kernel chosen, ms per pass over the samples, each Ratio, and the kernels left out."""
@@ -171,23 +172,51 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
                 module.autotune_ms, module.autotune_notes = choice.ms_per_forward, {choice.inputs: choice.note}
                 choices.append(choice)
             continue
-        if module.native_weights != "float32":
-            continue  # low precision was asked for, and only the native kernel computes it
-        by_kind: dict[str, list] = {"tensor": [], "sequence": []}
-        for signature, (args, count) in recorded[name].items():
-            if signature[0] in by_kind:
-                by_kind[signature[0]].append((args, count))
-        tensor_choice = _choose(module, name, "tensor", by_kind["tensor"], exact, rounds, round_s)
-        sequence_choice = _choose(module, name, "sequence", by_kind["sequence"], exact, rounds, round_s)
-        module.use_kernel(tensor_choice.kernel if tensor_choice else None,
-                          sequence_kernel=sequence_choice.kernel if sequence_choice else None)
-        if tensor_choice:
-            module.autotune_ms = tensor_choice.ms_per_forward
-        if sequence_choice:
-            module.sequence_autotune_ms = sequence_choice.ms_per_forward
-        module.autotune_notes = {c.inputs: c.note for c in (tensor_choice, sequence_choice) if c is not None}
-        choices += [c for c in (tensor_choice, sequence_choice) if c is not None]
+        if module.native_weights == "bfloat16":
+            choice = _choose_weights(module, name, recorded[name], rounds, round_s)
+            if choice is not None:
+                module.use_kernel("native", sequence_kernel="native", native_weights=choice.kernel)
+                module.autotune_ms, module.autotune_notes = choice.ms_per_forward, {choice.inputs: choice.note}
+                choices.append(choice)
+        elif module.native_weights == "float32":  # (int8: only the native kernel computes it, as asked)
+            choices += _tune_lstm(module, name, recorded[name], exact, rounds, round_s)
     return choices
+
+
+def _tune_lstm(module: PackedLSTM, name: str, recorded: dict, exact: bool, rounds: int,
+               round_s: float) -> list[KernelChoice]:
+    """An fp32 PackedLSTM's kernels: one for tensors and one for PackedSequences, each timed on its calls."""
+    by_kind: dict[str, list] = {"tensor": [], "sequence": []}
+    for signature, (args, count) in recorded.items():
+        if signature[0] in by_kind:
+            by_kind[signature[0]].append((args, count))
+    tensor_choice = _choose(module, name, "tensor", by_kind["tensor"], exact, rounds, round_s)
+    sequence_choice = _choose(module, name, "sequence", by_kind["sequence"], exact, rounds, round_s)
+    module.use_kernel(tensor_choice.kernel if tensor_choice else None,
+                      sequence_kernel=sequence_choice.kernel if sequence_choice else None)
+    if tensor_choice:
+        module.autotune_ms = tensor_choice.ms_per_forward
+    if sequence_choice:
+        module.sequence_autotune_ms = sequence_choice.ms_per_forward
+    module.autotune_notes = {c.inputs: c.note for c in (tensor_choice, sequence_choice) if c is not None}
+    return [c for c in (tensor_choice, sequence_choice) if c is not None]
+
+
+def _choose_weights(lstm: PackedLSTM, name: str, recorded: dict, rounds: int,
+                    round_s: float) -> Optional[KernelChoice]:
+    """bf16 weights on the native kernel (a CPU without native bf16 in oneDNN, where they are widened as they are
+    read) against fp32 weights on the same kernel, on every recorded call: bf16 is kept unless fp32 is faster
+    beyond the noise, since a bf16 request must never run slower than fp32 would (fp32 is also more accurate).
+    ``KernelChoice.kernel`` is the weights format chosen."""
+    calls = [entry for signature, entry in recorded.items() if signature[0] in ("tensor", "sequence")]
+    if not calls:
+        return None
+
+    def switch(variant, weights):
+        variant.use_kernel("native", sequence_kernel="native", native_weights=weights)
+    best, ms, ratios, not_serving = _fastest(lstm, calls, ["bfloat16", "float32"], "bfloat16", switch, rounds, round_s)
+    return KernelChoice(name, "weights", best, False, ms, sum(count for _, count in calls), "bfloat16", ratios,
+                        not_serving, _note(best, "bfloat16", ratios, not_serving))
 
 
 def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool, rounds: int,
@@ -220,7 +249,7 @@ def _choose(module: PackedLSTM, name: str, inputs: str, calls: list, exact: bool
         candidates = [k for k in candidates if facts[k].projection]
     default = kernel_table.default(kind)
     baseline = default if default in candidates else "stock"
-    best, ms, ratios, not_serving = _fastest(module, kind, calls, candidates, baseline, switch, rounds, round_s)
+    best, ms, ratios, not_serving = _fastest(module, calls, candidates, baseline, switch, rounds, round_s)
     return KernelChoice(name, inputs, best, best in allowed_exact, ms, sum(count for _, count in calls), baseline,
                         ratios, not_serving, _note(best, baseline, ratios, not_serving))
 
@@ -235,7 +264,7 @@ def _choose_cell(cell: PackedCell, name: str, recorded: dict, exact: bool, round
     if "native" in candidates and (not native.load() or native_obstacle(cell) is not None):
         candidates.remove("native")
     baseline = DEFAULT
-    best, ms, ratios, not_serving = _fastest(cell, cell.INPUTS, calls, candidates, baseline,
+    best, ms, ratios, not_serving = _fastest(cell, calls, candidates, baseline,
                                              lambda variant, kernel: variant.use_kernel(kernel), rounds, round_s)
     return KernelChoice(name, "cell", best, kernel_table.find(best, cell.INPUTS).exact, ms,
                         sum(count for _, count in calls), baseline, ratios, not_serving,
@@ -251,7 +280,7 @@ def _choose_gru(gru: PackedGRU, name: str, recorded: dict, exact: bool, rounds: 
         return None
     candidates = ["stock"] if exact or not native.load() else list(GRU_KERNELS)
     baseline = "native" if "native" in candidates else "stock"
-    best, ms, ratios, not_serving = _fastest(gru, kernel_table.GRU, calls, candidates, baseline,
+    best, ms, ratios, not_serving = _fastest(gru, calls, candidates, baseline,
                                              lambda variant, kernel: variant.use_kernel(kernel), rounds, round_s)
     return KernelChoice(name, "gru", best, kernel_table.find(best, kernel_table.GRU).exact, ms,
                         sum(count for _, count in calls), baseline, ratios, not_serving,

@@ -84,6 +84,8 @@ class LSTMHandler(Handler):
     def with_kernels(self, decision: Decision, lstm: nn.Module) -> Decision:
         if not self.is_packed(lstm):
             return decision
+        if "weights" in getattr(lstm, "autotune_notes", {}):
+            return _with_weights(decision, lstm)
         decision = replace(decision, kernel=lstm.kernel, autotune_ms=lstm.autotune_ms,
                            sequence_kernel=lstm.sequence_kernel, sequence_autotune_ms=lstm.sequence_autotune_ms,
                            exact=decision.exact and kernels_are_exact(lstm.kernel, lstm.sequence_kernel))
@@ -96,6 +98,18 @@ class LSTMHandler(Handler):
         if measured:
             return replace(decision, reason=f"{decision.reason}; autotune {'; '.join(measured.values())}")
         return decision
+
+
+def _with_weights(decision: Decision, lstm: PackedLSTM) -> Decision:
+    """After autotune timed a bf16 LSTM's weights formats on the native kernel (``autotune._choose_weights``)."""
+    measured, chosen = lstm.autotune_notes["weights"], lstm.native_weights
+    if chosen == decision.packed_dtype:
+        reason = f"{decision.reason}; autotune {measured}"
+    else:
+        reason = (f"autotune: {chosen} weights on lstmopt's native kernel measured faster than the "
+                  f"{decision.packed_dtype} asked for ({measured}), {CONTRACT}")
+    return replace(decision, packed_dtype=chosen, kernel="native", sequence_kernel="native",
+                   autotune_ms=lstm.autotune_ms, reason=reason, exact=False)
 
 
 def _packed_reason(lstm: nn.LSTM, found: torch.dtype, target: torch.dtype) -> str:
