@@ -303,7 +303,8 @@ def _optimize(options: OptimizeOptions, report: Report, step: _Steps, loaded, sa
 
     with step("optimize"):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}[options.dtype]
-        decisions = plan(loaded.model, dtype=dtype, exact=not options.approx)
+        exact = not options.approx  # the CLI's --approx, named as the rewrite names it from here down
+        decisions = plan(loaded.model, dtype=dtype, exact=exact)
         report.modules = [d.to_dict() for d in decisions]
         if not any(d.packed for d in decisions):
             why = ("the model has no nn.LSTM, nn.LSTMCell, nn.GRU or nn.GRUCell" if not decisions
@@ -312,10 +313,10 @@ def _optimize(options: OptimizeOptions, report: Report, step: _Steps, loaded, sa
             if options.require_lstm or options.min_speedup is not None:
                 raise NothingToOptimizeError(f"nothing to optimize: {why}")
             report.warnings.append(f"nothing was optimized ({why}); the output is the model as loaded")
-        optimized = optimize(loaded.model, dtype=dtype, exact=not options.approx)
+        optimized = optimize(loaded.model, dtype=dtype, exact=exact)
     if options.autotune and any(d.packed for d in decisions):
         with step("autotune"):
-            autotune(optimized, samples, exact=not options.approx)
+            autotune(optimized, samples, exact=exact)
             decisions = with_kernels(decisions, optimized, dtype=dtype)
             report.modules = [d.to_dict() for d in decisions]
     measured = None

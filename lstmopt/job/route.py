@@ -130,8 +130,9 @@ def _received(attempt: Attempt) -> dict:
     if not attempt.samples:
         return {name: {"tensor", "sequence"} for name in names}
     calls = recorded_calls(attempt.optimized, names, attempt.samples)
-    return {name: {"sequence" if isinstance(call_input(*call), PackedSequence) else "tensor" for call in calls[name]
-                   if call_input(*call) is not None} for name in names}
+    inputs = {name: [call_input(*call) for call in calls[name]] for name in names}
+    return {name: {"sequence" if isinstance(x, PackedSequence) else "tensor" for x in inputs[name] if x is not None}
+            for name in names}
 
 
 def _serves(decision, kinds: set) -> bool:
