@@ -192,7 +192,7 @@ def test_the_verification_child_dies_with_its_parent(tmp_path):
 # --- the native library: loaded only if it is the file lstmopt compiled ---------------------------------
 
 from conftest import needs_compiler, run_python  # noqa: E402
-from lstmopt.kernels import build as native_build, native  # noqa: E402
+from lstmopt.kernels import build_cache as native_build, native  # noqa: E402
 
 LOAD = """
     import json
@@ -299,7 +299,7 @@ def test_a_library_of_another_user_is_not_loaded_even_by_root(tmp_path, first_us
 
 
 def test_a_build_lock_held_by_a_killed_process_does_not_block_the_next_build(tmp_path):
-    from lstmopt.kernels.build import trusted_library
+    from lstmopt.kernels.build_cache import trusted_library
 
     lock = tmp_path / ".lib.lock"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""

@@ -31,7 +31,7 @@ def record(output: Path, *, sha256: str, source_sha256: Optional[str], options_s
     """Note that lstmopt wrote ``output`` (whose bytes hash to ``sha256``) from that input with those options.
     Best effort: where the private directory cannot be made safely, nothing is recorded (the output is redone
     next time, never wrongly skipped)."""
-    from lstmopt.kernels.build import InsecureCacheError, private_dir
+    from lstmopt.kernels.build_cache import InsecureCacheError, private_dir
 
     entry = _entry(output)
     tmp = entry.with_name(f".{entry.name}.{os.getpid()}")

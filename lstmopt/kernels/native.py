@@ -10,7 +10,7 @@ loads ``lib/liblstmopt.so``, which picks the variant for this CPU, and the Pytho
 Run from a source tree that was never installed (or with ``LSTMOPT_NATIVE_FROM_SOURCE=1``), ``load()``
 compiles the ``native`` variant for this CPU the first time, into a private cache keyed by the sources,
 the CPU, torch and Python; a cached library is loaded only if it is the file lstmopt compiled
-(``lstmopt.kernels.build``). Where neither is possible, it says so once, in one line, and lstmopt keeps
+(``lstmopt.kernels.build_cache``). Where neither is possible, it says so once, in one line, and lstmopt keeps
 to its other kernels. A TorchScript artifact whose LSTMs use this kernel needs the ops registered before
 ``torch.jit.load``: ``LOAD_LINE``, or without lstmopt ``torch.ops.load_library(library_path())``.
 """
@@ -187,7 +187,7 @@ def check_installation(lib_dir: Path) -> None:
 
 def _load_or_build_from_source():
     """The first-use build for this CPU, in the cache (``-march=native``)."""
-    from lstmopt.kernels.build import trusted_library
+    from lstmopt.kernels.build_cache import trusted_library
 
     root = cache_root()
     info = native_build.torch_build_info()
