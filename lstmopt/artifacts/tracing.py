@@ -12,7 +12,7 @@ that specialized.
 """
 
 # No "from __future__ import annotations": TorchScript needs real annotations on the forward below.
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +20,9 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lstmopt.artifacts.outputs import FlatOutputs, describe_output, needs_rebuilding, rebuilt
 from lstmopt.errors import UsageError, one_line
-from lstmopt.modules.cell import PackedCell
-from lstmopt.modules.gru import PackedGRU
-from lstmopt.modules.lstm import PackedLSTM
-from lstmopt.modules.packs import tracked_copy
+from lstmopt.modules.lstm import PackedLSTM, TracedLSTM
+from lstmopt.modules.pack_state import PackedModule
+from lstmopt.modules.packs import shallow_as, tracked_copy
 
 __all__ = ["TracedLSTM", "trace_with_scripted_lstms", "tracing_caveat"]
 
@@ -35,51 +34,6 @@ def tracing_caveat(scripted_lstms: int) -> str:
     if scripted_lstms:
         text += f" ({'its LSTM is' if scripted_lstms == 1 else f'each of its {scripted_lstms} LSTMs is'} scripted and stays free)"
     return text
-
-
-class TracedLSTM(PackedLSTM):
-    """A ``PackedLSTM`` with one tensor ``forward`` (nn.LSTM's is overloaded, which a traced caller cannot
-    call). Same parameters, names and kernels; only ever used scripted."""
-
-    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        if not torch.jit.is_scripting():
-            return PackedLSTM.forward(self, input, hx)
-        return self._scripted_tensor(input, hx)
-
-    @torch.jit.export
-    def flatten_parameters(self) -> Tensor:  # type: ignore[override]
-        """A no-op, as on CPU; it returns an empty tensor because a trace records the call and a traced
-        call must return tensors (many wrappers call it in their forward, which is then traced)."""
-        return torch.empty(0)
-
-
-class TracedGRU(PackedGRU):
-    """The same for a ``PackedGRU``: one tensor ``forward``, only ever used scripted."""
-
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        if not torch.jit.is_scripting():
-            return PackedGRU.forward(self, input, hx)
-        return self._scripted_tensor(input, hx)
-
-    @torch.jit.export
-    def flatten_parameters(self) -> Tensor:  # type: ignore[override]
-        """As ``TracedLSTM.flatten_parameters``."""
-        return torch.empty(0)
-
-
-def _scripted_lstm(lstm) -> torch.jit.ScriptModule:
-    """A PackedLSTM's or PackedGRU's scripted copy with one tensor forward, for a traced caller."""
-    return torch.jit.script(_shallow_as(TracedGRU if isinstance(lstm, PackedGRU) else TracedLSTM, tracked_copy(lstm)))
-
-
-def _shallow_as(cls, module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` (the same parameters) as an instance of ``cls``. Not by ``__class__``
-    assignment, which Python refuses where the layouts differ, as from a subclass of an ``abc.ABC`` nn.LSTM
-    subclass (pytorch-forecasting's ``LSTM``)."""
-    twin = cls.__new__(cls)
-    twin.__dict__.update(module.__dict__)
-    return twin
 
 
 class _ScriptedSuperForward(nn.LSTM):
@@ -98,7 +52,7 @@ def _under_own_forward(module: PackedLSTM) -> PackedLSTM:
     shell whose own forward the trace runs and records, with ``super().forward`` calling a scripted
     ``TracedLSTM`` on the same parameters (child ``scripted_lstm``, under whose name the artifact's state dict then
     holds them)."""
-    twin = torch.jit.script(_shallow_as(TracedLSTM, module))  # shares the parameters, which scripting keeps
+    twin = torch.jit.script(shallow_as(TracedLSTM, module))  # shares the parameters, which scripting keeps
     base = type(module).packed_base
     module.__class__ = type(base)(base.__name__, (base, _ScriptedSuperForward), {"__module__": base.__module__})
     del module._modules["packed_layers"]
@@ -125,27 +79,19 @@ def trace_with_scripted_lstms(model: nn.Module, example: Sequence) -> Tuple[torc
     recorded = [name for name, module in copy.named_modules() if id(module) in takes_sequences]
     scripted: dict[int, torch.jit.ScriptModule] = {}
     for name, module in list(copy.named_modules(remove_duplicate=False)):
-        if isinstance(module, PackedGRU) and id(module) in takes_sequences:
-            module.use_kernel("stock")  # as a PackedLSTM given PackedSequences, below
+        if not isinstance(module, PackedModule):
             continue
-        if isinstance(module, PackedLSTM) and id(module) in takes_sequences:
-            # The trace records nn.LSTM's op for it: packs would be dead weight in the archive (and native
-            # ones would make it need lstmopt's library to load).
-            module.use_kernel("stock", sequence_kernel="stock")
-            continue
-        if isinstance(module, PackedLSTM) and hasattr(type(module), "packed_base"):
+        if id(module) in takes_sequences:
+            # The trace records the torch module's op for it: packs would be dead weight in the archive (and
+            # native ones would make it need lstmopt's library to load).
+            module.use_stock_kernels()
+        elif hasattr(type(module), "packed_base"):  # a packed subclass of a user's nn.LSTM subclass
             if id(module) not in scripted:  # its own forward is traced, around its scripted self
                 scripted[id(module)] = _under_own_forward(module)
-            continue
-        if isinstance(module, PackedCell) and name:  # one signature: its scripted self serves the trace
+        elif name:  # its scripted copy with one tensor forward serves the trace
             parent_name, _, child = name.rpartition(".")
-            setattr(copy.get_submodule(parent_name), child, scripted.setdefault(id(module), torch.jit.script(module)))
-            continue
-        if not isinstance(module, (PackedLSTM, PackedGRU)) or not name:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        replacement = scripted.setdefault(id(module), _scripted_lstm(module))  # shared LSTMs stay shared
-        setattr(copy.get_submodule(parent_name), child, replacement)
+            replacement = scripted.setdefault(id(module), module.scripted_for_trace())  # shared ones stay shared
+            setattr(copy.get_submodule(parent_name), child, replacement)
     structure = describe_output(output, []) if needs_rebuilding(output) else None
     try:
         with torch.no_grad():
@@ -185,7 +131,7 @@ def _lstms_given_packed_sequences(model: nn.Module, example: Sequence) -> Tuple[
         if args and isinstance(args[0], PackedSequence):
             found.add(id(module))
 
-    handles = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, (PackedLSTM, PackedGRU))]
+    handles = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, PackedModule)]
     try:
         with torch.no_grad():
             output = model.eval()(*example)

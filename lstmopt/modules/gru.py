@@ -26,10 +26,10 @@ from lstmopt.kernels.native import NativePacks, run_native_gru
 from lstmopt.modules import dispatch
 from lstmopt.modules.guards import inference_call, plain_state, valid_for_kernel, valid_sequence
 from lstmopt.modules.pack_state import OneKernel, PackState
-from lstmopt.modules.packs import native_obstacle as native_weights_obstacle, tracked_copy
+from lstmopt.modules.packs import native_obstacle as native_weights_obstacle, shallow_as, tracked_copy
 from lstmopt.modules.scripted import ScriptedPaths
 
-__all__ = ["GRU_KERNELS", "PackedGRU", "gru_obstacle", "gru_serves"]
+__all__ = ["GRU_KERNELS", "PackedGRU", "TracedGRU", "gru_obstacle", "gru_serves"]
 
 GRU_KERNELS = kernel_table.names(kernel_table.GRU)
 
@@ -194,8 +194,26 @@ class PackedGRU(OneKernel, nn.GRU):
         """Whether the kernel in use takes this call itself rather than nn.GRU's path (autotune asks). Python only."""
         return self.kernel == "stock" or (self.uses_native_kernel and gru_serves(self, input, hx))
 
+    def scripted_for_trace(self) -> torch.jit.ScriptModule:
+        """A scripted copy with one tensor forward (``TracedGRU``) on the same parameters, for a traced caller."""
+        return torch.jit.script(shallow_as(TracedGRU, tracked_copy(self)))
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel={self.kernel}"
+
+
+class TracedGRU(PackedGRU):
+    """The same for a ``PackedGRU``: one tensor ``forward``, only ever used scripted."""
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if not torch.jit.is_scripting():
+            return PackedGRU.forward(self, input, hx)
+        return self._scripted_tensor(input, hx)
+
+    @torch.jit.export
+    def flatten_parameters(self) -> Tensor:  # type: ignore[override]
+        """As ``TracedLSTM.flatten_parameters``."""
+        return torch.empty(0)
 
 
 def gru_serves(gru: PackedGRU, input, hx) -> bool:

@@ -32,10 +32,11 @@ from lstmopt.kernels.native import NativePacks
 from lstmopt.modules import dispatch
 from lstmopt.modules.guards import kernel_accepts
 from lstmopt.modules.pack_state import PackedModule, PackState
-from lstmopt.modules.packs import PackedLayer, packing_obstacle, tracked_copy
+from lstmopt.modules.packs import PackedLayer, packing_obstacle, shallow_as, tracked_copy
 from lstmopt.modules.scripted import ScriptedPaths
 
-__all__ = ["EXACT_KERNELS", "EXACT_SEQUENCE_KERNELS", "KERNELS", "PackedLSTM", "SEQUENCE_KERNELS", "packed_subclass"]
+__all__ = ["EXACT_KERNELS", "EXACT_SEQUENCE_KERNELS", "KERNELS", "PackedLSTM", "SEQUENCE_KERNELS", "TracedLSTM",
+           "packed_subclass"]
 
 # Names from the kernel table (lstmopt.kernels.table), which says what each serves and needs.
 KERNELS = kernel_table.names(kernel_table.TENSOR)
@@ -202,6 +203,18 @@ class PackedLSTM(PackedModule, ScriptedPaths, nn.LSTM):
         return kernel_accepts(self, input, hx, self.sequence_dtype if sequence else self.kernel_dtype,
                               single_step_only=facts.single_step)
 
+    def use_stock_kernels(self) -> None:
+        """nn.LSTM's own path for every call (a trace then records its op, and the archive needs no packs)."""
+        self.use_kernel("stock", sequence_kernel="stock")
+
+    def scripted_for_trace(self) -> torch.jit.ScriptModule:
+        """A scripted copy with one tensor forward (``TracedLSTM``) on the same parameters, for a traced caller."""
+        return torch.jit.script(shallow_as(TracedLSTM, tracked_copy(self)))
+
+    def packed_forward(self, *args, **kwargs):
+        """``PackedLSTM.forward``, also where a subclass's own forward (``packed_subclass``) would run around it."""
+        return PackedLSTM.forward(self, *args, **kwargs)
+
     @torch.jit.unused  # Python only: a scripted module never asks
     def computes_in_low_precision(self) -> bool:
         """On the native kernel's bf16 or int8 packs, or on bf16 parameters (oneDNN's bf16)."""
@@ -283,6 +296,23 @@ class PackedLSTM(PackedModule, ScriptedPaths, nn.LSTM):
 
 
 _subclasses: dict = {}
+class TracedLSTM(PackedLSTM):
+    """A ``PackedLSTM`` with one tensor ``forward`` (nn.LSTM's is overloaded, which a traced caller cannot
+    call). Same parameters, names and kernels; only ever used scripted (``scripted_for_trace``)."""
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        if not torch.jit.is_scripting():
+            return PackedLSTM.forward(self, input, hx)
+        return self._scripted_tensor(input, hx)
+
+    @torch.jit.export
+    def flatten_parameters(self) -> Tensor:  # type: ignore[override]
+        """A no-op, as on CPU; it returns an empty tensor because a trace records the call and a traced
+        call must return tensors (many wrappers call it in their forward, which is then traced)."""
+        return torch.empty(0)
+
+
 _subclasses_lock = threading.Lock()
 
 

@@ -275,6 +275,14 @@ class OneKernel(PackedModule):
             # Last: until it is set, a call finds the packs stale and waits on the lock for this refresh.
             state.packed_from = [(name, w, version_of(w), w.data_ptr()) for name, w in zip(names, weights)]
 
+    def use_stock_kernels(self) -> None:
+        """The torch module's own path for every call (a trace then records its ops)."""
+        self.use_kernel("stock")
+
+    def scripted_for_trace(self) -> torch.jit.ScriptModule:
+        """Its scripted self (one signature: it serves a traced caller as it is)."""
+        return torch.jit.script(self)
+
     def use_kernel(self, kernel: str) -> None:
         """Switch to another of ``KERNELS`` (``"stock"``: the torch module's own forward)."""
         self._check_kernel(kernel)

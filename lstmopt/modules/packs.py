@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from lstmopt.kernels import native
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since, version_of
 
-__all__ = ["NO_EXACT_PROJECTION", "PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported",
+__all__ = ["NO_EXACT_PROJECTION", "PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported", "shallow_as",
            "calls_lstm_forward", "native_obstacle", "own_forward", "packing_obstacle", "pickles_its_own_way", "tracked_copy",
            "sources_of", "unchanged_since", "version_of", "weights_obstacle"]
 
@@ -116,6 +116,15 @@ def calls_lstm_forward(function) -> bool:
             return True
         codes += [c for c in code.co_consts if hasattr(c, "co_names")]
     return False
+
+
+def shallow_as(cls, module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (the same parameters) as an instance of ``cls``. Not by ``__class__``
+    assignment, which Python refuses where the layouts differ, as from a subclass of an ``abc.ABC`` nn.LSTM
+    subclass (pytorch-forecasting's ``LSTM``)."""
+    twin = cls.__new__(cls)
+    twin.__dict__.update(module.__dict__)
+    return twin
 
 
 def tracked_copy(obj):
