@@ -449,6 +449,25 @@ def build_gru_cell_streamer() -> GRUCellStreamer:
     return GRUCellStreamer()
 
 
+def rounded(lstm: nn.LSTM, weights: str = "int8") -> nn.LSTM:
+    """``lstm`` with its weights as the native kernel's packs hold them: for int8, per gate row and part,
+    w = round(w / s) * s with s = max|w| / 127; for bf16, w rounded to bf16 (projections stay fp32). Imports
+    nothing of lstmopt's: the fresh processes of test_native use it beside a native library alone."""
+    copy = nn.LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias, batch_first=lstm.batch_first,
+                   bidirectional=lstm.bidirectional, proj_size=lstm.proj_size).eval()
+    copy.load_state_dict(lstm.state_dict())
+    with torch.no_grad():
+        for name, p in copy.named_parameters():
+            if name.startswith("weight_hr"):
+                continue
+            if name.startswith("weight") and weights == "bfloat16":
+                p.copy_(p.bfloat16().float())
+            elif name.startswith("weight"):
+                scale = p.abs().amax(1, keepdim=True) / 127
+                p.copy_((p / scale.clamp_min(1e-38)).round().clamp(-127, 127) * scale)
+    return copy
+
+
 def trained_like(lstm: nn.Module, scale: float, saturation: float, seed: int) -> nn.Module:
     """A recurrent module's weights at ``scale`` x PyTorch's initial magnitude, biases pushed by N(0, saturation) so that
     gates sit in the flat ends of their sigmoids, as trained LSTMs' often do."""

@@ -29,6 +29,7 @@ from lstmopt.job.low_precision import TOLERANCE_FACTOR, measure
 from lstmopt.job.verification import BF16_TOLERANCE
 from lstmopt.reporting.report import schema
 from conftest import invoke, needs_native
+from models import rounded
 
 pytestmark = needs_native
 
@@ -40,24 +41,6 @@ TO_ROUNDED = 2e-4
 TO_FP32 = 2e-2
 # bf16 against eager on the rounded weights: the sums run in another order (as the fp32 native kernel's).
 BF16_TO_ROUNDED = 1e-5
-
-
-def rounded(lstm: nn.LSTM, weights: str = "int8") -> nn.LSTM:
-    """``lstm`` with its weights as the native kernel's packs hold them: for int8, per gate row and part,
-    w = round(w / s) * s with s = max|w| / 127; for bf16, w rounded to bf16 (projections stay fp32)."""
-    copy = nn.LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias, batch_first=lstm.batch_first,
-                   bidirectional=lstm.bidirectional, proj_size=lstm.proj_size).eval()
-    copy.load_state_dict(lstm.state_dict())
-    with torch.no_grad():
-        for name, p in copy.named_parameters():
-            if name.startswith("weight_hr"):
-                continue
-            if name.startswith("weight") and weights == "bfloat16":
-                p.copy_(p.bfloat16().float())
-            elif name.startswith("weight"):
-                scale = p.abs().amax(1, keepdim=True) / 127
-                p.copy_((p / scale.clamp_min(1e-38)).round().clamp(-127, 127) * scale)
-    return copy
 
 
 @pytest.fixture

@@ -62,6 +62,8 @@ def test_the_ops_library_needs_neither_python_nor_lstmopt():
 VARIANT_CHECK = """
     import json, sys, torch
     from torch import nn
+    sys.path.insert(0, "tests")
+    from models import rounded as rounded_weights
     from lstmopt import native, optimize
     loaded = native.load()
     torch.manual_seed(0)
@@ -79,16 +81,8 @@ VARIANT_CHECK = """
         for weights in ("int8", "bfloat16"):
             fast = optimize(lstm).eval()
             fast.use_kernel("native", sequence_kernel="native", native_weights=weights)
-            reference = nn.LSTM(9, 40, num_layers=2, bidirectional=True).eval()
-            reference.load_state_dict(lstm.state_dict())
             with torch.no_grad():
-                for name, p in reference.named_parameters():
-                    if name.startswith("weight") and weights == "bfloat16":
-                        p.copy_(p.bfloat16().float())
-                    elif name.startswith("weight"):
-                        s = p.abs().amax(1, keepdim=True) / 127
-                        p.copy_((p / s).round() * s)
-                rounded[weights] = (fast(x)[0] - reference(x)[0]).abs().max().item()
+                rounded[weights] = (fast(x)[0] - rounded_weights(lstm, weights)(x)[0]).abs().max().item()
     print(json.dumps({"loaded": loaded, "variant": native.variant(), "max_error": max(errors), "rounded": rounded}))
 """
 
@@ -114,6 +108,8 @@ WIDE_CHECK = """
     import json, sys, torch
     from torch import nn
     torch.ops.load_library(sys.argv[-1])  # the wide build alone: lstmopt's own library is never loaded here
+    sys.path.insert(0, "tests")
+    from models import rounded as rounded_weights  # torch only: nothing of lstmopt's is imported
     torch.manual_seed(0)
     x = torch.randn(6, 3, 9)
     ops = torch.ops.lstmopt
@@ -132,15 +128,7 @@ WIDE_CHECK = """
         for weights in ("int8", "bfloat16"):  # against nn.LSTM on the weights as rounded
             packs = ops.pack([w.detach() for w in lstm._flat_weights], 40, True, 0, weights)
             out = ops.lstm(x, None, None, None, packs[0], packs[1], 40, True, False)[0]
-            reference = nn.LSTM(9, 40, num_layers=2, bidirectional=True)
-            reference.load_state_dict(lstm.state_dict())
-            for name, p in reference.named_parameters():
-                if name.startswith("weight") and weights == "bfloat16":
-                    p.copy_(p.bfloat16().float())
-                elif name.startswith("weight"):
-                    s = p.abs().amax(1, keepdim=True) / 127
-                    p.copy_((p / s).round() * s)
-            errors[weights] = (out - reference(x)[0]).abs().max().item()
+            errors[weights] = (out - rounded_weights(lstm, weights)(x)[0]).abs().max().item()
     print(json.dumps({"variant": ops.variant(), "errors": errors}))
 """
 
@@ -158,7 +146,7 @@ def test_the_avx512_layout_runs_on_avx2_in_the_wide_test_build(tmp_path):
                                        [*VARIANTS["avx2"], "-DLSTMOPT_VECTOR_BYTES=64", "-Wno-psabi"])
     native_build.run_all([command])
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(WIDE_CHECK), str(library)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     errors = result["errors"]
