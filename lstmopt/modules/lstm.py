@@ -194,9 +194,8 @@ class PackedLSTM(PackedModule, ScriptedPaths, nn.LSTM):
         kernel = self.sequence_kernel if sequence else self.kernel
         if kernel == "stock":
             return True
-        data = input.data if sequence else input
-        if self.io_dtype is not None and data.dtype == self.io_dtype:
-            weight_dtype = self._flat_weights[0].dtype
+        data, weight_dtype = input.data if sequence else input, self._flat_weights[0].dtype
+        if self._casts_at_boundary(data.dtype, weight_dtype):
             input = input.to(weight_dtype)
             hx = None if hx is None else tuple(h.to(weight_dtype) for h in hx)
         facts = kernel_table.find(kernel, kernel_table.SEQUENCE if sequence else kernel_table.TENSOR)

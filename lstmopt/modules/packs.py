@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from lstmopt.kernels import native
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since, version_of
 
-__all__ = ["NO_EXACT_PROJECTION", "PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported", "shallow_as",
-           "calls_lstm_forward", "native_obstacle", "own_forward", "packing_obstacle", "pickles_its_own_way", "tracked_copy",
+__all__ = ["NO_EXACT_PROJECTION", "PACKABLE_DTYPES", "LayerPacks", "PackedLayer", "bf16_supported", "dtype_name",
+           "shallow_as", "calls_lstm_forward", "native_obstacle", "own_forward", "packing_obstacle", "pickles_its_own_way", "tracked_copy",
            "sources_of", "unchanged_since", "version_of", "weights_obstacle"]
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -30,8 +30,9 @@ def bf16_supported() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32: as reasons, reports and the CLI name dtypes."""
+    return str(dtype).removeprefix("torch.")
 
 
 def weights_obstacle(weights: List[Tensor], dtype: Optional[torch.dtype] = None) -> Optional[str]:
@@ -42,10 +43,10 @@ def weights_obstacle(weights: List[Tensor], dtype: Optional[torch.dtype] = None)
         return f"weights are on {where}; oneDNN packing is CPU-only"
     dtypes = {dtype} if dtype is not None else {w.dtype for w in weights}
     if len(dtypes) != 1:
-        return "weights have mixed dtypes " + ", ".join(sorted(_dtype_name(d) for d in dtypes))
+        return "weights have mixed dtypes " + ", ".join(sorted(dtype_name(d) for d in dtypes))
     target = dtypes.pop()
     if target not in PACKABLE_DTYPES:
-        return f"dtype {_dtype_name(target)} is not supported by the packed kernel (float32, bfloat16)"
+        return f"dtype {dtype_name(target)} is not supported by the packed kernel (float32, bfloat16)"
     if target == torch.bfloat16 and not bf16_supported():
         return "this CPU has no native bf16 support in oneDNN"
     if any(type(w) is not nn.Parameter and type(w) is not Tensor for w in weights):
@@ -77,7 +78,7 @@ def packing_obstacle(lstm: nn.Module, dtype: Optional[torch.dtype] = None) -> Op
     if computed:  # e.g. torch.nn.utils.weight_norm recomputes the weight in a forward pre-hook
         return f"{computed[0]} is not a parameter (computed by a hook such as weight_norm)"
     if dtype is not None and dtype not in PACKABLE_DTYPES:
-        return f"dtype {_dtype_name(dtype)} is not supported by the packed kernel (float32, bfloat16)"
+        return f"dtype {dtype_name(dtype)} is not supported by the packed kernel (float32, bfloat16)"
     return weights_obstacle([lstm._parameters[name] for name in lstm._flat_weights_names], dtype)
 
 

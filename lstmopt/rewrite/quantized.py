@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lstmopt.choices import QUANTIZED_DTYPES
+from lstmopt.modules.packs import dtype_name
 
 __all__ = ["QUANTIZED_DTYPES", "dequantized", "is_quantized", "obstacle", "quantized_classes", "quantized_dtype", "quantized_kind",
            "weight_count"]
@@ -49,7 +50,7 @@ def quantized_kind(module: nn.Module) -> str:
 def quantized_dtype(module: nn.Module) -> str:
     """What its weights are: "qint8" or "float16"."""
     dtype = getattr(module, "dtype", None) or getattr(module, "weight_dtype", None)
-    return str(dtype).removeprefix("torch.")
+    return dtype_name(dtype)
 
 
 def dequantized(module: nn.Module) -> nn.Module:

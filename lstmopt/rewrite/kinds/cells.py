@@ -7,8 +7,9 @@ from torch import nn
 
 from lstmopt.kernels.accuracy import CONTRACT
 from lstmopt.modules.cell import EXACT_CELL_KERNELS, PackedGRUCell, PackedLSTMCell, cell_obstacle, native_obstacle
+from lstmopt.modules.packs import dtype_name
 from lstmopt.rewrite.decision import Decision
-from lstmopt.rewrite.kinds.handler import OneKernelHandler, Request, dtype_name, in_float32
+from lstmopt.rewrite.kinds.handler import OneKernelHandler, Request, in_float32
 
 __all__ = ["CellHandler"]
 

@@ -7,8 +7,9 @@ from torch import nn
 
 from lstmopt.kernels.accuracy import CONTRACT
 from lstmopt.modules.gru import PackedGRU, gru_obstacle
+from lstmopt.modules.packs import dtype_name
 from lstmopt.rewrite.decision import Decision
-from lstmopt.rewrite.kinds.handler import OneKernelHandler, Request, dtype_name, in_float32
+from lstmopt.rewrite.kinds.handler import OneKernelHandler, Request, in_float32
 
 __all__ = ["GRUHandler", "NO_EXACT_GRU"]
 

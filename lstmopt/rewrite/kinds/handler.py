@@ -16,9 +16,10 @@ from torch import nn
 
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.accuracy import CONTRACT
+from lstmopt.modules.packs import dtype_name
 from lstmopt.rewrite.decision import Decision, FilterFn
 
-__all__ = ["Handler", "OneKernelHandler", "Request", "autotune_note", "dtype_name", "in_float32"]
+__all__ = ["Handler", "OneKernelHandler", "Request", "autotune_note", "in_float32"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,6 @@ class Handler:
     def with_kernels(self, decision: Decision, module: nn.Module) -> Decision:
         """``decision`` updated with what ``module`` (lstmopt's, after autotune) runs."""
         return decision
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def in_float32(decision: Decision, dtype: Optional[torch.dtype]) -> Decision:

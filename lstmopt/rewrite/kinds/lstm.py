@@ -12,10 +12,10 @@ from torch import nn
 from lstmopt.kernels import table as kernel_table
 from lstmopt.kernels.accuracy import CONTRACT
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, PackedLSTM
-from lstmopt.modules.packs import NO_EXACT_PROJECTION, bf16_supported, own_forward, packing_obstacle
+from lstmopt.modules.packs import NO_EXACT_PROJECTION, bf16_supported, dtype_name, own_forward, packing_obstacle
 from lstmopt.modules.packs import native_obstacle as native_weights_obstacle
 from lstmopt.rewrite.decision import Decision
-from lstmopt.rewrite.kinds.handler import Handler, Request, autotune_note, dtype_name
+from lstmopt.rewrite.kinds.handler import Handler, Request, autotune_note
 
 __all__ = ["LSTMHandler", "kernels_are_exact", "native_weights"]
 
