@@ -212,14 +212,21 @@ def test_the_weights_formats_table_says_what_the_pack_op_takes(weights):
         assert not decision.packed and weights.projection_obstacle() in decision.reason
 
 
-@pytest.mark.parametrize("fp32, kept", [
-    (Ratio(0.50, 0.45, 0.55), "float32"),  # fp32 weights faster beyond the noise: a bf16 request runs them
-    (Ratio(0.99, 0.90, 1.10), "bfloat16"),  # no faster: bf16, as asked
-])
-def test_autotune_keeps_bf16_weights_only_where_fp32_weights_are_not_faster(monkeypatch, no_native_bf16, fp32, kept):
+SLOW = Ratio(0.99, 0.90, 1.10)  # no faster than bf16 beyond the noise
+
+
+@pytest.mark.parametrize("native_fp32, default_fp32, kept, weights, kernels, exact", [
+    (Ratio(0.50, 0.45, 0.55), SLOW, "float32", "float32", ("native", "native"), False),
+    (Ratio(0.60, 0.55, 0.65), Ratio(0.40, 0.35, 0.45), "float32 on default kernels", "float32", ("onednn", "stock"),
+     True),
+    (SLOW, SLOW, "bfloat16", "bfloat16", ("native", "native"), False),
+], ids=["fp32 native", "fp32 default kernels", "bf16 as asked"])
+def test_autotune_keeps_bf16_weights_only_where_no_fp32_kernel_is_faster(monkeypatch, no_native_bf16, native_fp32,
+                                                                        default_fp32, kept, weights, kernels, exact):
     def measured(fns, baseline, **kwargs):
-        assert baseline == "bfloat16" and set(fns) == {"bfloat16", "float32"}
-        return Comparison({name: 1e-3 for name in fns}, {"float32": fp32}, 9, True)
+        assert baseline == "bfloat16" and set(fns) == set(autotuning.WEIGHTS_CANDIDATES)
+        return Comparison({name: 1e-3 for name in fns},
+                          {"float32": native_fp32, "float32 on default kernels": default_fp32}, 9, True)
 
     monkeypatch.setattr(autotuning, "compare", measured)
     torch.manual_seed(0)
@@ -227,14 +234,29 @@ def test_autotune_keeps_bf16_weights_only_where_fp32_weights_are_not_faster(monk
     fast = optimize(model, dtype=torch.bfloat16)
     x = torch.randn(16, 1, 6)
     (choice,) = autotune(fast, [(x,)])
-    assert (choice.inputs, choice.kernel, fast[0].native_weights, fast[0].kernel) == ("weights", kept, kept, "native")
+    assert (choice.inputs, choice.kernel, fast[0].native_weights) == ("weights", kept, weights)
+    assert (fast[0].kernel, fast[0].sequence_kernel) == kernels
     (decision,) = with_kernels(plan(model, dtype=torch.bfloat16), fast, dtype=torch.bfloat16)
-    assert decision.packed_dtype == kept and decision.kernel == "native" and not decision.exact
-    faster = "float32 weights on lstmopt's native kernel measured faster than the bfloat16 asked for (0.50x"
-    assert (faster in decision.reason) == (kept == "float32")
-    assert fast[0].computes_in_low_precision() == (kept == "bfloat16")
+    assert (decision.packed_dtype, decision.kernel, decision.sequence_kernel, decision.exact) == (
+        weights, *kernels, exact)
+    faster = f"float32 weights on {'the onednn kernel' if exact else 'lstmopt' + chr(39) + 's native kernel'}"
+    assert (faster + " measured faster than the bfloat16 asked for" in decision.reason) == (weights == "float32")
+    assert ("bit-identical to eager" in decision.reason) == exact
+    assert fast[0].computes_in_low_precision() == (weights == "bfloat16")
     with torch.no_grad():
-        assert max_error(fast[0](x), model[0](x)) < (TO_FP32 if kept == "bfloat16" else 1e-5)
+        error = max_error(fast[0](x), model[0](x))
+    assert error == 0 if exact else error < (TO_FP32 if weights == "bfloat16" else 1e-5)
+
+
+def test_autotune_does_not_offer_the_default_kernels_to_a_bf16_lstm_with_a_projection(monkeypatch, no_native_bf16):
+    def measured(fns, baseline, **kwargs):
+        assert set(fns) == {"bfloat16", "float32"}  # oneDNN's packed op has no projection
+        return Comparison({name: 1e-3 for name in fns}, {"float32": SLOW}, 9, True)
+
+    monkeypatch.setattr(autotuning, "compare", measured)
+    fast = optimize(nn.Sequential(nn.LSTM(6, 16, proj_size=4)).eval(), dtype=torch.bfloat16)
+    (choice,) = autotune(fast, [(torch.randn(5, 1, 6),)])
+    assert choice.kernel == "bfloat16" and fast[0].native_weights == "bfloat16"
 
 
 def test_measure_reports_each_lstms_error_on_the_calls_the_examples_make():

@@ -34,11 +34,22 @@ MARGIN = 0.03
 differences smaller than that are not worth leaving the default (bit-identical, or nn.LSTM's own) for."""
 MAX_CALLS_PER_PASS = 64  # a recorded pass is replayed with counts scaled down to about this many calls
 
+# The ways a bf16 LSTM on the native kernel may compute, each (tensor kernel, sequence kernel, weights format).
+# fp32 on the default kernels is a candidate too: at large shapes oneDNN's fp32 GEMMs can beat the native kernel on
+# either weights, and a bf16 request must never run slower than fp32 would.
+WEIGHTS_CANDIDATES = {
+    "bfloat16": ("native", "native", "bfloat16"),
+    "float32": ("native", "native", "float32"),
+    "float32 on default kernels": (kernel_table.default(kernel_table.TENSOR),
+                                   kernel_table.default(kernel_table.SEQUENCE), "float32"),
+}
+
 
 @dataclass(frozen=True)
 class KernelChoice:
     """What autotune chose for one module, for one kind of input ("tensor", "sequence"; "cell", "gru"), and why;
-    or, for ``inputs == "weights"``, the weights format a bf16 LSTM on the native kernel keeps (``kernel``)."""
+    or, for ``inputs == "weights"``, how a bf16 LSTM on the native kernel computes (``kernel``, a key of
+    ``WEIGHTS_CANDIDATES``)."""
 
     name: str
     inputs: str
@@ -175,7 +186,8 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
         if module.native_weights == "bfloat16":
             choice = _choose_weights(module, name, recorded[name], rounds, round_s)
             if choice is not None:
-                module.use_kernel("native", sequence_kernel="native", native_weights=choice.kernel)
+                kernel, sequence_kernel, weights = WEIGHTS_CANDIDATES[choice.kernel]
+                module.use_kernel(kernel, sequence_kernel=sequence_kernel, native_weights=weights)
                 module.autotune_ms, module.autotune_notes = choice.ms_per_forward, {choice.inputs: choice.note}
                 choices.append(choice)
         elif module.native_weights == "float32":  # (int8: only the native kernel computes it, as asked)
@@ -205,16 +217,19 @@ def _tune_lstm(module: PackedLSTM, name: str, recorded: dict, exact: bool, round
 def _choose_weights(lstm: PackedLSTM, name: str, recorded: dict, rounds: int,
                     round_s: float) -> Optional[KernelChoice]:
     """bf16 weights on the native kernel (a CPU without native bf16 in oneDNN, where they are widened as they are
-    read) against fp32 weights on the same kernel, on every recorded call: bf16 is kept unless fp32 is faster
-    beyond the noise, since a bf16 request must never run slower than fp32 would (fp32 is also more accurate).
-    ``KernelChoice.kernel`` is the weights format chosen."""
+    read) against fp32 weights on the same kernel and on the default kernels, on every recorded call: bf16 is kept
+    unless another is faster beyond the noise (fp32 is also more accurate). ``KernelChoice.kernel`` is the key of
+    ``WEIGHTS_CANDIDATES`` chosen."""
     calls = [entry for signature, entry in recorded.items() if signature[0] in ("tensor", "sequence")]
     if not calls:
         return None
+    candidates = [label for label, (kernel, _, _) in WEIGHTS_CANDIDATES.items()
+                  if kernel in kernel_table.names(kernel_table.TENSOR, projection=lstm.proj_size > 0)]
 
-    def switch(variant, weights):
-        variant.use_kernel("native", sequence_kernel="native", native_weights=weights)
-    best, ms, ratios, not_serving = _fastest(lstm, calls, ["bfloat16", "float32"], "bfloat16", switch, rounds, round_s)
+    def switch(variant, label):
+        kernel, sequence_kernel, weights = WEIGHTS_CANDIDATES[label]
+        variant.use_kernel(kernel, sequence_kernel=sequence_kernel, native_weights=weights)
+    best, ms, ratios, not_serving = _fastest(lstm, calls, candidates, "bfloat16", switch, rounds, round_s)
     return KernelChoice(name, "weights", best, False, ms, sum(count for _, count in calls), "bfloat16", ratios,
                         not_serving, _note(best, "bfloat16", ratios, not_serving))
 

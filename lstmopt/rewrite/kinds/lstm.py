@@ -101,15 +101,18 @@ class LSTMHandler(Handler):
 
 
 def _with_weights(decision: Decision, lstm: PackedLSTM) -> Decision:
-    """After autotune timed a bf16 LSTM's weights formats on the native kernel (``autotune._choose_weights``)."""
+    """After autotune timed a bf16 LSTM's ways to compute (``autotune.WEIGHTS_CANDIDATES``): bf16 or fp32
+    weights on the native kernel, or fp32 on the default kernels, which is exact on fp32 weights."""
     measured, chosen = lstm.autotune_notes["weights"], lstm.native_weights
+    exact = chosen == decision.dtype and kernels_are_exact(lstm.kernel, lstm.sequence_kernel)
     if chosen == decision.packed_dtype:
         reason = f"{decision.reason}; autotune {measured}"
     else:
-        reason = (f"autotune: {chosen} weights on lstmopt's native kernel measured faster than the "
-                  f"{decision.packed_dtype} asked for ({measured}), {CONTRACT}")
-    return replace(decision, packed_dtype=chosen, kernel="native", sequence_kernel="native",
-                   autotune_ms=lstm.autotune_ms, reason=reason, exact=False)
+        on = "lstmopt's native kernel" if lstm.kernel == "native" else f"the {lstm.kernel} kernel"
+        reason = (f"autotune: {chosen} weights on {on} measured faster than the {decision.packed_dtype} asked "
+                  f"for ({measured}), {'bit-identical to eager' if exact else CONTRACT}")
+    return replace(decision, packed_dtype=chosen, kernel=lstm.kernel, sequence_kernel=lstm.sequence_kernel,
+                   autotune_ms=lstm.autotune_ms, reason=reason, exact=exact)
 
 
 def _packed_reason(lstm: nn.LSTM, found: torch.dtype, target: torch.dtype) -> str:
