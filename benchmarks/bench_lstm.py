@@ -23,7 +23,8 @@
    loop (two LSTMCells, 50 frames) eager, optimized by default and with ``exact=False``.
 2c. nn.GRU and nn.GRUCell: a GRU (no exact kernel: kept by default, the native kernel with ``exact=False``)
    at the streaming shapes and at the tagger and server shapes of section 1, eager against lstmopt and
-   ONNX Runtime (``--onnxruntime``) on the same export; a GRUCell's step as the LSTMCell's in 2b.
+   ONNX Runtime (``--onnxruntime``) on the same export; a GRUCell's step as the LSTMCell's in 2b; nn.RNN (relu,
+   tanh) as the GRU.
 2d. LSTMs with proj_size > 0 (LSTMP): one step and a 16-step chunk with the state carried, eager against
    lstmopt with approximation allowed (``optimize(m, exact=False)``: the native kernel, the projection fused;
    by default an LSTMP is kept, having no exact kernel). ONNX Runtime has no row: torch.onnx cannot export
@@ -47,6 +48,7 @@ timed block and a warm-up inside it, so that no variant is timed while another's
 """
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -312,7 +314,7 @@ def decoder(rounds):
              f"{t['eager'] / t['native']:.2f}x"]]
 
 
-# --- 2c. nn.GRU ---------------------------------------------------------------------------------------
+# --- 2c. nn.GRU and nn.RNN ---------------------------------------------------------------------------
 
 # (name, input_size, hidden_size, layers, bidirectional, batch, steps): streaming, then section 1's tagger
 # and server shapes
@@ -325,12 +327,26 @@ GRUS = [
 ]
 
 
-def grus(rounds, runs, with_ort):
+# nn.RNN, as DeepSpeech-style acoustic models run it (relu; tanh at one shape), at the same shapes
+RNNS = [
+    ("RNN relu, one step", 80, 256, 2, False, 1, 1),
+    ("RNN tanh, one step", 80, 256, 2, False, 1, 1),
+    ("RNN relu, 16-step chunk", 80, 256, 2, False, 1, 16),
+    ("RNN relu, 16 streams, one step", 80, 256, 2, False, 16, 1),
+    ("RNN relu, tagger shape", 128, 256, 2, True, 8, 50),
+    ("RNN relu, server shape", 256, 512, 2, False, 16, 100),
+]
+
+
+def one_state(rounds, runs, with_ort, shapes=GRUS):
+    """nn.GRU (``GRUS``) or nn.RNN (``RNNS``, the nonlinearity in the label) against lstmopt --approx."""
     setups = []
-    for label, I, H, layers, bidirectional, B, T in GRUS:
+    for label, I, H, layers, bidirectional, B, T in shapes:
         torch.manual_seed(0)
-        eager = nn.GRU(I, H, num_layers=layers, bidirectional=bidirectional).eval()
-        assert type(optimize(eager)) is nn.GRU  # kept by default: no exact kernel
+        make = nn.GRU if label.startswith("GRU") else functools.partial(
+            nn.RNN, nonlinearity="tanh" if "tanh" in label else "relu")
+        eager = make(I, H, num_layers=layers, bidirectional=bidirectional).eval()
+        assert type(optimize(eager)) is type(eager)  # kept by default: no exact kernel
         approx = optimize(eager, exact=False)
         assert kernels(approx) == "native", kernels(approx)
         x, h = torch.randn(T, B, I), torch.randn(layers * (2 if bidirectional else 1), B, H)
@@ -617,7 +633,9 @@ def main(argv=None):
             "exact=False (--approx) on lstmopt's native kernel; speedup over eager"
             + (" and latency ratio to ONNX Runtime on the same export (below 1: lstmopt is faster)"
                if args.onnxruntime else "") + f", median and range over {args.runs} runs",
-            table(header, grus(args.rounds, args.runs, args.onnxruntime), markdown)]
+            table(header, one_state(args.rounds, args.runs, args.onnxruntime), markdown)]
+    out += ["", "nn.RNN, state carried, as nn.GRU above",
+            table(header, one_state(args.rounds, args.runs, args.onnxruntime, RNNS), markdown)]
     header = ["cell", "I,H", "eager us", "lstmopt default us", "vs eager", "lstmopt --approx us", "vs eager"]
     if args.onnxruntime:
         header += ["ORT cell graph us", "ORT GRU op us", "--approx / faster ORT"]

@@ -13,6 +13,7 @@ _EXPORTS = {
     "PackedLSTMCell": "lstmopt.modules.cell",
     "PackedGRUCell": "lstmopt.modules.cell",
     "PackedGRU": "lstmopt.modules.gru",
+    "PackedRNN": "lstmopt.modules.rnn",
     "packing_obstacle": "lstmopt.modules.packs",
     "Decision": "lstmopt.rewrite.swap",
     "optimize": "lstmopt.rewrite.swap",

@@ -16,6 +16,9 @@ DTYPES = ("float32", "bfloat16", "int8")
 change numerics."""
 
 
+RECURRENT_CLASSES = "nn.LSTM, nn.LSTMCell, nn.GRU, nn.GRUCell or nn.RNN"
+"""The torch classes lstmopt packs, in words (one handler each in lstmopt.rewrite.kinds; a test holds them equal)."""
+
 QUANTIZED_DTYPES = ("qint8", "float16")
 """The weights of torch.ao's dynamic-quantized recurrent modules, which lstmopt reads (lstmopt.rewrite.quantized)."""
 

@@ -109,6 +109,26 @@ class UnscriptableDenoiser(Denoiser):
         return super().forward(x)[0] * len(options)
 
 
+class Transcriber(nn.Module):
+    """A DeepSpeech-style acoustic model: a bidirectional relu nn.RNN over frames, characters out."""
+
+    def __init__(self, bins: int = 16, hidden: int = 40, characters: int = 29):
+        super().__init__()
+        self.rnn = nn.RNN(bins, hidden, num_layers=2, nonlinearity="relu", bidirectional=True, batch_first=True)
+        self.characters = nn.Linear(2 * hidden, characters)
+
+    def forward(self, x: Tensor, state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        y, state = self.rnn(x, state)
+        return torch.log_softmax(self.characters(y), dim=-1), state
+
+
+class UnscriptableTranscriber(Transcriber):
+    """The same, with a forward TorchScript cannot compile (**kwargs): its artifact is traced."""
+
+    def forward(self, x, **options):
+        return super().forward(x)[0] * len(options)
+
+
 class Unscriptable(nn.Module):
     """Fine in eager mode, but TorchScript cannot compile its forward (a dict comprehension over **kwargs)."""
 

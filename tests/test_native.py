@@ -67,7 +67,8 @@ VARIANT_CHECK = """
     from lstmopt import native, optimize
     loaded = native.load()
     torch.manual_seed(0)
-    models = [nn.LSTM(9, 40, num_layers=2, bidirectional=True), nn.LSTM(9, 40, proj_size=12), nn.GRU(9, 40)]
+    models = [nn.LSTM(9, 40, num_layers=2, bidirectional=True), nn.LSTM(9, 40, proj_size=12), nn.GRU(9, 40),
+              nn.RNN(9, 70, num_layers=2, bidirectional=True), nn.RNN(9, 40, nonlinearity="relu")]
     errors = []
     x = torch.randn(6, 3, 9)
     with torch.no_grad():
@@ -124,6 +125,11 @@ WIDE_CHECK = """
         gru = nn.GRU(9, 40, num_layers=2)
         out = ops.gru_dense(x, None, [w.detach() for w in gru._flat_weights], 40, 2, False, False, True)[0]
         errors["gru"] = (out - gru(x)[0]).abs().max().item()
+        for nonlinearity in ("tanh", "relu"):  # 70 units: a whole block of 64 and a partial one
+            rnn = nn.RNN(9, 70, num_layers=2, bidirectional=True, nonlinearity=nonlinearity)
+            out = ops.rnn_dense(x, None, [w.detach() for w in rnn._flat_weights], 70, 2, True, False, True,
+                                nonlinearity)[0]
+            errors["rnn_" + nonlinearity] = (out - rnn(x)[0]).abs().max().item()
         lstm = nn.LSTM(9, 40, num_layers=2, bidirectional=True)
         for weights in ("int8", "bfloat16"):  # against nn.LSTM on the weights as rounded
             packs = ops.pack([w.detach() for w in lstm._flat_weights], 40, True, 0, weights)
@@ -150,8 +156,9 @@ def test_the_avx512_layout_runs_on_avx2_in_the_wide_test_build(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     errors = result["errors"]
-    assert result["variant"] == "avx2-wide" and set(errors) == {"lstm", "lstmp", "gru", "int8", "bfloat16"}
-    assert max(errors["lstm"], errors["lstmp"], errors["gru"]) < 1e-6
+    assert result["variant"] == "avx2-wide"
+    assert set(errors) == {"lstm", "lstmp", "gru", "rnn_tanh", "rnn_relu", "int8", "bfloat16"}
+    assert max(errors["lstm"], errors["lstmp"], errors["gru"], errors["rnn_tanh"], errors["rnn_relu"]) < 1e-6
     assert errors["int8"] < 2e-4 and errors["bfloat16"] < 1e-5
 
 

@@ -60,9 +60,11 @@ def test_a_program_computes_what_the_optimized_model_does_at_every_batch_and_len
 
 
 @pytest.mark.parametrize("kind, config", [(nn.GRU, {"input_size": 6, "hidden_size": 20, "num_layers": 2}),
+                                          (nn.RNN, {"input_size": 6, "hidden_size": 70, "num_layers": 2,
+                                                    "nonlinearity": "relu"}),
                                           (nn.LSTM, {"input_size": 6, "hidden_size": 20, "proj_size": 7})],
-                         ids=["GRU", "LSTMP"])
-def test_native_kernel_grus_and_lstmps_are_recorded_as_lstmopt_ops(kind, config):
+                         ids=["GRU", "RNN", "LSTMP"])
+def test_native_kernel_grus_rnns_and_lstmps_are_recorded_as_lstmopt_ops(kind, config):
     torch.manual_seed(0)
     model = Stream(kind, **config).eval()
     fast = optimize(model, exact=False)

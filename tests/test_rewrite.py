@@ -165,11 +165,21 @@ def test_each_torch_class_has_one_kind_and_subclasses_take_their_bases():
         pass
 
     kinds = {m: getattr(handler_for(m), "kind", None) for m in [
-        nn.LSTM(2, 3), PackedLSTM(2, 3), Custom(2, 3), MyGRU(2, 3), nn.LSTMCell(2, 3), nn.GRUCell(2, 3)]}
-    assert list(kinds.values()) == ["LSTM", "LSTM", "LSTM", "GRU", "LSTMCell", "GRUCell"]
+        nn.LSTM(2, 3), PackedLSTM(2, 3), Custom(2, 3), MyGRU(2, 3), nn.LSTMCell(2, 3), nn.GRUCell(2, 3),
+        nn.RNN(2, 3), nn.RNN(2, 3, nonlinearity="relu")]}
+    assert list(kinds.values()) == ["LSTM", "LSTM", "LSTM", "GRU", "LSTMCell", "GRUCell", "RNN", "RNN"]
     assert handler_for(nn.Linear(2, 3)) is None
     assert type(handler_for(dynamic.LSTM(2, 3))).__name__ == "QuantizedHandler"
     assert handler_for(MyQuantizedLSTM(2, 3)) is None  # its own code may compute otherwise: left as it is
+
+
+def test_messages_name_every_torch_class_the_registry_packs():
+    from lstmopt.choices import RECURRENT_CLASSES
+    from lstmopt.rewrite import kinds, quantized
+
+    torch_classes = set(kinds.handlers()) - set(quantized.quantized_classes())
+    assert sorted(RECURRENT_CLASSES.replace(" or ", ", ").split(", ")) == sorted(
+        f"nn.{cls.__name__}" for cls in torch_classes)
 
 
 def test_plan_and_optimize_ask_the_registry_so_a_new_kind_is_one_handler(monkeypatch):

@@ -33,7 +33,8 @@ __all__ = ["EXPORTED_AS_ATEN_CELL", "EXPORTED_AS_STOCK", "PROGRAM_OPS", "calls_l
 # The op a program calls for a module kind's kernel (lstmopt/kernels/csrc/dense.cpp); the cell kernel's one-step
 # calls are the oneDNN op's too. Cells record ATen's cell op, which is no lstmopt op.
 PROGRAM_OPS = {("LSTM", "onednn"): "onednn_lstm_dense", ("LSTM", "cell"): "onednn_lstm_dense",
-               ("LSTM", "native"): "lstm_dense", ("GRU", "native"): "gru_dense"}
+               ("LSTM", "native"): "lstm_dense", ("GRU", "native"): "gru_dense",
+               ("RNN", "native"): "rnn_dense"}
 
 # How the LSTMs table and the report describe what a program records instead of lstmopt's op.
 EXPORTED_AS_STOCK = {"kernel": "stock", "sequence_kernel": "stock", "exact": True,

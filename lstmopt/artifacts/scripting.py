@@ -54,6 +54,8 @@ class LSTMEntry(nn.Module):
     """TorchScript cannot call a scripted nn.LSTM directly (its forward is overloaded), so a model that is
     a bare LSTM is scripted behind this Tensor-only entry point (its state_dict keys gain ``lstm.``)."""
 
+    PREFIX = "lstm."
+
     def __init__(self, lstm: nn.Module) -> None:
         super().__init__()
         self.lstm = lstm
@@ -66,12 +68,30 @@ class LSTMEntry(nn.Module):
 class GRUEntry(nn.Module):
     """The same for a model that is a bare GRU (state_dict keys gain ``gru.``)."""
 
+    PREFIX = "gru."
+
     def __init__(self, gru: nn.Module) -> None:
         super().__init__()
         self.gru = gru
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         return self.gru(input, hx)
+
+
+class RNNEntry(nn.Module):
+    """The same for a model that is a bare RNN (state_dict keys gain ``rnn.``)."""
+
+    PREFIX = "rnn."
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        return self.rnn(input, hx)
+
+
+_ENTRIES = {nn.LSTM: LSTMEntry, nn.GRU: GRUEntry, nn.RNN: RNNEntry}  # a bare module's entry point, by torch class
 
 
 def to_torchscript(model, samples: Sequence[tuple] = ()) -> Tuple[torch.jit.ScriptModule, dict]:
@@ -102,7 +122,7 @@ def _scripting_flags(model):
 
 
 def _entry_prefix(model) -> str:
-    return "lstm." if isinstance(model, nn.LSTM) else "gru." if isinstance(model, nn.GRU) else ""
+    return next((entry.PREFIX for torch_class, entry in _ENTRIES.items() if isinstance(model, torch_class)), "")
 
 
 def _script_or_trace(model, samples: Sequence[tuple]) -> Tuple[torch.jit.ScriptModule, dict]:
@@ -191,10 +211,10 @@ def _leave_out(model: nn.Module, names: List[str]) -> List[str]:
 def script(model):
     """``torch.jit.script``, with a one-line error that names the unscriptable part."""
 
-    if isinstance(model, nn.LSTM):
-        model = LSTMEntry(model)
-    elif isinstance(model, nn.GRU):
-        model = GRUEntry(model)
+    for torch_class, entry in _ENTRIES.items():
+        if isinstance(model, torch_class):
+            model = entry(model)
+            break
     try:
         return torch.jit.script(model)
     except Exception as exc:

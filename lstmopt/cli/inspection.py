@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from lstmopt.choices import RECURRENT_CLASSES
 from lstmopt.cli import options
 from lstmopt.cli.app import app
 from lstmopt.cli.options import (DebugOpt, Dtype, DtypeOpt, FactoryKwargsOpt, FactoryOpt,
@@ -55,5 +56,4 @@ def inspect(
         ui.show(f"{packable} of {len(modules)} recurrent modules can be packed; they hold "
                 f"{sum(m['parameters'] for m in modules):,} of {total:,} parameters.")
     else:
-        ui.warn("the model has no nn.LSTM, nn.LSTMCell, nn.GRU or nn.GRUCell: there is nothing for lstmopt to "
-                "optimize")
+        ui.warn(f"the model has no {RECURRENT_CLASSES}: there is nothing for lstmopt to optimize")

@@ -52,9 +52,8 @@ def optimize(
     approx: Annotated[bool, typer.Option(
         "--approx", rich_help_panel=CHECKS,
         help="Allow the approximate kernels, not bit-identical: "
-             f"{approximate_kernels_text()}. LSTMCells, GRUCells, GRUs and LSTMs with proj_size > 0 then run the "
-             "native kernel; "
-             "with --autotune, every LSTM may get one where it measures faster. Verification holds them to their "
+             f"{approximate_kernels_text()}. LSTMCells, GRUCells, GRUs, RNNs and LSTMs with proj_size > 0 then "
+             "run the native kernel; with --autotune, every LSTM may get one where it measures faster. Verification holds them to their "
              f"contract, {CONTRACT} (--atol/--rtol set a tolerance instead).")] = False,
     min_speedup: Annotated[Optional[float], typer.Option(
         "--min-speedup", metavar="X", rich_help_panel=CHECKS,

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Union
 
 from lstmopt import __version__
 from lstmopt.errors import LstmoptError, NothingToOptimizeError, SpeedupError, UsageError, one_line
-from lstmopt.choices import AUTO, DTYPES, FORMAT_CHOICES, QUANTIZED_DTYPES, names_a_function
+from lstmopt.choices import AUTO, DTYPES, FORMAT_CHOICES, QUANTIZED_DTYPES, RECURRENT_CLASSES, names_a_function
 from lstmopt.artifacts import ledger
 from lstmopt.job.user_code import user_code
 
@@ -307,7 +307,7 @@ def _optimize(options: OptimizeOptions, report: Report, step: _Steps, loaded, sa
         decisions = plan(loaded.model, dtype=dtype, exact=exact)
         report.modules = [d.to_dict() for d in decisions]
         if not any(d.packed for d in decisions):
-            why = ("the model has no nn.LSTM, nn.LSTMCell, nn.GRU or nn.GRUCell" if not decisions
+            why = (f"the model has no {RECURRENT_CLASSES}" if not decisions
                    else "no module can be packed: " + "; ".join(f"{d.name or '<model>'}: {d.reason}"
                                                                 for d in decisions))
             if options.require_lstm or options.min_speedup is not None:

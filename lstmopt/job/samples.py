@@ -166,7 +166,7 @@ def call_input(args: tuple, kwargs: dict):
 
 
 def lstm_cases(lstm: torch.nn.Module, *, seed: int = 0) -> list[tuple]:
-    """Synthetic inputs for one LSTM or GRU (torch's, or torch.ao's dynamic-quantized one): 2 lengths x 2 batch
+    """Synthetic inputs for one LSTM, GRU or RNN (torch's, or torch.ao's dynamic-quantized one): 2 lengths x 2 batch
     sizes, once with initial states (for an LSTMCell or GRUCell: batches of 1 and 3, an unbatched step, and a
     step from given states)."""
     generator = torch.Generator().manual_seed(seed)
@@ -188,7 +188,7 @@ def lstm_cases(lstm: torch.nn.Module, *, seed: int = 0) -> list[tuple]:
         cases.append((x,))
     h = torch.randn(states, 3, getattr(lstm, "proj_size", 0) or lstm.hidden_size, generator=generator,
                     dtype=dtype)  # an LSTMP's is proj_size wide
-    if kind == "GRU":  # one state
+    if kind in ("GRU", "RNN"):  # one state
         return cases + [(cases[-1][0], h)]
     c = torch.randn(states, 3, lstm.hidden_size, generator=generator, dtype=dtype)
     cases.append((cases[-1][0], (h, c)))
@@ -198,7 +198,7 @@ def lstm_cases(lstm: torch.nn.Module, *, seed: int = 0) -> list[tuple]:
 def _kind(module: torch.nn.Module) -> str:
     if is_quantized(module):
         return quantized_kind(module)
-    for kind in (torch.nn.LSTMCell, torch.nn.GRUCell, torch.nn.GRU):
+    for kind in (torch.nn.LSTMCell, torch.nn.GRUCell, torch.nn.GRU, torch.nn.RNN):
         if isinstance(module, kind):
             return kind.__name__
     return "LSTM"

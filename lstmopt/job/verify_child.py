@@ -144,6 +144,8 @@ def _attribute(module, name):
 
 
 def _has(module, name):
+    if hasattr(module, "_c"):  # scripted: asked of the module itself, not by converting the value to Python
+        return module._c.hasattr(name)  # (a TorchScript class's value has no Python class in a fresh process)
     try:
         return hasattr(module, name)
     except RuntimeError:

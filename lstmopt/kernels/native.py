@@ -34,7 +34,7 @@ from lstmopt.kernels import compile as native_build
 from lstmopt.kernels.tensor_versions import sources_of, unchanged_since
 
 __all__ = ["LOAD_LINE", "NativePacks", "available", "library_path", "load", "module", "run_native", "run_native_cell",
-           "run_native_gru_cell", "run_native_gru", "unavailable_reason", "variant"]
+           "run_native_gru_cell", "run_native_gru", "run_native_rnn", "unavailable_reason", "variant"]
 
 LOAD_LINE = "import lstmopt.native; lstmopt.native.load()"
 INSTALLED_LOADER = Path(__file__).parent / "lib" / native_build.LOADER_NAME
@@ -224,6 +224,12 @@ def _register_fake() -> None:
                                      batch_first, [], 0)
         return output, h_n
 
+    @torch.library.register_fake("lstmopt::rnn")
+    def _(input, batch_sizes, hx, weights, biases, hidden_size, bidirectional, batch_first, nonlinearity):
+        output, h_n, _ = _fake_lstmp(input, batch_sizes, hx, None, weights, biases, hidden_size, bidirectional,
+                                     batch_first, [], 0)
+        return output, h_n
+
     @torch.library.register_fake("lstmopt::lstmp")
     def _fake_lstmp(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first, projections,
                     proj_size):
@@ -244,10 +250,10 @@ def _register_fake() -> None:
 
 
 class NativePacks:
-    """One LSTM's (or, with ``gru``, one GRU's: ``pack_gru``) weights in the native kernel's layout
-    (``torch.ops.lstmopt.pack``, see csrc/lstm.cpp), per layer and direction: the input then the recurrent
-    weights in blocks of 16 hidden units, the summed biases and, for ``proj_size > 0``, the projections
-    (``pack_projections``).
+    """One LSTM's (or, by ``cell``, one GRU's or RNN's: ``pack_gru``, ``pack_rnn``) weights in the native
+    kernel's layout (``torch.ops.lstmopt.pack``, see csrc/lstm.cpp), per layer and direction: the input then the
+    recurrent weights in blocks of 16 hidden units (an RNN's: 64), the summed biases and, for ``proj_size > 0``,
+    the projections (``pack_projections``).
 
     A TorchScript class (compiled when a scripted module holds one). Like ``LayerPacks`` it stores the
     dense weights it came from, not the laid-out copy, and lays them out again when loaded: the layout
@@ -258,16 +264,16 @@ class NativePacks:
     """
 
     def __init__(self, dense: List[Tensor], hidden_size: int, num_layers: int, bidirectional: bool,
-                 has_biases: bool, proj_size: int = 0, gru: bool = False, weights_format: str = "float32"):
+                 has_biases: bool, proj_size: int = 0, cell: str = "lstm", weights_format: str = "float32"):
         self.dense = dense
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.bidirectional = bidirectional
         self.has_biases = has_biases
         self.proj_size = proj_size
-        self.gru = gru
+        self.cell = cell  # "lstm", "gru", "rnn_tanh" or "rnn_relu": what the layers compute after the gates
         self.weights_format = weights_format
-        weights, biases = _pack(dense, hidden_size, has_biases, proj_size, gru, weights_format)
+        weights, biases = _pack(dense, hidden_size, has_biases, proj_size, cell, weights_format)
         self.weights = weights
         self.biases = biases
         self.projections = _pack_projections(dense, hidden_size, has_biases, proj_size)
@@ -278,11 +284,13 @@ class NativePacks:
         cannot read data pointers, only in-place changes are seen)."""
         return unchanged_since(self.sources, dense)
 
-    def __getstate__(self) -> Tuple[List[Tensor], int, int, bool, bool, int, bool, str]:
+    # By position: TorchScript classes pickle tuples. An archive holds its own copy of this class's code, so
+    # the layout may change between releases (it was a bool ``gru`` where ``cell`` is now).
+    def __getstate__(self) -> Tuple[List[Tensor], int, int, bool, bool, int, str, str]:
         return (self.dense, self.hidden_size, self.num_layers, self.bidirectional, self.has_biases, self.proj_size,
-                self.gru, self.weights_format)
+                self.cell, self.weights_format)
 
-    def __setstate__(self, state: Tuple[List[Tensor], int, int, bool, bool, int, bool, str]) -> None:
+    def __setstate__(self, state: Tuple[List[Tensor], int, int, bool, bool, int, str, str]) -> None:
         weights, biases = _pack(state[0], state[1], state[4], state[5], state[6], state[7])
         self.dense = state[0]
         self.hidden_size = state[1]
@@ -290,7 +298,7 @@ class NativePacks:
         self.bidirectional = state[3]
         self.has_biases = state[4]
         self.proj_size = state[5]
-        self.gru = state[6]
+        self.cell = state[6]
         self.weights_format = state[7]
         self.weights = weights
         self.biases = biases
@@ -298,10 +306,12 @@ class NativePacks:
         self.sources = sources_of(state[0])
 
 
-def _pack(dense: List[Tensor], hidden_size: int, has_biases: bool, proj_size: int, gru: bool, weights_format: str
+def _pack(dense: List[Tensor], hidden_size: int, has_biases: bool, proj_size: int, cell: str, weights_format: str
           ) -> Tuple[List[Tensor], List[Tensor]]:
-    if gru:
+    if cell == "gru":
         return torch.ops.lstmopt.pack_gru(dense, hidden_size, has_biases)
+    if cell != "lstm":
+        return torch.ops.lstmopt.pack_rnn(dense, hidden_size, has_biases)
     if weights_format != "float32":  # a float32 call stays the one archives made before int8 existed
         return torch.ops.lstmopt.pack(dense, hidden_size, has_biases, proj_size, weights_format)
     return torch.ops.lstmopt.pack(dense, hidden_size, has_biases, proj_size)
@@ -333,6 +343,14 @@ def run_native_gru(packs: NativePacks, input: Tensor, batch_sizes: Optional[Tens
     """An nn.GRU call (packs with ``gru``) through the dispatcher, for TorchScript: (output, h_n)."""
     return torch.ops.lstmopt.gru(input, batch_sizes, hx, packs.weights, packs.biases, packs.hidden_size,
                                  packs.bidirectional, batch_first)
+
+
+def run_native_rnn(packs: NativePacks, input: Tensor, batch_sizes: Optional[Tensor], hx: Optional[Tensor],
+                   batch_first: bool) -> Tuple[Tensor, Tensor]:
+    """An nn.RNN call (packs with cell ``rnn_tanh`` or ``rnn_relu``) through the dispatcher, for TorchScript."""
+    nonlinearity = "relu" if packs.cell == "rnn_relu" else "tanh"
+    return torch.ops.lstmopt.rnn(input, batch_sizes, hx, packs.weights, packs.biases, packs.hidden_size,
+                                 packs.bidirectional, batch_first, nonlinearity)
 
 
 def run_native_cell(packs: NativePacks, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:

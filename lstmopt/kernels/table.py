@@ -13,19 +13,20 @@ from typing import Optional
 
 from lstmopt.kernels.accuracy import CONTRACT
 
-__all__ = ["CELL", "GRU", "GRU_CELL", "Kernel", "SEQUENCE", "TENSOR", "TABLE", "WEIGHTS_FORMATS", "WeightsFormat",
+__all__ = ["CELL", "GRU", "GRU_CELL", "RNN", "Kernel", "SEQUENCE", "TENSOR", "TABLE", "WEIGHTS_FORMATS", "WeightsFormat",
            "approximate_kernels_text", "default", "find", "markdown", "names", "weights_format"]
 
 TENSOR, SEQUENCE = "tensors", "PackedSequences"
 CELL = "nn.LSTMCell steps"  # the kernels of a PackedLSTMCell
 GRU = "nn.GRU calls"  # the kernels of a PackedGRU: tensors and PackedSequences
 GRU_CELL = "nn.GRUCell steps"  # the kernels of a PackedGRUCell
+RNN = "nn.RNN calls"  # the kernels of a PackedRNN: tensors and PackedSequences
 
 
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    inputs: str  # TENSOR or SEQUENCE (a PackedLSTM's), CELL, GRU or GRU_CELL
+    inputs: str  # TENSOR or SEQUENCE (a PackedLSTM's), CELL, GRU, GRU_CELL or RNN
     exact: bool  # bit-identical to nn.LSTM (else held to the approximate-kernel contract, kernels/accuracy.py)
     default: bool  # what a PackedLSTM runs until autotune says otherwise
     fp32_only: bool  # else also the packed dtype (bf16)
@@ -81,6 +82,12 @@ TABLE = (
            chosen_because="lstmopt's native kernel measured fastest"),
     Kernel("stock", GRU, exact=True, default=False, fp32_only=False, reads_packs=False, native=False,
            what="nn.GRU itself", chosen_because="nn.GRU itself measured fastest on these inputs"),
+    # Nor for an RNN (tanh or relu): eager's cell loop sums in its own order.
+    Kernel("native", RNN, exact=False, default=True, fp32_only=True, reads_packs=False, native=True,
+           what="lstmopt's native kernel: the whole call in one native call, tensors and PackedSequences",
+           chosen_because="lstmopt's native kernel measured fastest"),
+    Kernel("stock", RNN, exact=True, default=False, fp32_only=False, reads_packs=False, native=False,
+           what="nn.RNN itself", chosen_because="nn.RNN itself measured fastest on these inputs"),
 )
 
 
@@ -103,7 +110,7 @@ class WeightsFormat:
         return f"{self.name} weights serve nn.{' and nn.'.join(self.kinds)} only"
 
 
-_EVERY_KIND = ("LSTM", "GRU", "LSTMCell", "GRUCell")
+_EVERY_KIND = ("LSTM", "GRU", "LSTMCell", "GRUCell", "RNN")
 WEIGHTS_FORMATS = (
     WeightsFormat("float32", "fp32", projection=True, kinds=_EVERY_KIND, what="fp32 weights"),
     WeightsFormat("bfloat16", "bf16", projection=True, kinds=("LSTM",),
@@ -124,7 +131,7 @@ def weights_format(name: str) -> WeightsFormat:
 
 
 def names(inputs: str, *, exact_only: bool = False, projection: bool = False) -> tuple[str, ...]:
-    """The kernels for ``inputs`` (``TENSOR``, ``SEQUENCE``, ``CELL``, ``GRU`` or ``GRU_CELL``), in autotune's order
+    """The kernels for ``inputs`` (``TENSOR``, ``SEQUENCE``, ``CELL``, ``GRU``, ``GRU_CELL`` or ``RNN``), in autotune's order
     (``projection``: only those that serve proj_size > 0)."""
     return tuple(k.name for k in TABLE if k.inputs == inputs and (k.exact or not exact_only)
                  and (k.projection or not projection))
@@ -151,14 +158,14 @@ def markdown() -> str:
     rows = ["| kernel | for | chosen | results | what it is |", "|---|---|---|---|---|"]
     for k in TABLE:
         chosen = "by default" if k.default else ("by autotune" if k.exact else "by autotune with `--approx`")
-        if k.inputs in (CELL, GRU, GRU_CELL) and not k.exact:  # no exact kernel to keep by default under --approx
+        if k.inputs in (CELL, GRU, GRU_CELL, RNN) and not k.exact:  # no exact kernel to keep by default under --approx
             chosen = "with `--approx`, unless autotune measures another faster"
         elif k.projection and not k.exact:  # nor do LSTMs with proj_size > 0
             chosen += "; with `--approx` for proj_size > 0"
         needs = ", fp32" if k.fp32_only else ""
         needs += ", proj_size > 0 too" if k.projection and k.inputs not in (CELL, GRU_CELL) else ""
         needs += ", needs the native library" if k.native else ""
-        original = {CELL: "nn.LSTMCell", GRU: "nn.GRU", GRU_CELL: "nn.GRUCell"}.get(k.inputs, "nn.LSTM")
+        original = k.inputs.split()[0] if k.inputs.startswith("nn.") else "nn.LSTM"  # "nn.GRU calls": nn.GRU
         results = f"bit-identical to `{original}`" if k.exact else CONTRACT
         rows.append(f"| `{k.name}` | {k.inputs}{needs} | {chosen} | {results} | {k.what} |")
     return "\n".join(rows) + "\n"

@@ -109,7 +109,7 @@ class PackedCell(OneKernel):
 
     def _new_native_packs(self, weights: list) -> NativePacks:
         return NativePacks([w.detach() for w in weights], self.hidden_size, 1, False, self.bias, 0,
-                           isinstance(self, nn.GRUCell))
+                           "gru" if isinstance(self, nn.GRUCell) else "lstm")
 
     def _weight_names(self):
         return _NAMES

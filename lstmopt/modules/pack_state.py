@@ -97,11 +97,11 @@ class PackState:
             self.native = None
             return
         packs = NativePacks([w.detach() for w in weights], module.hidden_size, module.num_layers,
-                            module.bidirectional, module.bias, module.proj_size, False, module.native_weights)
+                            module.bidirectional, module.bias, module.proj_size, "lstm", module.native_weights)
         module.native_packs = packs
         names = list(module._flat_weights_names)
         self.native = native.module().Packs(packs.weights, packs.biases, packs.projections, module.hidden_size,
-                                            module.proj_size, module.bidirectional, False, names,
+                                            module.proj_size, module.bidirectional, "lstm", names,
                                             [module._parameters[name] for name in names])
 
     def is_current(self, parameters: dict) -> Optional[bool]:
@@ -176,6 +176,16 @@ class PackedModule:
     def _weight_names(self):
         raise NotImplementedError
 
+    # What tracing asks of every packed module it records (lstmopt.artifacts.tracing), declared here so that a new
+    # kind cannot miss them.
+    def use_stock_kernels(self) -> None:
+        """The torch module's own path for every call (a trace then records its ops)."""
+        raise NotImplementedError
+
+    def scripted_for_trace(self) -> torch.jit.ScriptModule:
+        """A scripted module with one tensor ``forward`` on the same parameters, for a traced caller."""
+        raise NotImplementedError
+
     @torch.jit.unused  # Python only: a scripted module never asks
     def computes_in_low_precision(self) -> bool:
         """Whether its kernels compute in bf16 or int8 (``lstmopt.job.low_precision`` measures their error)."""
@@ -246,7 +256,7 @@ class OneKernel(PackedModule):
         if hasattr(self, "native_packs"):
             old = self.native_packs
             self.native_packs = NativePacks([w.detach() for w in self._weights_by_name()], old.hidden_size,
-                                            old.num_layers, old.bidirectional, old.has_biases, old.proj_size, old.gru)
+                                            old.num_layers, old.bidirectional, old.has_biases, old.proj_size, old.cell)
 
     def _refresh(self) -> None:
         """The native kernel's packs while it is in use (the only kernel of these classes that reads packs),
@@ -262,7 +272,7 @@ class OneKernel(PackedModule):
                 try:
                     packs = self._new_native_packs(weights)
                     handle = native.module().Packs(packs.weights, packs.biases, [], self.hidden_size, 0,
-                                                   packs.bidirectional, packs.gru, names, weights)
+                                                   packs.bidirectional, packs.cell, names, weights)
                 except RuntimeError:  # weights reassigned with other shapes: the torch module's path judges them
                     packs = handle = None
             # Concurrent calls read state.native once per call: it goes from the old packs to the new ones.

@@ -67,7 +67,7 @@ class ScriptedPaths:
                            self._scripted_bias(weights, i * per_layer + 2), self._scripted_bias(weights, i * per_layer + 3))
         if hasattr(self, "native_packs"):
             self.native_packs = NativePacks([w.detach() for w in weights], self.hidden_size, self.num_layers,
-                                            self.bidirectional, self.bias, self.proj_size, False, self.native_weights)
+                                            self.bidirectional, self.bias, self.proj_size, "lstm", self.native_weights)
 
     def _casts_at_boundary(self, dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
         """Whether a call in ``dtype`` is cast to the weights' dtype and back (``io_dtype``, eager too)."""

@@ -37,8 +37,8 @@ _WIDE_TABLE = 110
 def _direction(m: dict) -> str:
     if m.get("kind") in ("LSTMCell", "GRUCell"):
         return m["kind"]
-    if m.get("kind") == "GRU":
-        return "GRU, " + ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
+    if m.get("kind") in ("GRU", "RNN"):
+        return f"{m['kind']}, " + ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
     return ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
 
 

@@ -72,7 +72,8 @@ def _method(data: dict) -> str:
 def _direction(module: dict) -> str:
     if module.get("kind") in ("LSTMCell", "GRUCell"):
         return module["kind"]
-    return ("GRU, " if module.get("kind") == "GRU" else "") + ("bi" if module["bidirectional"] else "uni")
+    kind = module.get("kind")
+    return (f"{kind}, " if kind in ("GRU", "RNN") else "") + ("bi" if module["bidirectional"] else "uni")
 
 
 def report_markdown(data: dict, *, heading: str = "##") -> str:

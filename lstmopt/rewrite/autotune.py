@@ -1,4 +1,4 @@
-"""Per-module autotune: time each PackedLSTM's (and packed cell's, PackedGRU's) kernels on the inputs
+"""Per-module autotune: time each PackedLSTM's (and packed cell's, PackedGRU's, PackedRNN's) kernels on the inputs
 it really sees, keep the fastest.
 
 ``autotune(model, samples)`` runs the model on the sample inputs while recording what every PackedLSTM
@@ -23,7 +23,7 @@ from lstmopt.kernels import table as kernel_table
 from lstmopt.modules.lstm import EXACT_KERNELS, EXACT_SEQUENCE_KERNELS, KERNELS, SEQUENCE_KERNELS, PackedLSTM
 from lstmopt.modules.packs import tracked_copy, weights_obstacle
 from lstmopt.modules.cell import CELL_KERNELS, DEFAULT, EXACT_CELL_KERNELS, PackedCell, cell_obstacle, native_obstacle
-from lstmopt.modules.gru import GRU_KERNELS, PackedGRU
+from lstmopt.modules.one_state import PackedOneState
 from lstmopt.modules.pack_state import OneKernel, PackedModule
 from lstmopt.rewrite.timing import Ratio, compare
 
@@ -176,7 +176,8 @@ def autotune(model: nn.Module, samples: Sequence[tuple], *, exact: bool = True, 
     choices = []
     for name, module in modules.items():
         if isinstance(module, OneKernel):
-            choose = _choose_gru if module.INPUTS == kernel_table.GRU else _choose_cell
+            cell = module.INPUTS in (kernel_table.CELL, kernel_table.GRU_CELL)
+            choose = _choose_cell if cell else _choose_one_state
             choice = choose(module, name, recorded[name], exact, rounds, round_s)
             if choice is not None:
                 module.use_kernel(choice.kernel)
@@ -286,17 +287,18 @@ def _choose_cell(cell: PackedCell, name: str, recorded: dict, exact: bool, round
                         _note(best, baseline, ratios, not_serving))
 
 
-def _choose_gru(gru: PackedGRU, name: str, recorded: dict, exact: bool, rounds: int,
-                round_s: float) -> Optional[KernelChoice]:
-    """The native kernel against nn.GRU itself on every recorded call, tensors and PackedSequences alike
-    (with ``exact``, only nn.GRU itself: there is no exact kernel to time)."""
+def _choose_one_state(module: PackedOneState, name: str, recorded: dict, exact: bool, rounds: int,
+                      round_s: float) -> Optional[KernelChoice]:
+    """A GRU's or RNN's kernels: the native kernel against the torch module itself on every recorded call,
+    tensors and PackedSequences alike (with ``exact``, only the torch module: there is no exact kernel to time).
+    ``KernelChoice.inputs`` is the kind in lower case ("gru", "rnn")."""
     calls = [entry for signature, entry in recorded.items() if signature[0] in ("tensor", "sequence")]
     if not calls:
         return None
-    candidates = ["stock"] if exact or not native.load() else list(GRU_KERNELS)
+    candidates = ["stock"] if exact or not native.load() else list(module.KERNELS)
     baseline = "native" if "native" in candidates else "stock"
-    best, ms, ratios, not_serving = _fastest(gru, calls, candidates, baseline,
+    best, ms, ratios, not_serving = _fastest(module, calls, candidates, baseline,
                                              lambda variant, kernel: variant.use_kernel(kernel), rounds, round_s)
-    return KernelChoice(name, "gru", best, kernel_table.find(best, kernel_table.GRU).exact, ms,
-                        sum(count for _, count in calls), baseline, ratios, not_serving,
+    return KernelChoice(name, module.TORCH_CLASS.__name__.lower(), best, kernel_table.find(best, module.INPUTS).exact,
+                        ms, sum(count for _, count in calls), baseline, ratios, not_serving,
                         _note(best, baseline, ratios, not_serving))

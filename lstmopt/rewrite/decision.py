@@ -36,7 +36,7 @@ class Decision:
     autotune_ms: Optional[dict] = None  # measured ms per kernel, when autotune chose the kernel
     sequence_kernel: Optional[str] = None  # for PackedSequence inputs: "stock", "onednn" or "native"
     sequence_autotune_ms: Optional[dict] = None
-    kind: str = "LSTM"  # or "LSTMCell", "GRUCell" (one layer, one direction, one step per call), or "GRU"
+    kind: str = "LSTM"  # or "LSTMCell", "GRUCell" (one layer, one direction, one step per call), "GRU" or "RNN"
     # bf16, int8: the largest error of its outputs against fp32, and on which inputs (lstmopt.job.low_precision)
     error_vs_fp32: Optional[float] = None
     error_inputs: Optional[str] = None

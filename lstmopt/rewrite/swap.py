@@ -40,7 +40,7 @@ def _check_request(model: nn.Module, dtype: Optional[torch.dtype]) -> None:
 def plan(model: nn.Module, *, dtype: Optional[torch.dtype] = None, filter_fn: Optional[FilterFn] = None,
          exact: bool = True) -> list[Decision]:
     """One ``Decision`` per distinct recurrent module in ``model`` (``nn.LSTM``, ``nn.LSTMCell``, ``nn.GRU``,
-    ``nn.GRUCell``, torch.ao's dynamic-quantized ones; in module order); changes nothing.
+    ``nn.GRUCell``, ``nn.RNN``, torch.ao's dynamic-quantized ones; in module order); changes nothing.
 
     Args:
         model: any module; its recurrent modules are found by walking ``named_modules``.
@@ -69,7 +69,7 @@ def optimize(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
              autotune: Optional[Sequence[tuple]] = None, exact: bool = True) -> nn.Module:
     """Return ``model`` with every eligible ``nn.LSTM`` replaced by a ``PackedLSTM``, every
     ``nn.LSTMCell`` or ``nn.GRUCell`` by a ``PackedLSTMCell`` or ``PackedGRUCell`` and, with ``exact=False``,
-    every ``nn.GRU`` by a ``PackedGRU``.
+    every ``nn.GRU`` or ``nn.RNN`` by a ``PackedGRU`` or ``PackedRNN``.
 
     Args:
         model: the model to optimize; copied first unless ``inplace=True``.

@@ -1,4 +1,4 @@
-// The cell updates after a block's gates: the LSTM's (i, f, g, o) and the GRU's (r, z, n).
+// The cell updates after a block's gates: the LSTM's (i, f, g, o), the GRU's (r, z, n) and the RNN's (one).
 #pragma once
 
 #include <cstdint>
@@ -50,6 +50,24 @@ inline void gru_cell(const float* __restrict g, const float* __restrict h_prev, 
     const vec r = vsigmoid(load(g + u)), z = vsigmoid(load(g + UNITS + u));
     const vec n = vtanh(load(g + 2 * UNITS + u) + r * load(g + 3 * UNITS + u));
     const vec hn = n + z * (load(h_prev + u) - n);
+    store(h + u, hn);
+    store(out + u, hn);
+  }
+}
+
+// nn.RNN's update of one block's 64 units for one row (one gate per unit, so a block holds WIDTH units, as
+// pack_rnn lays them out): h' = tanh(g) or relu(g), written to the state buffer and the output.
+inline void rnn_cell(const float* __restrict g, float* __restrict h, float* __restrict out, int64_t units, bool relu) {
+  if (units < WIDTH) {
+    alignas(64) float h_pad[WIDTH], out_pad[WIDTH];
+    rnn_cell(g, h_pad, out_pad, WIDTH, relu);
+    std::memcpy(h, h_pad, sizeof(float) * units);
+    std::memcpy(out, h_pad, sizeof(float) * units);
+    return;
+  }
+  for (int64_t u = 0; u < WIDTH; u += LANES) {
+    const vec x = load(g + u);
+    const vec hn = relu ? (x > splat(0.0f) ? x : splat(0.0f)) : vtanh(x);
     store(h + u, hn);
     store(out + u, hn);
   }

@@ -170,7 +170,7 @@ Triple lstm_dense(const Tensor& input, const MaybeTensor& hx, const MaybeTensor&
                                       : std::vector<Tensor>{}};
   });
   return recurrent(input, std::nullopt, hx, cx, packed->weights, packed->biases, hidden_size, bidirectional,
-                   batch_first, packed->projections, proj_size, false);
+                   batch_first, packed->projections, proj_size, Cell::lstm);
 }
 
 std::tuple<Tensor, Tensor> gru_dense(const Tensor& input, const MaybeTensor& hx, at::TensorList dense,
@@ -184,7 +184,24 @@ std::tuple<Tensor, Tensor> gru_dense(const Tensor& input, const MaybeTensor& hx,
     return NativePacked{weights, biases, {}};
   });
   auto [out, h_n, scratch] = recurrent(input, std::nullopt, hx, std::nullopt, packed->weights, packed->biases,
-                                       hidden_size, bidirectional, batch_first, {}, 0, true);
+                                       hidden_size, bidirectional, batch_first, {}, 0, Cell::gru);
+  return {out, h_n};
+}
+
+std::tuple<Tensor, Tensor> rnn_dense(const Tensor& input, const MaybeTensor& hx, at::TensorList dense,
+                                     int64_t hidden_size, int64_t num_layers, bool bidirectional, bool batch_first,
+                                     bool has_biases, c10::string_view nonlinearity) {
+  const char* op = "lstmopt::rnn_dense";
+  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", op, ": nonlinearity must be \"tanh\" or \"relu\"");
+  check_dense(dense, input, hidden_size, num_layers, bidirectional, has_biases, 0, 1, op);
+  check_states(input, batch_first, num_layers * (bidirectional ? 2 : 1), {{&hx, hidden_size}}, op);
+  const auto packed = native_cache().get(dense, {2, hidden_size, has_biases}, [&] {
+    auto [weights, biases] = pack_rnn(dense, hidden_size, has_biases);
+    return NativePacked{weights, biases, {}};
+  });
+  auto [out, h_n, scratch] = recurrent(input, std::nullopt, hx, std::nullopt, packed->weights, packed->biases,
+                                       hidden_size, bidirectional, batch_first, {}, 0,
+                                       nonlinearity == "relu" ? Cell::rnn_relu : Cell::rnn_tanh);
   return {out, h_n};
 }
 
@@ -299,6 +316,14 @@ std::tuple<Tensor, Tensor> gru_dense_meta(const Tensor& input, const MaybeTensor
   return {output, h_n};
 }
 
+std::tuple<Tensor, Tensor> rnn_dense_meta(const Tensor& input, const MaybeTensor&, at::TensorList dense,
+                                          int64_t hidden_size, int64_t num_layers, bool bidirectional,
+                                          bool batch_first, bool, c10::string_view) {
+  auto [output, h_n, scratch] =
+      dense_shapes(input, dense, hidden_size, num_layers, bidirectional, batch_first, 0, "lstmopt::rnn_dense");
+  return {output, h_n};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lstmopt, m) {
@@ -306,6 +331,8 @@ TORCH_LIBRARY_FRAGMENT(lstmopt, m) {
         "bool bidirectional, bool batch_first, bool has_biases, int proj_size=0) -> (Tensor, Tensor, Tensor)");
   m.def("gru_dense(Tensor input, Tensor? hx, Tensor[] dense, int hidden_size, int num_layers, bool bidirectional, "
         "bool batch_first, bool has_biases) -> (Tensor, Tensor)");
+  m.def("rnn_dense(Tensor input, Tensor? hx, Tensor[] dense, int hidden_size, int num_layers, bool bidirectional, "
+        "bool batch_first, bool has_biases, str nonlinearity) -> (Tensor, Tensor)");
   m.def("onednn_lstm_dense(Tensor input, Tensor? hx, Tensor? cx, Tensor[] dense, int hidden_size, int num_layers, "
         "bool bidirectional, bool batch_first, bool has_biases) -> (Tensor, Tensor, Tensor)");
 }
@@ -313,11 +340,13 @@ TORCH_LIBRARY_FRAGMENT(lstmopt, m) {
 TORCH_LIBRARY_IMPL(lstmopt, CPU, m) {
   m.impl("lstm_dense", &lstm_dense);
   m.impl("gru_dense", &gru_dense);
+  m.impl("rnn_dense", &rnn_dense);
   m.impl("onednn_lstm_dense", &onednn_lstm_dense);
 }
 
 TORCH_LIBRARY_IMPL(lstmopt, Meta, m) {
   m.impl("lstm_dense", &lstm_dense_meta);
   m.impl("gru_dense", &gru_dense_meta);
+  m.impl("rnn_dense", &rnn_dense_meta);
   m.impl("onednn_lstm_dense", &onednn_lstm_dense_meta);
 }

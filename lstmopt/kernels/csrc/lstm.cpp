@@ -71,10 +71,12 @@ float* scratch(size_t n, std::unique_ptr<float[]>& own) {
 }
 
 // A call's shape: S layers x directions (D), from I0 input features to R hidden-state units (P = proj_size
-// with a projection, else H), in `blocks` blocks of 16 units (and `pblocks` projection blocks of 64).
+// with a projection, else H), in `blocks` blocks of 16 units (an RNN's: 64) and `pblocks` projection blocks of 64.
 struct Shape {
   int64_t S, D, I0, H, R, blocks, pblocks;
-  bool projected, gru, int8, bf16;
+  bool projected;
+  Cell cell;
+  bool int8, bf16;
   int64_t input_size(int64_t s) const { return s < D ? I0 : D * R; }
 };
 
@@ -84,10 +86,11 @@ void check_packs(const Shape& c, at::TensorList weights, at::TensorList biases, 
   TORCH_CHECK(c.S > 0 && c.S % c.D == 0 && static_cast<int64_t>(weights.size()) == c.S,
               "lstmopt::lstm: one weight tensor and one bias per layer and direction");
   TORCH_CHECK(c.projected ? static_cast<int64_t>(projections.size()) == c.S && proj_size > 0 && proj_size < c.H &&
-                                !c.gru
+                                c.cell == Cell::lstm
                           : proj_size == 0,
               "lstmopt::lstm: one projection per layer and direction, to 0 < proj_size < hidden_size units");
-  TORCH_CHECK(!c.int8 || (!c.gru && !c.projected), "lstmopt::lstm: int8 packs serve LSTMs without a projection");
+  TORCH_CHECK(!c.int8 || (c.cell == Cell::lstm && !c.projected),
+              "lstmopt::lstm: int8 packs serve LSTMs without a projection");
   const auto weights_type = c.int8 ? at::kChar : c.bf16 ? at::kBFloat16 : at::kFloat;
   const std::vector<int64_t> packed_bias =
       c.int8 ? std::vector<int64_t>{c.blocks, 3, WIDTH} : std::vector<int64_t>{c.blocks, WIDTH};
@@ -142,7 +145,7 @@ struct Passes {
              h_n.data_ptr<float>() + s * B * R, c_n.data_ptr<float>() + s * B * H, buffers,
              outs[layer].data_ptr<float>(), D * R, d * R, R,
              c.projected ? projections[s].data_ptr<float>() : nullptr, c.projected ? buffers + 2 * B * R : nullptr,
-             c.gru};
+             c.cell};
       if (c.int8) p.wq = weights[s].const_data_ptr<int8_t>();
       if (c.bf16) p.wh = reinterpret_cast<const bf16_bits*>(weights[s].const_data_ptr<at::BFloat16>());
       passes.push_back(p);
@@ -167,11 +170,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
                                                    const std::optional<at::Tensor>& hx,
                                                    const std::optional<at::Tensor>& cx, at::TensorList weights,
                                                    at::TensorList biases, int64_t H, bool bidirectional,
-                                                   at::TensorList projections, int64_t proj_size, bool gru) {
+                                                   at::TensorList projections, int64_t proj_size, Cell cell) {
   const bool projected = !projections.empty();
-  const int64_t D = bidirectional ? 2 : 1, R = projected ? proj_size : H, blocks = (H + UNITS - 1) / UNITS;
+  const int64_t units = one_gate(cell) ? WIDTH : UNITS;  // per block (Pass::units)
+  const int64_t D = bidirectional ? 2 : 1, R = projected ? proj_size : H, blocks = (H + units - 1) / units;
   const Shape c{static_cast<int64_t>(biases.size()), D, rows_in.size(1), H, R, blocks,
-                projected ? (R + WIDTH - 1) / WIDTH : 0, projected, gru,
+                projected ? (R + WIDTH - 1) / WIDTH : 0, projected, cell,
                 weights.size() > 0 && weights[0].scalar_type() == at::kChar,        // packs of pack_int8
                 weights.size() > 0 && weights[0].scalar_type() == at::kBFloat16};  // weights="bfloat16"
   check_packs(c, weights, biases, projections, proj_size);
@@ -216,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& rows_in, co
 
 }  // namespace
 
-// nn.LSTM's (or nn.GRU's) call on the native kernel. input: a tensor as nn.LSTM takes it ((T, B, I),
+// nn.LSTM's (or nn.GRU's, nn.RNN's) call on the native kernel. input: a tensor as nn.LSTM takes it ((T, B, I),
 // (B, T, I) when batch_first, or unbatched (T, I)), or a PackedSequence's data (N, I) with its batch_sizes
 // (sequences sorted longest first); hx, cx: as nn.LSTM takes them (permuted to sorted order for packed
 // data), or None (cx always for a GRU). Returns nn.LSTM's output, h_n and c_n (for packed data: the output
@@ -228,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent(const at::Tensor& input
                                                          const std::optional<at::Tensor>& cx, at::TensorList weights,
                                                          at::TensorList biases, int64_t hidden_size,
                                                          bool bidirectional, bool batch_first,
-                                                         at::TensorList projections, int64_t proj_size, bool gru) {
+                                                         at::TensorList projections, int64_t proj_size, Cell cell) {
   TORCH_CHECK(input.scalar_type() == at::kFloat && input.is_cpu() && input.layout() == at::kStrided,
               "lstmopt::lstm: input must be float32 on CPU");
   Steps steps;
@@ -247,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent(const at::Tensor& input
       TORCH_CHECK(steps.sizes[t] <= steps.sizes[t - 1], "lstmopt::lstm: batch_sizes must not increase");
     TORCH_CHECK(steps.rows == input.size(0), "lstmopt::lstm: batch_sizes do not add up to the input's rows");
     return run(input.contiguous(), steps, hx, cx, weights, biases, hidden_size, bidirectional, projections,
-               proj_size, gru);
+               proj_size, cell);
   }
   TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "lstmopt::lstm: input must be 2-D or 3-D");
   const bool unbatched = input.dim() == 2;
@@ -265,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent(const at::Tensor& input
   };
   auto [out, h_n, c_n] = run(time_major.contiguous().view({T * B, I}), steps, batched_state(hx),
                              batched_state(cx), weights, biases, hidden_size, bidirectional, projections, proj_size,
-                             gru);
+                             cell);
   at::Tensor output = out.view({T, B, out.size(1)});
   if (unbatched) return {output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)};
   return {batch_first ? output.transpose(0, 1) : output, h_n, c_n};
@@ -278,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_plain(const at::Tensor& inpu
                                                           at::TensorList biases, int64_t hidden_size,
                                                           bool bidirectional, bool batch_first) {
   return recurrent(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first, {}, 0,
-                   false);
+                   Cell::lstm);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstmp(const at::Tensor& input,
@@ -288,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstmp(const at::Tensor& input,
                                                      at::TensorList biases, int64_t hidden_size, bool bidirectional,
                                                      bool batch_first, at::TensorList projections, int64_t proj_size) {
   return recurrent(input, batch_sizes, hx, cx, weights, biases, hidden_size, bidirectional, batch_first,
-                   projections, proj_size, false);
+                   projections, proj_size, Cell::lstm);
 }
 
 // nn.GRU's call: input and hx as nn.GRU takes them (hx permuted to sorted order for packed data); returns
@@ -298,7 +302,20 @@ std::tuple<at::Tensor, at::Tensor> gru(const at::Tensor& input, const std::optio
                                        at::TensorList biases, int64_t hidden_size, bool bidirectional,
                                        bool batch_first) {
   auto [out, h_n, scratch] = recurrent(input, batch_sizes, hx, std::nullopt, weights, biases, hidden_size,
-                                       bidirectional, batch_first, {}, 0, true);
+                                       bidirectional, batch_first, {}, 0, Cell::gru);
+  return {out, h_n};
+}
+
+// nn.RNN's call, as gru's; nonlinearity: "tanh" or "relu", as nn.RNN names it.
+std::tuple<at::Tensor, at::Tensor> rnn(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                                       const std::optional<at::Tensor>& hx, at::TensorList weights,
+                                       at::TensorList biases, int64_t hidden_size, bool bidirectional,
+                                       bool batch_first, c10::string_view nonlinearity) {
+  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu",
+              "lstmopt::rnn: nonlinearity must be \"tanh\" or \"relu\", got ", nonlinearity);
+  auto [out, h_n, scratch] = recurrent(input, batch_sizes, hx, std::nullopt, weights, biases, hidden_size,
+                                       bidirectional, batch_first, {}, 0,
+                                       nonlinearity == "relu" ? Cell::rnn_relu : Cell::rnn_tanh);
   return {out, h_n};
 }
 
@@ -324,6 +341,9 @@ TORCH_LIBRARY(lstmopt, m) {
   m.def("gru(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor[] weights, Tensor[] biases, int hidden_size, "
         "bool bidirectional, bool batch_first) -> (Tensor, Tensor)");
   m.def("pack_gru(Tensor[] dense, int hidden_size, bool has_biases) -> (Tensor[], Tensor[])");
+  m.def("rnn(Tensor input, Tensor? batch_sizes, Tensor? hx, Tensor[] weights, Tensor[] biases, int hidden_size, "
+        "bool bidirectional, bool batch_first, str nonlinearity) -> (Tensor, Tensor)");
+  m.def("pack_rnn(Tensor[] dense, int hidden_size, bool has_biases) -> (Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(lstmopt, CPU, m) {
@@ -331,6 +351,8 @@ TORCH_LIBRARY_IMPL(lstmopt, CPU, m) {
   m.impl("lstmp", &lstmp);
   m.impl("gru", &gru);
   m.impl("pack_gru", &pack_gru);
+  m.impl("rnn", &rnn);
+  m.impl("pack_rnn", &pack_rnn);
   m.impl("pack", &pack);
   m.impl("pack_projections", &pack_projections);
 }

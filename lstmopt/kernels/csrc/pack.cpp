@@ -1,4 +1,4 @@
-// The pack ops: nn.LSTM's and nn.GRU's flat weights in the native kernel's layout (fp32, bf16 or int8), and
+// The pack ops: nn.LSTM's, nn.GRU's and nn.RNN's flat weights in the native kernel's layout (fp32, bf16 or int8), and
 // LSTMP's projections. The layout depends on the vector width the variant was built for (simd.h), so each
 // variant's library makes its own packs, wherever it runs.
 
@@ -172,6 +172,35 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_gru(at::Tensor
       bias[3].narrow(0, 0, H).copy_(b_hh[2]);
     }
     biases.push_back(by_block(bias, blocks));
+  }
+  return {weights, biases};
+}
+
+// nn.RNN's flat weights (w_ih, w_hh[, b_ih, b_hh] per layer and direction, one gate) in blocks of 64 units:
+// per layer and direction (blocks, SLABS, I + H, SLAB), whose column c of slab s is unit 64 * block + s * SLAB
+// + c (as pack_projections lays out its rows), and biases (blocks, WIDTH), b_ih + b_hh.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pack_rnn(at::TensorList dense, int64_t hidden_size,
+                                                                      bool has_biases) {
+  const int64_t H = hidden_size, per_layer = has_biases ? 4 : 2;
+  const int64_t blocks = (H + WIDTH - 1) / WIDTH, padded = blocks * WIDTH;
+  TORCH_CHECK(H > 0 && !dense.empty() && static_cast<int64_t>(dense.size()) % per_layer == 0,
+              "lstmopt::pack_rnn: expected nn.RNN's flat weights");
+  std::vector<at::Tensor> weights, biases;
+  for (size_t i = 0; i < dense.size(); i += per_layer) {
+    const at::Tensor &w_ih = dense[i], &w_hh = dense[i + 1];
+    TORCH_CHECK(w_ih.scalar_type() == at::kFloat && w_hh.scalar_type() == at::kFloat && w_ih.dim() == 2 &&
+                    w_ih.size(0) == H && w_hh.sizes() == at::IntArrayRef({H, H}),
+                "lstmopt::pack_rnn: weights must be float32 (hidden, input) and (hidden, hidden)");
+    const int64_t K = w_ih.size(1) + H;
+    at::Tensor full = at::zeros({padded, K}, w_ih.options());
+    full.narrow(0, 0, H).copy_(at::cat({w_ih, w_hh}, 1));
+    weights.push_back(full.view({blocks, SLABS, SLAB, K}).permute({0, 1, 3, 2}).contiguous());
+    at::Tensor bias = at::zeros({padded}, w_ih.options());
+    if (has_biases) {
+      TORCH_CHECK(dense[i + 2].numel() == H && dense[i + 3].numel() == H, "lstmopt::pack_rnn: bias sizes");
+      bias.narrow(0, 0, H).copy_(dense[i + 2].add(dense[i + 3]));
+    }
+    biases.push_back(bias.view({blocks, WIDTH}));
   }
   return {weights, biases};
 }

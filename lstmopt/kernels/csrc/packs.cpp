@@ -22,18 +22,38 @@ using Tensor = at::Tensor;
 using MaybeTensor = std::optional<at::Tensor>;
 using Triple = std::tuple<Tensor, Tensor, Tensor>;
 
-// lstmopt::lstmp (which with proj_size 0 is lstmopt::lstm) and lstmopt::gru, looked up once.
+// The cell of the layers a Packs holds, as Python names it (NativePacks.cell): "lstm", "gru", "rnn_tanh" or
+// "rnn_relu". The last three have one state (no cx).
+enum class Cell { lstm, gru, rnn_tanh, rnn_relu };
+
+Cell cell_named(const std::string& name) {
+  if (name == "lstm") return Cell::lstm;
+  if (name == "gru") return Cell::gru;
+  if (name == "rnn_tanh") return Cell::rnn_tanh;
+  TORCH_CHECK(name == "rnn_relu", "lstmopt: unknown cell ", name);
+  return Cell::rnn_relu;
+}
+
+// lstmopt::lstmp (which with proj_size 0 is lstmopt::lstm), lstmopt::gru and lstmopt::rnn, looked up once.
 Triple recurrent(const Tensor& input, const MaybeTensor& batch_sizes, const MaybeTensor& hx, const MaybeTensor& cx,
                  at::TensorList weights, at::TensorList biases, int64_t hidden_size, bool bidirectional,
-                 bool batch_first, at::TensorList projections, int64_t proj_size, bool gru) {
+                 bool batch_first, at::TensorList projections, int64_t proj_size, Cell cell) {
   // Callers come here only with tensors that need no grad (Python routes grad mode to the stock path):
   // skipping the autograd keys skips the boxed "not implemented" fallback, a microsecond per call.
   c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
-  if (gru) {
+  if (cell == Cell::gru) {
     static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lstmopt::gru", "").typed<
         std::tuple<Tensor, Tensor>(const Tensor&, const MaybeTensor&, const MaybeTensor&, at::TensorList,
                                    at::TensorList, int64_t, bool, bool)>();
     auto [out, h_n] = op.call(input, batch_sizes, hx, weights, biases, hidden_size, bidirectional, batch_first);
+    return {out, h_n, Tensor()};
+  }
+  if (cell != Cell::lstm) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lstmopt::rnn", "").typed<
+        std::tuple<Tensor, Tensor>(const Tensor&, const MaybeTensor&, const MaybeTensor&, at::TensorList,
+                                   at::TensorList, int64_t, bool, bool, c10::string_view)>();
+    auto [out, h_n] = op.call(input, batch_sizes, hx, weights, biases, hidden_size, bidirectional, batch_first,
+                              cell == Cell::rnn_relu ? "relu" : "tanh");
     return {out, h_n, Tensor()};
   }
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lstmopt::lstmp", "").typed<
@@ -51,10 +71,11 @@ Triple recurrent(const Tensor& input, const MaybeTensor& batch_sizes, const Mayb
 class Packs {
  public:
   Packs(std::vector<at::Tensor> weights, std::vector<at::Tensor> biases, std::vector<at::Tensor> projections,
-        int64_t hidden_size, int64_t proj_size, bool bidirectional, bool gru, std::vector<std::string> names,
+        int64_t hidden_size, int64_t proj_size, bool bidirectional, const std::string& cell,
+        std::vector<std::string> names,
         std::vector<at::Tensor> sources)
       : weights_(std::move(weights)), biases_(std::move(biases)), projections_(std::move(projections)),
-        hidden_size_(hidden_size), proj_size_(proj_size), bidirectional_(bidirectional), gru_(gru) {
+        hidden_size_(hidden_size), proj_size_(proj_size), bidirectional_(bidirectional), cell_(cell_named(cell)) {
     TORCH_CHECK(!weights_.empty() && names.size() == sources.size(), "lstmopt: bad Packs arguments");
     state_size_ = proj_size_ > 0 ? proj_size_ : hidden_size_;
     // (blocks, SLABS, I + R, SLAB); int8 packs pad I and R to even row counts: the first dense weight says I.
@@ -75,13 +96,14 @@ class Packs {
                                                          const std::optional<at::Tensor>& cx, bool batch_first) const {
     pybind11::gil_scoped_release no_gil;
     return recurrent(input, batch_sizes, hx, cx, weights_, biases_, hidden_size_, bidirectional_, batch_first,
-                     projections_, proj_size_, gru_);
+                     projections_, proj_size_, cell_);
   }
 
-  // nn.GRU's call (packs from pack_gru), as try_forward with hx None or one tensor; returns (output, h_n).
-  pybind11::object try_gru(pybind11::handle input, pybind11::handle hx, bool batch_first,
-                           pybind11::handle params) const {
-    if (!gru_) return pybind11::none();
+  // nn.GRU's or nn.RNN's call (packs from pack_gru, pack_rnn), as try_forward with hx None or one tensor;
+  // returns (output, h_n).
+  pybind11::object try_one_state(pybind11::handle input, pybind11::handle hx, bool batch_first,
+                                 pybind11::handle params) const {
+    if (cell_ == Cell::lstm) return pybind11::none();
     std::optional<at::Tensor> h;
     const std::optional<std::tuple<bool, int64_t>> call = tensor_call(input, batch_first);
     if (!call.has_value()) return pybind11::none();
@@ -98,7 +120,7 @@ class Packs {
   // input and hx as nn.LSTM.forward got them; params: the module's _parameters.
   pybind11::object try_forward(pybind11::handle input, pybind11::handle hx, bool batch_first,
                                pybind11::handle params) const {
-    if (gru_) return pybind11::none();
+    if (cell_ != Cell::lstm) return pybind11::none();
     const std::optional<std::tuple<bool, int64_t>> call = tensor_call(input, batch_first);
     if (!call.has_value()) return pybind11::none();
     const auto [batched, batch] = *call;
@@ -120,7 +142,9 @@ class Packs {
   // hx None or, for an LSTMCell, (h, c), for a GRUCell h, each (B, H) or (H,). Returns what the cell
   // returns ((h', c'), or h'), or None as try_forward.
   pybind11::object try_cell(pybind11::handle input, pybind11::handle hx, pybind11::handle params) const {
-    if (!THPVariable_CheckExact(input.ptr()) || biases_.size() != 1 || proj_size_ > 0) return pybind11::none();
+    if (!THPVariable_CheckExact(input.ptr()) || biases_.size() != 1 || proj_size_ > 0 ||
+        (cell_ != Cell::lstm && cell_ != Cell::gru))
+      return pybind11::none();
     const at::Tensor& x = THPVariable_Unpack(input.ptr());
     if (!plain(x) || (x.dim() != 1 && x.dim() != 2) || x.size(-1) != input_size_) return pybind11::none();
     const bool batched = x.dim() == 2;
@@ -136,7 +160,7 @@ class Packs {
     };
     std::optional<at::Tensor> h, c;
     if (!hx.is_none()) {
-      if (gru_) {
+      if (cell_ == Cell::gru) {
         h = cell_state(hx);
         if (!h.has_value()) return pybind11::none();
       } else {
@@ -154,11 +178,11 @@ class Packs {
       pybind11::gil_scoped_release no_gil;
       std::tie(std::ignore, h_n, c_n) =
           recurrent(x.reshape({1, batch, input_size_}), std::nullopt, h, c, weights_, biases_, hidden_size_, false,
-                    false, {}, 0, gru_);
+                    false, {}, 0, cell_);
     }
     const std::vector<int64_t> shape = batched ? std::vector<int64_t>{batch, hidden_size_}
                                                : std::vector<int64_t>{hidden_size_};
-    if (gru_) return pybind11::cast(h_n.view(shape));
+    if (cell_ == Cell::gru) return pybind11::cast(h_n.view(shape));
     return pybind11::make_tuple(h_n.view(shape), c_n.view(shape));
   }
 
@@ -215,7 +239,8 @@ class Packs {
 
   std::vector<at::Tensor> weights_, biases_, projections_;
   int64_t hidden_size_, proj_size_, state_size_, input_size_;
-  bool bidirectional_, gru_;
+  bool bidirectional_;
+  Cell cell_;
   std::vector<Source> sources_;
 };
 
@@ -225,9 +250,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // module_local: two builds loaded in one process (a stale cache, tests) must not clash
   pybind11::class_<Packs>(m, "Packs", pybind11::module_local())
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t,
-                          int64_t, bool, bool, std::vector<std::string>, std::vector<at::Tensor>>())
+                          int64_t, bool, const std::string&, std::vector<std::string>, std::vector<at::Tensor>>())
       .def("forward", &Packs::forward)
       .def("try_forward", &Packs::try_forward)
       .def("try_cell", &Packs::try_cell)
-      .def("try_gru", &Packs::try_gru);
+      .def("try_one_state", &Packs::try_one_state);
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cells.h"
+#include "kernel.h"
 #include "simd.h"
 #include "tiles_fp32.h"
 #include "tiles_int8.h"
@@ -55,12 +56,14 @@ struct Pass {
   int64_t R;
   const float* wp;
   float* m;                 // (B, H)
-  bool gru;                 // a GRU's layer: gru_cell, no cell state
+  Cell cell;                // the update after the gates; a GRU and an RNN have no cell state
   // int8 packs (pack_int8): the weights, with w null; bias then points at (blocks, 3, WIDTH).
   const int8_t* wq = nullptr;
   int64_t bias_stride() const { return wq ? 3 * WIDTH : WIDTH; }
   // bf16 packs (pack with weights="bfloat16"): the weights, with w null (the projection stays fp32).
   const bf16_bits* wh = nullptr;
+  // Hidden units per block: an RNN's one gate per unit fills a block's WIDTH columns with 64 units.
+  int64_t units() const { return one_gate(cell) ? WIDTH : UNITS; }
 };
 
 // The blocks [b0, b1) one thread runs in every pass, the projection's blocks [p0, p1) (LSTMP), and whether
@@ -189,7 +192,7 @@ void project_inputs(const Pass& p, const Steps& steps, int64_t b0, int64_t b1, Q
 struct Owned {
   int64_t first_unit, units, first_h, units_h;
   static Owned of(const Pass& p, const Share& share, int64_t H) {
-    const int64_t first = share.b0 * UNITS, units = std::min(share.b1 * UNITS, H) - first;
+    const int64_t first = share.b0 * p.units(), units = std::min(share.b1 * p.units(), H) - first;
     const int64_t first_h = p.wp ? std::min(share.p0 * WIDTH, p.R) : first;
     const int64_t units_h = p.wp ? std::min(share.p1 * WIDTH, p.R) - first_h : units;
     return Owned{first, units, first_h, units_h};
@@ -225,15 +228,17 @@ void step_blocks(const Pass& p, const Steps& steps, int64_t H, const Share& shar
   // while still in cache, where a call's working set is a little larger than the cache.
   for (int64_t i = b0; i < b1; ++i) {
     const int64_t blk = s % 2 == 0 ? i : b1 - 1 - (i - b0);
-    const int64_t first = blk * UNITS, units = std::min(UNITS, H - first);
+    const int64_t first = blk * p.units(), units = std::min(p.units(), H - first);
     for (int64_t r0 = 0; r0 < rows; r0 += TILE_ROWS) {
       const int64_t n = std::min(TILE_ROWS, rows - r0);
       gates(acc, p, steps, blk, t, r0, n, h_in, q);
       for (int64_t r = 0; r < n; ++r) {
         float* c_row = p.c + (r0 + r) * H + first;
         float* out = p.out + (steps.offsets[t] + r0 + r) * p.out_stride + p.col + first;
-        if (p.gru) {
+        if (p.cell == Cell::gru) {
           gru_cell(acc + r * WIDTH, h_in + (r0 + r) * R + first, h_out + (r0 + r) * R + first, out, units);
+        } else if (one_gate(p.cell)) {
+          rnn_cell(acc + r * WIDTH, h_out + (r0 + r) * R + first, out, units, p.cell == Cell::rnn_relu);
         } else if (p.wp) {  // o * tanh(c) into m (twice: cell() writes a state and an output), projected later
           float* m_row = p.m + (r0 + r) * H + first;
           cell(acc + r * WIDTH, c_row, m_row, m_row, units);

@@ -13,9 +13,9 @@ from torch import nn
 
 from lstmopt.rewrite import quantized
 from lstmopt.rewrite.kinds.cells import GRU_CELL, LSTM_CELL
-from lstmopt.rewrite.kinds.gru import GRUHandler
 from lstmopt.rewrite.kinds.handler import Handler, Request
 from lstmopt.rewrite.kinds.lstm import LSTMHandler
+from lstmopt.rewrite.kinds.one_state import GRU, RNN
 from lstmopt.rewrite.kinds.torch_ao import QuantizedHandler
 
 __all__ = ["Handler", "Request", "handler_for", "handlers"]
@@ -25,8 +25,8 @@ __all__ = ["Handler", "Request", "handler_for", "handlers"]
 def handlers() -> dict[type, Handler]:
     """torch class -> its handler. A subclass (a user's LSTM, lstmopt's own packed modules) takes its
     nearest registered base's (``handler_for``). torch.ao is imported on first use: it costs a second."""
-    registry: dict[type, Handler] = {nn.LSTM: LSTMHandler(), nn.GRU: GRUHandler(), nn.LSTMCell: LSTM_CELL,
-                                     nn.GRUCell: GRU_CELL}
+    registry: dict[type, Handler] = {nn.LSTM: LSTMHandler(), nn.GRU: GRU, nn.LSTMCell: LSTM_CELL,
+                                     nn.GRUCell: GRU_CELL, nn.RNN: RNN}
     by_ao = QuantizedHandler()
     registry.update({cls: by_ao for cls in quantized.quantized_classes()})
     return registry
