@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lstmopt import PackedGRU, PackedLSTM, optimize
-from lstmopt.modules.cell import PackedCell
+from lstmopt import optimize
+from lstmopt.modules.pack_state import PackedModule
 from lstmopt.artifacts.writing import save_artifact
 
 BIG = dict(input_size=512, hidden_size=1024, num_layers=3, bidirectional=True)
@@ -31,19 +31,19 @@ def fastest(module: nn.Module, args: tuple) -> nn.Module:
 
 
 def kernels(model: nn.Module) -> str:
-    chosen = {m.kernel for m in model.modules() if isinstance(m, (PackedLSTM, PackedCell, PackedGRU))}
+    chosen = {m.kernel for m in model.modules() if isinstance(m, PackedModule)}
     return "/".join(sorted(chosen))
 
 
 class WithState(nn.Module):
-    """What a streaming model runs per chunk: the LSTM (or GRU: ``h`` only) with the state carried in and out."""
+    """What a streaming model runs per chunk: the LSTM (or GRU, RNN: ``h`` only) with the state carried in and out."""
 
     def __init__(self, rnn):
         super().__init__()
         self.rnn = rnn
 
     def forward(self, x, *state):
-        if isinstance(self.rnn, nn.GRU):
+        if len(state) == 1:  # a GRU's or an RNN's
             return self.rnn(x, state[0])
         y, (h, c) = self.rnn(x, state)
         return y, h, c
@@ -59,7 +59,7 @@ def _session(onnx: bytes):
 
 
 def ort_session(rnn: nn.Module, x, *state, int8: bool = False):
-    """ONNX Runtime on the exported LSTM (state h, c) or GRU (state h): a callable and its output. ``int8``:
+    """ONNX Runtime on the exported LSTM (state h, c) or GRU, RNN (state h): a callable and its output. ``int8``:
     the model as ``onnxruntime.quantization.quantize_dynamic`` makes it at its defaults (int8 weights; ORT
     runs its DynamicQuantizeLSTM, activations quantized per call)."""
     buf = io.BytesIO()

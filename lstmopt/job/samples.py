@@ -166,20 +166,21 @@ def call_input(args: tuple, kwargs: dict):
 
 
 def lstm_cases(lstm: torch.nn.Module, *, seed: int = 0) -> list[tuple]:
-    """Synthetic inputs for one LSTM, GRU or RNN (torch's, or torch.ao's dynamic-quantized one): 2 lengths x 2 batch
-    sizes, once with initial states (for an LSTMCell or GRUCell: batches of 1 and 3, an unbatched step, and a
-    step from given states)."""
+    """Synthetic inputs for one recurrent module (torch's, or torch.ao's dynamic-quantized one): 2 lengths x 2
+    batch sizes, once with initial states (for a cell: batches of 1 and 3, an unbatched step, and a step from
+    given states). Only an LSTM's and an LSTMCell's state is a pair (h, c)."""
     generator = torch.Generator().manual_seed(seed)
     flat = getattr(lstm, "_flat_weights", None)
     dtype = flat[0].dtype if flat else getattr(getattr(lstm, "weight_ih", None), "dtype", torch.float32)
     dtype = dtype if dtype.is_floating_point else torch.float32  # torch.ao's weights: inputs stay fp32
     kind = _kind(lstm)
-    if kind in ("LSTMCell", "GRUCell"):
+    pair = kind.startswith("LSTM")
+    if kind.endswith("Cell"):
         unbatched = [] if is_quantized(lstm) else [(lstm.input_size,)]  # torch.ao's cells take batches only
         cases = [(torch.randn(shape, generator=generator, dtype=dtype),)
                  for shape in [(1, lstm.input_size), (3, lstm.input_size), *unbatched]]
         h, c = (torch.randn(3, lstm.hidden_size, generator=generator, dtype=dtype) for _ in range(2))
-        return cases + [(cases[1][0], h if kind == "GRUCell" else (h, c))]
+        return cases + [(cases[1][0], (h, c) if pair else h)]
     states = lstm.num_layers * (2 if lstm.bidirectional else 1)
     cases = []
     for steps, batch in [(1, 1), (7, 1), (1, 3), (7, 3)]:
@@ -188,7 +189,7 @@ def lstm_cases(lstm: torch.nn.Module, *, seed: int = 0) -> list[tuple]:
         cases.append((x,))
     h = torch.randn(states, 3, getattr(lstm, "proj_size", 0) or lstm.hidden_size, generator=generator,
                     dtype=dtype)  # an LSTMP's is proj_size wide
-    if kind in ("GRU", "RNN"):  # one state
+    if not pair:
         return cases + [(cases[-1][0], h)]
     c = torch.randn(states, 3, lstm.hidden_size, generator=generator, dtype=dtype)
     cases.append((cases[-1][0], (h, c)))
@@ -196,9 +197,8 @@ def lstm_cases(lstm: torch.nn.Module, *, seed: int = 0) -> list[tuple]:
 
 
 def _kind(module: torch.nn.Module) -> str:
+    """The torch class a module is, by name ("LSTM", "GRUCell", ...): of a subclass (lstmopt's packed modules, a
+    user's), the torch class it derives from."""
     if is_quantized(module):
         return quantized_kind(module)
-    for kind in (torch.nn.LSTMCell, torch.nn.GRUCell, torch.nn.GRU, torch.nn.RNN):
-        if isinstance(module, kind):
-            return kind.__name__
-    return "LSTM"
+    return next(cls.__name__ for cls in type(module).__mro__ if cls.__module__ == torch.nn.LSTM.__module__)

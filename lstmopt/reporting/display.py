@@ -35,11 +35,11 @@ _WIDE_TABLE = 110
 
 
 def _direction(m: dict) -> str:
-    if m.get("kind") in ("LSTMCell", "GRUCell"):
-        return m["kind"]
-    if m.get("kind") in ("GRU", "RNN"):
-        return f"{m['kind']}, " + ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
-    return ("bi" if m["bidirectional"] else "uni") + (", batch_first" if m["batch_first"] else "")
+    kind = m.get("kind", "LSTM")
+    if kind.endswith("Cell"):
+        return kind
+    return (("" if kind == "LSTM" else f"{kind}, ") + ("bi" if m["bidirectional"] else "uni")
+            + (", batch_first" if m["batch_first"] else ""))
 
 
 def _sizes(m: dict) -> str:

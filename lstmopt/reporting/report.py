@@ -70,10 +70,10 @@ def _method(data: dict) -> str:
 
 
 def _direction(module: dict) -> str:
-    if module.get("kind") in ("LSTMCell", "GRUCell"):
-        return module["kind"]
-    kind = module.get("kind")
-    return (f"{kind}, " if kind in ("GRU", "RNN") else "") + ("bi" if module["bidirectional"] else "uni")
+    kind = module.get("kind", "LSTM")
+    if kind.endswith("Cell"):
+        return kind
+    return ("" if kind == "LSTM" else f"{kind}, ") + ("bi" if module["bidirectional"] else "uni")
 
 
 def report_markdown(data: dict, *, heading: str = "##") -> str:
