@@ -86,7 +86,7 @@ def test_the_native_lstm_cell_keeps_the_contract(**case):
 
 
 @settings(max_examples=40, deadline=None)
-# Hidden sizes from 16, as for nn.GRU (test_gru.py says why: below, one rounding is many ulps for eager too).
+# Hidden sizes from 16, as for nn.GRU (test_one_state.py says why: below, one rounding is many ulps for eager too).
 @given(input_size=st.sampled_from([1, 8, 80, 336]), hidden_size=st.sampled_from([16, 20, 64, 256]),
        bias=st.booleans(), batch=st.sampled_from([None, 1, 3, 7]), with_state=st.booleans(),
        scale=st.sampled_from([1.0, 3.0]), saturation=st.sampled_from([0.0, 4.0]), seed=st.integers(0, 999))

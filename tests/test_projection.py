@@ -30,7 +30,7 @@ def _native(lstm: nn.LSTM) -> PackedLSTM:
 
 
 @settings(max_examples=40, deadline=None)
-# Hidden sizes from 16, as for nn.LSTM and nn.GRU (test_accuracy.py, test_gru.py): with 2 units PyTorch's
+# Hidden sizes from 16, as for nn.LSTM and nn.GRU (test_accuracy.py, test_one_state.py): with 2 units PyTorch's
 # initial scale at 3x makes pre-activations of +-100 over 80 inputs, where one rounding is many ulps of an
 # output in [-1, 1] for eager and the kernel alike (CI drew hidden_size=2 at 1.3x the bound).
 @given(input_size=st.sampled_from([1, 8, 80]), hidden_size=st.sampled_from([16, 20, 64, 256]),

@@ -38,6 +38,11 @@ def test_setup_is_two_commands_and_ci_runs_the_second():
     assert "ci:test-command" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_every_test_file_the_ci_names_exists():
+    named = re.findall(r"tests/test_\w+\.py", (ROOT / ".ci" / "run").read_text())
+    assert named and [name for name in named if not (ROOT / name).is_file()] == []
+
+
 def test_benchmark_table_was_generated():
     block = doc("performance.md").split("<!-- bench:start -->")[1].split("<!-- bench:end -->")[0]
     assert "| 40,128,1,uni,1,1 |" in block and "bfloat16" in block and "resident memory" in block

@@ -48,6 +48,34 @@ FLAIR_TAGGER = """
 # module), or "function" (the factory's examples()), or a list of --input specs; extra optimize args; and how the
 # model is saved: "state_dict" (with --factory), or "pickle" (build() returns the module its users torch.save,
 # loaded with --trust))
+# darts' forecasting models on nn.RNN (``model="RNN"``), fitted for an epoch; their modules take what darts'
+# own predict loop hands them (captured as the examples). ``{}``: the model class and its own arguments.
+DARTS_RNN = """
+        import numpy as np
+        from darts import TimeSeries
+        from darts.models import BlockRNNModel, RNNModel
+
+        def _fitted():
+            t = np.arange(120, dtype=np.float32)
+            series = TimeSeries.from_values(np.stack([np.sin(t / 5), np.cos(t / 7)], axis=1))
+            model = {} hidden_dim=32, n_rnn_layers=2, n_epochs=1,
+                random_state=0, pl_trainer_kwargs={{"accelerator": "cpu", "enable_progress_bar": False, "logger": False,
+                                                   "enable_model_summary": False, "enable_checkpointing": False}})
+            model.fit(series, verbose=False)
+            return model, series
+
+        def build():
+            return _fitted()[0].model
+
+        def examples():
+            model, series = _fitted()
+            captured = []
+            handle = model.model.register_forward_pre_hook(lambda module, args: captured.append(args))
+            model.predict(n=6, series=series, verbose=False)
+            handle.remove()
+            return captured[:2]
+    """
+
 MODELS = [
     ("speechbrain CRDNN (LSTM wrapper)", "speechbrain", """
         import speechbrain as sb
@@ -193,6 +221,10 @@ MODELS = [
             handle.remove()
             return captured[:1]
     """, "function", []),
+    ("darts RNNModel's module (model=\"RNN\": nn.RNN, tanh; a forecast step by step)", "darts", DARTS_RNN.format(
+        "RNNModel(model='RNN', input_chunk_length=24, training_length=30,"), "function", []),
+    ("darts BlockRNNModel's module (model=\"RNN\": nn.RNN, tanh)", "darts", DARTS_RNN.format(
+        "BlockRNNModel(model='RNN', input_chunk_length=24, output_chunk_length=6,"), "function", []),
     ("flair LanguageModel, a character LM (its own __setstate__)", "flair", """
         from flair.data import Dictionary
         from flair.models import LanguageModel
